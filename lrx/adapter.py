@@ -1,0 +1,234 @@
+"""Adapter files: lrx's own format (exact training state) and a standard peft LoRA export.
+
+lrx format (a folder): ``adapter_config.json`` (method config, base model, adapted modules)
+and ``adapter_model.safetensors`` holding, per adapted module, ``lora_A``, ``lora_B`` and
+the edit log (``edit_U``, ``edit_V``, ``edit_sizes``), the fully trained modules
+(``modules_to_save``) and the method's own state under ``method_state.``. Loading rebuilds
+``W0 + edits`` from the original model plus the log. Only safetensors and JSON are read.
+
+The peft export writes the total change of every adapted matrix, ``edits + scale * B A``,
+as exact-rank LoRA factors (scale folded into B, ``lora_alpha == r``) so that
+``PeftModel.from_pretrained`` reproduces the trained model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+import lrx
+from lrx.errors import LrxError
+from lrx.methods import Method, MethodConfig, adapted_layers, build_method, get_method_class
+
+ADAPTER_FORMAT = "lrx-adapter"
+WEIGHTS_NAME = "adapter_model.safetensors"
+CONFIG_NAME = "adapter_config.json"
+
+
+def atomic_dir(final: Path):
+    """Context manager yielding a temporary sibling folder that is renamed to ``final`` on success.
+
+    A crash or error leaves ``final`` as it was (missing or previous content intact).
+    """
+
+    class _Atomic:
+        def __enter__(self) -> Path:
+            final.parent.mkdir(parents=True, exist_ok=True)
+            self.tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+            return self.tmp
+
+        def __exit__(self, exc_type, exc, tb) -> None:
+            if exc_type is not None:
+                shutil.rmtree(self.tmp, ignore_errors=True)
+                return
+            for f in self.tmp.iterdir():
+                with open(f, "rb") as fh:
+                    os.fsync(fh.fileno())
+            old = None
+            if final.exists():
+                old = final.with_name(f".{final.name}.old-{os.getpid()}")
+                final.rename(old)
+            self.tmp.rename(final)
+            if old is not None:
+                shutil.rmtree(old, ignore_errors=True)
+
+    return _Atomic()
+
+
+def adapter_tensors(model: nn.Module, method: Method) -> dict[str, torch.Tensor]:
+    """Everything training changed, as a flat dict of contiguous CPU tensors."""
+    out: dict[str, torch.Tensor] = {}
+    for name, layer in adapted_layers(model):
+        out[f"{name}.lora_A"] = layer.lora_A.detach()
+        out[f"{name}.lora_B"] = layer.lora_B.detach()
+        out[f"{name}.edit_U"] = layer.edit_U
+        out[f"{name}.edit_V"] = layer.edit_V
+        out[f"{name}.edit_sizes"] = layer.edit_sizes
+    for mod_name in method.saved_modules:
+        for pname, p in model.get_submodule(mod_name).named_parameters():
+            out[f"{mod_name}.{pname}"] = p.detach()
+    for key, value in method.state_dict().items():
+        out[f"method_state.{key}"] = value
+    return {k: v.detach().to("cpu").contiguous() for k, v in out.items()}
+
+
+def save_adapter(path: str | Path, model: nn.Module, method: Method, meta: dict[str, Any]) -> Path:
+    """Write an lrx adapter folder atomically.
+
+    Args:
+        path: destination folder (replaced atomically if it exists).
+        model: the adapted model.
+        method: the method that adapted it.
+        meta: extra JSON-serialisable fields (base model name, task, num_labels ...).
+    """
+    path = Path(path)
+    config = {
+        "format": ADAPTER_FORMAT,
+        "format_version": 1,
+        "lrx_version": lrx.__version__,
+        "torch_version": torch.__version__,
+        "method": dataclasses.asdict(method.config),
+        "adapted_modules": [name for name, _ in adapted_layers(model)],
+        "saved_modules": method.saved_modules,
+        **meta,
+    }
+    with atomic_dir(path) as tmp:
+        save_file(adapter_tensors(model, method), str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
+        (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2))
+    return path
+
+
+def read_adapter_config(path: str | Path) -> dict[str, Any]:
+    """The JSON config of an lrx adapter folder; LrxError if it is missing or not lrx's."""
+    path = Path(path)
+    cfg_file = path / CONFIG_NAME
+    if not cfg_file.is_file():
+        raise LrxError(f"{path} is not an adapter folder: {CONFIG_NAME} is missing")
+    try:
+        config = json.loads(cfg_file.read_text())
+    except json.JSONDecodeError as e:
+        raise LrxError(f"{cfg_file}: corrupt JSON ({e.msg} at line {e.lineno}); re-export the adapter") from None
+    if config.get("format") != ADAPTER_FORMAT:
+        raise LrxError(f"{cfg_file} is not an lrx adapter (format={config.get('format')!r})")
+    return config
+
+
+def read_safetensors(file: Path) -> dict[str, torch.Tensor]:
+    """Load a safetensors file; refuse anything else (no pickle is ever unpickled)."""
+    if not file.is_file():
+        pickles = [p.name for p in file.parent.glob("*") if p.suffix in (".bin", ".pt", ".pth", ".pkl")]
+        hint = f" (found {pickles}: pickle files are refused, convert them to safetensors)" if pickles else ""
+        raise LrxError(f"{file} not found{hint}")
+    try:
+        return load_file(str(file))
+    except (SafetensorError, OSError) as e:
+        raise LrxError(f"{file} is not a valid safetensors file ({e}); it may be truncated or corrupt") from None
+
+
+def load_adapter(path: str | Path, model: nn.Module) -> Method:
+    """Adapt ``model`` (the original base model) and load an lrx adapter into it.
+
+    Returns:
+        The method, with its state restored.
+
+    Raises:
+        LrxError: missing/corrupt files, or an adapter made for another model (names/shapes).
+    """
+    path = Path(path)
+    config = read_adapter_config(path)
+    method_cfg = dict(config["method"])
+    cls = get_method_class(method_cfg["name"]).config_cls
+    method = build_method(cls(**method_cfg))
+    assert isinstance(method.config, MethodConfig)
+    names = method.apply(model, init=False)
+    if names != config["adapted_modules"]:
+        raise LrxError(
+            f"{path}: adapter was trained on modules {config['adapted_modules'][:3]}..., this model has "
+            f"{names[:3]}...; load it onto the base model it was trained from ({config.get('base_model')})"
+        )
+    tensors = read_safetensors(path / WEIGHTS_NAME)
+    layers = dict(adapted_layers(model))
+
+    def take(key: str) -> torch.Tensor:
+        if key not in tensors:
+            raise LrxError(f"{path / WEIGHTS_NAME}: tensor {key!r} is missing; the file is incomplete")
+        return tensors.pop(key)
+
+    with torch.no_grad():
+        for name, layer in layers.items():
+            for attr in ("lora_A", "lora_B"):
+                value, param = take(f"{name}.{attr}"), getattr(layer, attr)
+                if value.shape != param.shape:
+                    raise LrxError(
+                        f"{path}: {name}.{attr} has shape {tuple(value.shape)}, the model needs "
+                        f"{tuple(param.shape)}; the adapter belongs to another model or rank"
+                    )
+                param.copy_(value)
+            U, V, sizes = take(f"{name}.edit_U"), take(f"{name}.edit_V"), take(f"{name}.edit_sizes")
+            layer.set_edit_log(U, V, sizes)
+        for mod_name in method.saved_modules:
+            for pname, p in model.get_submodule(mod_name).named_parameters():
+                value = take(f"{mod_name}.{pname}")
+                if value.shape != p.shape:
+                    raise LrxError(f"{path}: {mod_name}.{pname} has shape {tuple(value.shape)}, expected {tuple(p.shape)}")
+                p.copy_(value)
+    prefix = "method_state."
+    method.load_state_dict({k[len(prefix):]: tensors.pop(k) for k in list(tensors) if k.startswith(prefix)})
+    if tensors:
+        raise LrxError(f"{path}: unexpected tensors {sorted(tensors)[:5]}; the adapter does not match this model")
+    return method
+
+
+def export_peft(path: str | Path, model: nn.Module, method: Method, base_model_name: str | None = None) -> Path:
+    """Write the total change as a standard peft LoRA adapter (exact rank per module).
+
+    Args:
+        path: destination folder (written atomically).
+        model: the adapted model.
+        method: its method (supplies exact delta factors).
+        base_model_name: recorded as ``base_model_name_or_path``.
+    """
+    tensors: dict[str, torch.Tensor] = {}
+    ranks: dict[str, int] = {}
+    for name, layer in adapted_layers(model):
+        B, A = method.delta_factors(layer)
+        tensors[f"base_model.model.{name}.lora_A.weight"] = A
+        tensors[f"base_model.model.{name}.lora_B.weight"] = B
+        ranks[name] = A.shape[0]
+    for mod_name in method.saved_modules:
+        for pname, p in model.get_submodule(mod_name).named_parameters():
+            tensors[f"base_model.model.{mod_name}.{pname}"] = p.detach()
+    r = max(ranks.values())
+    config = {
+        "peft_type": "LORA",
+        "task_type": None,
+        "base_model_name_or_path": base_model_name,
+        "r": r,
+        "lora_alpha": r,  # scale 1: the adapter scale is already folded into lora_B
+        "lora_dropout": 0.0,
+        "target_modules": sorted(ranks),
+        # Full module names as patterns: peft matches them as (.*\.)?name$ (exact here).
+        "rank_pattern": {name: k for name, k in ranks.items() if k != r},
+        "alpha_pattern": {name: k for name, k in ranks.items() if k != r},
+        "modules_to_save": method.saved_modules or None,
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "init_lora_weights": True,
+        "inference_mode": True,
+    }
+    path = Path(path)
+    with atomic_dir(path) as tmp:
+        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp / WEIGHTS_NAME),
+                  metadata={"format": "pt"})
+        (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2))
+    return path

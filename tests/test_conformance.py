@@ -1,0 +1,151 @@
+"""The conformance matrix: every registered method on tiny Llama and BERT models.
+
+A new method is a new row automatically (parametrised over the registry). Each method must:
+keep the base output at init when it promises to, train only its adapter parameters, get
+gradients into every adapted layer, give the same output merged and unmerged, round-trip
+through save/load, and export a delta (lrx factors and a peft adapter) that equals what its
+layers apply.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lrx.adapter import export_peft, load_adapter, save_adapter
+from lrx.config import load_config
+from lrx.methods import adapted_layers, available_methods, build_method
+from tests.conftest import tiny_model
+
+TARGETS = {"llama": ["q_proj", "v_proj", "down_proj"], "bert": ["query", "value", "intermediate.dense"]}
+CASES = [(m, k, fuse) for m in available_methods() for k in ("llama", "bert") for fuse in ("fold", "log")]
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+def inputs(seed: int = 1) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, 128, (2, 12), generator=g)
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+
+
+def logits(model, batch) -> torch.Tensor:
+    with torch.no_grad():
+        return model(**batch).logits.float()
+
+
+def adapt(method_name: str, kind: str, fuse: str, base=None):
+    base = base if base is not None else tiny_model(kind)
+    original = copy.deepcopy(base)
+    cfg = load_config(None, [f"method.r=4", f"method.fuse={fuse}",
+                             "method.target_modules=" + ",".join(TARGETS[kind])], method=method_name).method
+    method = build_method(cfg)
+    torch.manual_seed(0)
+    method.apply(base)
+    return original, base, method
+
+
+def perturb(model) -> None:
+    """Give every adapter a non-trivial value, as after some training."""
+    g = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for _, layer in adapted_layers(model):
+            for p in (layer.lora_A, layer.lora_B):
+                p.add_(torch.randn(p.shape, generator=g) * 0.05)
+
+
+@pytest.mark.parametrize("method_name,kind,fuse", CASES)
+def test_output_at_init(method_name, kind, fuse):
+    original, model, method = adapt(method_name, kind, fuse)
+    if not method.preserves_output_at_init:
+        pytest.skip(f"{method_name} does not promise an unchanged output at init")
+    batch = inputs()
+    assert rel(logits(model, batch), logits(original, batch)) <= 1e-5
+
+
+@pytest.mark.parametrize("method_name,kind,fuse", CASES)
+def test_only_adapters_trainable_and_gradients_reach_them(method_name, kind, fuse):
+    _, model, method = adapt(method_name, kind, fuse)
+    named = dict(method.trainable_parameters(model))
+    requires = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert requires == {n for n, p in model.named_parameters() if any(p is q for q in named.values())}
+    assert len(requires) == len(named)
+    layers = dict(adapted_layers(model))
+    assert layers, "nothing was adapted"
+    model.train()
+    out = model(**inputs())
+    out.logits.float().pow(2).mean().backward()
+    for name, layer in layers.items():
+        grads = [p.grad for p in (layer.lora_A, layer.lora_B)]
+        assert all(g is not None for g in grads), name
+        assert sum(g.norm() for g in grads) > 0, f"no gradient reaches {name}"
+        assert layer.base.weight.grad is None
+
+
+@pytest.mark.parametrize("method_name,kind,fuse", CASES)
+def test_merged_equals_unmerged(method_name, kind, fuse):
+    _, model, _ = adapt(method_name, kind, fuse)
+    perturb(model)
+    batch = inputs()
+    before = logits(model, batch)
+    for _, layer in adapted_layers(model):
+        layer.merge()
+    merged = logits(model, batch)
+    for _, layer in adapted_layers(model):
+        layer.unmerge()
+    assert rel(merged, before) <= 1e-5
+    assert rel(logits(model, batch), before) <= 1e-5
+
+
+@pytest.mark.parametrize("method_name,kind,fuse", CASES)
+def test_delta_weight_is_what_the_layer_applies(method_name, kind, fuse):
+    original, model, method = adapt(method_name, kind, fuse)
+    perturb(model)
+    for name, layer in adapted_layers(model):
+        x = torch.randn(3, 5, layer.in_features)
+        W0 = original.get_submodule(name).weight.detach()
+        bias = original.get_submodule(name).bias
+        delta = layer.delta_weight()
+        B, A = method.delta_factors(layer)
+        assert rel(B @ A, delta) <= 1e-6
+        with torch.no_grad():
+            expected = F.linear(x.double(), (W0.double() + delta.double()), None if bias is None else bias.double())
+            assert rel(layer(x).double(), expected) <= 1e-5, name
+
+
+@pytest.mark.parametrize("method_name,kind,fuse", CASES)
+def test_save_load_round_trip(method_name, kind, fuse, tmp_path):
+    original, model, method = adapt(method_name, kind, fuse)
+    perturb(model)
+    batch = inputs()
+    save_adapter(tmp_path / "adapter", model, method, {"base_model": "tiny"})
+    fresh = copy.deepcopy(original)
+    loaded = load_adapter(tmp_path / "adapter", fresh)
+    assert loaded.name == method.name
+    torch.testing.assert_close(logits(fresh, batch), logits(model, batch), rtol=0, atol=0)
+    for (n1, l1), (n2, l2) in zip(adapted_layers(model), adapted_layers(fresh)):
+        assert n1 == n2
+        assert torch.equal(l1.base.weight, l2.base.weight), "replayed base differs from the trained one"
+        assert torch.equal(l1.edit_U, l2.edit_U) and torch.equal(l1.lora_A, l2.lora_A)
+    for key, value in method.state_dict().items():
+        assert torch.equal(value, loaded.state_dict()[key])
+
+
+@pytest.mark.parametrize("method_name,kind", [(m, k) for m in available_methods() for k in ("llama", "bert")])
+def test_peft_export_reproduces_logits(method_name, kind, tmp_path):
+    peft = pytest.importorskip("peft")
+    original, model, method = adapt(method_name, kind, "fold")
+    perturb(model)
+    if method.saved_modules:
+        with torch.no_grad():
+            for p in model.get_submodule(method.saved_modules[0]).parameters():
+                p.add_(0.1)
+    export_peft(tmp_path / "peft", model, method, base_model_name="tiny")
+    restored = peft.PeftModel.from_pretrained(copy.deepcopy(original), str(tmp_path / "peft")).eval()
+    batch = inputs()
+    assert rel(logits(restored, batch), logits(model, batch)) <= 1e-5
