@@ -15,11 +15,12 @@ import time
 from pathlib import Path
 from typing import Any
 
+import datasets
 import torch
 
 from lrx.adapter import export_peft, save_adapter
 from lrx.config import RunConfig, save_config
-from lrx.data import build_datasets, render_prompt
+from lrx.data import build_datasets, prompt_add_special_tokens, render_prompt
 from lrx.distributed import build_backend
 from lrx.errors import ConfigError, LrxError
 from lrx.methods import build_method
@@ -67,9 +68,11 @@ def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
 def sample_generation(model, tokenizer, prompt: str, max_new_tokens: int, device: torch.device) -> str:
     """Greedy completion of ``prompt`` rendered as the training data renders prompts."""
     model.eval()
-    enc = tokenizer(render_prompt(tokenizer, prompt), return_tensors="pt", add_special_tokens=False).to(device)
+    enc = tokenizer(
+        render_prompt(tokenizer, prompt), return_tensors="pt", add_special_tokens=prompt_add_special_tokens(tokenizer)
+    ).to(device)
     out = model.generate(
-        **enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id
+        input_ids=enc["input_ids"], attention_mask=enc["attention_mask"], max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id
     )
     return tokenizer.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True).strip()
 
@@ -80,6 +83,8 @@ def run(config: RunConfig) -> dict[str, Any]:
     run_dir = Path(config.logging.output_dir)
     if (run_dir / RUN_MARKER).exists() and not config.logging.overwrite:
         prepare_run_dir(run_dir, overwrite=False)  # raises before any slow loading
+    if not config.logging.progress:
+        datasets.disable_progress_bars()
     backend = build_backend(config.distributed.backend, config.train.device)
     mc = config.model
     tokenizer = load_tokenizer(mc.tokenizer or mc.name_or_path, None if mc.tokenizer else mc.gguf_file)

@@ -1,0 +1,121 @@
+"""launch/train.py end to end on tiny models, and its answers to bad input.
+
+Bad input gets one line on stderr naming the problem and the fix, exit status 2, and
+nothing already saved is touched.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from lrx.cli import main
+from tests.conftest import QUICKSTART, REPO
+
+TINY_LM = [
+    "model.name_or_path=tiny-llama", "data.format=instruct",
+    f"data.train_path={QUICKSTART / 'train.jsonl'}", f"data.eval_path={QUICKSTART / 'eval.jsonl'}",
+    "data.max_train_samples=32", "data.max_eval_samples=8", "data.max_length=64",
+    "train.max_steps=4", "train.batch_size=4", "train.log_every=2", "train.lr=1e-3",
+    "logging.progress=false", "logging.tensorboard=false",
+]
+
+
+def write_table(path, rows=40):
+    lines = ["sentence\tlabel"] + [f"this is {'good' if i % 2 else 'bad'} number {i}\t{'pos' if i % 2 else 'neg'}"
+                                   for i in range(rows)]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def run_cli(args, capsys):
+    code = main(args)
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+@pytest.mark.parametrize("method", ["lora", "pissa"])
+def test_tiny_causal_lm_run_writes_everything(tmp_path, capsys, method):
+    out_dir = tmp_path / "run"
+    code, out, err = run_cli(["--method", method, *TINY_LM, f"logging.output_dir={out_dir}",
+                              "train.sample_prompt=What is 2 + 2?", "train.max_new_tokens=4"], capsys)
+    assert code == 0, err
+    for name in ("config.yaml", "metrics.jsonl", "summary.json", "adapter/adapter_model.safetensors",
+                 "adapter/adapter_config.json", "adapter_peft/adapter_model.safetensors"):
+        assert (out_dir / name).is_file(), name
+    summary = json.loads((out_dir / "summary.json").read_text())
+    assert summary["steps"] == 4 and summary["method"] == method
+    assert "perplexity" in summary["eval"]
+    records = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if r["split"] == "train"] == [2, 4]
+    assert "sample completion" in out and str(out_dir) in out
+
+
+def test_tiny_classification_run(tmp_path, capsys):
+    data = write_table(tmp_path / "train.tsv")
+    code, out, err = run_cli([
+        "model.name_or_path=tiny-bert", "data.format=table", f"data.train_path={data}", f"data.eval_path={data}",
+        "method.target_modules=[query,value]", "train.max_steps=3", "train.batch_size=8",
+        "logging.progress=false", f"logging.output_dir={tmp_path / 'run'}",
+    ], capsys)
+    assert code == 0, err
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert set(summary["eval"]) >= {"eval_loss", "accuracy"}
+    assert (tmp_path / "run" / "tb").is_dir()
+
+
+@pytest.mark.parametrize(
+    "extra,fragment",
+    [
+        (["--method", "nope"], "unknown method 'nope'; available methods:"),
+        (["train.nope=1"], "unknown config key 'train.nope'"),
+        (["data.train_path=/nonexistent/train.jsonl"], "/nonexistent/train.jsonl"),
+        (["model.name_or_path=/nonexistent/model"], "model '/nonexistent/model' not found"),
+        (["method.target_modules=[nothing_here]"], "matches no linear layer"),
+    ],
+)
+def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys, extra, fragment):
+    code, _, err = run_cli([*TINY_LM, f"logging.output_dir={tmp_path / 'run'}", *extra], capsys)
+    assert code == 2
+    assert fragment in err
+    error_lines = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert len(error_lines) == 1 and fragment in error_lines[0] and err.endswith(error_lines[0] + "\n")
+    assert not (tmp_path / "run" / "config.yaml").exists()
+
+
+def test_malformed_yaml(tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train:\n  lr: [1e-4\n")
+    code, _, err = run_cli(["--config", str(bad)], capsys)
+    assert code == 2 and "malformed YAML" in err
+
+
+def test_missing_columns(tmp_path, capsys):
+    data = tmp_path / "t.csv"
+    data.write_text("text,target\nhello,1\n")
+    code, _, err = run_cli(["model.name_or_path=tiny-bert", "data.format=table", f"data.train_path={data}",
+                            f"logging.output_dir={tmp_path / 'run'}"], capsys)
+    assert code == 2 and "t.csv" in err and "sentence" in err
+
+
+def test_existing_run_is_refused_then_overwritten(tmp_path, capsys):
+    out_dir = tmp_path / "run"
+    args = [*TINY_LM, f"logging.output_dir={out_dir}", "train.max_steps=2", "data.eval_path=none"]
+    assert run_cli(args, capsys)[0] == 0
+    adapter = (out_dir / "adapter" / "adapter_model.safetensors").read_bytes()
+    code, _, err = run_cli([*args, "train.lr=5e-3"], capsys)
+    assert code == 2 and "already holds a run" in err and "--overwrite" in err
+    assert (out_dir / "adapter" / "adapter_model.safetensors").read_bytes() == adapter
+    assert run_cli(["--overwrite", *args, "train.lr=5e-3"], capsys)[0] == 0
+    assert (out_dir / "adapter" / "adapter_model.safetensors").read_bytes() != adapter
+
+
+def test_help_lists_every_section_and_method():
+    out = subprocess.run([sys.executable, str(REPO / "launch" / "train.py"), "--help"],
+                         capture_output=True, text=True, check=True).stdout
+    for key in ("train.lr", "method.r", "data.glue_task", "logging.output_dir", "distributed.backend",
+                "--method", "--overwrite", "only for --method pissa"):
+        assert key in out
