@@ -42,6 +42,8 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the process exit status."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
+    # peft imports bitsandbytes, whose CPU backend warns about an optional kernel package.
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     args = build_parser().parse_args(argv)
     try:
         from lrx.config import load_config
@@ -64,8 +66,12 @@ def print_summary(summary: dict) -> None:
     print(f"   trainable parameters: {summary['trainable_parameters']:,} of {summary['total_parameters']:,}")
     if summary.get("final_train_loss") is not None:
         print(f"   final train loss: {summary['final_train_loss']:.4f}")
+    history = summary.get("eval_history") or []
+    if len(history) > 1 and history[0]["step"] == 0:
+        start = {k: round(v, 4) for k, v in history[0].items() if k != "step"}
+        print(f"   eval before training: {json.dumps(start)}")
     if shown:
-        print(f"   eval: {json.dumps(shown)}")
+        print(f"   eval after training:  {json.dumps(shown)}")
     if "sample_completion" in summary:
         print(f"   sample prompt: {summary['sample_prompt']}")
         print("   sample completion: " + summary["sample_completion"].replace("\n", "\n                      "))

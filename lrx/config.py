@@ -108,6 +108,8 @@ class TrainConfig:
     """Optimizer steps between log lines (the only points where the host waits for the GPU)."""
     eval_every: int = 0
     """Optimizer steps between evaluations; 0 = at the end of every epoch."""
+    eval_at_start: bool = True
+    """Evaluate once before training too (the baseline the run improves on)."""
     eval_batch_size: int = 32
     """Batch size for evaluation."""
     sample_prompt: str | None = None

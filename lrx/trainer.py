@@ -141,6 +141,9 @@ class Trainer:
         tokens = torch.zeros((), device=self.device, dtype=torch.long)
         micro = 0
         t_log = time.perf_counter()
+        if self.eval_loader is not None and tc.eval_at_start:
+            evals.append(self.evaluate())
+            self.model.train()
         bar = tqdm(total=self.total_steps, desc="train", disable=not self.cfg.logging.progress, dynamic_ncols=True)
         batches = self._micro_batches()
         while self.step < self.total_steps:
@@ -178,6 +181,9 @@ class Trainer:
                 self.metrics.write("train", self.step, record)
                 self.history.append({"step": self.step, **record})
                 bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
+                if bar.disable:  # no bar (batch jobs): one log line per interval instead
+                    log.info("step %d/%d loss %.4f lr %.3g tokens/s %.0f", self.step, self.total_steps,
+                             record["loss"], record["lr"], record["tokens_per_s"])
                 loss_sum.zero_()
                 tokens.zero_()
                 t_log = time.perf_counter()
@@ -218,4 +224,5 @@ class Trainer:
         else:
             record.update(compute_metrics(self.metric_names, torch.cat(preds).cpu(), torch.cat(labels).cpu()))
         self.metrics.write("eval", self.step, record)
+        log.info("eval at step %d: %s", self.step, ", ".join(f"{k} {v:.4f}" for k, v in record.items()))
         return {"step": self.step, **record}
