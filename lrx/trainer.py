@@ -51,9 +51,35 @@ class MetricsLog:
             for key, value in values.items():
                 self.writer.add_scalar(f"{split}/{key}", value, step)
 
+    def write_events(self, step: int, records: list[dict]) -> None:
+        with (self.path.parent / "method_events.jsonl").open("a") as f:
+            for record in records:
+                f.write(json.dumps({"step": step, **record}) + "\n")
+
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
+
+
+def plot_history(train: list[dict], evals: list[dict], path: Path) -> None:
+    """Training (and evaluation) loss against optimizer steps, as a PNG."""
+    if not train:
+        return
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot([r["step"] for r in train], [r["loss"] for r in train], label="train loss")
+    if evals:
+        ax.plot([r["step"] for r in evals], [r["eval_loss"] for r in evals], "o-", label="eval loss")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
 
 
 def _decay_groups(params: list[tuple[str, nn.Parameter]], weight_decay: float) -> list[dict[str, Any]]:
@@ -141,6 +167,7 @@ class Trainer:
         tokens = torch.zeros((), device=self.device, dtype=torch.long)
         micro = 0
         t_log = time.perf_counter()
+        self.method.on_train_start(self.model, self.optimizer, self.total_steps)
         if self.eval_loader is not None and tc.eval_at_start:
             evals.append(self.evaluate())
             self.model.train()
@@ -163,7 +190,9 @@ class Trainer:
             self.scheduler.step()
             self.optimizer.zero_grad(set_to_none=True)
             self.step += 1
-            self.method.after_optimizer_step(self.model, self.optimizer, self.step)
+            records = self.method.after_optimizer_step(self.model, self.optimizer, self.step)
+            if records:
+                self.metrics.write_events(self.step, records)
             bar.update(1)
             if self.step % tc.log_every == 0 or self.step == self.total_steps:
                 n_steps = tc.log_every if self.step % tc.log_every == 0 else self.step % tc.log_every
@@ -193,6 +222,8 @@ class Trainer:
                     self.model.train()
         bar.close()
         self.metrics.close()
+        self.method.on_train_end(self.model, self.run_dir)
+        plot_history(self.history, evals, self.run_dir / "loss.png")
         return evals
 
     @torch.no_grad()

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterator
+from pathlib import Path
 from dataclasses import dataclass, field
 from typing import ClassVar, Literal, Protocol
 
@@ -186,11 +187,25 @@ class Method:
 
     # ---- trainer hooks (defaults: nothing to do) --------------------------------------------
 
-    def after_backward(self, model: nn.Module, step: int) -> None:
-        """Called after every backward pass, before the optimizer step (gradients present)."""
+    def on_train_start(self, model: nn.Module, optimizer: torch.optim.Optimizer, total_steps: int) -> None:
+        """Called once before the first step (or after a resume), with the run's length."""
 
-    def after_optimizer_step(self, model: nn.Module, optimizer: torch.optim.Optimizer, step: int) -> None:
-        """Called after every optimizer step; ``step`` counts completed optimizer steps."""
+    def after_backward(self, model: nn.Module, step: int) -> None:
+        """Called when a step's gradients are complete (after the last micro-batch's backward),
+        before clipping and the optimizer step. Must not synchronise with the host."""
+
+    def after_optimizer_step(
+        self, model: nn.Module, optimizer: torch.optim.Optimizer, step: int
+    ) -> list[dict] | None:
+        """Called after every optimizer step; ``step`` counts completed optimizer steps.
+
+        Returns:
+            Records to log (written to ``method_events.jsonl``), or None.
+        """
+        return None
+
+    def on_train_end(self, model: nn.Module, run_dir: Path) -> None:
+        """Called after the last step; a method may write reports (plots) into ``run_dir``."""
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """Method state beyond adapter tensors (importance statistics, pointers ...)."""

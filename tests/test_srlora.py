@@ -1,0 +1,317 @@
+"""SRLoRA: pool, importance, events (invariance), fusion fidelity, schedule, resume."""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+
+import pytest
+import torch
+from torch import nn
+
+from lrx.adapter import load_adapter, save_adapter
+from lrx.cli import main
+from lrx.config import load_config
+from lrx.errors import ConfigError
+from lrx.methods import adapted_layers, build_method
+from lrx.spectral import top_singular
+from tests.conftest import QUICKSTART, tiny_model
+from tests.test_cli import TINY_LM
+
+TARGETS = "method.target_modules=q_proj,v_proj,down_proj"
+
+
+def srlora(overrides=(), model=None):
+    cfg = load_config(None, ["method.r=4", "method.r_target=12", "method.gamma=0.5", TARGETS, *overrides],
+                      method="srlora").method
+    method = build_method(cfg)
+    model = model if model is not None else tiny_model("llama")
+    torch.manual_seed(0)
+    method.apply(model)
+    return method, model
+
+
+def single_layer(d_out=96, d_in=80, dtype=torch.float32, overrides=(), seed=0):
+    """One linear layer with a well-separated spectrum, adapted by srlora."""
+    g = torch.Generator().manual_seed(seed)
+    U, _ = torch.linalg.qr(torch.randn(d_out, d_out, generator=g, dtype=torch.float64))
+    V, _ = torch.linalg.qr(torch.randn(d_in, d_in, generator=g, dtype=torch.float64))
+    S = 0.9 ** torch.arange(min(d_out, d_in), dtype=torch.float64)
+    W = (U[:, : len(S)] * S) @ V[:, : len(S)].t()
+    model = nn.Sequential(nn.Linear(d_in, d_out, bias=False))
+    with torch.no_grad():
+        model[0].weight.copy_(W)
+    model = model.to(dtype)
+    cfg = load_config(None, ["method.target_modules=0", *overrides], method="srlora").method
+    method = build_method(cfg)
+    method.apply(model)
+    return method, model, dict(adapted_layers(model))["0"], W
+
+
+def batches(n, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        ids = torch.randint(3, 128, (2, 10), generator=g)
+        out.append({"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids})
+    return out
+
+
+def train_steps(method, model, optimizer, data, start=0, on_event=None):
+    """A minimal trainer loop that calls the method hooks like lrx.trainer does."""
+    losses = []
+    for i, batch in enumerate(data, start=start + 1):
+        model.train()
+        loss = model(**batch).loss
+        loss.backward()
+        method.after_backward(model, i - 1)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        due = method.interval and i % method.interval == 0 and method.events_done < method.config.n_events
+        if on_event is not None and due:
+            on_event(i, method, model, optimizer)
+        else:
+            method.after_optimizer_step(model, optimizer, i)
+        losses.append(loss.item())
+    return losses
+
+
+def make_optimizer(method, model):
+    return torch.optim.AdamW([p for _, p in method.trainable_parameters(model)], lr=1e-2)
+
+
+# ---- pool ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("svd,tol", [("exact", 1e-5), ("randomized", 1e-4)])
+def test_pool_matches_float64_svd(svd, tol):
+    method, _, layer, W = single_layer(overrides=["method.r=4", "method.r_target=16", f"method.svd={svd}"])
+    U64, S64, Vh64 = torch.linalg.svd(W)
+    pool = method.pool["0"]
+    # Pool keeps directions r..r_target-1; the first r went into B and A PiSSA-style.
+    cos_u = (pool["U"].double() * U64[:, 4:16]).sum(0).abs()
+    cos_v = (pool["V"].double() * Vh64[4:16].t()).sum(0).abs()
+    assert torch.all(cos_u > 1 - tol) and torch.all(cos_v > 1 - tol)
+    torch.testing.assert_close(pool["S"].double(), S64[4:16], rtol=tol, atol=0)
+    # Initial pairs span the top-4 directions: B A * scale == U_4 S_4 V_4^T.
+    top4 = (U64[:, :4] * S64[:4]) @ Vh64[:4]
+    assert ((layer.adapter_weight().double() - top4).norm() / top4.norm()) < 10 * tol
+
+
+def test_pool_is_deterministic_with_fixed_signs():
+    a = single_layer(overrides=["method.svd=randomized"])[0].pool["0"]
+    b = single_layer(overrides=["method.svd=randomized"])[0].pool["0"]
+    for key in a:
+        assert torch.equal(a[key], b[key])
+    U, _, _ = top_singular(torch.randn(40, 30), 5)
+    assert torch.all(U.gather(0, U.abs().argmax(0)[None])[0] > 0)
+
+
+# ---- importance ------------------------------------------------------------------------------
+
+
+def test_importance_matches_hand_reference_and_lowest_pairs_are_fused():
+    method, _, layer, _ = single_layer(overrides=["method.r=4", "method.r_target=6", "method.gamma=0.5",
+                                                  "method.beta1=0.8", "method.beta2=0.7"])
+    g = torch.Generator().manual_seed(3)
+    ref = {k: torch.zeros_like(v, dtype=torch.float64) for k, v in method.stats["0"].items()}
+    for _ in range(3):
+        for key, p in (("A", layer.lora_A), ("B", layer.lora_B)):
+            p.grad = torch.randn(p.shape, generator=g)
+            imp = (p.detach().double() * p.grad.double()).abs()
+            ref[f"{key}_ibar"] = 0.8 * ref[f"{key}_ibar"] + 0.2 * imp
+            ref[f"{key}_ubar"] = 0.7 * ref[f"{key}_ubar"] + 0.3 * (imp - ref[f"{key}_ibar"]).abs()
+        method.after_backward(None, 0)
+    for key, value in ref.items():
+        torch.testing.assert_close(method.stats["0"][key].double(), value, rtol=1e-5, atol=1e-12)
+    scores = torch.tensor([
+        sum(ref["B_ibar"][i, k] * ref["B_ubar"][i, k] for i in range(layer.out_features)) / layer.out_features
+        + sum(ref["A_ibar"][k, j] * ref["A_ubar"][k, j] for j in range(layer.in_features)) / layer.in_features
+        for k in range(4)
+    ])
+    torch.testing.assert_close(method.pair_scores("0").double(), scores.double(), rtol=1e-5, atol=0)
+    lowest = sorted(torch.argsort(scores)[:2].tolist())
+    records = method.recompose(None, step=1)
+    assert sorted(records[0]["fused_pairs"]) == lowest
+    # New slots restart their statistics.
+    assert torch.all(method.stats["0"]["A_ibar"][lowest] == 0)
+    assert torch.all(method.stats["0"]["B_ubar"][:, lowest] == 0)
+
+
+# ---- events ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("fuse", ["fold", "log"])
+def test_output_unchanged_by_every_event(fuse):
+    method, model = srlora([f"method.fuse={fuse}", "method.interval=3"])
+    optimizer = make_optimizer(method, model)
+    method.on_train_start(model, optimizer, total_steps=15)
+    probe = batches(1, seed=9)[0]
+    seen = []
+
+    def check(step, method, model, optimizer):
+        model.eval()
+        with torch.no_grad():
+            before = model(**probe).logits
+            records = method.after_optimizer_step(model, optimizer, step)
+            after = model(**probe).logits
+        assert records, f"no event at step {step}"
+        assert ((after - before).norm() / before.norm()).item() <= 1e-5
+        seen.append(step)
+
+    train_steps(method, model, optimizer, batches(15), on_event=check)
+    assert seen == [3, 6, 9, 12]
+    assert method.pointer == method.config.r_target and method.events_done == 4
+    for _, layer in adapted_layers(model):
+        assert layer.edit_rank == 4 + 4 * (2 + 2)  # PiSSA init + per event: 2 fused + 2 loaded
+
+
+def test_pool_exhaustion_stops_events_and_importance():
+    method, model = srlora(["method.interval=2"])
+    optimizer = make_optimizer(method, model)
+    method.on_train_start(model, optimizer, total_steps=20)
+    train_steps(method, model, optimizer, batches(12))
+    assert method.events_done == method.config.n_events == 4
+    stats = {k: v.clone() for k, v in method.stats[next(iter(method.stats))].items()}
+    ranks = [layer.edit_rank for _, layer in adapted_layers(model)]
+    train_steps(method, model, optimizer, batches(4, seed=5), start=12)
+    assert [layer.edit_rank for _, layer in adapted_layers(model)] == ranks
+    for key, value in method.stats[next(iter(method.stats))].items():
+        assert torch.equal(value, stats[key])
+
+
+# ---- fidelity --------------------------------------------------------------------------------
+
+
+def fidelity_run(dtype, fuse, relative_update, events=10, d=512):
+    """``events`` recompositions of one d x d layer; between events the adapter moves by
+    ``relative_update * ||W0||``. Returns (error vs the total intended edit, error vs the
+    net training update), both from float64 references."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(d, d, bias=False))
+    with torch.no_grad():
+        model[0].weight.normal_(0, 0.02)
+    model = model.to(dtype)
+    W0 = model[0].weight.detach().double().clone()
+    cfg = load_config(None, ["method.r=4", f"method.r_target={4 + 2 * events}", "method.target_modules=0",
+                             f"method.fuse={fuse}", "method.svd=exact"], method="srlora").method
+    method = build_method(cfg)
+    method.apply(model)
+    layer = dict(adapted_layers(model))["0"]
+    g = torch.Generator().manual_seed(1)
+    net = torch.zeros(d, d, dtype=torch.float64)
+    for step in range(1, events + 1):
+        with torch.no_grad():
+            before = layer.adapter_weight().double()
+            direction = torch.randn(layer.lora_B.shape, generator=g)
+            change = (direction @ layer.lora_A.detach()).double() * layer.scale
+            layer.lora_B.add_(direction * (relative_update * W0.norm() / change.norm()).item())
+            net += layer.adapter_weight().double() - before
+        for value in method.stats["0"].values():
+            value.uniform_(0, 1, generator=g)
+        method.recompose(None, step)
+    intended = layer.edit_U.double() @ layer.edit_V.double()
+    applied = layer.base.weight.double() - W0 + (0 if layer.fold_edits else intended)
+    effective = W0 + applied + layer.adapter_weight().double()
+    return (
+        ((applied - intended).norm() / intended.norm()).item(),
+        ((effective - W0 - net).norm() / net.norm()).item(),
+    )
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("relative_update", [1e-2, 1e-4])
+def test_fusion_fidelity_bound(dtype, relative_update):
+    total_err, net_err = fidelity_run(dtype, "auto", relative_update)
+    assert total_err <= 1e-3
+    assert net_err <= 1e-3  # stricter: relative to what training changed, not to the big PiSSA edits
+
+
+def test_naive_bf16_fold_loses_small_updates():
+    """Why fuse=auto logs edits on bf16 bases: folding them into bf16 in place loses them."""
+    _, net_err = fidelity_run(torch.bfloat16, "fold", 1e-4)
+    assert net_err > 0.5
+
+
+# ---- schedule --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "overrides,fragment",
+    [
+        (["method.r=4", "method.gamma=0.3"], "gamma * r = 0.3 * 4 = 1.2 is not a whole number"),
+        (["method.r=4", "method.r_target=9", "method.gamma=0.5"], "r_target - r = 5 is not a multiple"),
+        (["method.r=4", "method.r_target=2"], "r_target (2) must be >= r (4)"),
+    ],
+)
+def test_bad_schedule_config(overrides, fragment):
+    with pytest.raises(ConfigError, match=fragment.replace("(", r"\(").replace(")", r"\)").replace("*", r"\*")):
+        load_config(None, overrides, method="srlora")
+
+
+def test_too_few_steps_is_an_error_and_long_interval_a_warning(caplog):
+    method, model = srlora()
+    with pytest.raises(ConfigError, match="needs at least 5 training steps"):
+        method.on_train_start(model, None, total_steps=3)
+    method, model = srlora(["method.interval=50"])
+    with caplog.at_level(logging.WARNING):
+        method.on_train_start(model, None, total_steps=20)
+    assert "0 of 4 recomposition events fit" in caplog.text
+
+
+def test_derived_schedule_is_even_and_ends_early():
+    method, model = srlora()
+    method.on_train_start(model, None, total_steps=100)
+    assert method.event_steps() == [20, 40, 60, 80]
+
+
+# ---- resume ----------------------------------------------------------------------------------
+
+
+def test_resume_mid_schedule_matches_uninterrupted(tmp_path):
+    data = batches(14)
+    base = tiny_model("llama")
+    method, model = srlora(["method.interval=3"], model=copy.deepcopy(base))
+    optimizer = make_optimizer(method, model)
+    method.on_train_start(model, optimizer, 14)
+    full = train_steps(method, model, optimizer, data)
+
+    method2, model2 = srlora(["method.interval=3"], model=copy.deepcopy(base))
+    optimizer2 = make_optimizer(method2, model2)
+    method2.on_train_start(model2, optimizer2, 14)
+    first = train_steps(method2, model2, optimizer2, data[:7])  # events at 3 and 6 done
+    save_adapter(tmp_path / "ckpt", model2, method2, {})
+    opt_state = copy.deepcopy(optimizer2.state_dict())
+
+    model3 = copy.deepcopy(base)
+    method3 = load_adapter(tmp_path / "ckpt", model3)
+    assert method3.events_done == 2 and method3.pointer == 8
+    optimizer3 = make_optimizer(method3, model3)
+    optimizer3.load_state_dict(opt_state)
+    method3.on_train_start(model3, optimizer3, 14)
+    rest = train_steps(method3, model3, optimizer3, data[7:], start=7)
+    assert method3.events_done == 4
+    assert first + rest == pytest.approx(full, abs=1e-6)
+    for (name, a), (_, b) in zip(adapted_layers(model), adapted_layers(model3)):
+        for attr in ("lora_A", "lora_B", "edit_U", "edit_V"):
+            assert (getattr(a, attr) - getattr(b, attr)).abs().max() <= 1e-6, f"{name}.{attr}"
+
+
+# ---- end to end ------------------------------------------------------------------------------
+
+
+def test_trainer_run_logs_events_and_plots(tmp_path, capsys):
+    out = tmp_path / "run"
+    code = main(["--method", "srlora", *TINY_LM, "train.max_steps=10", "method.r=4", "method.r_target=8",
+                 f"logging.output_dir={out}"])
+    assert code == 0, capsys.readouterr().err
+    events = [json.loads(line) for line in (out / "method_events.jsonl").read_text().splitlines()]
+    assert sorted({e["event"] for e in events}) == [1, 2]
+    assert {e["step"] for e in events} == {4, 8}
+    assert all(e["fusion_error"] <= 1e-3 and len(e["fused_pairs"]) == 2 for e in events)
+    lifetimes = json.loads((out / "srlora_lifetimes.json").read_text())
+    assert lifetimes["event_steps"] == [4, 8]
+    for name in ("srlora_lifetimes.png", "loss.png"):
+        assert (out / name).stat().st_size > 1000
+    assert (QUICKSTART / "train.jsonl").exists()
