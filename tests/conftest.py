@@ -38,3 +38,13 @@ def glue_dir() -> Path:
 @pytest.fixture
 def clone():
     return copy.deepcopy
+
+
+def pytest_collection_modifyitems(config, items):
+    """GPU-marked tests are skipped (with the reason) where no CUDA device is visible."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU (run on the device machine: pytest -m gpu)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)

@@ -37,9 +37,12 @@ REFERENCE = {  # peft 0.21 LoRA, DESIGN.md (H100, seeds 0-2): mean, sd
 }
 
 
-def run_one(args, method: str, task: str, seed: int) -> dict:
+def run_one(args, spec: str, task: str, seed: int) -> dict:
+    """One run; ``spec`` is a method name, optionally with overrides: srlora+method.gamma=0.25."""
+    method, *method_overrides = spec.split("+")
     folder, epochs, metric = TASKS[task]
-    out = Path(args.out) / f"{task}-{method}-s{seed}"
+    label = spec.replace("method.", "").replace("=", "-").replace("+", "_")
+    out = Path(args.out) / f"{task}-{label}-s{seed}"
     cmd = [
         sys.executable, str(REPO / "launch" / "train.py"), "--config", str(REPO / args.config),
         "--method", method, "--overwrite",
@@ -48,18 +51,20 @@ def run_one(args, method: str, task: str, seed: int) -> dict:
         f"data.eval_path={Path(args.glue_dir) / folder / 'dev.tsv'}",
         f"train.epochs={args.epochs or epochs}", f"train.seed={seed}",
         "train.eval_at_start=false", "logging.progress=false", f"logging.output_dir={out}",
-        *args.overrides,
+        *args.overrides, *method_overrides,
     ]
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         tail = "\n".join(proc.stderr.strip().splitlines()[-5:])
-        print(f"[{task} {method} seed {seed}] FAILED:\n{tail}", flush=True)
-        return {"task": task, "method": method, "seed": seed, "error": tail}
+        print(f"[{task} {spec} seed {seed}] FAILED:\n{tail}", flush=True)
+        return {"task": task, "method": spec, "seed": seed, "error": tail}
     summary = json.loads((out / "summary.json").read_text())
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    summary["train_loss"] = [[r["step"], r["loss"]] for r in records if r["split"] == "train"]
     value = 100 * summary["eval"][metric]
-    print(f"[{task} {method} seed {seed}] {metric} {value:.2f} ({time.perf_counter() - t0:.0f} s)", flush=True)
-    return {"task": task, "method": method, "seed": seed, "metric": metric, "value": value, "summary": summary}
+    print(f"[{task} {spec} seed {seed}] {metric} {value:.2f} ({time.perf_counter() - t0:.0f} s)", flush=True)
+    return {"task": task, "method": spec, "seed": seed, "metric": metric, "value": value, "summary": summary}
 
 
 def table(results: list[dict]) -> str:
@@ -86,7 +91,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--glue-dir", required=True, help="folder with <TASK>/{train,dev}.tsv")
     parser.add_argument("--config", default="configs/minilm/rte.yaml", help="base run config")
-    parser.add_argument("--methods", nargs="+", default=["lora"])
+    parser.add_argument("--methods", nargs="+", default=["lora"],
+                        help="method names, each optionally with +SECTION.KEY=VALUE overrides")
     parser.add_argument("--tasks", nargs="+", default=["rte", "mrpc", "stsb", "cola"], choices=list(TASKS))
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--epochs", type=float, default=None, help="override every task's epochs (smoke runs)")

@@ -106,8 +106,6 @@ class SRLoRA(Method):
     def __init__(self, config: SRLoRAConfig):
         super().__init__(config)
         self.layers: dict[str, AdaptedLinear] = {}
-        self.pool: dict[str, dict[str, torch.Tensor]] = {}  # directions r..r_target-1 (not yet used)
-        self.stats: dict[str, dict[str, torch.Tensor]] = {}
         self.slot_pool: dict[str, torch.Tensor] = {}  # pool index held by each slot
         self.slot_start: dict[str, torch.Tensor] = {}  # step at which it was loaded
         self.lifetimes: list[tuple[int, int, int, int]] = []  # (layer, pool index, start, end)
@@ -123,7 +121,11 @@ class SRLoRA(Method):
         r = self.config.r
         for name, layer in adapted_layers(model):
             self.layers[name] = layer
-            self.stats[name] = {k: torch.zeros_like(layer.lora_A if k[0] == "A" else layer.lora_B) for k in STAT_KEYS}
+            # Method state lives in (non-persistent) buffers of the layer, so it follows the
+            # layer through .to(device) and sharding; lrx's adapter files store it explicitly.
+            for key in STAT_KEYS:
+                like = layer.lora_A if key[0] == "A" else layer.lora_B
+                layer.register_buffer(f"srlora_{key}", torch.zeros_like(like, requires_grad=False), persistent=False)
             self.slot_pool[name] = torch.arange(r)
             self.slot_start[name] = torch.zeros(r, dtype=torch.long)
         return names
@@ -136,7 +138,22 @@ class SRLoRA(Method):
         )
         principal_init(layer, U[:, : cfg.r], S[: cfg.r], V[:, : cfg.r])
         # Keep only what later events need: the directions not loaded yet.
-        self.pool[name] = {"U": U[:, cfg.r :].contiguous(), "S": S[cfg.r :].contiguous(), "V": V[:, cfg.r :].contiguous()}
+        self._set_pool(layer, {"U": U[:, cfg.r :], "S": S[cfg.r :], "V": V[:, cfg.r :]})
+
+    @staticmethod
+    def _set_pool(layer: AdaptedLinear, pool: dict[str, torch.Tensor]) -> None:
+        for key, value in pool.items():
+            layer.register_buffer(f"srlora_pool_{key}", value.to(layer.lora_A.device).contiguous(), persistent=False)
+
+    @property
+    def pool(self) -> dict[str, dict[str, torch.Tensor]]:
+        """Per layer, the pool directions r..r_target-1 (U, S, V); loaded ones are not dropped."""
+        return {n: {k: getattr(layer, f"srlora_pool_{k}") for k in ("U", "S", "V")} for n, layer in self.layers.items()}
+
+    @property
+    def stats(self) -> dict[str, dict[str, torch.Tensor]]:
+        """Per layer, the importance statistics I_bar and U_bar of A and B."""
+        return {n: {k: getattr(layer, f"srlora_{k}") for k in STAT_KEYS} for n, layer in self.layers.items()}
 
     # ---- importance ----------------------------------------------------------------------
 
@@ -145,13 +162,13 @@ class SRLoRA(Method):
         if self.events_done >= self.config.n_events:
             return  # the pool is exhausted: scores are never used again
         params, grads, ibars, ubars = [], [], [], []
-        for name, layer in self.layers.items():
+        for layer in self.layers.values():
             for key, p in (("A", layer.lora_A), ("B", layer.lora_B)):
                 if p.grad is not None:
                     params.append(p.detach())
                     grads.append(p.grad)
-                    ibars.append(self.stats[name][f"{key}_ibar"])
-                    ubars.append(self.stats[name][f"{key}_ubar"])
+                    ibars.append(getattr(layer, f"srlora_{key}_ibar"))
+                    ubars.append(getattr(layer, f"srlora_{key}_ubar"))
         if not params:
             return
         b1, b2 = self.config.beta1, self.config.beta2
@@ -167,7 +184,8 @@ class SRLoRA(Method):
 
     def pair_scores(self, name: str) -> torch.Tensor:
         """Score of every pair of a layer: mean sensitivity over B's column plus A's row."""
-        st = self.stats[name]
+        layer = self.layers[name]
+        st = {k: getattr(layer, f"srlora_{k}") for k in STAT_KEYS}
         return (st["B_ibar"] * st["B_ubar"]).mean(dim=0) + (st["A_ibar"] * st["A_ubar"]).mean(dim=1)
 
     # ---- schedule ------------------------------------------------------------------------
@@ -224,7 +242,7 @@ class SRLoRA(Method):
             scores = self.pair_scores(name)
             idx = torch.sort(scores, stable=True).indices[:swap]
             s = layer.scale
-            pool = self.pool[name]
+            pool = {k: getattr(layer, f"srlora_pool_{k}") for k in ("U", "S", "V")}
             root = torch.sqrt(pool["S"][lo : lo + swap] / s)
             B_new = pool["U"][:, lo : lo + swap] * root
             A_new = (pool["V"][:, lo : lo + swap] * root).t()
@@ -256,7 +274,7 @@ class SRLoRA(Method):
 
     def _reset_slots(self, name: str, layer: AdaptedLinear, idx: torch.Tensor, optimizer) -> None:
         for key in STAT_KEYS:
-            t = self.stats[name][key]
+            t = getattr(layer, f"srlora_{key}")
             if key[0] == "A":
                 t[idx] = 0
             else:
@@ -281,10 +299,11 @@ class SRLoRA(Method):
             "interval": torch.tensor(self.interval), "total_steps": torch.tensor(self.total_steps),
             "lifetimes": torch.tensor(self.lifetimes, dtype=torch.long).reshape(-1, 4),
         }
+        pool, stats = self.pool, self.stats
         for name in self.layers:
-            for key, value in self.pool[name].items():
+            for key, value in pool[name].items():
                 out[f"pool.{name}.{key}"] = value
-            for key, value in self.stats[name].items():
+            for key, value in stats[name].items():
                 out[f"stats.{name}.{key}"] = value
             out[f"slots.{name}.pool_index"] = self.slot_pool[name]
             out[f"slots.{name}.start"] = self.slot_start[name]
@@ -299,10 +318,9 @@ class SRLoRA(Method):
             self.total_steps = int(state.pop("total_steps"))
             self.lifetimes = [tuple(row) for row in state.pop("lifetimes").tolist()]
             for name, layer in self.layers.items():
-                device = layer.lora_A.device
-                self.pool[name] = {k: state.pop(f"pool.{name}.{k}").to(device) for k in ("U", "S", "V")}
+                self._set_pool(layer, {k: state.pop(f"pool.{name}.{k}") for k in ("U", "S", "V")})
                 for key in STAT_KEYS:
-                    self.stats[name][key].copy_(state.pop(f"stats.{name}.{key}"))
+                    getattr(layer, f"srlora_{key}").copy_(state.pop(f"stats.{name}.{key}"))
                 self.slot_pool[name] = state.pop(f"slots.{name}.pool_index")
                 self.slot_start[name] = state.pop(f"slots.{name}.start")
         except KeyError as e:
