@@ -69,8 +69,8 @@ def adapter_tensors(model: nn.Module, method: Method) -> dict[str, torch.Tensor]
     """Everything training changed, as a flat dict of contiguous CPU tensors."""
     out: dict[str, torch.Tensor] = {}
     for name, layer in adapted_layers(model):
-        out[f"{name}.lora_A"] = layer.lora_A.detach()
-        out[f"{name}.lora_B"] = layer.lora_B.detach()
+        for key, p in layer.adapter_params().items():
+            out[f"{name}.{key}"] = p.detach()
         out[f"{name}.edit_U"] = layer.edit_U
         out[f"{name}.edit_V"] = layer.edit_V
         out[f"{name}.edit_sizes"] = layer.edit_sizes
@@ -166,8 +166,8 @@ def load_adapter(path: str | Path, model: nn.Module) -> Method:
 
     with torch.no_grad():
         for name, layer in layers.items():
-            for attr in ("lora_A", "lora_B"):
-                value, param = take(f"{name}.{attr}"), getattr(layer, attr)
+            for attr, param in layer.adapter_params().items():
+                value = take(f"{name}.{attr}")
                 if value.shape != param.shape:
                     raise LrxError(
                         f"{path}: {name}.{attr} has shape {tuple(value.shape)}, the model needs "

@@ -46,7 +46,7 @@ def test_cli_method_flag_wins_and_drops_foreign_yaml_keys(tmp_path, caplog):
         ("train.bf16=maybe", "train.bf16: expected bool"),
         ("train.schedule=step", "train.schedule: 'step' is not one of linear, cosine, constant"),
         ("method.r=0", "r must be >= 1"),
-        ("method.name=dora", "unknown method 'dora'; available methods: lora"),
+        ("method.name=dora", "unknown method 'dora'; available methods: eigenlorax, lora, pissa, srlora"),
         ("lr=1", "bad override 'lr=1'"),
         ("method.svd=exact", "unknown config key 'method.svd'"),  # a pissa key under lora
     ],

@@ -10,6 +10,8 @@ layers apply.
 from __future__ import annotations
 
 import copy
+import tempfile
+from pathlib import Path
 
 import pytest
 import torch
@@ -17,6 +19,7 @@ import torch.nn.functional as F
 
 from lrx.adapter import export_peft, load_adapter, save_adapter
 from lrx.config import load_config
+from lrx.eigenbasis import build_basis
 from lrx.methods import adapted_layers, available_methods, build_method
 from tests.conftest import tiny_model
 
@@ -39,24 +42,51 @@ def logits(model, batch) -> torch.Tensor:
         return model(**batch).logits.float()
 
 
+_BASES: dict[str, str] = {}
+
+
+def eigenbasis_for(kind: str) -> str:
+    """An EigenLoRAx basis for the tiny model, from three random LoRA adapters (built once)."""
+    if kind not in _BASES:
+        root = Path(tempfile.mkdtemp(prefix=f"lrx-basis-{kind}-"))
+        sources = []
+        for seed in range(3):
+            model = tiny_model(kind)
+            cfg = load_config(None, ["method.r=4", "method.target_modules=" + ",".join(TARGETS[kind])]).method
+            method = build_method(cfg)
+            method.apply(model)
+            perturb(model, seed=seed, size=0.5)
+            sources.append(export_peft(root / f"src{seed}", model, method))
+        build_basis(sources, root / "basis", k=6, augment=2)
+        _BASES[kind] = str(root / "basis")
+    return _BASES[kind]
+
+
+def method_overrides(method_name: str, kind: str) -> list[str]:
+    """What a method needs beyond the common settings to run on the tiny models."""
+    if method_name == "eigenlorax":
+        return [f"method.basis={eigenbasis_for(kind)}"]
+    return ["method.target_modules=" + ",".join(TARGETS[kind])]
+
+
 def adapt(method_name: str, kind: str, fuse: str, base=None):
     base = base if base is not None else tiny_model(kind)
     original = copy.deepcopy(base)
-    cfg = load_config(None, [f"method.r=4", f"method.fuse={fuse}",
-                             "method.target_modules=" + ",".join(TARGETS[kind])], method=method_name).method
+    cfg = load_config(None, ["method.r=4", f"method.fuse={fuse}", *method_overrides(method_name, kind)],
+                      method=method_name).method
     method = build_method(cfg)
     torch.manual_seed(0)
     method.apply(base)
     return original, base, method
 
 
-def perturb(model) -> None:
+def perturb(model, seed: int = 7, size: float = 0.05) -> None:
     """Give every adapter a non-trivial value, as after some training."""
-    g = torch.Generator().manual_seed(7)
+    g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for _, layer in adapted_layers(model):
-            for p in (layer.lora_A, layer.lora_B):
-                p.add_(torch.randn(p.shape, generator=g) * 0.05)
+            for p in layer.adapter_params().values():
+                p.add_(torch.randn(p.shape, generator=g) * size)
 
 
 @pytest.mark.parametrize("method_name,kind,fuse", CASES)
@@ -81,7 +111,7 @@ def test_only_adapters_trainable_and_gradients_reach_them(method_name, kind, fus
     out = model(**inputs())
     out.logits.float().pow(2).mean().backward()
     for name, layer in layers.items():
-        grads = [p.grad for p in (layer.lora_A, layer.lora_B)]
+        grads = [p.grad for p in layer.adapter_params().values()]
         assert all(g is not None for g in grads), name
         assert sum(g.norm() for g in grads) > 0, f"no gradient reaches {name}"
         assert layer.base.weight.grad is None

@@ -165,6 +165,7 @@ def test_output_unchanged_by_every_event(fuse):
     assert method.pointer == method.config.r_target and method.events_done == 4
     for _, layer in adapted_layers(model):
         assert layer.edit_rank == 4 + 4 * (2 + 2)  # PiSSA init + per event: 2 fused + 2 loaded
+    assert all(p["U"].shape[1] == 0 and p["S"].numel() == 0 for p in method.pool.values())
 
 
 def test_pool_exhaustion_stops_events_and_importance():

@@ -14,6 +14,7 @@ epoch) and writes ``results.json`` with every run's summary into ``--out``.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import statistics
 import subprocess
@@ -41,7 +42,9 @@ def run_one(args, spec: str, task: str, seed: int) -> dict:
     """One run; ``spec`` is a method name, optionally with overrides: srlora+method.gamma=0.25."""
     method, *method_overrides = spec.split("+")
     folder, epochs, metric = TASKS[task]
-    label = spec.replace("method.", "").replace("=", "-").replace("+", "_")
+    label = spec.replace("method.", "").replace("=", "-").replace("+", "_").replace("/", "_")
+    if len(label) > 60:  # long overrides (paths): keep the folder name short and unique
+        label = f"{label[:40]}-{hashlib.sha1(spec.encode()).hexdigest()[:8]}"
     out = Path(args.out) / f"{task}-{label}-s{seed}"
     cmd = [
         sys.executable, str(REPO / "launch" / "train.py"), "--config", str(REPO / args.config),

@@ -44,7 +44,7 @@ def build_method(config: MethodConfig) -> Method:
 
 
 # Registration happens on import: one line per method.
-from lrx.methods import lora, pissa, srlora  # noqa: E402,F401
+from lrx.methods import eigenlorax, lora, pissa, srlora  # noqa: E402,F401
 
 __all__ = [
     "AdaptedLinear",

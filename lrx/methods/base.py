@@ -150,7 +150,7 @@ class Method:
         names = []
         for index, (name, linear) in enumerate(find_targets(model, cfg.target_modules)):
             fold = cfg.fuse == "fold" or (cfg.fuse == "auto" and linear.weight.dtype == torch.float32)
-            layer = AdaptedLinear(linear, cfg.r, cfg.scale, cfg.dropout, fold_edits=fold)
+            layer = self.make_layer(name, linear, fold)
             parent, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent) if parent else model, child, layer)
             if init:
@@ -160,6 +160,11 @@ class Method:
         for _, p in self.trainable_parameters(model):
             p.requires_grad_(True)
         return names
+
+    def make_layer(self, name: str, linear: nn.Linear, fold_edits: bool) -> AdaptedLinear:
+        """The adapted layer that replaces ``linear`` (a subclass for other parametrisations)."""
+        cfg = self.config
+        return AdaptedLinear(linear, cfg.r, cfg.scale, cfg.dropout, fold_edits=fold_edits)
 
     def init_layer(self, name: str, index: int, layer: AdaptedLinear, weights: WeightAccess) -> None:
         """Initialise one adapted layer's A, B (and edits). Default: LoRA (A random, B zero)."""
@@ -179,8 +184,8 @@ class Method:
     def trainable_parameters(self, model: nn.Module) -> Iterator[tuple[str, nn.Parameter]]:
         """(name, parameter) pairs the optimizer trains: adapter pairs and modules_to_save."""
         for name, layer in adapted_layers(model):
-            yield f"{name}.lora_A", layer.lora_A
-            yield f"{name}.lora_B", layer.lora_B
+            for key, p in layer.adapter_params().items():
+                yield f"{name}.{key}", p
         for mod_name in self.saved_modules:
             for pname, p in model.get_submodule(mod_name).named_parameters():
                 yield f"{mod_name}.{pname}", p

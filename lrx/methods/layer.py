@@ -41,13 +41,21 @@ class AdaptedLinear(nn.Module):
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         out_features, in_features = base.weight.shape
         device = base.weight.device
-        self.lora_A = nn.Parameter(torch.zeros(r, in_features, device=device))
-        self.lora_B = nn.Parameter(torch.zeros(out_features, r, device=device))
+        self._init_adapter(r, in_features, out_features, device)
         # The edit log. Not persistent: lrx's adapter files store it explicitly because its
         # rank changes during training, which module.load_state_dict cannot handle.
         self.register_buffer("edit_U", torch.zeros(out_features, 0, device=device), persistent=False)
         self.register_buffer("edit_V", torch.zeros(0, in_features, device=device), persistent=False)
         self.register_buffer("edit_sizes", torch.zeros(0, dtype=torch.long, device=device), persistent=False)
+
+    def _init_adapter(self, r: int, in_features: int, out_features: int, device: torch.device) -> None:
+        """Create the trainable tensors; subclasses that parametrise A and B differently override it."""
+        self.lora_A = nn.Parameter(torch.zeros(r, in_features, device=device))
+        self.lora_B = nn.Parameter(torch.zeros(out_features, r, device=device))
+
+    def adapter_params(self) -> dict[str, nn.Parameter]:
+        """The trainable tensors of this layer by name (saved in adapter files)."""
+        return {"lora_A": self.lora_A, "lora_B": self.lora_B}
 
     @property
     def in_features(self) -> int:
@@ -78,9 +86,10 @@ class AdaptedLinear(nn.Module):
         y = self.base(x)
         if self.merged:
             return y
-        if x.dtype != self.lora_A.dtype and not torch.is_autocast_enabled(x.device.type):
-            x = x.to(self.lora_A.dtype)
-        delta = (self.dropout(x) @ self.lora_A.t()) @ self.lora_B.t() * self.scale
+        A, B = self.lora_A, self.lora_B  # computed once: subclasses may derive them
+        if x.dtype != A.dtype and not torch.is_autocast_enabled(x.device.type):
+            x = x.to(A.dtype)
+        delta = (self.dropout(x) @ A.t()) @ B.t() * self.scale
         if self.edit_rank and not self.fold_edits:
             delta = delta + (x @ self.edit_V.t()) @ self.edit_U.t()
         return y + delta.to(y.dtype)

@@ -147,7 +147,7 @@ class SRLoRA(Method):
 
     @property
     def pool(self) -> dict[str, dict[str, torch.Tensor]]:
-        """Per layer, the pool directions r..r_target-1 (U, S, V); loaded ones are not dropped."""
+        """Per layer, the pool directions not loaded yet (U, S, V): indices pointer..r_target-1."""
         return {n: {k: getattr(layer, f"srlora_pool_{k}") for k in ("U", "S", "V")} for n, layer in self.layers.items()}
 
     @property
@@ -236,16 +236,16 @@ class SRLoRA(Method):
             One record per layer: fused pair ids and scores, new pointer, fusion error.
         """
         cfg = self.config
-        swap, lo = cfg.swap, self.pointer - cfg.r
+        swap = cfg.swap
         records = []
         for index, (name, layer) in enumerate(self.layers.items()):
             scores = self.pair_scores(name)
             idx = torch.sort(scores, stable=True).indices[:swap]
             s = layer.scale
             pool = {k: getattr(layer, f"srlora_pool_{k}") for k in ("U", "S", "V")}
-            root = torch.sqrt(pool["S"][lo : lo + swap] / s)
-            B_new = pool["U"][:, lo : lo + swap] * root
-            A_new = (pool["V"][:, lo : lo + swap] * root).t()
+            root = torch.sqrt(pool["S"][:swap] / s)
+            B_new = pool["U"][:, :swap] * root
+            A_new = (pool["V"][:, :swap] * root).t()
             # One edit: + s B_k A_k of the fused pairs, - s B_new A_new of the loaded ones.
             edit_U = torch.cat([layer.lora_B[:, idx] * s, -s * B_new], dim=1)
             edit_V = torch.cat([layer.lora_A[idx], A_new], dim=0)
@@ -257,6 +257,8 @@ class SRLoRA(Method):
                 error = ((layer.base.weight.double() - before - intended).norm() / intended.norm()).item()
             layer.lora_B[:, idx] = B_new
             layer.lora_A[idx] = A_new
+            # Loaded directions leave the pool: it only ever holds what later events need.
+            self._set_pool(layer, {"U": pool["U"][:, swap:], "S": pool["S"][swap:], "V": pool["V"][:, swap:]})
             self._reset_slots(name, layer, idx, optimizer)
             ids = idx.tolist()
             for slot in ids:

@@ -1,0 +1,283 @@
+"""EigenLoRAx basis builder (arXiv 2502.04700): principal directions of existing LoRA adapters.
+
+For every adapted module and each of A and B separately: orient each source adapter's
+``A_i`` as ``in x r`` and ``B_i`` as ``out x r``, stack the columns of all N adapters
+(``M_A = [A_1^T ... A_N^T]``), subtract the mean column, keep the top-K left singular
+vectors (``C_A``, ``in x K``; likewise ``C_B``) and optionally append P seeded random
+vectors, each orthogonalised against all current columns (Gram-Schmidt, twice) and
+normalised. Sources are peft LoRA folders (``adapter_config.json`` +
+``adapter_model.safetensors``), including the ``adapter_peft/`` that lrx writes.
+
+Sources are read module by module through ``safetensors.safe_open``, so only one module's
+tensors of all adapters are in memory at a time. Output: ``eigenbasis.safetensors``
+(``{module}.C_A``, ``{module}.C_B``, explained-variance ratios ``{module}.evr_A/evr_B``)
+and ``eigenbasis.json`` (K, P, sources with sha256, modules, shapes, base model).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from lrx.errors import LrxError
+
+log = logging.getLogger(__name__)
+
+BASIS_WEIGHTS = "eigenbasis.safetensors"
+BASIS_META = "eigenbasis.json"
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+@dataclass
+class SourceAdapter:
+    """One peft LoRA adapter folder, opened lazily."""
+
+    path: Path
+    config: dict[str, Any]
+    weights: Path
+    modules: dict[str, tuple[tuple[int, ...], tuple[int, ...]]]  # module -> (A shape, B shape)
+
+    @classmethod
+    def open(cls, path: str | Path) -> "SourceAdapter":
+        """Validate an adapter folder; LrxError naming the file for every problem."""
+        path = Path(path)
+        if not path.is_dir():
+            raise LrxError(f"adapter folder {path} not found")
+        if not any(path.iterdir()):
+            raise LrxError(f"adapter folder {path} is empty; expected adapter_config.json and adapter_model.safetensors")
+        cfg_file = path / "adapter_config.json"
+        if not cfg_file.is_file():
+            raise LrxError(f"{cfg_file} not found; is {path} a peft LoRA adapter folder?")
+        try:
+            config = json.loads(cfg_file.read_text())
+        except json.JSONDecodeError as e:
+            raise LrxError(f"{cfg_file}: corrupt JSON ({e.msg} at line {e.lineno})") from None
+        if config.get("peft_type", "LORA") != "LORA":
+            raise LrxError(f"{cfg_file}: peft_type {config.get('peft_type')!r} is not LORA")
+        weights = path / "adapter_model.safetensors"
+        if not weights.is_file():
+            pickles = [p.name for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES]
+            if pickles:
+                raise LrxError(
+                    f"{path / pickles[0]}: pickle weight files are refused (they can run code when loaded); "
+                    "convert the adapter to adapter_model.safetensors"
+                )
+            raise LrxError(f"{weights} not found")
+        shapes: dict[str, dict[str, tuple[int, ...]]] = {}
+        try:
+            with safe_open(str(weights), framework="pt") as f:
+                for key in f.keys():
+                    for part in ("A", "B"):
+                        marker = f".lora_{part}.weight"
+                        if key.endswith(marker):
+                            module = key[: -len(marker)].removeprefix("base_model.model.")
+                            shapes.setdefault(module, {})[part] = tuple(f.get_slice(key).get_shape())
+        except (SafetensorError, OSError) as e:
+            raise LrxError(f"{weights}: not a valid safetensors file ({e})") from None
+        broken = [m for m, s in shapes.items() if set(s) != {"A", "B"}]
+        if broken or not shapes:
+            raise LrxError(f"{weights}: no complete lora_A/lora_B pairs (modules {broken[:3] or 'none'})")
+        return cls(path, config, weights, {m: (s["A"], s["B"]) for m, s in shapes.items()})
+
+    def read(self, module: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(A^T, B)`` of one module as float64 (in x r, out x r); LrxError on NaN/Inf."""
+        with safe_open(str(self.weights), framework="pt") as f:
+            A = f.get_tensor(f"base_model.model.{module}.lora_A.weight").double()
+            B = f.get_tensor(f"base_model.model.{module}.lora_B.weight").double()
+        for name, t in (("lora_A", A), ("lora_B", B)):
+            if not torch.isfinite(t).all():
+                raise LrxError(f"{self.weights}: {module}.{name} contains NaN or Inf; this adapter is broken")
+        return A.t(), B
+
+
+def principal_basis(
+    M: torch.Tensor, k: int, augment: int, seed: int, label: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k principal directions of the columns of ``M`` (dim x n), plus ``augment`` random ones.
+
+    Args:
+        M: stacked adapter columns (float64).
+        k: components to keep; fewer are kept (with a warning) when the centred data has lower rank.
+        augment: random orthonormal vectors to append (seeded).
+        seed: seed of the augmentation.
+        label: module and matrix type, for messages.
+
+    Returns:
+        ``C`` (dim x k', orthonormal columns, float64) and the explained-variance ratio of the
+        kept components (k,).
+    """
+    dim = M.shape[0]
+    centred = M - M.mean(dim=1, keepdim=True)
+    U, S, _ = torch.linalg.svd(centred, full_matrices=False)
+    variance = S**2
+    total = variance.sum()
+    rank = int((S > S[0] * 1e-10).sum()) if S.numel() and S[0] > 0 else 0
+    kept = min(k, rank)
+    if kept < k:
+        log.warning(
+            "%s: only %d principal components exist (%d stacked columns after centring), %d were asked for%s",
+            label, kept, M.shape[1], k, "; augmentation fills in" if augment else "; pass --augment to fill up",
+        )
+    C = U[:, :kept]
+    evr = variance[:kept] / total if total > 0 else torch.zeros(kept, dtype=M.dtype)
+    if augment:
+        gen = torch.Generator().manual_seed(seed)
+        extra = []
+        for _ in range(min(augment, dim - kept)):
+            v = torch.randn(dim, generator=gen, dtype=torch.float64)
+            for _ in range(2):  # Gram-Schmidt twice: "twice is enough" (Giraud et al. 2005)
+                basis = torch.cat([C, *[e[:, None] for e in extra]], dim=1)
+                v = v - basis @ (basis.t() @ v)
+            extra.append(v / v.norm())
+        C = torch.cat([C, *[e[:, None] for e in extra]], dim=1)
+    return C, evr
+
+
+def build_basis(
+    sources: list[str | Path], out: str | Path, *, k: int, augment: int = 0, seed: int = 0,
+) -> dict[str, Any]:
+    """Build an EigenLoRAx basis from peft LoRA adapters and write it to ``out``.
+
+    Args:
+        sources: adapter folders (all for the same base model and modules).
+        out: output folder (created; existing basis files are replaced atomically).
+        k: principal components per module and matrix type.
+        augment: P, random orthonormal vectors appended per module and matrix type.
+        seed: augmentation seed (module i uses seed + i).
+
+    Returns:
+        The metadata written to ``eigenbasis.json``.
+
+    Raises:
+        LrxError: unreadable, inconsistent or broken sources (the message names the file).
+    """
+    if not sources:
+        raise LrxError("no source adapters given")
+    if k < 1 or augment < 0:
+        raise LrxError(f"K must be >= 1 and P >= 0 (got K={k}, P={augment})")
+    adapters = [SourceAdapter.open(s) for s in sources]
+    ref = adapters[0]
+    for a in adapters[1:]:
+        base_a, base_r = a.config.get("base_model_name_or_path"), ref.config.get("base_model_name_or_path")
+        if base_a and base_r and base_a != base_r:
+            raise LrxError(f"{a.path}: trained on base model {base_a!r}, but {ref.path} on {base_r!r}; "
+                           "all sources must share one base model")
+        missing, extra = sorted(set(ref.modules) - set(a.modules)), sorted(set(a.modules) - set(ref.modules))
+        if missing or extra:
+            raise LrxError(f"{a.weights}: target modules differ from {ref.weights} "
+                           f"(missing {missing[:3]}, extra {extra[:3]}); all sources must adapt the same modules")
+        for module, (sa, sb) in a.modules.items():
+            ra, rb = ref.modules[module]
+            if sa[1] != ra[1] or sb[0] != rb[0]:
+                raise LrxError(f"{a.weights}: {module} has shape in={sa[1]}, out={sb[0]} but {ref.weights} has "
+                               f"in={ra[1]}, out={rb[0]}; the adapters belong to different base models")
+    tensors: dict[str, torch.Tensor] = {}
+    summary: dict[str, dict[str, list[float]]] = {}
+    shapes = {}
+    for index, module in enumerate(sorted(ref.modules)):
+        As, Bs = zip(*(a.read(module) for a in adapters))  # one module of every adapter at a time
+        for part, cols in (("A", As), ("B", Bs)):
+            C, evr = principal_basis(torch.cat(cols, dim=1), k, augment, seed + 2 * index + (part == "B"),
+                                     f"{module}.{part}")
+            tensors[f"{module}.C_{part}"] = C.float().contiguous()
+            tensors[f"{module}.evr_{part}"] = evr.float().contiguous()
+            kind = module.rsplit(".", 1)[-1]
+            summary.setdefault(kind, {}).setdefault(part, []).append(float(evr.sum()))
+        shapes[module] = {"in": ref.modules[module][0][1], "out": ref.modules[module][1][0]}
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = out / (BASIS_WEIGHTS + ".tmp")
+    # One metadata key only: safetensors writes the metadata map in no fixed order, and the
+    # file must be byte-identical across builds (its sha256 names the basis).
+    save_file(tensors, str(tmp), metadata={"format": "pt"})
+    tmp.replace(out / BASIS_WEIGHTS)
+    meta = {
+        "format": "lrx-eigenbasis",
+        "k": k,
+        "augment": augment,
+        "seed": seed,
+        "sha256": sha256_file(out / BASIS_WEIGHTS),
+        "base_model": ref.config.get("base_model_name_or_path"),
+        "target_modules": sorted(ref.modules),
+        "shapes": shapes,
+        "sources": [{"path": str(a.path), "name": a.path.name, "sha256": sha256_file(a.weights)} for a in adapters],
+        "explained_variance_kept": {
+            kind: {part: sum(v) / len(v) for part, v in parts.items()} for kind, parts in summary.items()
+        },
+    }
+    (out / BASIS_META).write_text(json.dumps(meta, indent=2))
+    return meta
+
+
+def format_summary(meta: dict[str, Any]) -> str:
+    """One line per layer type: mean explained variance kept for A and B."""
+    lines = [f"basis of {len(meta['sources'])} adapters, K={meta['k']}, P={meta['augment']}, "
+             f"{len(meta['target_modules'])} modules, sha256 {meta['sha256'][:16]}"]
+    for kind, parts in sorted(meta["explained_variance_kept"].items()):
+        lines.append(f"  {kind}: explained variance kept A {parts['A']:.3f}, B {parts['B']:.3f}")
+    return "\n".join(lines)
+
+
+def load_basis(path: str | Path, expected_sha256: str | None = None) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """Read a basis folder; LrxError if missing, corrupt or not the expected one."""
+    path = Path(path)
+    meta_file, weights = path / BASIS_META, path / BASIS_WEIGHTS
+    if not meta_file.is_file() or not weights.is_file():
+        raise LrxError(f"{path} is not an EigenLoRAx basis (needs {BASIS_META} and {BASIS_WEIGHTS}); "
+                       "build one with tools/build_eigenbasis.py")
+    meta = json.loads(meta_file.read_text())
+    digest = sha256_file(weights)
+    if digest != meta.get("sha256"):
+        raise LrxError(f"{weights}: sha256 {digest[:16]} does not match {meta_file} ({str(meta.get('sha256'))[:16]}); "
+                       "the basis file was changed or is corrupt")
+    if expected_sha256 and digest != expected_sha256:
+        raise LrxError(f"{weights}: this basis (sha256 {digest[:16]}) is not the one the adapter was trained on "
+                       f"({expected_sha256[:16]}); point method.basis at the original basis")
+    from safetensors.torch import load_file
+
+    try:
+        return meta, load_file(str(weights))
+    except (SafetensorError, OSError) as e:
+        raise LrxError(f"{weights}: not a valid safetensors file ({e})") from None
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python tools/build_eigenbasis.py OUT ADAPTER [ADAPTER ...] --k K [--augment P]``."""
+    import argparse
+    import sys
+
+    parser = argparse.ArgumentParser(
+        prog="tools/build_eigenbasis.py",
+        description="Build an EigenLoRAx principal basis from peft LoRA adapters (safetensors only).",
+    )
+    parser.add_argument("out", help="output folder for eigenbasis.safetensors + eigenbasis.json")
+    parser.add_argument("adapters", nargs="+", help="peft LoRA adapter folders (e.g. runs/*/adapter_peft)")
+    parser.add_argument("--k", type=int, default=32, help="principal components per module and matrix type")
+    parser.add_argument("--augment", type=int, default=0, help="P random orthonormal vectors to append")
+    parser.add_argument("--seed", type=int, default=0, help="augmentation seed")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    try:
+        meta = build_basis(args.adapters, args.out, k=args.k, augment=args.augment, seed=args.seed)
+    except LrxError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(format_summary(meta))
+    print(f"wrote {Path(args.out) / BASIS_WEIGHTS} and {BASIS_META}")
+    return 0
