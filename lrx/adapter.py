@@ -28,6 +28,7 @@ from torch import nn
 
 import lrx
 from lrx.errors import LrxError
+from lrx.fileio import pickle_files, read_json
 from lrx.methods import Method, MethodConfig, adapted_layers, build_method, get_method_class
 
 ADAPTER_FORMAT = "lrx-adapter"
@@ -114,10 +115,7 @@ def read_adapter_config(path: str | Path) -> dict[str, Any]:
     cfg_file = path / CONFIG_NAME
     if not cfg_file.is_file():
         raise LrxError(f"{path} is not an adapter folder: {CONFIG_NAME} is missing")
-    try:
-        config = json.loads(cfg_file.read_text())
-    except json.JSONDecodeError as e:
-        raise LrxError(f"{cfg_file}: corrupt JSON ({e.msg} at line {e.lineno}); re-export the adapter") from None
+    config = read_json(cfg_file, "re-export the adapter")
     if config.get("format") != ADAPTER_FORMAT:
         raise LrxError(f"{cfg_file} is not an lrx adapter (format={config.get('format')!r})")
     return config
@@ -126,7 +124,7 @@ def read_adapter_config(path: str | Path) -> dict[str, Any]:
 def read_safetensors(file: Path) -> dict[str, torch.Tensor]:
     """Load a safetensors file; refuse anything else (no pickle is ever unpickled)."""
     if not file.is_file():
-        pickles = [p.name for p in file.parent.glob("*") if p.suffix in (".bin", ".pt", ".pth", ".pkl")]
+        pickles = pickle_files(file.parent)
         hint = f" (found {pickles}: pickle files are refused, convert them to safetensors)" if pickles else ""
         raise LrxError(f"{file} not found{hint}")
     try:

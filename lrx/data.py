@@ -489,6 +489,13 @@ def _load_table(
     return train, eval_ds, names, num_labels
 
 
+def _map_tokenize(ds: datasets.Dataset, tokenize: Callable, label_feature: Any) -> datasets.Dataset:
+    """Batched ``tokenize`` over ``ds`` into ``input_ids`` + ``labels``, in memory (no cache files)."""
+    features = datasets.Features({"input_ids": datasets.List(datasets.Value("int64")), "labels": label_feature})
+    return ds.map(tokenize, batched=True, remove_columns=ds.column_names, features=features,
+                  keep_in_memory=True, desc="Tokenizing")
+
+
 def _tokenize_classification(
     ds: datasets.Dataset, tokenizer: Any, max_length: int, regression: bool
 ) -> datasets.Dataset:
@@ -504,20 +511,7 @@ def _tokenize_classification(
         )
         return {"input_ids": enc["input_ids"], "labels": batch["label"]}
 
-    features = datasets.Features(
-        {
-            "input_ids": datasets.List(datasets.Value("int64")),
-            "labels": datasets.Value("float32" if regression else "int64"),
-        }
-    )
-    return ds.map(
-        tokenize,
-        batched=True,
-        remove_columns=ds.column_names,
-        features=features,
-        keep_in_memory=True,
-        desc="Tokenizing",
-    )
+    return _map_tokenize(ds, tokenize, datasets.Value("float32" if regression else "int64"))
 
 
 # --------------------------------------------------------------------------------------
@@ -682,20 +676,7 @@ def _tokenize_instruct(
             out["labels"].append((prompt_labels + list(r))[:max_length])
         return out
 
-    features = datasets.Features(
-        {
-            "input_ids": datasets.List(datasets.Value("int64")),
-            "labels": datasets.List(datasets.Value("int64")),
-        }
-    )
-    out = ds.map(
-        tokenize,
-        batched=True,
-        remove_columns=ds.column_names,
-        features=features,
-        keep_in_memory=True,
-        desc="Tokenizing",
-    )
+    out = _map_tokenize(ds, tokenize, datasets.List(datasets.Value("int64")))
     dropped = len(ds) - len(out)
     if dropped:
         logger.warning(

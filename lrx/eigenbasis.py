@@ -28,12 +28,12 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from lrx.errors import LrxError
+from lrx.fileio import pickle_files, read_json
 
 log = logging.getLogger(__name__)
 
 BASIS_WEIGHTS = "eigenbasis.safetensors"
 BASIS_META = "eigenbasis.json"
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
 
 
 def sha256_file(path: Path) -> str:
@@ -64,15 +64,12 @@ class SourceAdapter:
         cfg_file = path / "adapter_config.json"
         if not cfg_file.is_file():
             raise LrxError(f"{cfg_file} not found; is {path} a peft LoRA adapter folder?")
-        try:
-            config = json.loads(cfg_file.read_text())
-        except json.JSONDecodeError as e:
-            raise LrxError(f"{cfg_file}: corrupt JSON ({e.msg} at line {e.lineno})") from None
+        config = read_json(cfg_file, "re-export the adapter")
         if config.get("peft_type", "LORA") != "LORA":
             raise LrxError(f"{cfg_file}: peft_type {config.get('peft_type')!r} is not LORA")
         weights = path / "adapter_model.safetensors"
         if not weights.is_file():
-            pickles = [p.name for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES]
+            pickles = pickle_files(path)
             if pickles:
                 raise LrxError(
                     f"{path / pickles[0]}: pickle weight files are refused (they can run code when loaded); "
@@ -241,7 +238,7 @@ def load_basis(path: str | Path, expected_sha256: str | None = None) -> tuple[di
     if not meta_file.is_file() or not weights.is_file():
         raise LrxError(f"{path} is not an EigenLoRAx basis (needs {BASIS_META} and {BASIS_WEIGHTS}); "
                        "build one with tools/build_eigenbasis.py")
-    meta = json.loads(meta_file.read_text())
+    meta = read_json(meta_file, "rebuild the basis")
     digest = sha256_file(weights)
     if digest != meta.get("sha256"):
         raise LrxError(f"{weights}: sha256 {digest[:16]} does not match {meta_file} ({str(meta.get('sha256'))[:16]}); "

@@ -1,0 +1,25 @@
+"""Reading the JSON and weight files lrx accepts (safetensors and JSON only, never pickle)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from lrx.errors import LrxError
+
+# Weight files that unpickle when loaded (and can run code): refused wherever lrx reads weights.
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
+
+
+def read_json(file: Path, fix: str) -> dict[str, Any]:
+    """Parse a JSON file; LrxError naming the file, the position and ``fix`` if it is corrupt."""
+    try:
+        return json.loads(Path(file).read_text())
+    except json.JSONDecodeError as e:
+        raise LrxError(f"{file}: corrupt JSON ({e.msg} at line {e.lineno}); {fix}") from None
+
+
+def pickle_files(folder: Path) -> list[str]:
+    """Names of pickle weight files in ``folder`` (to name them when refusing)."""
+    return sorted(p.name for p in Path(folder).glob("*") if p.suffix in PICKLE_SUFFIXES)
