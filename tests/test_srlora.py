@@ -18,6 +18,7 @@ from lrx.methods import adapted_layers, build_method
 from lrx.spectral import top_singular
 from tests.conftest import QUICKSTART, tiny_model
 from tests.test_cli import TINY_LM
+from tools import bench_fusion
 
 TARGETS = "method.target_modules=q_proj,v_proj,down_proj"
 
@@ -186,39 +187,11 @@ def test_pool_exhaustion_stops_events_and_importance():
 
 
 def fidelity_run(dtype, fuse, relative_update, events=10, d=512):
-    """``events`` recompositions of one d x d layer; between events the adapter moves by
-    ``relative_update * ||W0||``. Returns (error vs the total intended edit, error vs the
-    net training update), both from float64 references."""
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(d, d, bias=False))
-    with torch.no_grad():
-        model[0].weight.normal_(0, 0.02)
-    model = model.to(dtype)
-    W0 = model[0].weight.detach().double().clone()
-    cfg = load_config(None, ["method.r=4", f"method.r_target={4 + 2 * events}", "method.target_modules=0",
-                             f"method.fuse={fuse}", "method.svd=exact"], method="srlora").method
-    method = build_method(cfg)
-    method.apply(model)
-    layer = dict(adapted_layers(model))["0"]
-    g = torch.Generator().manual_seed(1)
-    net = torch.zeros(d, d, dtype=torch.float64)
-    for step in range(1, events + 1):
-        with torch.no_grad():
-            before = layer.adapter_weight().double()
-            direction = torch.randn(layer.lora_B.shape, generator=g)
-            change = (direction @ layer.lora_A.detach()).double() * layer.scale
-            layer.lora_B.add_(direction * (relative_update * W0.norm() / change.norm()).item())
-            net += layer.adapter_weight().double() - before
-        for value in method.stats["0"].values():
-            value.uniform_(0, 1, generator=g)
-        method.recompose(None, step)
-    intended = layer.edit_U.double() @ layer.edit_V.double()
-    applied = layer.base.weight.double() - W0 + (0 if layer.fold_edits else intended)
-    effective = W0 + applied + layer.adapter_weight().double()
-    return (
-        ((applied - intended).norm() / intended.norm()).item(),
-        ((effective - W0 - net).norm() / net.norm()).item(),
-    )
+    """(error vs the total intended edit, error vs the net training update) after ``events``
+    recompositions of one d x d layer whose adapter moves by ``relative_update * ||W0||``
+    before each (float64 references; tools/bench_fusion.py prints the same as a table)."""
+    row = bench_fusion.run(dtype, fuse, relative_update, events, d, r=4)
+    return row["error_vs_total_edit"], row["error_vs_net_update"]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
