@@ -119,3 +119,9 @@ def test_help_lists_every_section_and_method():
     for key in ("train.lr", "method.r", "data.glue_task", "logging.output_dir", "distributed.backend",
                 "--method", "--overwrite", "only for --method pissa"):
         assert key in out
+
+
+def test_multi_process_launch_is_refused(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    code, _, err = run_cli([*TINY_LM, f"logging.output_dir={tmp_path / 'run'}"], capsys)
+    assert code == 2 and "WORLD_SIZE=2" in err and "python launch/train.py" in err

@@ -105,8 +105,9 @@ def test_pool_is_deterministic_with_fixed_signs():
     b = single_layer(overrides=["method.svd=randomized"])[0].pool["0"]
     for key in a:
         assert torch.equal(a[key], b[key])
-    U, _, _ = top_singular(torch.randn(40, 30), 5)
-    assert torch.all(U.gather(0, U.abs().argmax(0)[None])[0] > 0)
+    for method in ("exact", "randomized"):  # the largest-magnitude entry of every v is positive
+        _, _, V = top_singular(torch.randn(40, 30), 5, method=method)
+        assert torch.all(V.gather(0, V.abs().argmax(0)[None])[0] > 0)
 
 
 # ---- importance ------------------------------------------------------------------------------

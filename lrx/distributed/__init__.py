@@ -6,6 +6,7 @@ The trainer and ``launch/train.py`` talk to a backend; methods never do (they se
 
 from __future__ import annotations
 
+import os
 from typing import Protocol
 
 import torch
@@ -60,7 +61,18 @@ class SingleDevice:
 
 
 def build_backend(name: str, device: str = "auto") -> Backend:
-    """The backend for ``distributed.backend`` (auto: from the launcher environment)."""
+    """The backend for ``distributed.backend`` (auto: from the launcher environment).
+
+    Raises:
+        ConfigError: a multi-process launch (torchrun, deepspeed) reached a single-process backend.
+    """
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1:
+        # Several processes would each train the whole model and write the same run folder.
+        raise ConfigError(
+            f"launched as {world} processes (WORLD_SIZE={world}), but lrx trains in one process only in "
+            "this version (FSDP2 and ZeRO-3 backends are not built yet); run python launch/train.py"
+        )
     if name in ("auto", "single"):
         return SingleDevice(device)
     raise ConfigError(f"distributed.backend={name!r} is not available; use single or auto")

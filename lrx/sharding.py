@@ -1,0 +1,55 @@
+"""Where a rank's piece of a weight lies, and that piece of a low-rank product. Pure torch.
+
+FSDP2 shards dim 0 (``Shard(0)``): rank k holds rows ``[k c, min((k + 1) c, out))`` with
+``c = ceil(out / world)`` (``torch.chunk`` semantics; trailing ranks may hold fewer or no
+rows). ZeRO-3 flattens each parameter and gives rank k the flat range
+``[k p, min((k + 1) p, numel))`` with ``p = ceil(numel / world)`` (the tail is padding).
+
+A rank-k' edit ``U @ V`` (U: out x k', V: k' x in) restricted to a rank's piece needs only
+that piece's rows of U and the small, full V (DESIGN.md, "Fusion is shard-local"): no full
+weight is ever gathered.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def fsdp_row_range(out_features: int, world_size: int, rank: int) -> tuple[int, int]:
+    """Rows ``[start, end)`` of a dim-0 sharded matrix held by ``rank``."""
+    chunk = math.ceil(out_features / world_size)
+    start = min(rank * chunk, out_features)
+    return start, min(start + chunk, out_features)
+
+
+def zero3_flat_range(numel: int, world_size: int, rank: int) -> tuple[int, int]:
+    """Flat elements ``[start, end)`` of a ZeRO-3 partitioned parameter held by ``rank``."""
+    part = math.ceil(numel / world_size)
+    start = min(rank * part, numel)
+    return start, min(start + part, numel)
+
+
+def rows_of_product(U: torch.Tensor, V: torch.Tensor, start: int, end: int) -> torch.Tensor:
+    """Rows ``[start, end)`` of ``U @ V`` from those rows of U only."""
+    return U[start:end] @ V
+
+
+def flat_range_of_product(U: torch.Tensor, V: torch.Tensor, start: int, end: int) -> torch.Tensor:
+    """Elements ``[start, end)`` of ``(U @ V).flatten()`` computed from the rows they touch.
+
+    Args:
+        U: out x k (only rows ``start // in`` to ``ceil(end / in)`` are read).
+        V: k x in.
+        start, end: flat range (row-major), e.g. from ``zero3_flat_range``.
+
+    Returns:
+        A 1-D tensor of ``end - start`` elements.
+    """
+    n_in = V.shape[1]
+    if end <= start:
+        return U.new_zeros(0)
+    first, last = start // n_in, math.ceil(end / n_in)
+    block = (U[first:last] @ V).flatten()
+    return block[start - first * n_in : end - first * n_in]
