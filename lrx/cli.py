@@ -55,7 +55,8 @@ def main(argv: list[str] | None = None) -> int:
     except LrxError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print_summary(summary)
+    if summary.get("is_main", True):
+        print_summary(summary)
     return 0
 
 

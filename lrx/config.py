@@ -120,8 +120,8 @@ class TrainConfig:
 
 @dataclass(kw_only=True)
 class DistributedConfig:
-    backend: Literal["auto", "single"] = "auto"
-    """Training backend; auto picks from the launcher environment (single process for now)."""
+    backend: Literal["auto", "single", "fsdp2"] = "auto"
+    """Training backend; auto = fsdp2 when launched as several processes (torchrun), else single."""
 
 
 @dataclass(kw_only=True)

@@ -69,9 +69,11 @@ def tiny_config(name: str, vocab_size: int) -> PretrainedConfig:
             tie_word_embeddings=False,
         )
     if name == "tiny-bert":
+        # No dropout: tiny models serve exact-parity tests (single vs sharded runs).
         return BertConfig(
             vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-            num_attention_heads=4, max_position_embeddings=512,
+            num_attention_heads=4, max_position_embeddings=512, hidden_dropout_prob=0.0,
+            attention_probs_dropout_prob=0.0,
         )
     raise ModelError(f"unknown tiny model {name!r}; use tiny-llama or tiny-bert")
 

@@ -85,7 +85,15 @@ def run(config: RunConfig) -> dict[str, Any]:
         prepare_run_dir(run_dir, overwrite=False)  # raises before any slow loading
     if not config.logging.progress:
         datasets.disable_progress_bars()
-    backend = build_backend(config.distributed.backend, config.train.device)
+    backend = build_backend(config.distributed.backend, config.train.device, bf16=config.train.bf16)
+    try:
+        return _run(config, backend, t0)
+    finally:
+        backend.close()
+
+
+def _run(config: RunConfig, backend, t0: float) -> dict[str, Any]:
+    run_dir = Path(config.logging.output_dir)
     mc = config.model
     tokenizer = load_tokenizer(mc.tokenizer or mc.name_or_path, None if mc.tokenizer else mc.gguf_file)
     data = build_datasets(config.data, tokenizer, seed=config.train.seed)
@@ -97,6 +105,9 @@ def run(config: RunConfig) -> dict[str, Any]:
         vocab_size=len(tokenizer), gguf_file=mc.gguf_file, pad_token_id=tokenizer.pad_token_id,
     )
     method = build_method(config.method)
+    if backend.world_size > 1 and not method.supports_sharding:
+        raise ConfigError(f"method {method.name} does not run sharded yet; train it in one process "
+                          f"(python launch/train.py) or with distributed.backend=single")
     torch.manual_seed(config.train.seed)
     adapted = method.apply(model, backend.weights())
     model = backend.prepare(model)
@@ -104,18 +115,23 @@ def run(config: RunConfig) -> dict[str, Any]:
     log.info("%s: adapted %d linear layers; trainable %s of %s parameters (%.3f%%)",
              method.name, len(adapted), f"{trainable:,}", f"{total:,}", 100 * trainable / total)
 
-    run_dir = prepare_run_dir(run_dir, config.logging.overwrite)
-    save_config(config, run_dir / RUN_MARKER)
+    if backend.is_main:
+        run_dir = prepare_run_dir(run_dir, config.logging.overwrite)
+        save_config(config, run_dir / RUN_MARKER)
+    backend.barrier()
     trainer = Trainer(
         config, model, method, data.train, data.eval, data.collate_fn, data.task, data.metric_names,
-        backend.device, run_dir,
+        backend.device, run_dir, backend=backend,
     )
     evals = trainer.fit()
 
     meta = {"base_model": mc.name_or_path, "task": task, "num_labels": data.num_labels,
             "label_names": data.label_names}
-    save_adapter(run_dir / "adapter", model, method, meta)
-    export_peft(run_dir / "adapter_peft", model, method, base_model_name=mc.name_or_path)
+    with backend.full_params(model):
+        if backend.is_main:
+            save_adapter(run_dir / "adapter", model, method, meta)
+            export_peft(run_dir / "adapter_peft", model, method, base_model_name=mc.name_or_path)
+    backend.barrier()
     summary: dict[str, Any] = {
         "method": method.name,
         "model": mc.name_or_path,
@@ -133,5 +149,8 @@ def run(config: RunConfig) -> dict[str, Any]:
         summary["sample_completion"] = sample_generation(
             model, tokenizer, config.train.sample_prompt, config.train.max_new_tokens, backend.device
         )
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    summary["is_main"] = backend.is_main
+    summary["world_size"] = backend.world_size
+    if backend.is_main:
+        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary

@@ -30,13 +30,40 @@ from lrx.metrics import compute_metrics
 log = logging.getLogger(__name__)
 
 
-class MetricsLog:
-    """Append-only JSONL metrics file plus optional TensorBoard scalars."""
+class ShardedBatches(torch.utils.data.Sampler):
+    """Batches of example indices for one process: every epoch a seeded permutation is cut
+    into global batches of ``batch_size * world_size``, and process ``rank`` takes its slice,
+    so the union of the ranks' batches is exactly the single-process batch.
 
-    def __init__(self, run_dir: Path, tensorboard: bool):
+    With several processes an incomplete last global batch is dropped: every process must
+    run the same number of steps (sharded training steps are collective).
+    """
+
+    def __init__(self, n: int, batch_size: int, seed: int, rank: int = 0, world_size: int = 1):
+        self.n, self.batch_size, self.seed = n, batch_size, seed
+        self.rank, self.world_size = rank, world_size
+        self.epoch = 0
+
+    def __len__(self) -> int:
+        global_batch = self.batch_size * self.world_size
+        return math.ceil(self.n / global_batch) if self.world_size == 1 else self.n // global_batch
+
+    def __iter__(self):
+        perm = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + self.epoch)).tolist()
+        global_batch = self.batch_size * self.world_size
+        for b in range(len(self)):
+            start = b * global_batch + self.rank * self.batch_size
+            yield perm[start : min(start + self.batch_size, self.n)]
+
+
+class MetricsLog:
+    """Append-only JSONL metrics file plus optional TensorBoard scalars (main process only)."""
+
+    def __init__(self, run_dir: Path, tensorboard: bool, enabled: bool = True):
         self.path = run_dir / "metrics.jsonl"
+        self.enabled = enabled
         self.writer = None
-        if tensorboard:
+        if tensorboard and enabled:
             try:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError:
@@ -45,6 +72,8 @@ class MetricsLog:
                 self.writer = SummaryWriter(str(run_dir / "tb"))
 
     def write(self, split: str, step: int, values: dict[str, float]) -> None:
+        if not self.enabled:
+            return
         with self.path.open("a") as f:
             f.write(json.dumps({"split": split, "step": step, **values}) + "\n")
         if self.writer is not None:
@@ -52,6 +81,8 @@ class MetricsLog:
                 self.writer.add_scalar(f"{split}/{key}", value, step)
 
     def write_events(self, step: int, records: list[dict]) -> None:
+        if not self.enabled:
+            return
         with (self.path.parent / "method_events.jsonl").open("a") as f:
             for record in records:
                 f.write(json.dumps({"step": step, **record}) + "\n")
@@ -106,7 +137,7 @@ class Trainer:
 
     def __init__(
         self, config: RunConfig, model: nn.Module, method: Method, train_data, eval_data, collate_fn,
-        task: str, metric_names: list[str], device: torch.device, run_dir: Path,
+        task: str, metric_names: list[str], device: torch.device, run_dir: Path, backend=None,
     ):
         self.cfg = config
         self.model = model
@@ -116,10 +147,11 @@ class Trainer:
         self.device = device
         self.run_dir = run_dir
         tc = config.train
-        gen = torch.Generator().manual_seed(tc.seed)
-        self.train_loader = DataLoader(
-            train_data, batch_size=tc.batch_size, shuffle=True, collate_fn=collate_fn, generator=gen
-        )
+        self.backend = backend
+        self.is_main = backend is None or backend.is_main
+        rank, world = (backend.rank, backend.world_size) if backend is not None else (0, 1)
+        self.sampler = ShardedBatches(len(train_data), tc.batch_size, tc.seed, rank, world)
+        self.train_loader = DataLoader(train_data, batch_sampler=self.sampler, collate_fn=collate_fn)
         self.eval_loader = (
             DataLoader(eval_data, batch_size=tc.eval_batch_size, shuffle=False, collate_fn=collate_fn)
             if eval_data is not None and len(eval_data)
@@ -142,7 +174,7 @@ class Trainer:
             if tc.bf16 and device.type == "cuda"
             else contextlib.nullcontext()
         )
-        self.metrics = MetricsLog(run_dir, config.logging.tensorboard)
+        self.metrics = MetricsLog(run_dir, config.logging.tensorboard, enabled=self.is_main)
         self.step = 0
         self.history: list[dict[str, float]] = []
 
@@ -153,7 +185,7 @@ class Trainer:
         """Micro-batches forever, epoch after epoch (the data order is reseeded per epoch)."""
         epoch = 0
         while True:
-            self.train_loader.generator.manual_seed(self.cfg.train.seed + epoch)
+            self.sampler.epoch = epoch
             yield from self.train_loader
             epoch += 1
 
@@ -171,7 +203,8 @@ class Trainer:
         if self.eval_loader is not None and tc.eval_at_start:
             evals.append(self.evaluate())
             self.model.train()
-        bar = tqdm(total=self.total_steps, desc="train", disable=not self.cfg.logging.progress, dynamic_ncols=True)
+        bar = tqdm(total=self.total_steps, desc="train", dynamic_ncols=True,
+                   disable=not (self.cfg.logging.progress and self.is_main))
         batches = self._micro_batches()
         while self.step < self.total_steps:
             batch = self._to_device(next(batches))
@@ -197,6 +230,9 @@ class Trainer:
             if self.step % tc.log_every == 0 or self.step == self.total_steps:
                 n_steps = tc.log_every if self.step % tc.log_every == 0 else self.step % tc.log_every
                 elapsed = time.perf_counter() - t_log
+                if self.backend is not None and self.backend.world_size > 1:
+                    loss_sum = self.backend.all_reduce_sum(loss_sum) / self.backend.world_size
+                    tokens = self.backend.all_reduce_sum(tokens)
                 record = {
                     "loss": loss_sum.item() / n_steps,  # the host waits for the device here only
                     "lr": self.scheduler.get_last_lr()[0],
@@ -210,7 +246,7 @@ class Trainer:
                 self.metrics.write("train", self.step, record)
                 self.history.append({"step": self.step, **record})
                 bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
-                if bar.disable:  # no bar (batch jobs): one log line per interval instead
+                if bar.disable and self.is_main:  # no bar (batch jobs): one log line per interval
                     log.info("step %d/%d loss %.4f lr %.3g tokens/s %.0f", self.step, self.total_steps,
                              record["loss"], record["lr"], record["tokens_per_s"])
                 loss_sum.zero_()
@@ -222,8 +258,9 @@ class Trainer:
                     self.model.train()
         bar.close()
         self.metrics.close()
-        self.method.on_train_end(self.model, self.run_dir)
-        plot_history(self.history, evals, self.run_dir / "loss.png")
+        if self.is_main:
+            self.method.on_train_end(self.model, self.run_dir)
+            plot_history(self.history, evals, self.run_dir / "loss.png")
         return evals
 
     @torch.no_grad()
@@ -255,5 +292,6 @@ class Trainer:
         else:
             record.update(compute_metrics(self.metric_names, torch.cat(preds).cpu(), torch.cat(labels).cpu()))
         self.metrics.write("eval", self.step, record)
-        log.info("eval at step %d: %s", self.step, ", ".join(f"{k} {v:.4f}" for k, v in record.items()))
+        if self.is_main:
+            log.info("eval at step %d: %s", self.step, ", ".join(f"{k} {v:.4f}" for k, v in record.items()))
         return {"step": self.step, **record}

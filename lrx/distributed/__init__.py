@@ -6,6 +6,7 @@ The trainer and ``launch/train.py`` talk to a backend; methods never do (they se
 
 from __future__ import annotations
 
+import contextlib
 import os
 from typing import Protocol
 
@@ -34,6 +35,18 @@ class Backend(Protocol):
     def is_main(self) -> bool:
         """True on the process that writes files and prints."""
 
+    def all_reduce_sum(self, t: torch.Tensor) -> torch.Tensor:
+        """Sum ``t`` over processes in place and return it."""
+
+    def barrier(self) -> None:
+        """Wait for every process."""
+
+    def full_params(self, model: nn.Module) -> contextlib.AbstractContextManager:
+        """Context in which every process holds the full parameters (collective)."""
+
+    def close(self) -> None:
+        """Release process groups."""
+
 
 class SingleDevice:
     """One process, one device (CPU or a GPU)."""
@@ -59,20 +72,33 @@ class SingleDevice:
     def prepare(self, model: nn.Module) -> nn.Module:
         return model.to(self.device)
 
+    def all_reduce_sum(self, t: torch.Tensor) -> torch.Tensor:
+        return t
 
-def build_backend(name: str, device: str = "auto") -> Backend:
-    """The backend for ``distributed.backend`` (auto: from the launcher environment).
+    def barrier(self) -> None:
+        pass
 
-    Raises:
-        ConfigError: a multi-process launch (torchrun, deepspeed) reached a single-process backend.
+    def full_params(self, model: nn.Module) -> contextlib.AbstractContextManager:
+        return contextlib.nullcontext()
+
+    def close(self) -> None:
+        pass
+
+
+def build_backend(name: str, device: str = "auto", bf16: bool = True) -> Backend:
+    """The backend for ``distributed.backend``; ``auto`` picks FSDP2 when a launcher started
+    several processes (WORLD_SIZE > 1, as torchrun and the deepspeed launcher set), else one device.
     """
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1:
-        # Several processes would each train the whole model and write the same run folder.
-        raise ConfigError(
-            f"launched as {world} processes (WORLD_SIZE={world}), but lrx trains in one process only in "
-            "this version (FSDP2 and ZeRO-3 backends are not built yet); run python launch/train.py"
-        )
-    if name in ("auto", "single"):
+    if name == "auto":
+        name = "fsdp2" if world > 1 else "single"
+    if name == "single":
+        if world > 1:
+            raise ConfigError(f"distributed.backend=single but {world} processes were launched; "
+                              "use distributed.backend=fsdp2 (or auto) or run python launch/train.py")
         return SingleDevice(device)
-    raise ConfigError(f"distributed.backend={name!r} is not available; use single or auto")
+    if name == "fsdp2":
+        from lrx.distributed.fsdp2 import FSDP2
+
+        return FSDP2(device, bf16=bf16)
+    raise ConfigError(f"distributed.backend={name!r} is not available; use auto, single or fsdp2")

@@ -126,6 +126,8 @@ class Method:
     config_cls: ClassVar[type[MethodConfig]] = MethodConfig
     preserves_output_at_init: ClassVar[bool] = True
     """Whether the adapted model computes exactly the base model's function at init."""
+    supports_sharding: ClassVar[bool] = True
+    """Whether the method's hooks work on sharded (FSDP2) parameters."""
 
     def __init__(self, config: MethodConfig):
         self.config = config

@@ -102,6 +102,8 @@ STAT_KEYS = ("A_ibar", "A_ubar", "B_ibar", "B_ubar")
 @register_method("srlora")
 class SRLoRA(Method):
     config_cls = SRLoRAConfig
+    # Importance and events read full A/B rows; the shard-local versions are issue 5's work.
+    supports_sharding = False
 
     def __init__(self, config: SRLoRAConfig):
         super().__init__(config)

@@ -1,0 +1,113 @@
+"""PyTorch FSDP2 backend: ``fully_shard`` per transformer block, then the root.
+
+Launched by ``torchrun`` (or any launcher that sets RANK, WORLD_SIZE, MASTER_ADDR/PORT and
+LOCAL_RANK). NCCL on GPUs, gloo on CPU. Parameters, adapters included, are DTensors sharded
+on dim 0 (rank k holds a contiguous block of rows); buffers (edit logs, EigenLoRAx bases)
+are not sharded and stay whole and identical on every rank.
+
+This first version initialises adapters on the full weights (every rank, same seed, same
+result) and shards afterwards; loading large models into shards from the meta device and
+shard-local SRLoRA events come next (issue 5).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from collections.abc import Iterator
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+
+from lrx.methods import LocalWeights, WeightAccess
+
+log = logging.getLogger(__name__)
+
+
+def transformer_blocks(model: nn.Module) -> list[nn.Module]:
+    """The repeated blocks to shard one by one: HF's ``_no_split_modules`` classes, else the
+    items of the largest ``nn.ModuleList``."""
+    names = set(getattr(model, "_no_split_modules", None) or [])
+    blocks = [m for m in model.modules() if type(m).__name__ in names]
+    if blocks:
+        return blocks
+    lists = [m for m in model.modules() if isinstance(m, nn.ModuleList)]
+    if not lists:
+        return []
+    biggest = max(lists, key=lambda ml: sum(p.numel() for p in ml.parameters()))
+    return list(biggest)
+
+
+class FSDP2:
+    """Data-parallel training with parameters sharded over all processes (one mesh axis).
+
+    Args:
+        device: ``auto``, ``cpu`` or ``cuda``; with CUDA each process uses ``cuda:LOCAL_RANK``.
+        bf16: on GPU, keep bf16 copies of the parameters for compute (``MixedPrecisionPolicy``),
+            reducing gradients in fp32.
+    """
+
+    name = "fsdp2"
+
+    def __init__(self, device: str = "auto", bf16: bool = True):
+        use_cuda = torch.cuda.is_available() if device == "auto" else device.startswith("cuda")
+        if not dist.is_initialized():
+            dist.init_process_group("nccl" if use_cuda else "gloo")
+        self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
+        if use_cuda:
+            self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+            torch.cuda.set_device(self.device)
+        else:
+            self.device = torch.device("cpu")
+        self.mesh = init_device_mesh(self.device.type, (self.world_size,))
+        self.mp_policy = (
+            MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+            if use_cuda and bf16 else MixedPrecisionPolicy()
+        )
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def weights(self) -> WeightAccess:
+        return LocalWeights()  # adapters are initialised before sharding
+
+    def prepare(self, model: nn.Module) -> nn.Module:
+        model.to(self.device)
+        blocks = transformer_blocks(model)
+        for block in blocks:
+            fully_shard(block, mesh=self.mesh, mp_policy=self.mp_policy)
+        fully_shard(model, mesh=self.mesh, mp_policy=self.mp_policy)
+        log.info("fsdp2: %d blocks + root sharded over %d processes (%s)", len(blocks), self.world_size,
+                 self.device.type)
+        return model
+
+    def all_reduce_sum(self, t: torch.Tensor) -> torch.Tensor:
+        dist.all_reduce(t)
+        return t
+
+    def barrier(self) -> None:
+        dist.barrier()
+
+    @contextlib.contextmanager
+    def full_params(self, model: nn.Module) -> Iterator[None]:
+        """Every rank holds full parameters inside (all-gathered), sharded again after.
+
+        Collective: all ranks must enter. Memory: the whole model, for now.
+        """
+        fsdp = [m for m in model.modules() if isinstance(m, FSDPModule)]
+        for m in fsdp:
+            m.unshard()
+        try:
+            yield
+        finally:
+            for m in fsdp:
+                m.reshard()
+
+    def close(self) -> None:
+        if dist.is_initialized():
+            dist.destroy_process_group()

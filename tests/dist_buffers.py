@@ -1,0 +1,43 @@
+"""Run under torchrun by tests/test_distributed.py: are method buffers whole and identical on
+every rank after FSDP2 sharding? Rank 0 writes a JSON report to argv[2]."""
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from lrx.config import load_config  # noqa: E402
+from lrx.distributed import build_backend  # noqa: E402
+from lrx.methods import adapted_layers, build_method  # noqa: E402
+from tests.conftest import tiny_model  # noqa: E402
+
+
+def main() -> None:
+    basis, out = sys.argv[1], sys.argv[2]
+    backend = build_backend("fsdp2", "cpu")
+    model = tiny_model("bert")
+    method = build_method(load_config(None, [f"method.basis={basis}", "method.r=4"], method="eigenlorax").method)
+    torch.manual_seed(0)
+    method.apply(model)
+    model = backend.prepare(model)
+    report = {}
+    for name, layer in adapted_layers(model):
+        for key in ("C_A", "C_B"):
+            t = getattr(layer, key)
+            local = torch.tensor([float(t.double().sum()), float(t.double().abs().sum()), float(t.numel())])
+            gathered = [torch.zeros(3, dtype=local.dtype) for _ in range(backend.world_size)]
+            dist.all_gather(gathered, local)
+            report[f"{name}.{key}"] = {"shape": list(t.shape), "type": type(t).__name__,
+                                       "per_rank": [g.tolist() for g in gathered]}
+        report[f"{name}.alpha_A.type"] = type(layer.alpha_A).__name__  # sharded: a DTensor
+    if backend.is_main:
+        Path(out).write_text(json.dumps(report))
+    backend.close()
+
+
+if __name__ == "__main__":
+    main()
