@@ -121,7 +121,11 @@ def test_help_lists_every_section_and_method():
         assert key in out
 
 
-def test_multi_process_launch_is_refused(tmp_path, capsys, monkeypatch):
+def test_bad_multi_process_environments(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
+    code, _, err = run_cli([*TINY_LM, f"logging.output_dir={tmp_path / 'run'}", "distributed.backend=single"], capsys)
+    assert code == 2 and "distributed.backend=single but 2 processes were launched" in err
+    for var in ("RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(var, raising=False)
     code, _, err = run_cli([*TINY_LM, f"logging.output_dir={tmp_path / 'run'}"], capsys)
-    assert code == 2 and "WORLD_SIZE=2" in err and "python launch/train.py" in err
+    assert code == 2 and "fsdp2 cannot join the process group" in err and "torchrun" in err

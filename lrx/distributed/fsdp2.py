@@ -23,6 +23,7 @@ from torch import nn
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
+from lrx.errors import ConfigError
 from lrx.methods import LocalWeights, WeightAccess
 
 log = logging.getLogger(__name__)
@@ -56,7 +57,13 @@ class FSDP2:
     def __init__(self, device: str = "auto", bf16: bool = True):
         use_cuda = torch.cuda.is_available() if device == "auto" else device.startswith("cuda")
         if not dist.is_initialized():
-            dist.init_process_group("nccl" if use_cuda else "gloo")
+            try:
+                dist.init_process_group("nccl" if use_cuda else "gloo")
+            except (ValueError, RuntimeError) as e:
+                raise ConfigError(
+                    f"fsdp2 cannot join the process group ({str(e).splitlines()[0]}); launch with "
+                    "torchrun --nproc_per_node N launch/train.py ... (it sets RANK, WORLD_SIZE, MASTER_ADDR/PORT)"
+                ) from None
         self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
         if use_cuda:
             self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
