@@ -35,6 +35,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--method", help="method to train; overrides method.name of the config")
     parser.add_argument("--overwrite", action="store_true", help="replace a run already in logging.output_dir")
     parser.add_argument("overrides", nargs="*", metavar="SECTION.KEY=VALUE", help="config overrides")
+    # Passed by the deepspeed launcher; the process reads LOCAL_RANK from the environment.
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     return parser
 
 

@@ -120,8 +120,10 @@ class TrainConfig:
 
 @dataclass(kw_only=True)
 class DistributedConfig:
-    backend: Literal["auto", "single", "fsdp2"] = "auto"
-    """Training backend; auto = fsdp2 when launched as several processes (torchrun), else single."""
+    backend: Literal["auto", "single", "fsdp2", "zero3"] = "auto"
+    """Training backend; auto = zero3 under the deepspeed launcher, fsdp2 under torchrun, else single."""
+    deepspeed_config: str | None = None
+    """zero3: DeepSpeed JSON (default configs/deepspeed/zero3.json); lrx fills in batch sizes and clipping."""
 
 
 @dataclass(kw_only=True)

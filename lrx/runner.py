@@ -85,7 +85,8 @@ def run(config: RunConfig) -> dict[str, Any]:
         prepare_run_dir(run_dir, overwrite=False)  # raises before any slow loading
     if not config.logging.progress:
         datasets.disable_progress_bars()
-    backend = build_backend(config.distributed.backend, config.train.device, bf16=config.train.bf16)
+    backend = build_backend(config.distributed.backend, config.train.device, bf16=config.train.bf16,
+                            deepspeed_config=config.distributed.deepspeed_config)
     try:
         return _run(config, backend, t0)
     finally:

@@ -147,9 +147,13 @@ class Trainer:
         self.device = device
         self.run_dir = run_dir
         tc = config.train
+        if backend is None:
+            from lrx.distributed import SingleDevice
+
+            backend = SingleDevice(str(device))
         self.backend = backend
-        self.is_main = backend is None or backend.is_main
-        rank, world = (backend.rank, backend.world_size) if backend is not None else (0, 1)
+        self.is_main = backend.is_main
+        rank, world = backend.rank, backend.world_size
         self.sampler = ShardedBatches(len(train_data), tc.batch_size, tc.seed, rank, world)
         self.train_loader = DataLoader(train_data, batch_sampler=self.sampler, collate_fn=collate_fn)
         self.eval_loader = (
@@ -169,6 +173,9 @@ class Trainer:
         self.scheduler = get_scheduler(
             tc.schedule, self.optimizer, num_warmup_steps=warmup, num_training_steps=self.total_steps
         )
+        self.module = model  # the adapted model itself: what method hooks see
+        self.model = backend.setup(model, self.optimizer, self.scheduler, micro_batch=tc.batch_size,
+                                   grad_accum=tc.grad_accum, max_grad_norm=tc.max_grad_norm)  # what runs batches
         self.autocast = (
             torch.autocast(device.type, dtype=torch.bfloat16)
             if tc.bf16 and device.type == "cuda"
@@ -199,7 +206,7 @@ class Trainer:
         tokens = torch.zeros((), device=self.device, dtype=torch.long)
         micro = 0
         t_log = time.perf_counter()
-        self.method.on_train_start(self.model, self.optimizer, self.total_steps)
+        self.method.on_train_start(self.module, self.optimizer, self.total_steps)
         if self.eval_loader is not None and tc.eval_at_start:
             evals.append(self.evaluate())
             self.model.train()
@@ -210,27 +217,23 @@ class Trainer:
             batch = self._to_device(next(batches))
             with self.autocast:
                 loss = self.model(**batch).loss / tc.grad_accum
-            loss.backward()
+            self.backend.backward(loss)
             loss_sum += loss.detach()
             tokens += batch["attention_mask"].sum()
             micro += 1
             if micro % tc.grad_accum:
                 continue
-            self.method.after_backward(self.model, self.step)
-            if tc.max_grad_norm > 0:
-                torch.nn.utils.clip_grad_norm_([p for _, p in self.params], tc.max_grad_norm)
-            self.optimizer.step()
-            self.scheduler.step()
-            self.optimizer.zero_grad(set_to_none=True)
+            self.method.after_backward(self.module, self.step)
+            self.backend.step(self.optimizer, self.scheduler, [p for _, p in self.params], tc.max_grad_norm)
             self.step += 1
-            records = self.method.after_optimizer_step(self.model, self.optimizer, self.step)
+            records = self.method.after_optimizer_step(self.module, self.optimizer, self.step)
             if records:
                 self.metrics.write_events(self.step, records)
             bar.update(1)
             if self.step % tc.log_every == 0 or self.step == self.total_steps:
                 n_steps = tc.log_every if self.step % tc.log_every == 0 else self.step % tc.log_every
                 elapsed = time.perf_counter() - t_log
-                if self.backend is not None and self.backend.world_size > 1:
+                if self.backend.world_size > 1:
                     loss_sum = self.backend.all_reduce_sum(loss_sum) / self.backend.world_size
                     tokens = self.backend.all_reduce_sum(tokens)
                 record = {
@@ -259,7 +262,7 @@ class Trainer:
         bar.close()
         self.metrics.close()
         if self.is_main:
-            self.method.on_train_end(self.model, self.run_dir)
+            self.method.on_train_end(self.module, self.run_dir)
             plot_history(self.history, evals, self.run_dir / "loss.png")
         return evals
 

@@ -1,5 +1,5 @@
 """Run under torchrun by tests/test_distributed.py: are method buffers whole and identical on
-every rank after FSDP2 sharding? Rank 0 writes a JSON report to argv[2]."""
+every rank after sharding (argv[3]: fsdp2 or zero3)? Rank 0 writes a JSON report to argv[2]."""
 
 import json
 import sys
@@ -17,13 +17,17 @@ from tests.conftest import tiny_model  # noqa: E402
 
 
 def main() -> None:
-    basis, out = sys.argv[1], sys.argv[2]
-    backend = build_backend("fsdp2", "cpu")
+    basis, out, name = sys.argv[1], sys.argv[2], sys.argv[3]
+    backend = build_backend(name, "cpu")
     model = tiny_model("bert")
     method = build_method(load_config(None, [f"method.basis={basis}", "method.r=4"], method="eigenlorax").method)
     torch.manual_seed(0)
     method.apply(model)
     model = backend.prepare(model)
+    params = [p for _, p in method.trainable_parameters(model)]
+    optimizer = torch.optim.AdamW(params, lr=1e-3)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    backend.setup(model, optimizer, scheduler, micro_batch=1, grad_accum=1, max_grad_norm=0.0)
     report = {}
     for name, layer in adapted_layers(model):
         for key in ("C_A", "C_B"):
@@ -33,7 +37,10 @@ def main() -> None:
             dist.all_gather(gathered, local)
             report[f"{name}.{key}"] = {"shape": list(t.shape), "type": type(t).__name__,
                                        "per_rank": [g.tolist() for g in gathered]}
-        report[f"{name}.alpha_A.type"] = type(layer.alpha_A).__name__  # sharded: a DTensor
+        alpha = layer.alpha_A
+        report[f"{name}.alpha_A.type"] = (
+            "partitioned" if hasattr(alpha, "ds_tensor") and alpha.numel() == 0 else type(alpha).__name__
+        )
     if backend.is_main:
         Path(out).write_text(json.dumps(report))
     backend.close()

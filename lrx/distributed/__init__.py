@@ -31,6 +31,16 @@ class Backend(Protocol):
     def prepare(self, model: nn.Module) -> nn.Module:
         """Move or shard the adapted model for training; returns the model to train."""
 
+    def setup(self, model: nn.Module, optimizer, scheduler, *, micro_batch: int, grad_accum: int,
+              max_grad_norm: float) -> nn.Module:
+        """Attach optimizer and scheduler (DeepSpeed builds its engine here); returns what to call."""
+
+    def backward(self, loss: torch.Tensor) -> None:
+        """Backward of one micro-batch's (already accumulation-scaled) loss."""
+
+    def step(self, optimizer, scheduler, params: list[torch.Tensor], max_grad_norm: float) -> None:
+        """Clip, optimizer step, scheduler step, zero the gradients."""
+
     @property
     def is_main(self) -> bool:
         """True on the process that writes files and prints."""
@@ -48,7 +58,26 @@ class Backend(Protocol):
         """Release process groups."""
 
 
-class SingleDevice:
+class TorchSteps:
+    """The plain-PyTorch training step, shared by the single-device and FSDP2 backends
+    (ZeRO-3 hands these to the DeepSpeed engine instead)."""
+
+    def setup(self, model: nn.Module, optimizer, scheduler, *, micro_batch: int, grad_accum: int,
+              max_grad_norm: float) -> nn.Module:
+        return model
+
+    def backward(self, loss: torch.Tensor) -> None:
+        loss.backward()
+
+    def step(self, optimizer, scheduler, params: list[torch.Tensor], max_grad_norm: float) -> None:
+        if max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+
+
+class SingleDevice(TorchSteps):
     """One process, one device (CPU or a GPU)."""
 
     name = "single"
@@ -85,20 +114,29 @@ class SingleDevice:
         pass
 
 
-def build_backend(name: str, device: str = "auto", bf16: bool = True) -> Backend:
-    """The backend for ``distributed.backend``; ``auto`` picks FSDP2 when a launcher started
-    several processes (WORLD_SIZE > 1, as torchrun and the deepspeed launcher set), else one device.
+def launched_by_deepspeed() -> bool:
+    """The deepspeed launcher sets CROSS_RANK/LOCAL_SIZE (torchrun does not)."""
+    return "CROSS_RANK" in os.environ or "LOCAL_SIZE" in os.environ
+
+
+def build_backend(name: str, device: str = "auto", bf16: bool = True, deepspeed_config: str | None = None) -> Backend:
+    """The backend for ``distributed.backend``; ``auto`` picks ZeRO-3 under the deepspeed
+    launcher, FSDP2 under torchrun (WORLD_SIZE > 1), else one device.
     """
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if name == "auto":
-        name = "fsdp2" if world > 1 else "single"
+        name = "zero3" if launched_by_deepspeed() else "fsdp2" if world > 1 else "single"
     if name == "single":
         if world > 1:
             raise ConfigError(f"distributed.backend=single but {world} processes were launched; "
-                              "use distributed.backend=fsdp2 (or auto) or run python launch/train.py")
+                              "use distributed.backend=fsdp2, zero3 or auto, or run python launch/train.py")
         return SingleDevice(device)
     if name == "fsdp2":
         from lrx.distributed.fsdp2 import FSDP2
 
         return FSDP2(device, bf16=bf16)
-    raise ConfigError(f"distributed.backend={name!r} is not available; use auto, single or fsdp2")
+    if name == "zero3":
+        from lrx.distributed.zero3 import ZeRO3
+
+        return ZeRO3(device, bf16=bf16, ds_config=deepspeed_config)
+    raise ConfigError(f"distributed.backend={name!r} is not available; use auto, single, fsdp2 or zero3")

@@ -24,6 +24,7 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
 from lrx.errors import ConfigError
+from lrx.distributed import TorchSteps
 from lrx.methods import LocalWeights, WeightAccess
 
 log = logging.getLogger(__name__)
@@ -43,7 +44,7 @@ def transformer_blocks(model: nn.Module) -> list[nn.Module]:
     return list(biggest)
 
 
-class FSDP2:
+class FSDP2(TorchSteps):
     """Data-parallel training with parameters sharded over all processes (one mesh axis).
 
     Args:
@@ -117,4 +118,7 @@ class FSDP2:
 
     def close(self) -> None:
         if dist.is_initialized():
+            # Leave together: a process that exits while a peer still finishes a gloo
+            # collective makes the peer abort (seen as SIGABRT on CPU).
+            dist.barrier()
             dist.destroy_process_group()
