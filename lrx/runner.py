@@ -126,8 +126,8 @@ def _run(config: RunConfig, backend, t0: float) -> dict[str, Any]:
     )
     evals = trainer.fit()
 
-    meta = {"base_model": mc.name_or_path, "task": task, "num_labels": data.num_labels,
-            "label_names": data.label_names}
+    meta = {"base_model": mc.name_or_path, "gguf_file": mc.gguf_file, "tokenizer": mc.tokenizer, "task": task,
+            "num_labels": data.num_labels, "label_names": data.label_names}
     with backend.full_params(model):
         if backend.is_main:
             save_adapter(run_dir / "adapter", model, method, meta)
