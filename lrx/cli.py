@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
                         datefmt="%H:%M:%S")
     # peft imports bitsandbytes, whose CPU backend warns about an optional kernel package.
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_intermixed_args(argv)  # overrides may come before or after flags
     try:
         from lrx.config import load_config
         from lrx.runner import run

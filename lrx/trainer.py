@@ -117,7 +117,10 @@ def _decay_groups(params: list[tuple[str, nn.Parameter]], weight_decay: float) -
     # As transformers' Trainer: no weight decay on biases and norm weights (1-D tensors).
     decay = [p for _, p in params if p.ndim >= 2]
     no_decay = [p for _, p in params if p.ndim < 2]
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    # No empty groups: DeepSpeed drops them from its optimizer, and an LR scheduler built on
+    # the client optimizer then no longer matches its groups.
+    return [g for g in groups if g["params"]]
 
 
 class Trainer:
