@@ -77,6 +77,47 @@ class TorchSteps:
         optimizer.zero_grad(set_to_none=True)
 
 
+class MultiProcess:
+    """What the multi-process backends share: ranks and device, small collectives, leaving together."""
+
+    def _bind(self, use_cuda: bool) -> None:
+        import torch.distributed as dist
+
+        self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
+        if use_cuda:
+            self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+            torch.cuda.set_device(self.device)
+        else:
+            self.device = torch.device("cpu")
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def weights(self) -> WeightAccess:
+        return LocalWeights()  # adapters are initialised on full weights, before sharding
+
+    def all_reduce_sum(self, t: torch.Tensor) -> torch.Tensor:
+        import torch.distributed as dist
+
+        dist.all_reduce(t)
+        return t
+
+    def barrier(self) -> None:
+        import torch.distributed as dist
+
+        dist.barrier()
+
+    def close(self) -> None:
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            # Leave together: a process that exits while a peer still finishes a gloo
+            # collective makes the peer abort (seen as SIGABRT on CPU).
+            dist.barrier()
+            dist.destroy_process_group()
+
+
 class SingleDevice(TorchSteps):
     """One process, one device (CPU or a GPU)."""
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 from collections.abc import Iterator
 
 import torch
@@ -24,8 +23,7 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
 from lrx.errors import ConfigError
-from lrx.distributed import TorchSteps
-from lrx.methods import LocalWeights, WeightAccess
+from lrx.distributed import MultiProcess, TorchSteps
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +42,7 @@ def transformer_blocks(model: nn.Module) -> list[nn.Module]:
     return list(biggest)
 
 
-class FSDP2(TorchSteps):
+class FSDP2(TorchSteps, MultiProcess):
     """Data-parallel training with parameters sharded over all processes (one mesh axis).
 
     Args:
@@ -65,24 +63,12 @@ class FSDP2(TorchSteps):
                     f"fsdp2 cannot join the process group ({str(e).splitlines()[0]}); launch with "
                     "torchrun --nproc_per_node N launch/train.py ... (it sets RANK, WORLD_SIZE, MASTER_ADDR/PORT)"
                 ) from None
-        self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
-        if use_cuda:
-            self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-            torch.cuda.set_device(self.device)
-        else:
-            self.device = torch.device("cpu")
+        self._bind(use_cuda)
         self.mesh = init_device_mesh(self.device.type, (self.world_size,))
         self.mp_policy = (
             MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
             if use_cuda and bf16 else MixedPrecisionPolicy()
         )
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    def weights(self) -> WeightAccess:
-        return LocalWeights()  # adapters are initialised before sharding
 
     def prepare(self, model: nn.Module) -> nn.Module:
         model.to(self.device)
@@ -93,13 +79,6 @@ class FSDP2(TorchSteps):
         log.info("fsdp2: %d blocks + root sharded over %d processes (%s)", len(blocks), self.world_size,
                  self.device.type)
         return model
-
-    def all_reduce_sum(self, t: torch.Tensor) -> torch.Tensor:
-        dist.all_reduce(t)
-        return t
-
-    def barrier(self) -> None:
-        dist.barrier()
 
     @contextlib.contextmanager
     def full_params(self, model: nn.Module) -> Iterator[None]:
@@ -115,10 +94,3 @@ class FSDP2(TorchSteps):
         finally:
             for m in fsdp:
                 m.reshard()
-
-    def close(self) -> None:
-        if dist.is_initialized():
-            # Leave together: a process that exits while a peer still finishes a gloo
-            # collective makes the peer abort (seen as SIGABRT on CPU).
-            dist.barrier()
-            dist.destroy_process_group()

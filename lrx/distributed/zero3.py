@@ -25,14 +25,14 @@ import torch
 from torch import nn
 
 from lrx.errors import ConfigError
-from lrx.methods import LocalWeights, WeightAccess
+from lrx.distributed import MultiProcess
 
 log = logging.getLogger(__name__)
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "deepspeed" / "zero3.json"
 
 
-class ZeRO3:
+class ZeRO3(MultiProcess):
     """ZeRO stage 3 through ``deepspeed.initialize``.
 
     Args:
@@ -57,15 +57,7 @@ class ZeRO3:
         except (ValueError, RuntimeError, KeyError) as e:
             raise ConfigError(f"zero3 cannot join the process group ({str(e).splitlines()[0]}); launch with "
                               "deepspeed --num_gpus N launch/train.py ... or torchrun") from None
-        import torch.distributed as dist
-
-        self.dist = dist
-        self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
-        if use_cuda:
-            self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-            torch.cuda.set_device(self.device)
-        else:
-            self.device = torch.device("cpu")
+        self._bind(use_cuda)
         path = Path(ds_config) if ds_config else DEFAULT_CONFIG
         if not path.is_file():
             raise ConfigError(f"DeepSpeed config {path} not found; set distributed.deepspeed_config")
@@ -73,13 +65,6 @@ class ZeRO3:
         self.bf16 = use_cuda and bf16
         self.engine = None
         self.micro = 0
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    def weights(self) -> WeightAccess:
-        return LocalWeights()  # adapters are initialised before partitioning
 
     def prepare(self, model: nn.Module) -> nn.Module:
         return model.to(self.device)
@@ -113,13 +98,6 @@ class ZeRO3:
     def step(self, optimizer, scheduler, params, max_grad_norm: float) -> None:
         self.engine.step()  # clipping, optimizer, scheduler and zero_grad
 
-    def all_reduce_sum(self, t: torch.Tensor) -> torch.Tensor:
-        self.dist.all_reduce(t)
-        return t
-
-    def barrier(self) -> None:
-        self.dist.barrier()
-
     @contextlib.contextmanager
     def full_params(self, model: nn.Module) -> Iterator[None]:
         """Every rank holds full parameters inside (gathered); collective."""
@@ -132,8 +110,4 @@ class ZeRO3:
         # interpreter exit aborted a CPU run ~1 in 8 ("terminate called without an active exception").
         self.engine = None
         gc.collect()
-        if self.dist.is_initialized():
-            # Leave together: a process that exits while a peer still finishes a gloo
-            # collective makes the peer abort (seen as SIGABRT on CPU).
-            self.dist.barrier()
-            self.dist.destroy_process_group()
+        super().close()
