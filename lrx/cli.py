@@ -35,6 +35,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--method", help="method to train; overrides method.name of the config")
     parser.add_argument("--overwrite", action="store_true", help="replace a run already in logging.output_dir")
     parser.add_argument("overrides", nargs="*", metavar="SECTION.KEY=VALUE", help="config overrides")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="resolve the config, build the model on the meta device, print the plan, exit")
+    parser.add_argument("--world-size", type=int, default=None,
+                        help="processes to plan for with --dry-run (default: WORLD_SIZE, else 1)")
     # Passed by the deepspeed launcher; the process reads LOCAL_RANK from the environment.
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     return parser
@@ -53,6 +57,11 @@ def main(argv: list[str] | None = None) -> int:
 
         overrides = list(args.overrides) + (["logging.overwrite=true"] if args.overwrite else [])
         config = load_config(args.config, overrides, method=args.method)
+        if args.dry_run:
+            from lrx.plan import plan
+
+            print(plan(config, args.world_size))
+            return 0
         summary = run(config)
     except LrxError as e:
         print(f"error: {e}", file=sys.stderr)

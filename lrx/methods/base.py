@@ -223,6 +223,13 @@ class Method:
         if state:
             raise ValueError(f"method {self.name} has no state, got keys {sorted(state)[:5]}")
 
+    def state_bytes(self, layer: AdaptedLinear) -> int:
+        """Bytes of method state one adapted layer holds at most during training (for plans).
+
+        Default: its buffers (edit log, bases); methods whose state grows override this.
+        """
+        return sum(b.numel() * b.element_size() for b in layer.buffers())
+
     # ---- export -----------------------------------------------------------------------------
 
     def delta_factors(self, layer: AdaptedLinear) -> tuple[torch.Tensor, torch.Tensor]:

@@ -157,6 +157,14 @@ class SRLoRA(Method):
         """Per layer, the importance statistics I_bar and U_bar of A and B."""
         return {n: {k: getattr(layer, f"srlora_{k}") for k in STAT_KEYS} for n, layer in self.layers.items()}
 
+    def state_bytes(self, layer: AdaptedLinear) -> int:
+        cfg = self.config
+        io = layer.in_features + layer.out_features
+        pool = (io + 1) * (cfg.r_target - cfg.r)
+        stats = 2 * cfg.r * io  # I_bar and U_bar of A and B
+        edit_log = (2 * cfg.r_target - cfg.r) * io  # PiSSA init + 2 r' per event, at the end
+        return 4 * (pool + stats + edit_log)
+
     # ---- importance ----------------------------------------------------------------------
 
     @torch.no_grad()

@@ -1,0 +1,84 @@
+"""``--dry-run``: resolve the config, build the model on the meta device, print the plan.
+
+No weights are read and nothing is allocated: the model is constructed from its config under
+``torch.device("meta")`` and wrapped by the method without initialisation, so an 8B-shaped
+plan takes seconds on a CPU. The memory estimate counts parameters, gradients, Adam moments
+and method state per process; activations are not estimated.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
+
+from lrx.config import RunConfig
+from lrx.errors import ModelError
+from lrx.methods import adapted_layers, build_method
+from lrx.models import TINY_NAMES, resolve_source, tiny_config
+
+GIB = 2**30
+
+
+def meta_model(config: RunConfig):
+    """The model of ``config`` built on the meta device (no weights read or allocated)."""
+    mc = config.model
+    if mc.name_or_path in TINY_NAMES:
+        hf_config = tiny_config(mc.name_or_path, 30522)
+    else:
+        source = resolve_source(mc.name_or_path, mc.gguf_file)
+        kwargs = {"gguf_file": source.gguf_file} if source.gguf_file else {}
+        try:
+            hf_config = AutoConfig.from_pretrained(source.path, **kwargs)
+        except (OSError, ValueError) as e:
+            raise ModelError(f"cannot read the model config in {source.path}: {str(e).splitlines()[0]}") from None
+    causal = mc.task == "causal_lm" or (mc.task == "auto" and config.data.format == "instruct")
+    auto = AutoModelForCausalLM if causal else AutoModelForSequenceClassification
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[mc.dtype]
+    with torch.device("meta"):
+        return auto.from_config(hf_config, dtype=dtype)
+
+
+def plan(config: RunConfig, world_size: int | None = None) -> str:
+    """A human-readable plan: world size, sharding, per-process memory estimate.
+
+    Args:
+        config: the resolved run config.
+        world_size: processes to plan for; default WORLD_SIZE from the launcher, else 1.
+    """
+    world = world_size or int(os.environ.get("WORLD_SIZE", "1"))
+    backend = config.distributed.backend
+    if backend == "auto":
+        backend = "single" if world == 1 else "fsdp2"
+    model = meta_model(config)
+    method = build_method(config.method)
+    method.apply(model, init=False)
+    trainable = sum(p.numel() for _, p in method.trainable_parameters(model))
+    base = sum(p.numel() for p in model.parameters()) - trainable
+    base_bytes = sum(p.numel() * p.element_size() for p in model.parameters() if not p.requires_grad)
+    layers = list(adapted_layers(model))
+    state = sum(method.state_bytes(layer) for _, layer in layers)
+    shard = 1 if backend == "single" else world
+    # Trainable parameters are fp32, with fp32 gradients and two fp32 Adam moments: 16 bytes.
+    rows = [
+        ("base weights (frozen)", base_bytes / shard),
+        ("adapters (fp32)", 4 * trainable / shard),
+        ("adapter gradients (fp32)", 4 * trainable / shard),
+        ("Adam moments (2 x fp32)", 8 * trainable / shard),
+        ("method state (replicated)", state),
+    ]
+    lines = [
+        f"plan: {config.model.name_or_path} ({config.model.dtype}), method {method.name}, backend {backend}, "
+        f"world size {world}",
+        f"  parameters: base {base:,}, trainable {trainable:,} ({100 * trainable / max(base, 1):.3f} %), "
+        f"adapted linear layers {len(layers)}",
+        f"  sharding: {'none' if shard == 1 else f'parameters, gradients and optimizer state over {world} processes'}"
+        + (" (fully_shard per block + root)" if backend == "fsdp2" else " (ZeRO stage 3)" if backend == "zero3" else ""),
+        "  per-process memory estimate (activations not included):",
+    ]
+    lines += [f"    {name:28s} {value / GIB:8.2f} GiB" for name, value in rows]
+    lines.append(f"    {'total':28s} {sum(v for _, v in rows) / GIB:8.2f} GiB")
+    lines.append(f"  run directory: {Path(config.logging.output_dir)}")
+    return "\n".join(lines)
