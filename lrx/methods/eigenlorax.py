@@ -15,7 +15,7 @@ basis by path and sha256: the compact per-task artifact for serving many tasks o
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
@@ -30,6 +30,8 @@ from lrx.methods.layer import AdaptedLinear
 
 @dataclass(kw_only=True)
 class EigenLoRAxConfig(MethodConfig):
+    target_modules: list[str] = field(default_factory=lambda: ["basis"])
+    """Linear layers to adapt; the default [basis] takes every module the basis covers."""
     basis: str = ""
     """Basis folder written by tools/build_eigenbasis.py (required)."""
     basis_sha256: str | None = None
@@ -44,8 +46,6 @@ class EigenLoRAxConfig(MethodConfig):
     """Multiply the adapter by alpha / r (the official code does not)."""
 
     def __post_init__(self) -> None:
-        if self.target_modules == ["q_proj", "v_proj"]:
-            self.target_modules = ["basis"]  # default: every module the basis covers
         super().__post_init__()
         if not self.basis:
             raise ValueError("eigenlorax needs method.basis=FOLDER (build one with tools/build_eigenbasis.py)")
