@@ -100,6 +100,9 @@ class TrainConfig:
     """Gradient clipping threshold; 0 disables clipping."""
     seed: int = 0
     """Seed for adapter init, data order and dropout."""
+    activation_checkpointing: bool = False
+    """Recompute each block's activations in backward (HF gradient checkpointing, non-reentrant):
+    much less activation memory for about a third more compute."""
     bf16: bool = True
     """bf16 autocast for forward/backward on GPU (ignored on CPU)."""
     device: str = "auto"

@@ -111,6 +111,15 @@ def _run(config: RunConfig, backend, t0: float) -> dict[str, Any]:
                           f"(python launch/train.py) or with distributed.backend=single")
     torch.manual_seed(config.train.seed)
     adapted = method.apply(model, backend.weights())
+    if config.train.activation_checkpointing:
+        if not getattr(model, "supports_gradient_checkpointing", False):
+            raise ConfigError(f"{mc.name_or_path} does not support activation checkpointing; "
+                              "set train.activation_checkpointing=false")
+        kwargs = {"use_reentrant": False}
+        if hasattr(model, "activation_checkpointing_enable"):  # the newer transformers name
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     model = backend.prepare(model)
     trainable, total = count_parameters(model)
     log.info("%s: adapted %d linear layers; trainable %s of %s parameters (%.3f%%)",

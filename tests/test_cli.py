@@ -129,3 +129,14 @@ def test_bad_multi_process_environments(tmp_path, capsys, monkeypatch):
         monkeypatch.delenv(var, raising=False)
     code, _, err = run_cli([*TINY_LM, f"logging.output_dir={tmp_path / 'run'}"], capsys)
     assert code == 2 and "fsdp2 cannot join the process group" in err and "torchrun" in err
+
+
+def test_activation_checkpointing_gives_the_same_losses(tmp_path, capsys):
+    def run(flag):
+        out = tmp_path / f"ckpt-{flag}"
+        args = [*TINY_LM, "data.eval_path=none", "train.log_every=1", f"train.activation_checkpointing={flag}",
+                f"logging.output_dir={out}"]
+        assert run_cli(args, capsys)[0] == 0
+        return [json.loads(x)["loss"] for x in (out / "metrics.jsonl").read_text().splitlines()]
+
+    assert run("true") == pytest.approx(run("false"), abs=1e-5)
