@@ -124,18 +124,19 @@ def _decay_groups(params: list[tuple[str, nn.Parameter]], weight_decay: float) -
 
 
 class Trainer:
-    """Single-process trainer (CPU or one GPU).
+    """The training loop for every backend (one device, FSDP2, ZeRO-3).
 
     Args:
         config: the resolved run config.
-        model: the adapted model, already on ``device``.
+        model: the adapted model, already placed or sharded by ``backend``.
         method: the method that adapted it.
         train_data, eval_data: tokenized datasets (``eval_data`` may be None).
         collate_fn: batches examples into padded tensors.
         task: ``causal_lm``, ``classification`` or ``regression``.
         metric_names: metrics computed at evaluation (classification/regression).
         device: where the model lives.
-        run_dir: where metrics are written.
+        run_dir: where metrics are written (by the main process only).
+        backend: how batches are split, backward and steps run; default: one device.
     """
 
     def __init__(
