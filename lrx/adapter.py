@@ -22,13 +22,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
 import lrx
 from lrx.errors import LrxError
-from lrx.fileio import pickle_files, read_json
+from lrx.fileio import read_json, read_safetensors
 from lrx.methods import Method, MethodConfig, adapted_layers, build_method, get_method_class
 
 ADAPTER_FORMAT = "lrx-adapter"
@@ -119,18 +118,6 @@ def read_adapter_config(path: str | Path) -> dict[str, Any]:
     if config.get("format") != ADAPTER_FORMAT:
         raise LrxError(f"{cfg_file} is not an lrx adapter (format={config.get('format')!r})")
     return config
-
-
-def read_safetensors(file: Path) -> dict[str, torch.Tensor]:
-    """Load a safetensors file; refuse anything else (no pickle is ever unpickled)."""
-    if not file.is_file():
-        pickles = pickle_files(file.parent)
-        hint = f" (found {pickles}: pickle files are refused, convert them to safetensors)" if pickles else ""
-        raise LrxError(f"{file} not found{hint}")
-    try:
-        return load_file(str(file))
-    except (SafetensorError, OSError) as e:
-        raise LrxError(f"{file} is not a valid safetensors file ({e}); it may be truncated or corrupt") from None
 
 
 def load_adapter(path: str | Path, model: nn.Module) -> Method:

@@ -28,7 +28,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from lrx.errors import LrxError
-from lrx.fileio import pickle_files, read_json
+from lrx.fileio import pickle_files, read_json, read_safetensors
 
 log = logging.getLogger(__name__)
 
@@ -246,12 +246,7 @@ def load_basis(path: str | Path, expected_sha256: str | None = None) -> tuple[di
     if expected_sha256 and digest != expected_sha256:
         raise LrxError(f"{weights}: this basis (sha256 {digest[:16]}) is not the one the adapter was trained on "
                        f"({expected_sha256[:16]}); point method.basis at the original basis")
-    from safetensors.torch import load_file
-
-    try:
-        return meta, load_file(str(weights))
-    except (SafetensorError, OSError) as e:
-        raise LrxError(f"{weights}: not a valid safetensors file ({e})") from None
+    return meta, read_safetensors(weights)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -6,6 +6,10 @@ import json
 from pathlib import Path
 from typing import Any
 
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+
 from lrx.errors import LrxError
 
 # Weight files that unpickle when loaded (and can run code): refused wherever lrx reads weights.
@@ -23,3 +27,16 @@ def read_json(file: Path, fix: str) -> dict[str, Any]:
 def pickle_files(folder: Path) -> list[str]:
     """Names of pickle weight files in ``folder`` (to name them when refusing)."""
     return sorted(p.name for p in Path(folder).glob("*") if p.suffix in PICKLE_SUFFIXES)
+
+
+def read_safetensors(file: Path) -> dict[str, torch.Tensor]:
+    """Load a safetensors file; refuse anything else (no pickle is ever unpickled)."""
+    file = Path(file)
+    if not file.is_file():
+        pickles = pickle_files(file.parent)
+        hint = f" (found {pickles}: pickle files are refused, convert them to safetensors)" if pickles else ""
+        raise LrxError(f"{file} not found{hint}")
+    try:
+        return load_file(str(file))
+    except (SafetensorError, OSError) as e:
+        raise LrxError(f"{file} is not a valid safetensors file ({e}); it may be truncated or corrupt") from None

@@ -4,7 +4,6 @@ import collections
 import copy
 import json
 import logging
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
@@ -18,6 +17,7 @@ from lrx.data import (
     prompt_add_special_tokens,
     render_prompt,
 )
+from lrx.config import DataConfig
 from lrx.errors import DataError
 
 GLUE_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "glue"
@@ -28,24 +28,9 @@ CHAT_TEMPLATE = (
 )
 
 
-@dataclass
-class Cfg:
-    """Stand-in for the real data config (same attributes)."""
-
-    format: str = "instruct"
-    train_path: str | None = None
-    eval_path: str | None = None
-    glue_task: str | None = None
-    text_columns: list[str] = field(default_factory=lambda: ["text"])
-    label_column: str = "label"
-    delimiter: str | None = None
-    label_names: list[str] | None = None
-    regression: bool = False
-    max_length: int = 128
-    packing: bool = False
-    mask_prompt: bool = True
-    max_train_samples: int | None = None
-    max_eval_samples: int | None = None
+def Cfg(**values) -> DataConfig:
+    """The real data config, with this file's defaults (a "text" column, 128 tokens)."""
+    return DataConfig(**{"text_columns": ["text"], "max_length": 128, **values})
 
 
 @pytest.fixture(scope="module")
