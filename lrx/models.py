@@ -8,6 +8,7 @@ works: methods target linear layers by name, never by model family.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import logging
 import os
@@ -131,6 +132,7 @@ def load_model(
     vocab_size: int | None = None,
     gguf_file: str | None = None,
     pad_token_id: int | None = None,
+    meta: bool = False,
 ) -> PreTrainedModel:
     """Load (or, for tiny-* names, randomly initialise) a base model.
 
@@ -142,6 +144,7 @@ def load_model(
         vocab_size: vocabulary of tiny models (their tokenizer's size).
         gguf_file: GGUF file inside the folder, if the model is stored as GGUF.
         pad_token_id: the tokenizer's pad id (needed by sequence classification of causal LMs).
+        meta: build the architecture on the meta device from its config; no weights are read.
 
     Raises:
         ModelError: missing or unloadable model, unknown task.
@@ -158,13 +161,17 @@ def load_model(
         for key, value in head.items():
             setattr(config, key, value)
         config.pad_token_id = pad_token_id
-        return auto.from_config(config, dtype=torch_dtype)
+        with torch.device("meta") if meta else contextlib.nullcontext():
+            return auto.from_config(config, dtype=torch_dtype)
     source = resolve_source(name_or_path, gguf_file)
     kwargs = {"gguf_file": source.gguf_file} if source.gguf_file else {}
     try:
         config = AutoConfig.from_pretrained(source.path, **kwargs, **head)
         if pad_token_id is not None and getattr(config, "pad_token_id", None) is None:
             config.pad_token_id = pad_token_id
+        if meta:
+            with torch.device("meta"):
+                return auto.from_config(config, dtype=torch_dtype)
         model = auto.from_pretrained(source.path, config=config, dtype=torch_dtype, **kwargs)
     except (OSError, ValueError, KeyError) as e:
         raise ModelError(f"cannot load model from {source.path}: {str(e).splitlines()[0]}") from None

@@ -11,13 +11,9 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
-
 from lrx.config import RunConfig
-from lrx.errors import ModelError
 from lrx.methods import adapted_layers, build_method
-from lrx.models import TINY_NAMES, resolve_source, tiny_config
+from lrx.models import load_model
 
 GIB = 2**30
 
@@ -25,20 +21,9 @@ GIB = 2**30
 def meta_model(config: RunConfig):
     """The model of ``config`` built on the meta device (no weights read or allocated)."""
     mc = config.model
-    if mc.name_or_path in TINY_NAMES:
-        hf_config = tiny_config(mc.name_or_path, 30522)
-    else:
-        source = resolve_source(mc.name_or_path, mc.gguf_file)
-        kwargs = {"gguf_file": source.gguf_file} if source.gguf_file else {}
-        try:
-            hf_config = AutoConfig.from_pretrained(source.path, **kwargs)
-        except (OSError, ValueError) as e:
-            raise ModelError(f"cannot read the model config in {source.path}: {str(e).splitlines()[0]}") from None
     causal = mc.task == "causal_lm" or (mc.task == "auto" and config.data.format == "instruct")
-    auto = AutoModelForCausalLM if causal else AutoModelForSequenceClassification
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[mc.dtype]
-    with torch.device("meta"):
-        return auto.from_config(hf_config, dtype=dtype)
+    return load_model(mc.name_or_path, task="causal_lm" if causal else "sequence_classification",
+                      dtype=mc.dtype, gguf_file=mc.gguf_file, meta=True)
 
 
 def plan(config: RunConfig, world_size: int | None = None) -> str:
