@@ -65,8 +65,11 @@ def atomic_dir(final: Path):
     return _Atomic()
 
 
-def adapter_tensors(model: nn.Module, method: Method) -> dict[str, torch.Tensor]:
-    """Everything training changed, as a flat dict of contiguous CPU tensors."""
+def adapter_tensors(model: nn.Module, method: Method, method_state: dict | None = None) -> dict[str, torch.Tensor]:
+    """Everything training changed, as a flat dict of contiguous CPU tensors.
+
+    ``method_state`` is ``method.state_dict()`` when the caller took it already (it is a
+    collective in sharded runs, so every rank takes it and only one writes)."""
     out: dict[str, torch.Tensor] = {}
     for name, layer in adapted_layers(model):
         for key, p in layer.adapter_params().items():
@@ -77,12 +80,13 @@ def adapter_tensors(model: nn.Module, method: Method) -> dict[str, torch.Tensor]
     for mod_name in method.saved_modules:
         for pname, p in model.get_submodule(mod_name).named_parameters():
             out[f"{mod_name}.{pname}"] = p.detach()
-    for key, value in method.state_dict().items():
+    for key, value in (method.state_dict() if method_state is None else method_state).items():
         out[f"method_state.{key}"] = value
     return {k: v.detach().to("cpu").contiguous() for k, v in out.items()}
 
 
-def save_adapter(path: str | Path, model: nn.Module, method: Method, meta: dict[str, Any]) -> Path:
+def save_adapter(path: str | Path, model: nn.Module, method: Method, meta: dict[str, Any],
+                 method_state: dict | None = None) -> Path:
     """Write an lrx adapter folder atomically.
 
     Args:
@@ -90,6 +94,7 @@ def save_adapter(path: str | Path, model: nn.Module, method: Method, meta: dict[
         model: the adapted model.
         method: the method that adapted it.
         meta: extra JSON-serialisable fields (base model name, task, num_labels ...).
+        method_state: ``method.state_dict()`` if already taken (see ``adapter_tensors``).
     """
     path = Path(path)
     config = {
@@ -103,7 +108,7 @@ def save_adapter(path: str | Path, model: nn.Module, method: Method, meta: dict[
         **meta,
     }
     with atomic_dir(path) as tmp:
-        save_file(adapter_tensors(model, method), str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
+        save_file(adapter_tensors(model, method, method_state), str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
         (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2))
     return path
 
@@ -141,6 +146,18 @@ def load_adapter(path: str | Path, model: nn.Module) -> Method:
             f"{path}: adapter was trained on modules {config['adapted_modules'][:3]}..., this model has "
             f"{names[:3]}...; load it onto the base model it was trained from ({config.get('base_model')})"
         )
+    restore_adapter(path, model, method)
+    return method
+
+
+def restore_adapter(path: str | Path, model: nn.Module, method: Method) -> None:
+    """Load an lrx adapter's tensors into a model that ``method`` adapted with ``init=False``:
+    adapter tensors, the edit log (replayed onto W0), modules_to_save and the method state.
+
+    Raises:
+        LrxError: missing/corrupt files, or tensors made for another model (names/shapes).
+    """
+    path = Path(path)
     tensors = read_safetensors(path / WEIGHTS_NAME)
     layers = dict(adapted_layers(model))
 
@@ -171,7 +188,6 @@ def load_adapter(path: str | Path, model: nn.Module) -> Method:
     method.load_state_dict({k[len(prefix):]: tensors.pop(k) for k in list(tensors) if k.startswith(prefix)})
     if tensors:
         raise LrxError(f"{path}: unexpected tensors {sorted(tensors)[:5]}; the adapter does not match this model")
-    return method
 
 
 def export_peft(path: str | Path, model: nn.Module, method: Method, base_model_name: str | None = None) -> Path:

@@ -34,6 +34,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--config", help="YAML run config (see configs/); defaults are used without it")
     parser.add_argument("--method", help="method to train; overrides method.name of the config")
     parser.add_argument("--overwrite", action="store_true", help="replace a run already in logging.output_dir")
+    parser.add_argument("--resume", metavar="auto|CHECKPOINT",
+                        help="continue from the newest complete checkpoint of the run (auto) or a checkpoint folder")
     parser.add_argument("overrides", nargs="*", metavar="SECTION.KEY=VALUE", help="config overrides")
     parser.add_argument("--dry-run", action="store_true",
                         help="resolve the config, build the model on the meta device, print the plan, exit")
@@ -56,6 +58,7 @@ def main(argv: list[str] | None = None) -> int:
         from lrx.runner import run
 
         overrides = list(args.overrides) + (["logging.overwrite=true"] if args.overwrite else [])
+        overrides += [f"train.resume={args.resume}"] if args.resume else []
         config = load_config(args.config, overrides, method=args.method)
         if args.dry_run:
             from lrx.plan import plan

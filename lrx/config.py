@@ -40,6 +40,9 @@ class ModelConfig:
     """Model head; auto = causal_lm for instruct data, sequence_classification otherwise."""
     dtype: Literal["float32", "bfloat16"] = "float32"
     """Dtype of the frozen base weights (adapters are always float32)."""
+    sharded_load: Literal["auto", "on", "off"] = "auto"
+    """FSDP2: build the model on the meta device and load it one block at a time into the shards
+    (never whole on a process); auto = when the base is a folder of safetensors files."""
 
 
 @dataclass(kw_only=True)
@@ -119,6 +122,12 @@ class TrainConfig:
     """Causal LM: prompt whose greedy completion is printed after training."""
     max_new_tokens: int = 48
     """Causal LM: tokens to generate for the sample."""
+    save_every: int = 0
+    """Write a checkpoint every N optimizer steps (0 = only at the end of training)."""
+    keep_checkpoints: int = 2
+    """Complete checkpoints kept in output_dir/checkpoints (older ones are deleted)."""
+    resume: str | None = None
+    """Resume from a checkpoint: auto = the newest complete one in output_dir (or start fresh), or a folder."""
 
 
 @dataclass(kw_only=True)

@@ -8,23 +8,34 @@ replaces each ``AdaptedLinear`` by a plain ``nn.Linear`` and saves with
 ``save_pretrained`` (sharded safetensors + ``model.safetensors.index.json``, config,
 tokenizer). The result opens with ``AutoModelFor*.from_pretrained`` and no lrx or peft.
 
-This version materialises the whole model in the exporting process; streaming one shard at
-a time for billion-parameter models is issue 7's work.
+When the base is a local folder of safetensors files holding every weight the adapter
+changes (a model saved by transformers), the export streams: it reads base tensors one at a
+time, adds each adapted layer's exact change ``method.delta_factors`` (computed on a
+one-layer copy of the adapted module) and writes one output shard at a time, so memory stays
+near one shard plus one layer. Other bases (GGUF, architecture-only configs, checkpoints with
+other key names) are exported by loading the whole model. ``ADAPTER`` may also be a
+checkpoint folder (``RUN/checkpoints/step-N``): its ``adapter/`` is used.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
+import shutil
 import sys
 from pathlib import Path
 
 import torch
+from huggingface_hub import split_torch_state_dict_into_shards
+from safetensors import safe_open
+from safetensors.torch import save_file
 from torch import nn
 
-from lrx.adapter import load_adapter, read_adapter_config
+from lrx.adapter import WEIGHTS_NAME, export_peft, load_adapter, read_adapter_config
 from lrx.errors import LrxError
-from lrx.methods import adapted_layers
+from lrx.fileio import read_safetensors
+from lrx.methods import MethodConfig, adapted_layers, build_method, get_method_class
 from lrx.models import load_model, load_tokenizer
 
 log = logging.getLogger(__name__)
@@ -67,12 +78,17 @@ def export_merged(adapter_dir: str | Path, out: str | Path, *, base: str | None 
     out = Path(out)
     if (out / "config.json").exists():
         raise LrxError(f"{out} already holds a model; choose another output folder")
+    adapter_dir = adapter_folder(adapter_dir)
     config = read_adapter_config(adapter_dir)
     name = base or config.get("base_model")
     if not name:
         raise LrxError(f"{adapter_dir}: no base model recorded; pass --base")
     gguf = None if base else config.get("gguf_file")
     tokenizer = load_tokenizer(config.get("tokenizer") or name, None if config.get("tokenizer") else gguf)
+    files = sorted(Path(name).glob("*.safetensors")) if Path(name).is_dir() and not gguf else []
+    if files and stream_merged(adapter_dir, config, files, out, dtype=dtype, max_shard_size=max_shard_size):
+        tokenizer.save_pretrained(out)
+        return out
     task = config.get("task", "causal_lm")
     model = load_model(name, task=task, num_labels=max(config.get("num_labels") or 2, 1), gguf_file=gguf,
                        vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id)
@@ -85,17 +101,121 @@ def export_merged(adapter_dir: str | Path, out: str | Path, *, base: str | None 
     return out
 
 
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def adapter_folder(path: str | Path) -> Path:
+    """An lrx adapter folder, or the ``adapter/`` of a checkpoint folder."""
+    path = Path(path)
+    return path / "adapter" if (path / "adapter" / WEIGHTS_NAME).is_file() else path
+
+
+def export_peft_adapter(adapter_dir: str | Path, out: str | Path, *, base: str | None = None) -> Path:
+    """Write an lrx adapter (or checkpoint) as a standard peft LoRA adapter of exact rank.
+
+    Loads the base model (whole) to rebuild the adapted layers, then ``lrx.adapter.export_peft``.
+    """
+    adapter_dir = adapter_folder(adapter_dir)
+    config = read_adapter_config(adapter_dir)
+    name = base or config.get("base_model")
+    if not name:
+        raise LrxError(f"{adapter_dir}: no base model recorded; pass --base")
+    gguf = None if base else config.get("gguf_file")
+    tokenizer = load_tokenizer(config.get("tokenizer") or name, None if config.get("tokenizer") else gguf)
+    model = load_model(name, task=config.get("task", "causal_lm"), num_labels=max(config.get("num_labels") or 2, 1),
+                       gguf_file=gguf, vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id)
+    method = load_adapter(adapter_dir, model)
+    return export_peft(out, model, method, base_model_name=name)
+
+
+@torch.no_grad()
+def stream_merged(adapter_dir: Path, config: dict, files: list[Path], out: Path, *, dtype: str,
+                  max_shard_size: str) -> bool:
+    """Merged export reading and writing one tensor / shard at a time (see the module doc).
+
+    Returns:
+        False (nothing written) when the base files lack a weight the adapter changes.
+    """
+    where: dict[str, Path] = {}
+    for file in files:
+        with safe_open(str(file), framework="pt") as f:
+            for key in f.keys():
+                where[key] = file
+    method_cfg = dict(config["method"])
+    method = build_method(get_method_class(method_cfg["name"]).config_cls(**method_cfg))
+    assert isinstance(method.config, MethodConfig)
+    adapter = read_safetensors(adapter_dir / WEIGHTS_NAME)
+    modules = config["adapted_modules"]
+    saved = {k: v for k, v in adapter.items() if k.split(".")[0] in config.get("saved_modules", [])
+             or any(k.startswith(m + ".") for m in config.get("saved_modules", []))}
+    missing = [f"{m}.weight" for m in modules if f"{m}.weight" not in where] + [k for k in saved if k not in where]
+    if missing:
+        log.info("base files lack %s...; exporting through the whole model instead", missing[:2])
+        return False
+    method.load_resources()  # e.g. EigenLoRAx's basis, which its layers are built on
+
+    def merged_weight(module: str, weight: torch.Tensor) -> torch.Tensor:
+        out_f, in_f = weight.shape
+        linear = nn.Linear(in_f, out_f, bias=False, device="meta")
+        layer = method.make_layer(module, linear.to_empty(device="cpu"), fold_edits=False)  # one layer
+        for attr, param in layer.adapter_params().items():
+            param.copy_(adapter[f"{module}.{attr}"])
+        layer.set_edit_log(adapter[f"{module}.edit_U"], adapter[f"{module}.edit_V"], adapter[f"{module}.edit_sizes"])
+        B, A = method.delta_factors(layer)
+        return weight.float() + B @ A
+
+    dt = DTYPES[dtype]
+    meta = {}
+    for key, file in where.items():  # shapes only (safetensors reads headers, not data)
+        with safe_open(str(file), framework="pt") as f:
+            shape = f.get_slice(key).get_shape()
+        meta[key] = torch.empty(shape, device="meta", dtype=dt)
+    plan = split_torch_state_dict_into_shards(meta, max_shard_size=max_shard_size)
+    out.mkdir(parents=True, exist_ok=True)
+    adapted = {f"{m}.weight": m for m in modules}
+    for shard, keys in plan.filename_to_tensors.items():
+        tensors = {}
+        for key in keys:
+            if key in saved:
+                value = saved[key]
+            else:
+                with safe_open(str(where[key]), framework="pt") as f:
+                    value = f.get_tensor(key)
+                if key in adapted:
+                    value = merged_weight(adapted[key], value)
+            tensors[key] = value.to(dt if value.is_floating_point() else value.dtype).contiguous()
+        save_file(tensors, str(out / shard), metadata={"format": "pt"})
+        del tensors
+    if plan.is_sharded:
+        index = {"metadata": plan.metadata, "weight_map": plan.tensor_to_filename}
+        (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    base_dir = files[0].parent
+    cfg = json.loads((base_dir / "config.json").read_text())
+    cfg["torch_dtype"] = cfg["dtype"] = dtype
+    (out / "config.json").write_text(json.dumps(cfg, indent=2))
+    if (base_dir / "generation_config.json").is_file():
+        shutil.copy(base_dir / "generation_config.json", out)
+    log.info("streamed %d merged layers into %s (%d shards)", len(modules), out, len(plan.filename_to_tensors))
+    return True
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="tools/export_merged.py", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("adapter", help="lrx adapter folder (runs/NAME/adapter)")
+    parser.add_argument("adapter", help="lrx adapter folder (runs/NAME/adapter) or checkpoint (runs/NAME/checkpoints/step-N)")
     parser.add_argument("out", help="output folder for the merged transformers checkpoint")
+    parser.add_argument("--peft", action="store_true",
+                        help="write the total change as a standard peft LoRA adapter (exact rank) instead")
     parser.add_argument("--base", help="base model (default: the one recorded in the adapter)")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--max-shard-size", default="2GB")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     try:
+        if args.peft:
+            path = export_peft_adapter(args.adapter, args.out, base=args.base)
+            print(f"wrote {path} (open with peft's PeftModel.from_pretrained)")
+            return 0
         path = export_merged(args.adapter, args.out, base=args.base, dtype=args.dtype,
                              max_shard_size=args.max_shard_size)
     except LrxError as e:

@@ -123,6 +123,22 @@ def load_tokenizer(name_or_path: str, gguf_file: str | None = None) -> PreTraine
     return tok
 
 
+def _empty(meta: bool | str):
+    if meta == "params":
+        from accelerate import init_empty_weights
+
+        return init_empty_weights(include_buffers=False)
+    return torch.device("meta") if meta else contextlib.nullcontext()
+
+
+def safetensors_files(name_or_path: str, gguf_file: str | None = None) -> list[Path]:
+    """The base model's safetensors files when it is a local folder of them, else []."""
+    if name_or_path in TINY_NAMES:
+        return []
+    source = resolve_source(name_or_path, gguf_file)
+    return [] if source.gguf_file else sorted(Path(source.path).glob("*.safetensors"))
+
+
 def load_model(
     name_or_path: str,
     *,
@@ -132,7 +148,7 @@ def load_model(
     vocab_size: int | None = None,
     gguf_file: str | None = None,
     pad_token_id: int | None = None,
-    meta: bool = False,
+    meta: bool | str = False,
 ) -> PreTrainedModel:
     """Load (or, for tiny-* names, randomly initialise) a base model.
 
@@ -145,6 +161,7 @@ def load_model(
         gguf_file: GGUF file inside the folder, if the model is stored as GGUF.
         pad_token_id: the tokenizer's pad id (needed by sequence classification of causal LMs).
         meta: build the architecture on the meta device from its config; no weights are read.
+            ``"params"``: only the parameters on the meta device, buffers (rotary tables) real.
 
     Raises:
         ModelError: missing or unloadable model, unknown task.
@@ -161,7 +178,7 @@ def load_model(
         for key, value in head.items():
             setattr(config, key, value)
         config.pad_token_id = pad_token_id
-        with torch.device("meta") if meta else contextlib.nullcontext():
+        with _empty(meta):
             return auto.from_config(config, dtype=torch_dtype)
     source = resolve_source(name_or_path, gguf_file)
     kwargs = {"gguf_file": source.gguf_file} if source.gguf_file else {}
@@ -170,7 +187,7 @@ def load_model(
         if pad_token_id is not None and getattr(config, "pad_token_id", None) is None:
             config.pad_token_id = pad_token_id
         if meta:
-            with torch.device("meta"):
+            with _empty(meta):
                 return auto.from_config(config, dtype=torch_dtype)
         model = auto.from_pretrained(source.path, config=config, dtype=torch_dtype, **kwargs)
     except (OSError, ValueError, KeyError) as e:

@@ -18,13 +18,14 @@ from typing import Any
 import datasets
 import torch
 
-from lrx.adapter import export_peft, save_adapter
+from lrx import checkpoint
+from lrx.adapter import export_peft, restore_adapter, save_adapter
 from lrx.config import RunConfig, save_config
 from lrx.data import build_datasets, prompt_add_special_tokens, render_prompt
 from lrx.distributed import build_backend
 from lrx.errors import ConfigError, LrxError
-from lrx.methods import build_method
-from lrx.models import load_model, load_tokenizer
+from lrx.methods import adapted_layers, build_method
+from lrx.models import load_model, load_tokenizer, safetensors_files
 from lrx.trainer import Trainer
 
 log = logging.getLogger(__name__)
@@ -59,6 +60,18 @@ def resolve_task(model_task: str, data_task: str) -> str:
     return wanted
 
 
+def sharded_load_files(config: RunConfig, backend, resume: Path | None) -> list[Path]:
+    """The base's safetensors files when the model is built on the meta device and loaded
+    block by block into FSDP2 shards (``model.sharded_load``), else []."""
+    mc = config.model
+    able = hasattr(backend, "prepare_from_files") and resume is None
+    files = safetensors_files(mc.name_or_path, mc.gguf_file) if able and mc.sharded_load != "off" else []
+    if mc.sharded_load == "on" and not files:
+        raise ConfigError("model.sharded_load=on needs distributed.backend=fsdp2, a base stored as safetensors "
+                          "files and a fresh run (resuming loads the whole model); set model.sharded_load=auto")
+    return files
+
+
 def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return trainable, sum(p.numel() for p in model.parameters())
@@ -81,36 +94,48 @@ def run(config: RunConfig) -> dict[str, Any]:
     """Train one adapter as ``config`` says; returns the summary written to summary.json."""
     t0 = time.perf_counter()
     run_dir = Path(config.logging.output_dir)
-    if (run_dir / RUN_MARKER).exists() and not config.logging.overwrite:
+    resume = None
+    if config.train.resume:
+        resume = checkpoint.resolve_resume(config.train.resume, run_dir)
+        if resume is None:
+            log.info("train.resume=auto: no complete checkpoint in %s; starting a new run", run_dir)
+    if resume is not None:
+        checkpoint.check_compatible(resume, config.to_dict())  # before any slow loading
+    elif (run_dir / RUN_MARKER).exists() and not config.logging.overwrite:
         prepare_run_dir(run_dir, overwrite=False)  # raises before any slow loading
     if not config.logging.progress:
         datasets.disable_progress_bars()
     backend = build_backend(config.distributed.backend, config.train.device, bf16=config.train.bf16,
                             deepspeed_config=config.distributed.deepspeed_config)
     try:
-        return _run(config, backend, t0)
+        return _run(config, backend, t0, resume)
     finally:
         backend.close()
 
 
-def _run(config: RunConfig, backend, t0: float) -> dict[str, Any]:
+def _run(config: RunConfig, backend, t0: float, resume: Path | None = None) -> dict[str, Any]:
     run_dir = Path(config.logging.output_dir)
     mc = config.model
     tokenizer = load_tokenizer(mc.tokenizer or mc.name_or_path, None if mc.tokenizer else mc.gguf_file)
     data = build_datasets(config.data, tokenizer, seed=config.train.seed)
     task = resolve_task(mc.task, data.task)
 
+    files = sharded_load_files(config, backend, resume)
     torch.manual_seed(config.train.seed)
     model = load_model(
         mc.name_or_path, task=task, num_labels=max(data.num_labels, 1), dtype=mc.dtype,
         vocab_size=len(tokenizer), gguf_file=mc.gguf_file, pad_token_id=tokenizer.pad_token_id,
+        meta="params" if files else False,
     )
     method = build_method(config.method)
     if backend.world_size > 1 and not method.supports_sharding:
         raise ConfigError(f"method {method.name} does not run sharded yet; train it in one process "
                           f"(python launch/train.py) or with distributed.backend=single")
     torch.manual_seed(config.train.seed)
-    adapted = method.apply(model, backend.weights())
+    weights = backend.weights()
+    adapted = method.apply(model, weights, init=resume is None and not files)
+    if resume is not None:  # adapter, edit log (replayed onto W0) and method state
+        restore_adapter(checkpoint.adapter_dir(resume), model, method)
     if config.train.activation_checkpointing:
         if not getattr(model, "supports_gradient_checkpointing", False):
             raise ConfigError(f"{mc.name_or_path} does not support activation checkpointing; "
@@ -120,26 +145,35 @@ def _run(config: RunConfig, backend, t0: float) -> dict[str, Any]:
             model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
         else:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
-    model = backend.prepare(model)
+    if files:  # built on the meta device: load and initialise one block at a time, then shard it
+        order = {id(layer): (i, name) for i, (name, layer) in enumerate(adapted_layers(model))}
+        model = backend.prepare_from_files(
+            model, files, lambda layer: method.init_layer(order[id(layer)][1], order[id(layer)][0], layer, weights))
+    else:
+        model = backend.prepare(model)
     trainable, total = count_parameters(model)
     log.info("%s: adapted %d linear layers; trainable %s of %s parameters (%.3f%%)",
              method.name, len(adapted), f"{trainable:,}", f"{total:,}", 100 * trainable / total)
 
     if backend.is_main:
-        run_dir = prepare_run_dir(run_dir, config.logging.overwrite)
+        if resume is None:
+            run_dir = prepare_run_dir(run_dir, config.logging.overwrite)
         save_config(config, run_dir / RUN_MARKER)
     backend.barrier()
-    trainer = Trainer(
-        config, model, method, data.train, data.eval, data.collate_fn, data.task, data.metric_names,
-        backend.device, run_dir, backend=backend,
-    )
-    evals = trainer.fit()
-
     meta = {"base_model": mc.name_or_path, "gguf_file": mc.gguf_file, "tokenizer": mc.tokenizer, "task": task,
             "num_labels": data.num_labels, "label_names": data.label_names}
+    trainer = Trainer(
+        config, model, method, data.train, data.eval, data.collate_fn, data.task, data.metric_names,
+        backend.device, run_dir, backend=backend, adapter_meta=meta,
+    )
+    if resume is not None:
+        trainer.resume(resume, checkpoint.read_state(resume))
+    evals = trainer.fit()
+
+    method_state = method.state_dict()  # a collective when sharded: every rank takes it
     with backend.full_params(model):
         if backend.is_main:
-            save_adapter(run_dir / "adapter", model, method, meta)
+            save_adapter(run_dir / "adapter", model, method, meta, method_state)
             export_peft(run_dir / "adapter_peft", model, method, base_model_name=mc.name_or_path)
     backend.barrier()
     summary: dict[str, Any] = {
@@ -159,6 +193,8 @@ def _run(config: RunConfig, backend, t0: float) -> dict[str, Any]:
         summary["sample_completion"] = sample_generation(
             model, tokenizer, config.train.sample_prompt, config.train.max_new_tokens, backend.device
         )
+    if backend.device.type == "cuda":
+        summary["peak_gpu_memory_gib"] = round(torch.cuda.max_memory_allocated(backend.device) / 2**30, 2)
     summary["is_main"] = backend.is_main
     summary["world_size"] = backend.world_size
     if backend.is_main:

@@ -53,3 +53,57 @@ def flat_range_of_product(U: torch.Tensor, V: torch.Tensor, start: int, end: int
     first, last = start // n_in, math.ceil(end / n_in)
     block = (U[first:last] @ V).flatten()
     return block[start - first * n_in : end - first * n_in]
+
+
+# ---- pieces: a rank's flat range of a row-major matrix ---------------------------------------
+#
+# FSDP2's row block [a, b) of an (R, C) matrix is the flat range [a C, b C); one process holds
+# [0, R C). Methods work on such pieces without knowing which backend cut them.
+
+
+def piece_rows(piece: torch.Tensor, start: int, shape: tuple[int, int]) -> tuple[torch.Tensor, int]:
+    """The piece as whole rows, zero-padded where it begins or ends inside a row.
+
+    Returns:
+        ``(block, first)``: ``block`` (n_rows x C) holds rows ``first ..`` of the matrix with
+        every element outside the piece set to zero (a view when the piece is whole rows).
+    """
+    cols = shape[1]
+    first, lead = divmod(start, cols)
+    total = lead + piece.numel()
+    n_rows = math.ceil(total / cols)
+    tail = n_rows * cols - total
+    if lead or tail:
+        piece = torch.cat([piece.new_zeros(lead), piece, piece.new_zeros(tail)])
+    return piece.view(n_rows, cols), first
+
+
+def piece_to_full(piece: torch.Tensor, start: int, shape: tuple[int, int]) -> torch.Tensor:
+    """A full-size (R x C) matrix holding the piece and zeros elsewhere; summing these over
+    ranks (an all-reduce) gives the whole matrix exactly, since x + 0 == x."""
+    block, first = piece_rows(piece, start, shape)
+    full = piece.new_zeros(shape)
+    full[first : first + block.shape[0]] = block
+    return full
+
+
+def piece_row_sums(piece: torch.Tensor, start: int, shape: tuple[int, int]) -> torch.Tensor:
+    """Per-row sums (R,) over this piece's elements (rows it does not touch are 0)."""
+    block, first = piece_rows(piece, start, shape)
+    out = piece.new_zeros(shape[0])
+    out[first : first + block.shape[0]] = block.sum(dim=1)
+    return out
+
+
+def piece_col_sums(piece: torch.Tensor, start: int, shape: tuple[int, int]) -> torch.Tensor:
+    """Per-column sums (C,) over this piece's elements."""
+    return piece_rows(piece, start, shape)[0].sum(dim=0)
+
+
+def piece_mask(start: int, end: int, shape: tuple[int, int], *, rows: torch.Tensor | None = None,
+               cols: torch.Tensor | None = None, device=None) -> torch.Tensor:
+    """Boolean mask (end - start,) of the piece's elements that lie in the given rows or columns."""
+    flat = torch.arange(start, end, device=device)
+    if rows is not None:
+        return torch.isin(flat // shape[1], rows.to(flat.device))
+    return torch.isin(flat % shape[1], cols.to(flat.device))

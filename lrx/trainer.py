@@ -12,6 +12,8 @@ import contextlib
 import json
 import logging
 import math
+import os
+import signal
 import time
 from pathlib import Path
 from typing import Any
@@ -22,6 +24,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
+from lrx import checkpoint
 from lrx.config import RunConfig
 from lrx.errors import LrxError
 from lrx.methods import Method
@@ -43,6 +46,7 @@ class ShardedBatches(torch.utils.data.Sampler):
         self.n, self.batch_size, self.seed = n, batch_size, seed
         self.rank, self.world_size = rank, world_size
         self.epoch = 0
+        self.start = 0  # global batches of this epoch to skip (a resumed run's data position)
 
     def __len__(self) -> int:
         global_batch = self.batch_size * self.world_size
@@ -51,7 +55,7 @@ class ShardedBatches(torch.utils.data.Sampler):
     def __iter__(self):
         perm = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + self.epoch)).tolist()
         global_batch = self.batch_size * self.world_size
-        for b in range(len(self)):
+        for b in range(self.start, len(self)):
             start = b * global_batch + self.rank * self.batch_size
             yield perm[start : min(start + self.batch_size, self.n)]
 
@@ -142,6 +146,7 @@ class Trainer:
     def __init__(
         self, config: RunConfig, model: nn.Module, method: Method, train_data, eval_data, collate_fn,
         task: str, metric_names: list[str], device: torch.device, run_dir: Path, backend=None,
+        adapter_meta: dict[str, Any] | None = None,
     ):
         self.cfg = config
         self.model = model
@@ -180,6 +185,7 @@ class Trainer:
         self.module = model  # the adapted model itself: what method hooks see
         self.model = backend.setup(model, self.optimizer, self.scheduler, micro_batch=tc.batch_size,
                                    grad_accum=tc.grad_accum, max_grad_norm=tc.max_grad_norm)  # what runs batches
+        method.attach(self.module, backend.shards())  # this rank's pieces, now that they exist
         self.autocast = (
             torch.autocast(device.type, dtype=torch.bfloat16)
             if tc.bf16 and device.type == "cuda"
@@ -187,18 +193,66 @@ class Trainer:
         )
         self.metrics = MetricsLog(run_dir, config.logging.tensorboard, enabled=self.is_main)
         self.step = 0
+        self.micro = 0  # micro-batches this process has consumed (the data position)
         self.history: list[dict[str, float]] = []
+        self.adapter_meta = adapter_meta or {}
+        self.resumed = False
 
     def _to_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
 
     def _micro_batches(self):
-        """Micro-batches forever, epoch after epoch (the data order is reseeded per epoch)."""
-        epoch = 0
+        """Micro-batches forever, epoch after epoch (the data order is reseeded per epoch),
+        starting at the data position ``self.micro``."""
+        epoch, self.sampler.start = divmod(self.micro, len(self.train_loader))
         while True:
             self.sampler.epoch = epoch
             yield from self.train_loader
+            self.sampler.start = 0
             epoch += 1
+
+    # ---- checkpoints --------------------------------------------------------------------------
+
+    def save_checkpoint(self) -> Path:
+        """Write a checkpoint of the current step (collective)."""
+        tc = self.cfg.train
+        state = {
+            "step": self.step, "micro": self.micro, "global_micro_batch": tc.batch_size * self.backend.world_size,
+            "scheduler": self.scheduler.state_dict(), "config": self.cfg.to_dict(),
+        }
+        return checkpoint.save_checkpoint(
+            self.run_dir, self.step, backend=self.backend, model=self.module, method=self.method,
+            trainer_state=state, optimizer_state=self.backend.optimizer_state(self.params, self.optimizer),
+            meta=self.adapter_meta, keep=tc.keep_checkpoints,
+        )
+
+    def resume(self, path: Path, state: dict[str, Any]) -> None:
+        """Continue from checkpoint ``path`` (its adapter is already loaded into the model):
+        optimizer moments (resharded), LR schedule, data position, random states."""
+        tc = self.cfg.train
+        samples = state["micro"] * state["global_micro_batch"]
+        global_micro = tc.batch_size * self.backend.world_size
+        if samples % global_micro:
+            raise LrxError(f"{path}: the run consumed {samples} examples per process group, which is not a whole "
+                           f"number of batches of {global_micro} (train.batch_size x processes); keep the global batch")
+        self.step, self.micro = state["step"], samples // global_micro
+        self.backend.load_optimizer_state(self.params, self.optimizer, checkpoint.read_optimizer(path), self.step)
+        self.scheduler.load_state_dict(state["scheduler"])
+        for group, lr in zip(self.optimizer.param_groups, self.scheduler.get_last_lr()):
+            group["lr"] = lr
+        rng = checkpoint.read_rng(path, self.backend.rank)
+        if rng is not None:
+            torch.set_rng_state(rng["cpu"])
+            if "cuda" in rng and self.device.type == "cuda":
+                torch.cuda.set_rng_state(rng["cuda"], self.device)
+        if self.is_main:  # drop what the interrupted run logged after the checkpoint
+            for name in ("metrics.jsonl", "method_events.jsonl"):
+                f = self.run_dir / name
+                if f.is_file():
+                    kept = [x for x in f.read_text().splitlines() if json.loads(x)["step"] <= self.step]
+                    f.write_text("".join(x + "\n" for x in kept))
+        self.resumed = True
+        log.info("resumed from %s at step %d", path, self.step)
 
     def fit(self) -> list[dict[str, float]]:
         """Train for ``total_steps`` optimizer steps; returns the evaluation records."""
@@ -208,13 +262,13 @@ class Trainer:
         evals = []
         loss_sum = torch.zeros((), device=self.device)
         tokens = torch.zeros((), device=self.device, dtype=torch.long)
-        micro = 0
         t_log = time.perf_counter()
         self.method.on_train_start(self.module, self.optimizer, self.total_steps)
-        if self.eval_loader is not None and tc.eval_at_start:
+        kill_at = int(os.environ.get("LRX_KILL_AT_STEP", "0"))  # fault injection for the resume tests
+        if self.eval_loader is not None and tc.eval_at_start and not self.resumed:
             evals.append(self.evaluate())
             self.model.train()
-        bar = tqdm(total=self.total_steps, desc="train", dynamic_ncols=True,
+        bar = tqdm(total=self.total_steps, initial=self.step, desc="train", dynamic_ncols=True,
                    disable=not (self.cfg.logging.progress and self.is_main))
         batches = self._micro_batches()
         while self.step < self.total_steps:
@@ -224,8 +278,8 @@ class Trainer:
             self.backend.backward(loss)
             loss_sum += loss.detach()
             tokens += batch["attention_mask"].sum()
-            micro += 1
-            if micro % tc.grad_accum:
+            self.micro += 1
+            if self.micro % tc.grad_accum:
                 continue
             self.method.after_backward(self.module, self.step)
             self.backend.step(self.optimizer, self.scheduler, [p for _, p in self.params], tc.max_grad_norm)
@@ -263,6 +317,10 @@ class Trainer:
                 if not evals or evals[-1]["step"] != self.step:
                     evals.append(self.evaluate())
                     self.model.train()
+            if self.step == self.total_steps or (tc.save_every and self.step % tc.save_every == 0):
+                self.save_checkpoint()
+            if self.step == kill_at and self.backend.rank == 0:
+                os.kill(os.getpid(), signal.SIGKILL)
         bar.close()
         self.metrics.close()
         if self.is_main:

@@ -13,8 +13,9 @@ from typing import Protocol
 import torch
 from torch import nn
 
-from lrx.errors import ConfigError
-from lrx.methods import LocalWeights, WeightAccess
+from lrx.errors import ConfigError, LrxError
+from lrx.methods import AdaptedLinear, LocalShards, LocalWeights, Shards, WeightAccess
+from lrx.sharding import fsdp_row_range
 
 
 class Backend(Protocol):
@@ -26,7 +27,10 @@ class Backend(Protocol):
     world_size: int
 
     def weights(self) -> WeightAccess:
-        """Access to (possibly sharded) base weights for method initialisation and edits."""
+        """Access to base weights for method initialisation (before sharding)."""
+
+    def shards(self) -> Shards:
+        """Access to this process's pieces of the parameters once ``setup`` has run."""
 
     def prepare(self, model: nn.Module) -> nn.Module:
         """Move or shard the adapted model for training; returns the model to train."""
@@ -54,13 +58,50 @@ class Backend(Protocol):
     def full_params(self, model: nn.Module) -> contextlib.AbstractContextManager:
         """Context in which every process holds the full parameters (collective)."""
 
+    def optimizer_state(self, named: list[tuple[str, torch.Tensor]], optimizer) -> dict[str, torch.Tensor]:
+        """Adam's moments of every trained tensor, whole, as ``{name}.exp_avg`` / ``.exp_avg_sq``
+        (collective: gathered from the shards, so they load on any number of processes)."""
+
+    def load_optimizer_state(self, named: list[tuple[str, torch.Tensor]], optimizer,
+                             tensors: dict[str, torch.Tensor], step: int) -> None:
+        """Restore what ``optimizer_state`` returned (resharded for this run), at Adam step ``step``."""
+
     def close(self) -> None:
         """Release process groups."""
+
+
+MOMENTS = ("exp_avg", "exp_avg_sq")
 
 
 class TorchSteps:
     """The plain-PyTorch training step, shared by the single-device and FSDP2 backends
     (ZeRO-3 hands these to the DeepSpeed engine instead)."""
+
+    def optimizer_state(self, named, optimizer) -> dict[str, torch.Tensor]:
+        out = {}
+        for name, p in named:
+            state = optimizer.state.get(p, {})
+            for key in MOMENTS:
+                if key in state:
+                    t = state[key]
+                    out[f"{name}.{key}"] = t.full_tensor() if hasattr(t, "full_tensor") else t  # DTensor: gather
+        return out
+
+    def load_optimizer_state(self, named, optimizer, tensors, step: int) -> None:
+        for name, p in named:
+            state = {}
+            for key in MOMENTS:
+                full = tensors.get(f"{name}.{key}")
+                if full is None:
+                    raise LrxError(f"the checkpoint has no optimizer state {name}.{key}; it belongs to another run")
+                full = full.to(p.device, p.dtype)
+                if hasattr(p, "device_mesh"):  # a DTensor: keep this process's shard
+                    from torch.distributed.tensor import distribute_tensor
+
+                    full = distribute_tensor(full, p.device_mesh, p.placements)
+                state[key] = full
+            state["step"] = torch.tensor(float(step))
+            optimizer.state[p] = state
 
     def setup(self, model: nn.Module, optimizer, scheduler, *, micro_batch: int, grad_accum: int,
               max_grad_norm: float) -> nn.Module:
@@ -95,7 +136,8 @@ class MultiProcess:
         return self.rank == 0
 
     def weights(self) -> WeightAccess:
-        return LocalWeights()  # adapters are initialised on full weights, before sharding
+        # Adapters are initialised before sharding; each process reads its own block of rows.
+        return RowBlockWeights(self.rank, self.world_size, self.all_reduce_sum, self.device)
 
     def all_reduce_sum(self, t: torch.Tensor) -> torch.Tensor:
         import torch.distributed as dist
@@ -118,6 +160,24 @@ class MultiProcess:
             dist.destroy_process_group()
 
 
+class RowBlockWeights(LocalWeights):
+    """``WeightAccess`` before sharding: process k reads FSDP2's k-th block of rows of each
+    weight; small results are summed over processes on the communication device."""
+
+    def __init__(self, rank: int, world_size: int, all_reduce, device: torch.device):
+        self.rank, self.world_size = rank, world_size
+        self._all_reduce, self._device = all_reduce, device
+
+    def row_block(self, layer: AdaptedLinear) -> tuple[torch.Tensor, int]:
+        first, end = fsdp_row_range(layer.out_features, self.world_size, self.rank)
+        return layer.base.weight.detach()[first:end].float(), first
+
+    def all_reduce(self, t: torch.Tensor) -> torch.Tensor:
+        if t.device == self._device:
+            return self._all_reduce(t)
+        return t.copy_(self._all_reduce(t.to(self._device)))
+
+
 class SingleDevice(TorchSteps):
     """One process, one device (CPU or a GPU)."""
 
@@ -138,6 +198,9 @@ class SingleDevice(TorchSteps):
 
     def weights(self) -> WeightAccess:
         return LocalWeights()
+
+    def shards(self) -> Shards:
+        return LocalShards()
 
     def prepare(self, model: nn.Module) -> nn.Module:
         return model.to(self.device)

@@ -5,25 +5,29 @@ LOCAL_RANK). NCCL on GPUs, gloo on CPU. Parameters, adapters included, are DTens
 on dim 0 (rank k holds a contiguous block of rows); buffers (edit logs, EigenLoRAx bases)
 are not sharded and stay whole and identical on every rank.
 
-This first version initialises adapters on the full weights (every rank, same seed, same
-result) and shards afterwards; loading large models into shards from the meta device and
-shard-local SRLoRA events come next (issue 5).
+Adapters are initialised before sharding (every rank, same seed, same result; SVDs read one
+block of rows per rank). During training methods reach their rank's rows through
+``FSDP2Shards``: SRLoRA's importance, scores and recomposition events are shard-local.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import math
 from collections.abc import Iterator
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.tensor import DTensor
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
 from lrx.errors import ConfigError
 from lrx.distributed import MultiProcess, TorchSteps
+from lrx.sharding import fsdp_row_range
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +74,9 @@ class FSDP2(TorchSteps, MultiProcess):
             if use_cuda and bf16 else MixedPrecisionPolicy()
         )
 
+    def shards(self) -> FSDP2Shards:
+        return FSDP2Shards(self.rank, self.world_size, self.all_reduce_sum)
+
     def prepare(self, model: nn.Module) -> nn.Module:
         model.to(self.device)
         blocks = transformer_blocks(model)
@@ -79,6 +86,70 @@ class FSDP2(TorchSteps, MultiProcess):
         log.info("fsdp2: %d blocks + root sharded over %d processes (%s)", len(blocks), self.world_size,
                  self.device.type)
         return model
+
+    def prepare_from_files(self, model: nn.Module, files: list[Path], init_layer) -> nn.Module:
+        """Shard a model built on the meta device, loading one block at a time.
+
+        Each transformer block is materialised on this process's device, filled from the
+        safetensors ``files`` (a block's weights only), its adapted layers initialised
+        (``init_layer(layer)``: on the block's full weights, as ``prepare`` would) and then
+        sharded, which frees the rest of its rows; the root's own weights (embeddings, norms,
+        heads) come last. No process ever holds more than one block whole.
+
+        Raises:
+            ConfigError: a weight is not in the files (e.g. a freshly initialised head).
+        """
+        from lrx.methods import adapted_layers
+
+        reader = _WeightFiles(files)
+        trained_here = {id(p) for _, layer in adapted_layers(model) for p in layer.adapter_params().values()}
+        aliases: dict[int, list[str]] = {}
+        for name, param in model.named_parameters(remove_duplicate=False):
+            aliases.setdefault(id(param), []).append(_file_key(model, name))
+        done: dict[int, nn.Parameter] = {}
+        blocks = transformer_blocks(model)
+        for block in blocks:
+            self._materialize(block, reader, aliases, done, trained_here, init_layer)
+            fully_shard(block, mesh=self.mesh, mp_policy=self.mp_policy)
+        self._materialize(model, reader, aliases, done, trained_here, init_layer)
+        for module in model.modules():  # real buffers (rotary tables) to the device
+            for key, buf in list(module._buffers.items()):
+                if buf is not None and not isinstance(buf, DTensor):
+                    module._buffers[key] = buf.to(self.device)
+        fully_shard(model, mesh=self.mesh, mp_policy=self.mp_policy)
+        log.info("fsdp2: %d blocks + root loaded block by block from %d safetensors files and sharded over %d "
+                 "processes (%s)", len(blocks), len(files), self.world_size, self.device.type)
+        return model
+
+    def _materialize(self, root: nn.Module, reader, aliases, done, trained_here, init_layer) -> None:
+        from lrx.methods import AdaptedLinear
+
+        adapted = []
+        for module in root.modules():
+            if isinstance(module, AdaptedLinear):
+                adapted.append(module)
+            for key, param in list(module._parameters.items()):
+                if param is None or not param.is_meta:
+                    continue
+                if id(param) not in done:
+                    value = torch.empty(param.shape, dtype=param.dtype, device=self.device)
+                    names = [n for n in aliases.get(id(param), []) if n in reader]
+                    if names:
+                        value.copy_(reader.get(names[0]))
+                    elif id(param) not in trained_here:  # adapters are initialised below
+                        raise ConfigError(
+                            f"sharded loading: {aliases.get(id(param), ['?'])[0]} is not in the model's safetensors "
+                            "files (a freshly initialised head?); set model.sharded_load=off")
+                    done[id(param)] = nn.Parameter(value, requires_grad=param.requires_grad)
+                module._parameters[key] = done[id(param)]
+            for key, buf in list(module._buffers.items()):
+                if buf is not None and buf.is_meta:  # method buffers made on the meta base (edit logs)
+                    module._buffers[key] = torch.zeros(buf.shape, dtype=buf.dtype, device=self.device)
+        for layer in adapted:
+            if not getattr(layer, "_lrx_initialised", False):
+                layer.restore_buffers()
+                init_layer(layer)
+                layer._lrx_initialised = True
 
     @contextlib.contextmanager
     def full_params(self, model: nn.Module) -> Iterator[None]:
@@ -94,3 +165,69 @@ class FSDP2(TorchSteps, MultiProcess):
         finally:
             for m in fsdp:
                 m.reshard()
+
+
+class FSDP2Shards:
+    """``Shards`` of FSDP2 parameters: rank k's piece is its block of rows (``Shard(0)``)."""
+
+    def __init__(self, rank: int, world_size: int, all_reduce):
+        self.rank, self.world_size, self.all_reduce = rank, world_size, all_reduce
+
+    def span(self, p: torch.Tensor) -> tuple[int, int]:
+        first, end = fsdp_row_range(p.shape[0], self.world_size, self.rank)
+        cols = math.prod(p.shape[1:])  # from the global shape: indexing a DTensor would all-gather it
+        return first * cols, end * cols
+
+    def pieces(self, p: torch.Tensor) -> list[torch.Tensor]:
+        return [self._local(p)]
+
+    def replicas(self, p: torch.Tensor) -> list[torch.Tensor]:
+        return []
+
+    def grad_piece(self, p: torch.Tensor) -> torch.Tensor | None:
+        return None if p.grad is None else self._local(p.grad)
+
+    def optimizer_piece(self, optimizer, p: torch.Tensor, key: str) -> torch.Tensor | None:
+        value = optimizer.state.get(p, {}).get(key) if optimizer is not None else None
+        return None if value is None else self._local(value)
+
+    @staticmethod
+    def _local(t: torch.Tensor) -> torch.Tensor:
+        if not isinstance(t, DTensor):
+            raise RuntimeError("an FSDP2 parameter is not sharded here (unsharded after an eval forward?); "
+                               "call model.reshard() before editing shards")
+        return t.to_local().view(-1)
+
+
+def _file_key(model: nn.Module, name: str) -> str:
+    """The checkpoint key of a parameter: adapted layers hold the original linear as ``.base``."""
+    from lrx.methods import AdaptedLinear
+
+    parts = name.split(".")
+    out = []
+    for i, part in enumerate(parts):
+        if part == "base" and isinstance(model.get_submodule(".".join(parts[:i])), AdaptedLinear):
+            continue
+        out.append(part)
+    return ".".join(out)
+
+
+class _WeightFiles:
+    """Tensors of a set of safetensors files, read one at a time."""
+
+    def __init__(self, files: list[Path]):
+        from safetensors import safe_open
+
+        self._open = safe_open
+        self.where = {}
+        for file in files:
+            with safe_open(str(file), framework="pt") as f:
+                for key in f.keys():
+                    self.where[key] = file
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.where
+
+    def get(self, key: str) -> torch.Tensor:
+        with self._open(str(self.where[key]), framework="pt") as f:
+            return f.get_tensor(key)

@@ -7,8 +7,9 @@ cached in TORCH_EXTENSIONS_DIR). The engine owns backward scaling, gradient clip
 used (``zero_allow_untested_optimizer``). Buffers (edit logs, EigenLoRAx bases) are not
 partitioned.
 
-Adapters are initialised on the full weights before partitioning (as in the FSDP2 backend);
-``zero.Init`` for models too big for one process and shard-local SRLoRA come next (issue 5).
+Adapters are initialised before partitioning (as in the FSDP2 backend). During training
+methods reach their rank's flat range through ``ZeRO3Shards`` (DeepSpeed's ``safe_get_local_*``
+family): SRLoRA's importance, scores and recomposition events are shard-local.
 """
 
 from __future__ import annotations
@@ -24,8 +25,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from lrx.errors import ConfigError
-from lrx.distributed import MultiProcess
+from lrx.errors import ConfigError, LrxError
+from lrx.distributed import MOMENTS, MultiProcess
 
 log = logging.getLogger(__name__)
 
@@ -88,6 +89,9 @@ class ZeRO3(MultiProcess):
         log.info("zero3: parameters partitioned over %d processes (%s)", self.world_size, self.device.type)
         return self.engine
 
+    def shards(self) -> ZeRO3Shards:
+        return ZeRO3Shards(self.rank, self.world_size, self.all_reduce_sum)
+
     def backward(self, loss: torch.Tensor) -> None:
         # The trainer already divided the loss by the accumulation steps.
         self.engine.backward(loss, scale_wrt_gas=False)
@@ -97,6 +101,35 @@ class ZeRO3(MultiProcess):
 
     def step(self, optimizer, scheduler, params, max_grad_norm: float) -> None:
         self.engine.step()  # clipping, optimizer, scheduler and zero_grad
+
+    def optimizer_state(self, named, optimizer) -> dict[str, torch.Tensor]:
+        from deepspeed.utils import safe_get_full_optimizer_state
+
+        out = {}
+        for name, p in named:
+            for key in MOMENTS:
+                t = safe_get_full_optimizer_state(p, key)  # collective
+                if t is not None:
+                    out[f"{name}.{key}"] = t
+        return out
+
+    def load_optimizer_state(self, named, optimizer, tensors, step: int) -> None:
+        from deepspeed.utils import safe_set_full_optimizer_state
+
+        inner = self.engine.optimizer.optimizer  # the client AdamW, stepping DeepSpeed's fp32 partitions
+        flats = self.engine.optimizer.fp32_partitioned_groups_flat
+        for flat in flats:  # AdamW creates its state at the first step: do it now
+            if "exp_avg" not in inner.state[flat]:
+                inner.state[flat] = {"step": torch.tensor(0.0), **{k: torch.zeros_like(flat) for k in MOMENTS}}
+        for name, p in named:
+            for key in MOMENTS:
+                full = tensors.get(f"{name}.{key}")
+                if full is None:
+                    raise LrxError(f"the checkpoint has no optimizer state {name}.{key}; it belongs to another run")
+                safe_set_full_optimizer_state(p, full.to(self.device, torch.float32), key)
+        for flat in flats:
+            old = inner.state[flat]["step"]
+            inner.state[flat]["step"] = torch.full_like(old, float(step)) if torch.is_tensor(old) else step
 
     @contextlib.contextmanager
     def full_params(self, model: nn.Module) -> Iterator[None]:
@@ -111,3 +144,46 @@ class ZeRO3(MultiProcess):
         self.engine = None
         gc.collect()
         super().close()
+
+
+class ZeRO3Shards:
+    """``Shards`` of ZeRO-3 parameters: rank k's piece is its flat partition (``ds_tensor``).
+
+    A trained parameter has two live copies of the piece: the module's partition (used by the
+    next all-gather) and the optimizer's fp32 master partition (last). Both are views, so
+    writes reach the live state (optimizer offload is not supported by these views). Small
+    parameters are also kept whole between steps (``replicas``).
+    """
+
+    def __init__(self, rank: int, world_size: int, all_reduce):
+        self.rank, self.world_size, self.all_reduce = rank, world_size, all_reduce
+        from deepspeed.utils import safe_get_local_fp32_param, safe_get_local_grad, safe_get_local_optimizer_state
+
+        self._fp32, self._grad, self._state = safe_get_local_fp32_param, safe_get_local_grad, safe_get_local_optimizer_state
+
+    def span(self, p: torch.Tensor) -> tuple[int, int]:
+        part = p.ds_tensor.ds_numel
+        start = min(self.rank * part, p.ds_numel)
+        return start, min(start + part, p.ds_numel)
+
+    def pieces(self, p: torch.Tensor) -> list[torch.Tensor]:
+        out = [p.ds_tensor.view(-1)]
+        if p.requires_grad and hasattr(p, "_z3_optimizer"):
+            out.append(self._fp32(p).view(-1))
+        return out
+
+    def replicas(self, p: torch.Tensor) -> list[torch.Tensor]:
+        # Parameters under stage3_param_persistence_threshold stay gathered between steps
+        # (adapters of an 8B model are); forward reads that copy, not the partition.
+        return [p.data.view(-1)] if p.data.numel() == p.ds_numel else []
+
+    def grad_piece(self, p: torch.Tensor) -> torch.Tensor | None:
+        return self._grad(p).view(-1) if p.requires_grad else None
+
+    def optimizer_piece(self, optimizer, p: torch.Tensor, key: str) -> torch.Tensor | None:
+        if optimizer is None or not p.requires_grad:
+            return None
+        try:
+            return self._state(p, key).view(-1)
+        except KeyError:  # no state before the first step
+            return None

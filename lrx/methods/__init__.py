@@ -8,7 +8,9 @@ through ``get_method_class``.
 from __future__ import annotations
 
 from lrx.errors import ConfigError
-from lrx.methods.base import LocalWeights, Method, MethodConfig, WeightAccess, adapted_layers, find_targets
+from lrx.methods.base import (
+    LocalShards, LocalWeights, Method, MethodConfig, Shards, WeightAccess, adapted_layers, find_targets,
+)
 from lrx.methods.layer import AdaptedLinear
 
 _REGISTRY: dict[str, type[Method]] = {}
@@ -48,9 +50,11 @@ from lrx.methods import eigenlorax, lora, pissa, srlora  # noqa: E402,F401
 
 __all__ = [
     "AdaptedLinear",
+    "LocalShards",
     "LocalWeights",
     "Method",
     "MethodConfig",
+    "Shards",
     "WeightAccess",
     "adapted_layers",
     "available_methods",

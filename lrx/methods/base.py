@@ -59,17 +59,98 @@ class MethodConfig:
 
 
 class WeightAccess(Protocol):
-    """How a method reads base weights; implemented per backend (single device, FSDP2, ZeRO-3)."""
+    """How a method reads base weights at initialisation, before the model is sharded;
+    implemented per backend. Each process reads only its block of rows (``row_block``); the
+    small results are combined with ``all_reduce``."""
+
+    rank: int
+    world_size: int
 
     def full_weight(self, layer: AdaptedLinear) -> torch.Tensor:
         """A full fp32 copy of ``layer``'s current base weight (out x in)."""
 
+    def row_block(self, layer: AdaptedLinear) -> tuple[torch.Tensor, int]:
+        """This process's rows of the base weight (fp32) and the index of the first one.
+        The blocks of all processes partition the rows (FSDP2's dim-0 split)."""
+
+    def all_reduce(self, t: torch.Tensor) -> torch.Tensor:
+        """Sum ``t`` over processes in place and return it (identity on one process)."""
+
 
 class LocalWeights:
-    """``WeightAccess`` for an unsharded model."""
+    """``WeightAccess`` for one process: the whole weight is its row block."""
+
+    rank = 0
+    world_size = 1
 
     def full_weight(self, layer: AdaptedLinear) -> torch.Tensor:
         return layer.base.weight.detach().float()
+
+    def row_block(self, layer: AdaptedLinear) -> tuple[torch.Tensor, int]:
+        return self.full_weight(layer), 0
+
+    def all_reduce(self, t: torch.Tensor) -> torch.Tensor:
+        return t
+
+
+class Shards(Protocol):
+    """How a method reaches its rank's piece of a (possibly sharded) 2-D parameter during
+    training; implemented per backend (FSDP2: a block of rows; ZeRO-3: a flat range).
+
+    A piece is a 1-D view of the elements ``[start, end)`` of the row-major flattened
+    parameter; writing into it changes the live parameter. Pieces of all ranks partition the
+    parameter. See ``lrx.sharding`` for the arithmetic on pieces.
+    """
+
+    rank: int
+    world_size: int
+
+    def span(self, p: torch.Tensor) -> tuple[int, int]:
+        """``(start, end)`` of this rank's piece of ``p``."""
+
+    def pieces(self, p: torch.Tensor) -> list[torch.Tensor]:
+        """Every live copy of this rank's piece that a change must reach: the parameter
+        itself and, where the backend keeps one, its fp32 master copy (the last item)."""
+
+    def replicas(self, p: torch.Tensor) -> list[torch.Tensor]:
+        """Whole-parameter copies (1-D views) this rank keeps besides its piece, which a change
+        must also reach (ZeRO-3 keeps small parameters gathered between steps)."""
+
+    def grad_piece(self, p: torch.Tensor) -> torch.Tensor | None:
+        """This rank's piece of ``p``'s gradient of the current step (fp32), or None."""
+
+    def optimizer_piece(self, optimizer, p: torch.Tensor, key: str) -> torch.Tensor | None:
+        """A writable view of this rank's piece of an optimizer state tensor of ``p``
+        (e.g. Adam's ``exp_avg``), or None before the first step."""
+
+    def all_reduce(self, t: torch.Tensor) -> torch.Tensor:
+        """Sum ``t`` over ranks in place and return it; every rank gets identical values."""
+
+
+class LocalShards:
+    """``Shards`` of an unsharded model: every piece is the whole parameter."""
+
+    rank = 0
+    world_size = 1
+
+    def span(self, p: torch.Tensor) -> tuple[int, int]:
+        return 0, p.numel()
+
+    def pieces(self, p: torch.Tensor) -> list[torch.Tensor]:
+        return [p.data.view(-1)]
+
+    def replicas(self, p: torch.Tensor) -> list[torch.Tensor]:
+        return []
+
+    def grad_piece(self, p: torch.Tensor) -> torch.Tensor | None:
+        return None if p.grad is None else p.grad.view(-1)
+
+    def optimizer_piece(self, optimizer, p: torch.Tensor, key: str) -> torch.Tensor | None:
+        value = optimizer.state.get(p, {}).get(key) if optimizer is not None else None
+        return None if value is None else value.view(-1)
+
+    def all_reduce(self, t: torch.Tensor) -> torch.Tensor:
+        return t
 
 
 def _matches(name: str, pattern: str) -> bool:
@@ -132,6 +213,7 @@ class Method:
     def __init__(self, config: MethodConfig):
         self.config = config
         self.saved_modules: list[str] = []
+        self.shards: Shards = LocalShards()
 
     # ---- building -------------------------------------------------------------------------
 
@@ -148,6 +230,7 @@ class Method:
         """
         weights = weights or LocalWeights()
         cfg = self.config
+        self.load_resources()
         model.requires_grad_(False)
         names = []
         for index, (name, linear) in enumerate(find_targets(model, cfg.target_modules)):
@@ -162,6 +245,10 @@ class Method:
         for _, p in self.trainable_parameters(model):
             p.requires_grad_(True)
         return names
+
+    def load_resources(self) -> None:
+        """Load what ``make_layer`` needs besides the model (EigenLoRAx: its basis); ``apply``
+        calls it, and so does the streaming export, which builds one layer at a time."""
 
     def make_layer(self, name: str, linear: nn.Linear, fold_edits: bool) -> AdaptedLinear:
         """The adapted layer that replaces ``linear`` (a subclass for other parametrisations)."""
@@ -193,6 +280,13 @@ class Method:
                 yield f"{mod_name}.{pname}", p
 
     # ---- trainer hooks (defaults: nothing to do) --------------------------------------------
+
+    def attach(self, model: nn.Module, shards: Shards) -> None:
+        """Called once the model is placed or sharded, before training: how this rank reaches
+        its pieces of the parameters. Edits of the base then touch only the local piece."""
+        self.shards = shards
+        for _, layer in adapted_layers(model):
+            layer.shards = None if shards.world_size == 1 else shards
 
     def on_train_start(self, model: nn.Module, optimizer: torch.optim.Optimizer, total_steps: int) -> None:
         """Called once before the first step (or after a resume), with the run's length."""

@@ -73,11 +73,17 @@ class EigenLinear(AdaptedLinear):
                               f"with in={in_features}, out={out_features}; the basis is for another model")
         self.register_buffer("C_A", C_A.to(device=device, dtype=torch.float32), persistent=False)
         self.register_buffer("C_B", C_B.to(device=device, dtype=torch.float32), persistent=False)
+        object.__setattr__(self, "_bases", (C_A, C_B))  # the source, for restore_buffers
         self.alpha_A = nn.Parameter(torch.zeros(C_A.shape[1], r, device=device))
         self.alpha_B = nn.Parameter(torch.zeros(C_B.shape[1], r, device=device))
 
     def adapter_params(self) -> dict[str, nn.Parameter]:
         return {"alpha_A": self.alpha_A, "alpha_B": self.alpha_B}
+
+    @torch.no_grad()
+    def restore_buffers(self) -> None:
+        self.C_A.copy_(self._bases[0])
+        self.C_B.copy_(self._bases[1])
 
     @property
     def lora_A(self) -> torch.Tensor:  # r x in
@@ -99,13 +105,18 @@ class EigenLoRAx(Method):
         self.bases: dict[str, torch.Tensor] = {}
         self.source: SourceAdapter | None = None
 
-    def apply(self, model: nn.Module, weights: WeightAccess | None = None, init: bool = True) -> list[str]:
+    def load_resources(self) -> None:
         cfg = self.config
+        if self.bases:
+            return
         self.meta, self.bases = load_basis(cfg.basis, expected_sha256=cfg.basis_sha256)
         cfg.basis_sha256 = self.meta["sha256"]
-        covered = self.meta["target_modules"]
         if cfg.target_modules == ["basis"]:
-            cfg.target_modules = list(covered)  # full module names match exactly
+            cfg.target_modules = list(self.meta["target_modules"])  # full module names match exactly
+
+    def apply(self, model: nn.Module, weights: WeightAccess | None = None, init: bool = True) -> list[str]:
+        cfg = self.config
+        self.load_resources()
         if init and cfg.init == "project":
             self.source = SourceAdapter.open(cfg.project_from)
         return super().apply(model, weights, init)
@@ -122,6 +133,8 @@ class EigenLoRAx(Method):
         cfg = self.config
         with torch.no_grad():
             if cfg.init == "project":
+                if self.source is None:  # applied with init=False, initialised layer by layer
+                    self.source = SourceAdapter.open(cfg.project_from)
                 if name not in self.source.modules:
                     raise ConfigError(f"{self.source.weights} has no adapter for {name}")
                 At, B = self.source.read(name)

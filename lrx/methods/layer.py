@@ -15,6 +15,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from lrx.sharding import flat_range_of_product
+
 
 class AdaptedLinear(nn.Module):
     """A frozen linear layer plus an edit log and a trainable low-rank adapter.
@@ -38,6 +40,9 @@ class AdaptedLinear(nn.Module):
         self.scale = float(scale)
         self.fold_edits = fold_edits
         self.merged = False
+        # Set by Method.attach when the model is sharded: edits then fold into this rank's
+        # piece of the base only (a ``lrx.methods.base.Shards``).
+        self.shards = None
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         out_features, in_features = base.weight.shape
         device = base.weight.device
@@ -57,13 +62,17 @@ class AdaptedLinear(nn.Module):
         """The trainable tensors of this layer by name (saved in adapter files)."""
         return {"lora_A": self.lora_A, "lora_B": self.lora_B}
 
+    def restore_buffers(self) -> None:
+        """Refill buffers that carry data (not training state) after the layer was built on
+        the meta device and materialised empty; AdaptedLinear has none."""
+
     @property
     def in_features(self) -> int:
-        return self.base.weight.shape[1]
+        return self.base.in_features  # not weight.shape: ZeRO-3 empties partitioned weights
 
     @property
     def out_features(self) -> int:
-        return self.base.weight.shape[0]
+        return self.base.out_features
 
     @property
     def weight(self) -> torch.Tensor:
@@ -89,9 +98,16 @@ class AdaptedLinear(nn.Module):
         A, B = self.lora_A, self.lora_B  # computed once: subclasses may derive them
         if x.dtype != A.dtype and not torch.is_autocast_enabled(x.device.type):
             x = x.to(A.dtype)
-        delta = (self.dropout(x) @ A.t()) @ B.t() * self.scale
         if self.edit_rank and not self.fold_edits:
-            delta = delta + (x @ self.edit_V.t()) @ self.edit_U.t()
+            if isinstance(self.dropout, nn.Identity):
+                # Adapter and edit log as one low-rank product: x is read once (these thin
+                # matmuls are memory-bound, so two products cost nearly twice one).
+                A = torch.cat([A, self.edit_V.to(A.dtype)])
+                B = torch.cat([B * self.scale, self.edit_U.to(B.dtype)], dim=1)
+                return y + ((x @ A.t()) @ B.t()).to(y.dtype)
+            delta = (self.dropout(x) @ A.t()) @ B.t() * self.scale + (x @ self.edit_V.t()) @ self.edit_U.t()
+        else:
+            delta = (self.dropout(x) @ A.t()) @ B.t() * self.scale
         return y + delta.to(y.dtype)
 
     # ---- edits --------------------------------------------------------------------------
@@ -109,7 +125,7 @@ class AdaptedLinear(nn.Module):
             raise ValueError(f"edit factors {tuple(U.shape)} @ {tuple(V.shape)} do not fit {self.extra_repr()}")
         self.edit_U = torch.cat([self.edit_U, U], dim=1)
         self.edit_V = torch.cat([self.edit_V, V], dim=0)
-        self.edit_sizes = torch.cat([self.edit_sizes, self.edit_sizes.new_tensor([U.shape[1]])])
+        self.edit_sizes = torch.cat([self.edit_sizes, self.edit_sizes.new_full((1,), U.shape[1])])  # no host copy
         if self.fold_edits:
             self._fold(U, V, sign=1.0)
 
@@ -131,7 +147,14 @@ class AdaptedLinear(nn.Module):
 
     def _fold(self, U: torch.Tensor, V: torch.Tensor, sign: float) -> None:
         w = self.base.weight
-        w.add_((U @ V).mul_(sign).to(w.dtype))
+        if self.shards is None:
+            w.add_((U @ V).mul_(sign).to(w.dtype))
+            return
+        start, end = self.shards.span(w)
+        for piece in self.shards.pieces(w):  # only this rank's rows / flat range
+            piece.add_(flat_range_of_product(U, V, start, end).mul_(sign).to(piece.dtype))
+        for whole in self.shards.replicas(w):
+            whole.add_((U @ V).view(-1).mul_(sign).to(whole.dtype))
 
     # ---- weights ------------------------------------------------------------------------
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -30,10 +31,11 @@ from torch import nn
 
 from lrx.errors import ConfigError
 from lrx.methods import register_method
-from lrx.methods.base import Method, MethodConfig, WeightAccess, adapted_layers
+from lrx.methods.base import Method, MethodConfig, Shards, WeightAccess, adapted_layers
 from lrx.methods.layer import AdaptedLinear
 from lrx.methods.pissa import principal_init
-from lrx.spectral import top_singular
+from lrx.sharding import flat_range_of_product, fsdp_row_range, piece_col_sums, piece_row_sums, piece_to_full
+from lrx.spectral import randomized_svd_rows, top_singular
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +64,9 @@ class SRLoRAConfig(MethodConfig):
     """Extra sketch columns of the randomized SVD."""
     svd_seed: int = 0
     """Seed of the randomized SVD sketch (layer i uses svd_seed + i)."""
+    fusion_check: bool = True
+    """Measure every event's fusion error into a folded base in float64 (an extra pass over the
+    base piece; the log path is exact and needs none)."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -102,12 +107,16 @@ STAT_KEYS = ("A_ibar", "A_ubar", "B_ibar", "B_ubar")
 @register_method("srlora")
 class SRLoRA(Method):
     config_cls = SRLoRAConfig
-    # Importance and events read full A/B rows; the shard-local versions are issue 5's work.
-    supports_sharding = False
 
     def __init__(self, config: SRLoRAConfig):
         super().__init__(config)
         self.layers: dict[str, AdaptedLinear] = {}
+        self.pool_data: dict[str, dict[str, torch.Tensor]] = {}  # U (own rows), S, V not loaded yet
+        self.pool_first: dict[str, int] = {}  # first row of U this rank holds
+        self.pool_whole: set[str] = set()  # layers whose U holds every row (loaded, not attached)
+        self.stat_pieces: dict[str, dict[str, torch.Tensor]] = {}  # this rank's pieces, from attach
+        self._pending_stats: dict[str, torch.Tensor] = {}  # loaded before attach
+        self.last_event_bytes = 0  # bytes all-reduced for the event factors (benchmarks)
         self.slot_pool: dict[str, torch.Tensor] = {}  # pool index held by each slot
         self.slot_start: dict[str, torch.Tensor] = {}  # step at which it was loaded
         self.lifetimes: list[tuple[int, int, int, int]] = []  # (layer, pool index, start, end)
@@ -123,39 +132,76 @@ class SRLoRA(Method):
         r = self.config.r
         for name, layer in adapted_layers(model):
             self.layers[name] = layer
-            # Method state lives in (non-persistent) buffers of the layer, so it follows the
-            # layer through .to(device) and sharding; lrx's adapter files store it explicitly.
-            for key in STAT_KEYS:
-                like = layer.lora_A if key[0] == "A" else layer.lora_B
-                layer.register_buffer(f"srlora_{key}", torch.zeros_like(like, requires_grad=False), persistent=False)
             self.slot_pool[name] = torch.arange(r)
             self.slot_start[name] = torch.zeros(r, dtype=torch.long)
         return names
 
     def init_layer(self, name: str, index: int, layer: AdaptedLinear, weights: WeightAccess) -> None:
         cfg = self.config
-        U, S, V = top_singular(
-            weights.full_weight(layer), cfg.r_target, method=cfg.svd, niter=cfg.svd_niter,
-            oversample=cfg.svd_oversample, seed=cfg.svd_seed + index,
-        )
-        principal_init(layer, U[:, : cfg.r], S[: cfg.r], V[:, : cfg.r])
-        # Keep only what later events need: the directions not loaded yet.
-        self._set_pool(layer, {"U": U[:, cfg.r :], "S": S[cfg.r :], "V": V[:, cfg.r :]})
+        rows, first = weights.row_block(layer)
+        if cfg.svd == "exact":
+            U, S, V = top_singular(weights.full_weight(layer), cfg.r_target, method="exact")
+            U = U[first : first + rows.shape[0]]
+        else:  # per row block: only in x q matrices cross processes
+            U, S, V = randomized_svd_rows(
+                rows, cfg.r_target, all_reduce=weights.all_reduce, niter=cfg.svd_niter,
+                oversample=cfg.svd_oversample, seed=cfg.svd_seed + index, n_rows=layer.out_features,
+            )
+        # The r initial pairs need all rows of U: assemble them (adapter-sized).
+        U_r = U.new_zeros(layer.out_features, cfg.r)
+        U_r[first : first + U.shape[0]] = U[:, : cfg.r]
+        principal_init(layer, weights.all_reduce(U_r), S[: cfg.r], V[:, : cfg.r])
+        # Keep only what later events need: the directions not loaded yet, U on own rows.
+        self.pool_first[name] = first
+        if weights.world_size == 1:
+            self.pool_whole.add(name)
+        self.pool_data[name] = {"U": U[:, cfg.r :].contiguous(), "S": S[cfg.r :], "V": V[:, cfg.r :].contiguous()}
 
-    @staticmethod
-    def _set_pool(layer: AdaptedLinear, pool: dict[str, torch.Tensor]) -> None:
-        for key, value in pool.items():
-            layer.register_buffer(f"srlora_pool_{key}", value.to(layer.lora_A.device).contiguous(), persistent=False)
+    def attach(self, model: nn.Module, shards: Shards) -> None:
+        """Create the importance statistics on this rank's pieces of A and B; keep only this
+        rank's rows of the pool's U; move the pool next to the adapter."""
+        pending = self._pending_stats or {  # statistics held whole so far (one process)
+            f"{name}.{key}": value for name, st in self.stat_pieces.items() for key, value in st.items()
+        }
+        self._pending_stats, self.stat_pieces = {}, {}
+        super().attach(model, shards)
+        for name, layer in self.layers.items():
+            for key, p in (("A", layer.lora_A), ("B", layer.lora_B)):
+                piece = shards.pieces(p)[-1]
+                start, end = shards.span(p)
+                for stat in ("ibar", "ubar"):
+                    full = pending.get(f"{name}.{key}_{stat}")
+                    value = piece.new_zeros(end - start) if full is None else full.reshape(-1)[start:end]
+                    self.stat_pieces.setdefault(name, {})[f"{key}_{stat}"] = value.to(piece).clone()
+            pool = self.pool_data[name]
+            if name in self.pool_whole and shards.world_size > 1:  # loaded whole: keep own rows
+                first, end = fsdp_row_range(layer.out_features, shards.world_size, shards.rank)
+                pool["U"] = pool["U"][first:end]
+                self.pool_first[name] = first
+                self.pool_whole.discard(name)
+            self.pool_data[name] = {k: v.to(layer.lora_A.device).contiguous() for k, v in pool.items()}
+
+    def _attached(self) -> None:
+        if not self.stat_pieces:  # used without a trainer: one process
+            self.attach(nn.ModuleDict(), self.shards)
 
     @property
     def pool(self) -> dict[str, dict[str, torch.Tensor]]:
-        """Per layer, the pool directions not loaded yet (U, S, V): indices pointer..r_target-1."""
-        return {n: {k: getattr(layer, f"srlora_pool_{k}") for k in ("U", "S", "V")} for n, layer in self.layers.items()}
+        """Per layer, the pool directions not loaded yet (U: this rank's rows, S, V)."""
+        return self.pool_data
 
     @property
     def stats(self) -> dict[str, dict[str, torch.Tensor]]:
-        """Per layer, the importance statistics I_bar and U_bar of A and B."""
-        return {n: {k: getattr(layer, f"srlora_{k}") for k in STAT_KEYS} for n, layer in self.layers.items()}
+        """Per layer, the importance statistics I_bar and U_bar of A and B: this rank's
+        pieces, shaped like A and B when the piece is the whole tensor."""
+        self._attached()
+        out = {}
+        for name, layer in self.layers.items():
+            out[name] = {}
+            for key, value in self.stat_pieces[name].items():
+                shape = self._shape(layer, key[0])
+                out[name][key] = value.view(shape) if value.numel() == math.prod(shape) else value
+        return out
 
     def state_bytes(self, layer: AdaptedLinear) -> int:
         cfg = self.config
@@ -171,14 +217,18 @@ class SRLoRA(Method):
     def after_backward(self, model: nn.Module, step: int) -> None:
         if self.events_done >= self.config.n_events:
             return  # the pool is exhausted: scores are never used again
+        self._attached()
         params, grads, ibars, ubars = [], [], [], []
-        for layer in self.layers.values():
+        for name, layer in self.layers.items():
+            st = self.stat_pieces[name]
             for key, p in (("A", layer.lora_A), ("B", layer.lora_B)):
-                if p.grad is not None:
-                    params.append(p.detach())
-                    grads.append(p.grad)
-                    ibars.append(getattr(layer, f"srlora_{key}_ibar"))
-                    ubars.append(getattr(layer, f"srlora_{key}_ubar"))
+                grad = self.shards.grad_piece(p)
+                if grad is not None:
+                    n = st[f"{key}_ibar"].numel()
+                    params.append(self.shards.pieces(p)[-1][:n])
+                    grads.append(grad[:n])
+                    ibars.append(st[f"{key}_ibar"])
+                    ubars.append(st[f"{key}_ubar"])
         if not params:
             return
         b1, b2 = self.config.beta1, self.config.beta2
@@ -192,11 +242,27 @@ class SRLoRA(Method):
         torch._foreach_mul_(ubars, b2)
         torch._foreach_add_(ubars, imp, alpha=1 - b2)
 
-    def pair_scores(self, name: str) -> torch.Tensor:
-        """Score of every pair of a layer: mean sensitivity over B's column plus A's row."""
+    def _local_scores(self, name: str) -> torch.Tensor:
         layer = self.layers[name]
-        st = {k: getattr(layer, f"srlora_{k}") for k in STAT_KEYS}
-        return (st["B_ibar"] * st["B_ubar"]).mean(dim=0) + (st["A_ibar"] * st["A_ubar"]).mean(dim=1)
+        st = self.stat_pieces[name]
+        A, B = layer.lora_A, layer.lora_B
+        shape_A, shape_B = self._shape(layer, "A"), self._shape(layer, "B")
+        start_A, start_B = self.shards.span(A)[0], self.shards.span(B)[0]
+        sens_A, sens_B = st["A_ibar"] * st["A_ubar"], st["B_ibar"] * st["B_ubar"]
+        return (piece_col_sums(sens_B, start_B, shape_B) / shape_B[0]
+                + piece_row_sums(sens_A, start_A, shape_A) / shape_A[1])
+
+    def all_pair_scores(self) -> dict[str, torch.Tensor]:
+        """Score of every pair of every layer (mean sensitivity over B's column plus A's row),
+        identical on every rank: local sums, then one small all-reduce for all layers."""
+        self._attached()
+        local = torch.stack([self._local_scores(name) for name in self.layers])
+        scores = self.shards.all_reduce(local)
+        return dict(zip(self.layers, scores))
+
+    def pair_scores(self, name: str) -> torch.Tensor:
+        """Scores of one layer's pairs (collective when sharded: call on every rank)."""
+        return self.all_pair_scores()[name]
 
     # ---- schedule ------------------------------------------------------------------------
 
@@ -238,87 +304,161 @@ class SRLoRA(Method):
 
     # ---- recomposition -------------------------------------------------------------------
 
+    def _event_factors(self, chosen: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
+        """Per layer, the full fused pairs (B[:, idx], A[idx]) and the loaded directions' B
+        rows, assembled on every rank from the local pieces by one all-reduce (x + 0 == x)."""
+        swap, parts, shapes = self.config.swap, [], []
+        for name, idx in chosen.items():
+            layer = self.layers[name]
+            A, B = layer.lora_A, layer.lora_B
+            B_full = piece_to_full(self.shards.pieces(B)[-1][: self._len(B)], self.shards.span(B)[0], self._shape(layer, "B"))
+            A_full = piece_to_full(self.shards.pieces(A)[-1][: self._len(A)], self.shards.span(A)[0], self._shape(layer, "A"))
+            U_new = B_full.new_zeros(layer.out_features, swap)
+            first, U = self.pool_first[name], self.pool_data[name]["U"]
+            U_new[first : first + U.shape[0]] = U[:, :swap]
+            for t in (B_full[:, idx], A_full[idx], U_new):
+                parts.append(t.reshape(-1))
+                shapes.append(t.shape)
+        flat = self.shards.all_reduce(torch.cat(parts))
+        self.last_event_bytes = flat.numel() * flat.element_size()
+        out, offset, shapes = {}, 0, iter(shapes)
+        for name in chosen:
+            got = []
+            for shape in (next(shapes), next(shapes), next(shapes)):
+                got.append(flat[offset : offset + math.prod(shape)].view(shape))
+                offset += math.prod(shape)
+            out[name] = dict(zip(("B_old", "A_old", "U_new"), got))
+        return out
+
+    def _shape(self, layer: AdaptedLinear, key: str) -> tuple[int, int]:
+        """Shape of A or B (not ``p.shape``: ZeRO-3 empties partitioned parameters)."""
+        return (self.config.r, layer.in_features) if key == "A" else (layer.out_features, self.config.r)
+
+    def _len(self, p: torch.Tensor) -> int:
+        start, end = self.shards.span(p)
+        return end - start
+
     @torch.no_grad()
     def recompose(self, optimizer: torch.optim.Optimizer | None, step: int) -> list[dict]:
         """One event on every layer: fuse the lowest-scoring pairs, load the next pool directions.
+
+        Collective when sharded (every rank calls it at the same step): one all-reduce of the
+        pair scores, one of the small event factors; each rank then edits only its piece of
+        the base (or appends the same factors to the replicated edit log).
 
         Returns:
             One record per layer: fused pair ids and scores, new pointer, fusion error.
         """
         cfg = self.config
         swap = cfg.swap
-        records = []
+        scores = self.all_pair_scores()
+        names = list(self.layers)
+        order = torch.sort(torch.stack([scores[n] for n in names]), dim=1, stable=True).indices[:, :swap]
+        chosen = dict(zip(names, order))
+        factors = self._event_factors(chosen)
+        # One host transfer for the records of all layers.
+        ids_all = order.tolist()
+        scores_all = torch.stack([scores[n][chosen[n]] for n in names]).tolist()
+        records, errors = [], []
         for index, (name, layer) in enumerate(self.layers.items()):
-            scores = self.pair_scores(name)
-            idx = torch.sort(scores, stable=True).indices[:swap]
+            idx, f = chosen[name], factors[name]
             s = layer.scale
-            pool = {k: getattr(layer, f"srlora_pool_{k}") for k in ("U", "S", "V")}
+            pool = self.pool_data[name]
             root = torch.sqrt(pool["S"][:swap] / s)
-            B_new = pool["U"][:, :swap] * root
+            B_new = f["U_new"] * root
             A_new = (pool["V"][:, :swap] * root).t()
             # One edit: + s B_k A_k of the fused pairs, - s B_new A_new of the loaded ones.
-            edit_U = torch.cat([layer.lora_B[:, idx] * s, -s * B_new], dim=1)
-            edit_V = torch.cat([layer.lora_A[idx], A_new], dim=0)
-            before = layer.base.weight.double() if layer.fold_edits else None
+            edit_U = torch.cat([f["B_old"] * s, -s * B_new], dim=1)
+            edit_V = torch.cat([f["A_old"], A_new], dim=0)
+            before = None
+            if layer.fold_edits and cfg.fusion_check:
+                start, end = self.shards.span(layer.base.weight)
+                before = self.shards.pieces(layer.base.weight)[-1][: end - start].double()
             layer.add_edit(edit_U, edit_V)
-            error = 0.0  # the log holds the intended factors exactly
-            if before is not None:
-                intended = edit_U.double() @ edit_V.double()
-                error = ((layer.base.weight.double() - before - intended).norm() / intended.norm()).item()
-            layer.lora_B[:, idx] = B_new
-            layer.lora_A[idx] = A_new
+            if before is not None:  # ||applied - intended||^2 and ||intended||^2 on this piece
+                intended = flat_range_of_product(edit_U.double(), edit_V.double(), start, end)
+                applied = self.shards.pieces(layer.base.weight)[-1][: end - start].double() - before
+                errors.append(torch.stack([(applied - intended).square().sum(), intended.square().sum()]))
+            self._swap_slots(name, layer, idx, B_new, A_new, optimizer)
             # Loaded directions leave the pool: it only ever holds what later events need.
-            self._set_pool(layer, {"U": pool["U"][:, swap:], "S": pool["S"][swap:], "V": pool["V"][:, swap:]})
-            self._reset_slots(name, layer, idx, optimizer)
-            ids = idx.tolist()
+            self.pool_data[name] = {"U": pool["U"][:, swap:], "S": pool["S"][swap:], "V": pool["V"][:, swap:]}
+            ids = ids_all[index]
             for slot in ids:
                 self.lifetimes.append((index, int(self.slot_pool[name][slot]), int(self.slot_start[name][slot]), step))
             self.slot_pool[name][ids] = torch.arange(self.pointer, self.pointer + swap)
             self.slot_start[name][ids] = step
             records.append({"event": self.events_done + 1, "layer": name, "fused_pairs": ids,
-                            "scores": scores[idx].tolist(), "pointer": self.pointer + swap, "fusion_error": error})
+                            "scores": scores_all[index], "pointer": self.pointer + swap,
+                            "fusion_error": 0.0})  # the log holds the intended factors exactly
+        if errors:
+            err = self.shards.all_reduce(torch.stack(errors))
+            for record, (num, den) in zip(records, err.tolist()):
+                record["fusion_error"] = (num / den) ** 0.5 if den > 0 else 0.0
         self.pointer += swap
         self.events_done += 1
-        errors = [r["fusion_error"] for r in records]
         log.info("srlora event %d/%d at step %d: pointer %d, fusion error max %.2e",
-                 self.events_done, cfg.n_events, step, self.pointer, max(errors))
+                 self.events_done, cfg.n_events, step, self.pointer, max(r["fusion_error"] for r in records))
         return records
 
-    def _reset_slots(self, name: str, layer: AdaptedLinear, idx: torch.Tensor, optimizer) -> None:
-        for key in STAT_KEYS:
-            t = getattr(layer, f"srlora_{key}")
-            if key[0] == "A":
-                t[idx] = 0
+    def _swap_slots(self, name: str, layer: AdaptedLinear, idx: torch.Tensor, B_new: torch.Tensor,
+                    A_new: torch.Tensor, optimizer) -> None:
+        """Load the new pairs into slots ``idx`` of every live copy of A and B, and zero the
+        slots' importance statistics and (per ``optimizer_state``) their Adam moments."""
+        moments = ()
+        if optimizer is not None and self.config.optimizer_state != "keep":
+            # Zeroing only the first moment keeps Adam's per-element scale estimate, so the first
+            # updates of a new slot are smaller than usual (a built-in warm-up); zeroing the second
+            # moment too, under Adam's global step count, makes them ~1/sqrt(1 - beta2) too large.
+            moments = ("exp_avg",) if self.config.optimizer_state == "reset_m" else ("exp_avg", "exp_avg_sq")
+        for key, p, new in (("A", layer.lora_A, A_new), ("B", layer.lora_B, B_new)):
+            full = new.new_zeros(self._shape(layer, key))
+            mask = torch.zeros(full.shape, dtype=torch.bool, device=full.device)
+            if key == "A":
+                full[idx], mask[idx] = new, True
             else:
-                t[:, idx] = 0
-        if optimizer is None or self.config.optimizer_state == "keep":
-            return
-        # Zeroing only the first moment keeps Adam's per-element scale estimate, so the first
-        # updates of a new slot are smaller than usual (a built-in warm-up); zeroing the second
-        # moment too, under Adam's global step count, makes them ~1/sqrt(1 - beta2) too large.
-        names = ("exp_avg",) if self.config.optimizer_state == "reset_m" else ("exp_avg", "exp_avg_sq")
-        for p, sl in ((layer.lora_A, (idx,)), (layer.lora_B, (slice(None), idx))):
-            state = optimizer.state.get(p, {})
-            for key in names:
-                if key in state:
-                    state[key][sl] = 0
+                full[:, idx], mask[:, idx] = new, True
+            full, mask = full.view(-1), mask.view(-1)
+            start, end = self.shards.span(p)
+            for piece in self.shards.pieces(p):
+                view = piece[: end - start]
+                view.copy_(torch.where(mask[start:end], full[start:end].to(view.dtype), view))
+            for whole in self.shards.replicas(p):
+                whole.copy_(torch.where(mask, full.to(whole.dtype), whole))
+            targets = [self.stat_pieces[name][f"{key}_ibar"], self.stat_pieces[name][f"{key}_ubar"]]
+            targets += [t for t in (self.shards.optimizer_piece(optimizer, p, k) for k in moments) if t is not None]
+            for t in targets:
+                t[: end - start].masked_fill_(mask[start:end].to(t.device), 0)
 
     # ---- state -----------------------------------------------------------------------------
 
     def state_dict(self) -> dict[str, torch.Tensor]:
+        """The method's state with whole tensors (collective when sharded: call on every rank)."""
+        self._attached()
         out = {
             "pointer": torch.tensor(self.pointer), "events_done": torch.tensor(self.events_done),
             "interval": torch.tensor(self.interval), "total_steps": torch.tensor(self.total_steps),
             "lifetimes": torch.tensor(self.lifetimes, dtype=torch.long).reshape(-1, 4),
         }
-        pool, stats = self.pool, self.stats
-        for name in self.layers:
-            for key, value in pool[name].items():
-                out[f"pool.{name}.{key}"] = value
-            for key, value in stats[name].items():
-                out[f"stats.{name}.{key}"] = value
+        wholes, parts = [], []
+        for name, layer in self.layers.items():
+            pool = self.pool_data[name]
+            U = pool["U"]
+            U_full = U.new_zeros(layer.out_features, U.shape[1])
+            U_full[self.pool_first[name] : self.pool_first[name] + U.shape[0]] = U
+            wholes.append((f"pool.{name}.U", U_full))
+            for key, piece in self.stat_pieces[name].items():
+                p = layer.lora_A if key[0] == "A" else layer.lora_B
+                wholes.append((f"stats.{name}.{key}", piece_to_full(piece, self.shards.span(p)[0], self._shape(layer, key[0]))))
+            out[f"pool.{name}.S"] = pool["S"]
+            out[f"pool.{name}.V"] = pool["V"]
             out[f"slots.{name}.pool_index"] = self.slot_pool[name]
             out[f"slots.{name}.start"] = self.slot_start[name]
+        if wholes:
+            flat = self.shards.all_reduce(torch.cat([t.reshape(-1).float() for _, t in wholes]))
+            offset = 0
+            for key, t in wholes:
+                out[key] = flat[offset : offset + t.numel()].view(t.shape)
+                offset += t.numel()
         return out
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
@@ -329,16 +469,24 @@ class SRLoRA(Method):
             self.interval = int(state.pop("interval"))
             self.total_steps = int(state.pop("total_steps"))
             self.lifetimes = [tuple(row) for row in state.pop("lifetimes").tolist()]
+            pending = {}
             for name, layer in self.layers.items():
-                self._set_pool(layer, {k: state.pop(f"pool.{name}.{k}") for k in ("U", "S", "V")})
+                device = layer.lora_A.device
+                self.pool_first[name] = 0
+                self.pool_whole.add(name)
+                self.pool_data[name] = {k: state.pop(f"pool.{name}.{k}").to(device) for k in ("U", "S", "V")}
                 for key in STAT_KEYS:
-                    getattr(layer, f"srlora_{key}").copy_(state.pop(f"stats.{name}.{key}"))
+                    pending[f"{name}.{key}"] = state.pop(f"stats.{name}.{key}")
                 self.slot_pool[name] = state.pop(f"slots.{name}.pool_index")
                 self.slot_start[name] = state.pop(f"slots.{name}.start")
         except KeyError as e:
             raise ValueError(f"srlora state is missing {e}; the adapter file is incomplete") from None
         if state:
             raise ValueError(f"unexpected srlora state keys {sorted(state)[:5]}")
+        self._pending_stats = pending
+        self.stat_pieces = {}
+        if self.layers:
+            self.attach(nn.ModuleDict(), self.shards)
 
     # ---- reports ---------------------------------------------------------------------------
 

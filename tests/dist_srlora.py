@@ -1,0 +1,107 @@
+"""Run by tests/test_distributed.py under torchrun / the deepspeed launcher (or plain python):
+SRLoRA on a small Llama with uneven shapes (255 MLP rows; ZeRO-3 ranges that split rows).
+
+argv: backend (single, fsdp2, zero3), output JSON, optional DeepSpeed config. Every rank
+takes checksums of what must be identical everywhere (pool S and V, pair scores, chosen
+pairs, edit log); rank 0 writes them all-gathered, with the losses and, for every event,
+the relative change of the logits across it (must be ~0: events preserve the function).
+"""
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from transformers import AutoModelForCausalLM, LlamaConfig  # noqa: E402
+
+from lrx.config import load_config  # noqa: E402
+from lrx.distributed import build_backend  # noqa: E402
+from lrx.methods import adapted_layers, build_method  # noqa: E402
+
+STEPS, GLOBAL_BATCH, SEQ = 10, 4, 16
+
+
+def uneven_llama() -> torch.nn.Module:
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=96, hidden_size=28, intermediate_size=255, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64,
+                         attention_dropout=0.0)
+    return AutoModelForCausalLM.from_config(config).float()
+
+
+def checksum(t: torch.Tensor) -> list[float]:
+    t = t.detach().double().cpu()
+    return [float(t.sum()), float(t.abs().sum()), float((t * torch.arange(t.numel()).view(t.shape)).sum())]
+
+
+def main() -> None:
+    args = [a for a in sys.argv[1:] if not a.startswith("--local_rank")]  # the deepspeed launcher adds it
+    name, out = args[0], args[1]
+    ds_config = args[2] if len(args) > 2 else None
+    backend = build_backend(name, "cpu", deepspeed_config=ds_config)
+    rank, world = backend.rank, backend.world_size
+    model = uneven_llama()
+    cfg = load_config(None, ["method.r=4", "method.target_modules=[all-linear]", "method.interval=3"],
+                      method="srlora").method
+    method = build_method(cfg)
+    torch.manual_seed(0)
+    method.apply(model, backend.weights())
+    model = backend.prepare(model)
+    params = [p for _, p in method.trainable_parameters(model)]
+    optimizer = torch.optim.AdamW(params, lr=1e-2)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    run = backend.setup(model, optimizer, scheduler, micro_batch=GLOBAL_BATCH // world, grad_accum=1, max_grad_norm=0.0)
+    method.attach(model, backend.shards())
+    method.on_train_start(model, optimizer, STEPS)
+    data = torch.randint(0, 96, (STEPS, GLOBAL_BATCH, SEQ), generator=torch.Generator().manual_seed(1))
+    probe = torch.randint(0, 96, (2, SEQ), generator=torch.Generator().manual_seed(2))
+    mine = slice(rank * GLOBAL_BATCH // world, (rank + 1) * GLOBAL_BATCH // world)
+    report = {"losses": [], "invariance": [], "events": []}
+
+    def logits() -> torch.Tensor:
+        return run(input_ids=probe).logits.detach().double()  # with grad enabled: FSDP2 reshards after
+
+    for step in range(STEPS):
+        batch = data[step, mine]
+        loss = run(input_ids=batch, labels=batch).loss
+        backend.backward(loss)
+        method.after_backward(model, step)
+        backend.step(optimizer, scheduler, params, 0.0)
+        report["losses"].append(backend.all_reduce_sum(loss.detach().clone()).item() / world)
+        if step + 1 == (method.events_done + 1) * method.interval and method.events_done < cfg.n_events:
+            before = logits()
+            records = method.after_optimizer_step(model, optimizer, step + 1)
+            after = logits()
+            report["invariance"].append(((after - before).norm() / before.norm()).item())
+            report["events"].append([[r["layer"], r["fused_pairs"]] for r in records])
+    mine_sums = {}
+    for lname, layer in adapted_layers(model):
+        pool = method.pool[lname]
+        mine_sums[f"{lname}.pool_S"] = checksum(pool["S"])
+        mine_sums[f"{lname}.pool_V"] = checksum(pool["V"])
+        mine_sums[f"{lname}.edit_U"] = checksum(layer.edit_U)
+        mine_sums[f"{lname}.edit_V"] = checksum(layer.edit_V)
+    scores = method.all_pair_scores()
+    for lname, s in scores.items():
+        mine_sums[f"{lname}.scores"] = checksum(s)
+    mine_sums["chosen"] = [float(x) for ev in report["events"] for _, ids in ev for x in ids]
+    state = method.state_dict()
+    report["state"] = {k: checksum(v) for k, v in state.items() if k.startswith(("stats.", "pool."))}
+    if world > 1:
+        gathered = [None] * world
+        dist.all_gather_object(gathered, mine_sums)
+    else:
+        gathered = [mine_sums]
+    report["per_rank"] = gathered
+    report["world_size"] = world
+    if backend.is_main:
+        Path(out).write_text(json.dumps(report))
+    backend.close()
+
+
+if __name__ == "__main__":
+    main()

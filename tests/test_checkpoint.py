@@ -1,0 +1,187 @@
+"""Checkpoints: kill and resume (SIGKILL mid-run), world-size changes, bad input.
+
+Runs go through ``launch/train.py`` as users start them; a run is killed at a chosen step with
+``LRX_KILL_AT_STEP`` (rank 0 sends itself SIGKILL right after that step's checkpoint logic).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from lrx import checkpoint
+from lrx.cli import main
+from tests.conftest import REPO
+from tests.test_distributed import BACKENDS, launch, losses, table
+
+pytestmark = pytest.mark.distributed
+
+
+def args(data, out, *extra, batch=8):
+    return [str(REPO / "launch" / "train.py"), "--method", "srlora", "model.name_or_path=tiny-bert",
+            "data.format=table", f"data.train_path={data}", "method.r=4",
+            "method.target_modules=[query,value,intermediate.dense]", "train.max_steps=12", "train.lr=1e-2",
+            "train.log_every=1", "train.eval_at_start=false", "logging.progress=false", "logging.tensorboard=false",
+            f"train.batch_size={batch}", f"logging.output_dir={out}", *extra]
+
+
+def adapter(run_dir):
+    return load_file(str(run_dir / "adapter" / "adapter_model.safetensors"))
+
+
+def assert_same_adapter(a, b, atol):
+    assert a.keys() == b.keys()
+    for key in a:
+        diff = (a[key].double() - b[key].double()).abs().max().item() if a[key].numel() else 0.0
+        assert diff <= atol, (key, diff)
+
+
+def run(argv, nproc=1, backend="fsdp2", env=None):
+    launcher = BACKENDS[backend][0] if nproc > 1 else "python"
+    old = dict(os.environ)
+    os.environ.update(env or {})
+    try:
+        return launch(argv, nproc, launcher)
+    finally:
+        os.environ.clear()
+        os.environ.update(old)
+
+
+@pytest.mark.parametrize("backend, nproc", [("single", 1), ("fsdp2", 2), ("zero3", 2)])
+def test_killed_run_resumes_exactly(tmp_path, backend, nproc):
+    """SRLoRA (events at steps 2, 4, 6, 8) killed with SIGKILL at a random step after the first
+    event ends, after --resume auto, with the uninterrupted run's adapter, edit log and losses."""
+    data = table(tmp_path / "t.tsv")
+    batch = 8 // nproc
+    kill = random.Random().randint(5, 10)
+    full = run(args(data, tmp_path / "full", "train.save_every=2", batch=batch), nproc, backend)
+    assert full.returncode == 0, full.stderr[-3000:]
+    killed = run(args(data, tmp_path / "run", "train.save_every=2", batch=batch), nproc, backend,
+                 env={"LRX_KILL_AT_STEP": str(kill)})
+    assert killed.returncode != 0, f"the run was not killed at step {kill}"
+    done = [int(p.name.split("-")[1]) for p in checkpoint.checkpoint_dirs(tmp_path / "run")]
+    assert done and max(done) == kill - kill % 2 and max(done) >= 4
+    resumed = run(args(data, tmp_path / "run", "train.save_every=2", "--resume", "auto", batch=batch), nproc, backend)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resumed from" in resumed.stderr
+    assert losses(tmp_path / "run") == pytest.approx(losses(tmp_path / "full"), abs=1e-6)
+    assert_same_adapter(adapter(tmp_path / "run"), adapter(tmp_path / "full"), atol=1e-6)
+    events = [(tmp_path / d / "method_events.jsonl").read_text() for d in ("full", "run")]
+    assert [json.loads(x)["fused_pairs"] for x in events[0].splitlines()] == \
+        [json.loads(x)["fused_pairs"] for x in events[1].splitlines()]
+
+
+@pytest.mark.parametrize("first, then", [(("fsdp2", 2), ("single", 1)), (("single", 1), ("zero3", 2))],
+                         ids=["2-to-1", "1-to-2"])
+def test_resume_on_another_world_size(tmp_path, first, then):
+    data = table(tmp_path / "t.tsv")
+    reference = run(args(data, tmp_path / "ref"))
+    assert reference.returncode == 0, reference.stderr[-3000:]
+    (b1, n1), (b2, n2) = first, then
+    a = run(args(data, tmp_path / "run", "train.save_every=6", batch=8 // n1), n1, b1)
+    assert a.returncode == 0, a.stderr[-3000:]
+    ckpt = tmp_path / "run" / "checkpoints" / "step-00000006"
+    b = run(args(data, tmp_path / "run", "train.save_every=6", "--resume", str(ckpt), batch=8 // n2), n2, b2)
+    assert b.returncode == 0, b.stderr[-3000:]
+    assert losses(tmp_path / "run") == pytest.approx(losses(tmp_path / "ref"), abs=1e-4)
+    assert_same_adapter(adapter(tmp_path / "run"), adapter(tmp_path / "ref"), atol=1e-4)
+
+
+# ---- bad input (one process, in-process CLI) --------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    """A finished one-process run with checkpoints at steps 3, 6 (kept: the last 2)."""
+    root = tmp_path_factory.mktemp("ckpt")
+    data = table(root / "t.tsv")
+    argv = args(data, root / "run", "train.save_every=3", "train.max_steps=6")[1:]
+    assert main(argv) == 0
+    return root, data
+
+
+def copy_run(saved, tmp_path):
+    root, data = saved
+    shutil.copytree(root / "run", tmp_path / "run")
+    return tmp_path / "run", data
+
+
+def resume_cli(data, run_dir, resume, *extra):
+    return main(args(data, run_dir, "train.max_steps=8", "--resume", resume, *extra)[1:])
+
+
+def test_checkpoints_hold_what_training_changed(saved):
+    root, _ = saved
+    found = checkpoint.checkpoint_dirs(root / "run")
+    assert [p.name for p in found] == ["step-00000003", "step-00000006"]
+    names = sorted(p.name for p in found[-1].iterdir())
+    assert names == ["COMPLETE", "adapter", "optimizer.safetensors", "rng-rank0.safetensors", "trainer_state.json"]
+    state = json.loads((found[-1] / "trainer_state.json").read_text())
+    assert state["step"] == 6 and state["micro"] == 6 and set(state["versions"]) == {"lrx", "torch", "transformers"}
+    tensors = load_file(str(found[-1] / "adapter" / "adapter_model.safetensors"))
+    assert not any(k.endswith(".weight") and ".base." in k for k in tensors)  # never the base weights
+    assert any(k.startswith("method_state.stats.") for k in tensors)
+    assert all(k.endswith((".exp_avg", ".exp_avg_sq")) for k in load_file(str(found[-1] / "optimizer.safetensors")))
+
+
+def test_auto_skips_an_incomplete_checkpoint(saved, tmp_path, caplog):
+    run_dir, data = copy_run(saved, tmp_path)
+    newest = run_dir / "checkpoints" / "step-00000006"
+    (newest / "COMPLETE").unlink()  # as if the save had been interrupted
+    assert checkpoint.resolve_resume("auto", run_dir).name == "step-00000003"
+    assert resume_cli(data, run_dir, str(newest)) == 2
+    assert resume_cli(data, run_dir, "auto") == 0
+    assert json.loads((run_dir / "checkpoints" / "step-00000008" / "trainer_state.json").read_text())["step"] == 8
+
+
+@pytest.mark.parametrize("damage, message", [
+    ("truncate", "truncated or corrupt"),
+    ("pickle", "pickle files are refused"),
+    ("missing", "adapter_model.safetensors is missing"),
+    ("config", "other method settings (r, r_target differ)"),
+])
+def test_bad_checkpoints_are_refused_clearly(saved, tmp_path, capsys, damage, message):
+    run_dir, data = copy_run(saved, tmp_path)
+    ckpt = run_dir / "checkpoints" / "step-00000006"
+    extra = []
+    if damage == "truncate":
+        f = ckpt / "optimizer.safetensors"
+        f.write_bytes(f.read_bytes()[:100])
+    elif damage == "pickle":
+        (ckpt / "optimizer.safetensors").rename(ckpt / "optimizer.bin")
+    elif damage == "missing":
+        (ckpt / "adapter" / "adapter_model.safetensors").unlink()
+    else:
+        extra = ["method.r=2"]
+    before = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
+    assert resume_cli(data, run_dir, str(ckpt), *extra) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("error: ") and message in err
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == before  # nothing touched
+
+
+def test_full_disk_leaves_earlier_checkpoints_intact(saved, tmp_path, capsys, monkeypatch):
+    run_dir, data = copy_run(saved, tmp_path)
+    real = checkpoint.save_file
+
+    def full_disk(tensors, path, *a, **k):
+        if "step-00000008" in path and path.endswith("optimizer.safetensors"):
+            raise OSError(28, "No space left on device")
+        return real(tensors, path, *a, **k)
+
+    monkeypatch.setattr(checkpoint, "save_file", full_disk)
+    assert resume_cli(data, run_dir, "auto") == 2
+    assert "No space left on device" in capsys.readouterr().err
+    kept = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
+    assert kept == ["step-00000003", "step-00000006"]  # no partial step-8, nothing deleted
+    assert checkpoint.resolve_resume("auto", run_dir).name == "step-00000006"
+    torch.testing.assert_close(  # and it still loads
+        load_file(str(run_dir / "checkpoints" / "step-00000006" / "optimizer.safetensors"))[
+            next(iter(load_file(str(run_dir / "checkpoints" / "step-00000006" / "optimizer.safetensors"))))],
+        next(iter(load_file(str(saved[0] / "run" / "checkpoints" / "step-00000006" / "optimizer.safetensors")).values())))

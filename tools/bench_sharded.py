@@ -1,0 +1,228 @@
+"""Throughput, memory and SRLoRA event cost of sharded training (FSDP2 or ZeRO-3).
+
+    torchrun --nproc_per_node 2 tools/bench_sharded.py --backend fsdp2 --out runs/bench_fsdp2.json
+    deepspeed --num_gpus 2 tools/bench_sharded.py --backend zero3 --out runs/bench_zero3.json
+
+Trains an 8B Llama-3-shaped model (random init, built directly on the GPU; seq 2048,
+micro-batch 2, r=16 on all linear layers) for each ``--runs`` entry, ``METHOD:STORAGE:CKPT``:
+METHOD lora or srlora, STORAGE the base weights' dtype (bf16: SRLoRA's edits go to the exact
+fp32 log; fp32: folded into fp32 shards, with bf16 compute through FSDP2's mixed precision),
+CKPT ``ckpt`` (activation checkpointing) or ``nockpt``. SRLoRA runs two recomposition events
+after the warm-up steps, so its timed steps run with the edit log of two events (bf16 storage).
+It reports, per run: tokens/s per GPU over the timed steps, model FLOPs utilisation (4 x matmul parameters + 6 L d n_layers per token,
+against ``--peak-tflops``, as DESIGN.md's peft references), peak memory while training (after
+the model is sharded: building it whole first is not counted), the adapter's
+initialisation time (SRLoRA: the per-row-block pool SVD of every matrix plus PiSSA init), and
+for SRLoRA the time of each event over all layers (``event_s``: the faster of the two; the
+first pays one-time allocations) and the bytes all-reduced for it.
+Rank 0 prints a table and appends the results to the JSON list in ``--out``.
+
+Give each run its own launch when comparing memory: a DeepSpeed engine is not fully released
+within the process, so a second ZeRO-3 run in one process carries the first one's memory.
+``tools/bench_sharded.sh`` launches every run of the matrix separately and prints the table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gc
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig  # noqa: E402
+
+from lrx.config import load_config  # noqa: E402
+from lrx.distributed import build_backend  # noqa: E402
+from lrx.methods import build_method  # noqa: E402
+
+REFERENCES = {  # DESIGN.md: peft LoRA r=16 on 2x H200, tokens/s per GPU
+    ("fsdp2", "ckpt"): 7107, ("fsdp2", "nockpt"): 9953, ("zero3", "ckpt"): 1996, ("zero3", "nockpt"): 2566,
+}
+
+
+def model_config(path: str):
+    if path == "tiny":  # CPU smoke test of the script
+        return LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2)
+    return AutoConfig.from_pretrained(path)
+
+
+def flops_per_token(cfg, seq: int) -> float:
+    d, layers, ff = cfg.hidden_size, cfg.num_hidden_layers, cfg.intermediate_size
+    kv = cfg.num_key_value_heads * (d // cfg.num_attention_heads)
+    matmul = layers * (2 * d * d + 2 * d * kv + 3 * d * ff) + d * cfg.vocab_size  # + lm_head
+    return 4 * matmul + 6 * seq * d * layers
+
+
+def gib(n: int) -> float:
+    return n / 2**30
+
+
+def sync(backend) -> None:
+    if backend.device.type == "cuda":
+        torch.cuda.synchronize(backend.device)
+    backend.barrier()
+
+
+def one_run(args, backend, spec: str) -> dict:
+    method_name, storage, ckpt = spec.split(":")
+    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[storage]
+    cfg = model_config(args.model_config)
+    if backend.device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(backend.device)
+    torch.manual_seed(0)
+    with backend.device:
+        model = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
+    run_cfg = load_config(None, [f"method.r={args.rank}", f"method.alpha={2 * args.rank}", "method.target_modules=[all-linear]",
+                                 *(["method.fusion_check=false"] if method_name == "srlora" else [])],
+                          method=method_name)
+    method = build_method(run_cfg.method)
+    sync(backend)
+    t0 = time.perf_counter()
+    method.apply(model, backend.weights())
+    sync(backend)
+    init_s = time.perf_counter() - t0
+    if ckpt == "ckpt":
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.config.use_cache = False
+    model = backend.prepare(model)
+    params = [p for _, p in method.trainable_parameters(model)]
+    optimizer = torch.optim.AdamW(params, lr=1e-5)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    runner = backend.setup(model, optimizer, scheduler, micro_batch=args.micro_batch, grad_accum=1, max_grad_norm=1.0)
+    method.attach(model, backend.shards())
+    method.on_train_start(model, optimizer, 10**6)
+    if args.debug_memory and backend.is_main:
+        live: dict[tuple, int] = {}
+        for obj in gc.get_objects():
+            if torch.is_tensor(obj) and obj.is_cuda:
+                key = (tuple(obj.shape), str(obj.dtype), type(obj).__name__)
+                live[key] = live.get(key, 0) + obj.untyped_storage().nbytes()
+        for key, nbytes in sorted(live.items(), key=lambda kv: -kv[1])[:12]:
+            print(f"[live] {key}: {nbytes / 2**20:.0f} MiB (storage)", flush=True)
+    memory = {"after_setup_gib": gib(torch.cuda.memory_allocated(backend.device)) if backend.device.type == "cuda" else None}
+    if backend.device.type == "cuda":  # the training peak, without building the whole model before sharding
+        torch.cuda.reset_peak_memory_stats(backend.device)
+    g = torch.Generator().manual_seed(backend.rank)
+    batch = torch.randint(0, cfg.vocab_size, (args.micro_batch, args.seq), generator=g).to(backend.device)
+    autocast = torch.autocast(backend.device.type, dtype=torch.bfloat16, enabled=backend.device.type == "cuda")
+
+    def train_step(step: int) -> torch.Tensor:
+        with autocast:
+            loss = runner(input_ids=batch, labels=batch).loss
+        backend.backward(loss)
+        method.after_backward(model, step)
+        backend.step(optimizer, scheduler, params, 1.0)
+        return loss.detach()
+
+    event = {}
+    step = 0
+    for _ in range(args.warmup):
+        train_step(step)
+        step += 1
+    if method_name == "srlora":  # two events over all layers, each after some importance steps
+        for k in (1, 2):
+            profile = args.profile_event and k == 2 and backend.is_main
+            prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU] + (
+                [torch.profiler.ProfilerActivity.CUDA] if backend.device.type == "cuda" else [])) if profile else None
+            sync(backend)
+            t0 = time.perf_counter()
+            with prof or contextlib.nullcontext():
+                records = method.recompose(optimizer, step)
+                sync(backend)
+            event[f"event{k}_s"] = time.perf_counter() - t0
+            if prof is not None:
+                sort = "cuda_time_total" if backend.device.type == "cuda" else "cpu_time_total"
+                print(prof.key_averages().table(sort_by=sort, row_limit=15), flush=True)
+            train_step(step)
+            step += 1
+        event.update({"event_s": min(event["event1_s"], event["event2_s"]),
+                      "event_allreduce_bytes": method.last_event_bytes,
+                      "score_allreduce_bytes": len(method.layers) * method.config.r * 4,
+                      "event_layers": len(records), "edit_log_rank": method.layers[next(iter(method.layers))].edit_rank})
+    if backend.device.type == "cuda":
+        memory["after_events_gib"] = gib(torch.cuda.memory_allocated(backend.device))
+    sync(backend)
+    t0 = time.perf_counter()
+    for _ in range(args.steps):
+        loss = train_step(step)
+        step += 1
+    sync(backend)
+    elapsed = time.perf_counter() - t0
+    tokens_per_gpu = args.steps * args.micro_batch * args.seq / elapsed
+    adapter_bytes = sum(getattr(p, "ds_numel", p.numel()) * 4 for _, p in method.trainable_parameters(model))
+    result = {
+        "run": spec, "backend": backend.name, "world_size": backend.world_size, "method": method_name,
+        "storage": storage, "ckpt": ckpt == "ckpt", "tokens_per_s_per_gpu": tokens_per_gpu,
+        "mfu": tokens_per_gpu * flops_per_token(cfg, args.seq) / (args.peak_tflops * 1e12),
+        "step_s": elapsed / args.steps, "init_s": init_s, "final_loss": float(loss),
+        "peak_gib": gib(torch.cuda.max_memory_allocated(backend.device)) if backend.device.type == "cuda" else None,
+        **memory,
+        "adapter_bytes_fp32": adapter_bytes, **event,
+    }
+    ref = REFERENCES.get((backend.name, ckpt))
+    if ref and backend.world_size == 2 and args.model_config != "tiny":
+        result["peft_reference_tokens_per_s_per_gpu"] = ref
+    del runner, model, optimizer, scheduler, params, method
+    if backend.name == "zero3":
+        backend.engine = None
+    gc.collect()
+    return result
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--backend", choices=["fsdp2", "zero3"], required=True)
+    parser.add_argument("--model-config", default=str(Path(__file__).resolve().parents[1] / "configs" / "models" / "llama3-8b-shape"),
+                        help="HF config folder, or 'tiny' for a CPU smoke test")
+    parser.add_argument("--runs", nargs="+", default=["lora:bf16:ckpt", "srlora:bf16:ckpt", "lora:bf16:nockpt", "srlora:bf16:nockpt"])
+    parser.add_argument("--rank", type=int, default=16, help="adapter rank r")
+    parser.add_argument("--seq", type=int, default=2048)
+    parser.add_argument("--micro-batch", type=int, default=2)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--peak-tflops", type=float, default=989.0, help="dense bf16 peak of one GPU (H100/H200: 989)")
+    parser.add_argument("--debug-memory", action="store_true", help="list the largest live CUDA tensors after setup")
+    parser.add_argument("--profile-event", action="store_true", help="print a torch.profiler table of the second event")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--out", default="runs/bench_sharded.json")
+    parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # the deepspeed launcher
+    args = parser.parse_args()
+
+    backend = build_backend(args.backend, args.device, bf16=True)
+    results = []
+    try:
+        for spec in args.runs:
+            results.append(one_run(args, backend, spec))
+            if backend.is_main:
+                r = results[-1]
+                print(f"[bench] {spec}: {r['tokens_per_s_per_gpu']:.0f} tok/s/GPU, step {r['step_s']:.3f} s, "
+                      f"peak {r['peak_gib']} GiB, init {r['init_s']:.2f} s, event {r.get('event_s')}", flush=True)
+    finally:
+        if backend.is_main and results:
+            header = f"{'run':22} {'tok/s/GPU':>10} {'MFU':>6} {'peak GiB':>9} {'init s':>7} {'event s':>8} {'event MB':>9} {'peft ref':>9}"
+            print(header)
+            for r in results:
+                peak = f"{r['peak_gib']:.1f}" if r["peak_gib"] is not None else "-"
+                ev = f"{r['event_s']:.3f}" if "event_s" in r else "-"
+                mb = f"{r['event_allreduce_bytes'] / 2**20:.1f}" if "event_s" in r else "-"
+                print(f"{r['run']:22} {r['tokens_per_s_per_gpu']:10.0f} {100 * r['mfu']:5.1f}% {peak:>9} "
+                      f"{r['init_s']:7.2f} {ev:>8} {mb:>9} {r.get('peft_reference_tokens_per_s_per_gpu', '-'):>9}")
+            out = Path(args.out)
+            out.parent.mkdir(parents=True, exist_ok=True)
+            earlier = json.loads(out.read_text()) if out.is_file() else []  # one launch per run appends
+            out.write_text(json.dumps(earlier + results, indent=2))
+        backend.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
