@@ -28,7 +28,7 @@ from torch import nn
 import lrx
 from lrx.errors import LrxError
 from lrx.fileio import read_json, read_safetensors
-from lrx.methods import Method, MethodConfig, adapted_layers, build_method, get_method_class
+from lrx.methods import AdaptedLinear, Method, MethodConfig, adapted_layers, build_method, get_method_class
 
 ADAPTER_FORMAT = "lrx-adapter"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -65,28 +65,39 @@ def atomic_dir(final: Path):
     return _Atomic()
 
 
-def adapter_tensors(model: nn.Module, method: Method, method_state: dict | None = None) -> dict[str, torch.Tensor]:
-    """Everything training changed, as a flat dict of contiguous CPU tensors.
-
-    ``method_state`` is ``method.state_dict()`` when the caller took it already (it is a
-    collective in sharded runs, so every rank takes it and only one writes)."""
+def trained_tensors(model: nn.Module, method: Method) -> dict[str, torch.Tensor]:
+    """The live parameters training changes, by their key in adapter files: every adapted
+    layer's adapter tensors and the modules_to_save (possibly sharded: gather before saving)."""
     out: dict[str, torch.Tensor] = {}
     for name, layer in adapted_layers(model):
         for key, p in layer.adapter_params().items():
-            out[f"{name}.{key}"] = p.detach()
+            out[f"{name}.{key}"] = p
+    for mod_name in method.saved_modules:
+        for pname, p in model.get_submodule(mod_name).named_parameters():
+            out[f"{mod_name}.{pname}"] = p
+    return out
+
+
+def adapter_tensors(model: nn.Module, method: Method, method_state: dict | None = None,
+                    params: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """Everything training changed, as a flat dict of contiguous CPU tensors.
+
+    ``method_state`` is ``method.state_dict()`` and ``params`` the ``trained_tensors`` gathered
+    whole when the caller took them already (both are collectives in sharded runs, so every
+    process takes them and only one writes)."""
+    out: dict[str, torch.Tensor] = dict(params) if params is not None else {
+        k: p.detach() for k, p in trained_tensors(model, method).items()}
+    for name, layer in adapted_layers(model):
         out[f"{name}.edit_U"] = layer.edit_U
         out[f"{name}.edit_V"] = layer.edit_V
         out[f"{name}.edit_sizes"] = layer.edit_sizes
-    for mod_name in method.saved_modules:
-        for pname, p in model.get_submodule(mod_name).named_parameters():
-            out[f"{mod_name}.{pname}"] = p.detach()
     for key, value in (method.state_dict() if method_state is None else method_state).items():
         out[f"method_state.{key}"] = value
     return {k: v.detach().to("cpu").contiguous() for k, v in out.items()}
 
 
 def save_adapter(path: str | Path, model: nn.Module, method: Method, meta: dict[str, Any],
-                 method_state: dict | None = None) -> Path:
+                 method_state: dict | None = None, params: dict[str, torch.Tensor] | None = None) -> Path:
     """Write an lrx adapter folder atomically.
 
     Args:
@@ -94,7 +105,7 @@ def save_adapter(path: str | Path, model: nn.Module, method: Method, meta: dict[
         model: the adapted model.
         method: the method that adapted it.
         meta: extra JSON-serialisable fields (base model name, task, num_labels ...).
-        method_state: ``method.state_dict()`` if already taken (see ``adapter_tensors``).
+        method_state, params: already gathered state and tensors (see ``adapter_tensors``).
     """
     path = Path(path)
     config = {
@@ -108,7 +119,7 @@ def save_adapter(path: str | Path, model: nn.Module, method: Method, meta: dict[
         **meta,
     }
     with atomic_dir(path) as tmp:
-        save_file(adapter_tensors(model, method, method_state), str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
+        save_file(adapter_tensors(model, method, method_state, params), str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
         (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2))
     return path
 
@@ -195,20 +206,27 @@ def export_peft(path: str | Path, model: nn.Module, method: Method, base_model_n
 
     Args:
         path: destination folder (written atomically).
-        model: the adapted model.
+        model: the adapted model (unsharded).
         method: its method (supplies exact delta factors).
         base_model_name: recorded as ``base_model_name_or_path``.
     """
+    factors = {name: method.delta_factors(layer) for name, layer in adapted_layers(model)}
+    saved = {k: p.detach() for k, p in trained_tensors(model, method).items()
+             if any(k.startswith(m + ".") for m in method.saved_modules)}
+    return write_peft(path, factors, saved, method.saved_modules, base_model_name)
+
+
+def write_peft(path: str | Path, factors: dict[str, tuple[torch.Tensor, torch.Tensor]],
+               saved: dict[str, torch.Tensor], saved_modules: list[str], base_model_name: str | None) -> Path:
+    """Write per-module exact factors ``(B, A)`` and trained modules as a peft LoRA adapter."""
     tensors: dict[str, torch.Tensor] = {}
     ranks: dict[str, int] = {}
-    for name, layer in adapted_layers(model):
-        B, A = method.delta_factors(layer)
+    for name, (B, A) in factors.items():
         tensors[f"base_model.model.{name}.lora_A.weight"] = A
         tensors[f"base_model.model.{name}.lora_B.weight"] = B
         ranks[name] = A.shape[0]
-    for mod_name in method.saved_modules:
-        for pname, p in model.get_submodule(mod_name).named_parameters():
-            tensors[f"base_model.model.{mod_name}.{pname}"] = p.detach()
+    for key, value in saved.items():
+        tensors[f"base_model.model.{key}"] = value
     r = max(ranks.values())
     config = {
         "peft_type": "LORA",
@@ -221,7 +239,7 @@ def export_peft(path: str | Path, model: nn.Module, method: Method, base_model_n
         # Full module names as patterns: peft matches them as (.*\.)?name$ (exact here).
         "rank_pattern": {name: k for name, k in ranks.items() if k != r},
         "alpha_pattern": {name: k for name, k in ranks.items() if k != r},
-        "modules_to_save": method.saved_modules or None,
+        "modules_to_save": saved_modules or None,
         "bias": "none",
         "fan_in_fan_out": False,
         "init_lora_weights": True,
@@ -233,3 +251,37 @@ def export_peft(path: str | Path, model: nn.Module, method: Method, base_model_n
                   metadata={"format": "pt"})
         (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2))
     return path
+
+
+@torch.no_grad()
+def layer_from_adapter(method: Method, tensors: dict[str, torch.Tensor], module: str) -> AdaptedLinear:
+    """A standalone copy of one adapted layer rebuilt from adapter tensors (its base weight is
+    allocated but not read): enough for ``method.delta_factors``, one layer of memory."""
+    out_f, in_f = tensors[f"{module}.edit_U"].shape[0], tensors[f"{module}.edit_V"].shape[1]
+    linear = nn.Linear(in_f, out_f, bias=False, device="meta").to_empty(device="cpu")
+    layer = method.make_layer(module, linear, fold_edits=False)
+    for attr, param in layer.adapter_params().items():
+        param.copy_(tensors[f"{module}.{attr}"])
+    layer.set_edit_log(tensors[f"{module}.edit_U"], tensors[f"{module}.edit_V"], tensors[f"{module}.edit_sizes"])
+    return layer
+
+
+def method_of(config: dict[str, Any]) -> Method:
+    """The method an adapter config names, with what its layers are built on loaded."""
+    method_cfg = dict(config["method"])
+    method = build_method(get_method_class(method_cfg["name"]).config_cls(**method_cfg))
+    method.load_resources()
+    return method
+
+
+def export_peft_from_adapter(adapter_dir: str | Path, path: str | Path) -> Path:
+    """``export_peft`` from an lrx adapter folder, without the base model: each layer's exact
+    factors come from a one-layer copy (``layer_from_adapter``)."""
+    adapter_dir = Path(adapter_dir)
+    config = read_adapter_config(adapter_dir)
+    tensors = read_safetensors(adapter_dir / WEIGHTS_NAME)
+    method = method_of(config)
+    factors = {m: method.delta_factors(layer_from_adapter(method, tensors, m)) for m in config["adapted_modules"]}
+    saved = {k: v for k, v in tensors.items()
+             if any(k.startswith(m + ".") for m in config.get("saved_modules", []))}
+    return write_peft(path, factors, saved, config.get("saved_modules") or [], config.get("base_model"))

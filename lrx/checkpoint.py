@@ -32,7 +32,7 @@ import transformers
 from safetensors.torch import save_file
 
 import lrx
-from lrx.adapter import WEIGHTS_NAME, save_adapter
+from lrx.adapter import WEIGHTS_NAME, save_adapter, trained_tensors
 from lrx.errors import LrxError
 from lrx.fileio import read_json, read_safetensors
 
@@ -129,9 +129,9 @@ def save_checkpoint(run_dir: Path, step: int, *, backend, model, method, trainer
         if torch.cuda.is_available() and backend.device.type == "cuda":
             rng["cuda"] = torch.cuda.get_rng_state(backend.device)
         save_file(rng, str(tmp / f"rng-rank{backend.rank}.safetensors"))
-        with backend.full_params(model):
-            if backend.is_main:
-                save_adapter(tmp / "adapter", model, method, meta, method_state)
+        params = backend.gather(trained_tensors(model, method))  # collective: the adapter only
+        if backend.is_main:
+            save_adapter(tmp / "adapter", model, method, meta, method_state, params)
         if backend.is_main:
             save_file({k: v.detach().cpu().contiguous() for k, v in optimizer_state.items()}, str(tmp / OPTIMIZER),
                       metadata={"format": "pt"})

@@ -41,8 +41,8 @@ class ModelConfig:
     dtype: Literal["float32", "bfloat16"] = "float32"
     """Dtype of the frozen base weights (adapters are always float32)."""
     sharded_load: Literal["auto", "on", "off"] = "auto"
-    """FSDP2: build the model on the meta device and load it one block at a time into the shards
-    (never whole on a process); auto = when the base is a folder of safetensors files."""
+    """Load the base straight into shards, never whole on a process (FSDP2: from the meta device one
+    block at a time; ZeRO-3: under zero.Init); auto = when the base is a folder of safetensors files."""
 
 
 @dataclass(kw_only=True)

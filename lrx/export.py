@@ -28,14 +28,15 @@ from pathlib import Path
 
 import torch
 from huggingface_hub import split_torch_state_dict_into_shards
-from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from lrx.adapter import WEIGHTS_NAME, export_peft, load_adapter, read_adapter_config
+from lrx.adapter import (
+    WEIGHTS_NAME, export_peft_from_adapter, layer_from_adapter, load_adapter, method_of, read_adapter_config,
+)
 from lrx.errors import LrxError
-from lrx.fileio import read_safetensors
-from lrx.methods import MethodConfig, adapted_layers, build_method, get_method_class
+from lrx.fileio import WeightFiles, read_safetensors
+from lrx.methods import adapted_layers
 from lrx.models import load_model, load_tokenizer
 
 log = logging.getLogger(__name__)
@@ -110,22 +111,10 @@ def adapter_folder(path: str | Path) -> Path:
     return path / "adapter" if (path / "adapter" / WEIGHTS_NAME).is_file() else path
 
 
-def export_peft_adapter(adapter_dir: str | Path, out: str | Path, *, base: str | None = None) -> Path:
-    """Write an lrx adapter (or checkpoint) as a standard peft LoRA adapter of exact rank.
-
-    Loads the base model (whole) to rebuild the adapted layers, then ``lrx.adapter.export_peft``.
-    """
-    adapter_dir = adapter_folder(adapter_dir)
-    config = read_adapter_config(adapter_dir)
-    name = base or config.get("base_model")
-    if not name:
-        raise LrxError(f"{adapter_dir}: no base model recorded; pass --base")
-    gguf = None if base else config.get("gguf_file")
-    tokenizer = load_tokenizer(config.get("tokenizer") or name, None if config.get("tokenizer") else gguf)
-    model = load_model(name, task=config.get("task", "causal_lm"), num_labels=max(config.get("num_labels") or 2, 1),
-                       gguf_file=gguf, vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id)
-    method = load_adapter(adapter_dir, model)
-    return export_peft(out, model, method, base_model_name=name)
+def export_peft_adapter(adapter_dir: str | Path, out: str | Path) -> Path:
+    """Write an lrx adapter (or checkpoint) as a standard peft LoRA adapter of exact rank;
+    needs no base model (``lrx.adapter.export_peft_from_adapter``)."""
+    return export_peft_from_adapter(adapter_folder(adapter_dir), out)
 
 
 @torch.no_grad()
@@ -136,40 +125,22 @@ def stream_merged(adapter_dir: Path, config: dict, files: list[Path], out: Path,
     Returns:
         False (nothing written) when the base files lack a weight the adapter changes.
     """
-    where: dict[str, Path] = {}
-    for file in files:
-        with safe_open(str(file), framework="pt") as f:
-            for key in f.keys():
-                where[key] = file
-    method_cfg = dict(config["method"])
-    method = build_method(get_method_class(method_cfg["name"]).config_cls(**method_cfg))
-    assert isinstance(method.config, MethodConfig)
+    base = WeightFiles(files)
+    method = method_of(config)  # with what its layers are built on (EigenLoRAx's basis)
     adapter = read_safetensors(adapter_dir / WEIGHTS_NAME)
     modules = config["adapted_modules"]
-    saved = {k: v for k, v in adapter.items() if k.split(".")[0] in config.get("saved_modules", [])
-             or any(k.startswith(m + ".") for m in config.get("saved_modules", []))}
-    missing = [f"{m}.weight" for m in modules if f"{m}.weight" not in where] + [k for k in saved if k not in where]
+    saved = {k: v for k, v in adapter.items() if any(k.startswith(m + ".") for m in config.get("saved_modules", []))}
+    missing = [f"{m}.weight" for m in modules if f"{m}.weight" not in base] + [k for k in saved if k not in base]
     if missing:
         log.info("base files lack %s...; exporting through the whole model instead", missing[:2])
         return False
-    method.load_resources()  # e.g. EigenLoRAx's basis, which its layers are built on
 
     def merged_weight(module: str, weight: torch.Tensor) -> torch.Tensor:
-        out_f, in_f = weight.shape
-        linear = nn.Linear(in_f, out_f, bias=False, device="meta")
-        layer = method.make_layer(module, linear.to_empty(device="cpu"), fold_edits=False)  # one layer
-        for attr, param in layer.adapter_params().items():
-            param.copy_(adapter[f"{module}.{attr}"])
-        layer.set_edit_log(adapter[f"{module}.edit_U"], adapter[f"{module}.edit_V"], adapter[f"{module}.edit_sizes"])
-        B, A = method.delta_factors(layer)
+        B, A = method.delta_factors(layer_from_adapter(method, adapter, module))  # one layer
         return weight.float() + B @ A
 
     dt = DTYPES[dtype]
-    meta = {}
-    for key, file in where.items():  # shapes only (safetensors reads headers, not data)
-        with safe_open(str(file), framework="pt") as f:
-            shape = f.get_slice(key).get_shape()
-        meta[key] = torch.empty(shape, device="meta", dtype=dt)
+    meta = {key: torch.empty(base.shape(key), device="meta", dtype=dt) for key in base.keys()}  # shapes only
     plan = split_torch_state_dict_into_shards(meta, max_shard_size=max_shard_size)
     out.mkdir(parents=True, exist_ok=True)
     adapted = {f"{m}.weight": m for m in modules}
@@ -179,8 +150,7 @@ def stream_merged(adapter_dir: Path, config: dict, files: list[Path], out: Path,
             if key in saved:
                 value = saved[key]
             else:
-                with safe_open(str(where[key]), framework="pt") as f:
-                    value = f.get_tensor(key)
+                value = base.get(key)
                 if key in adapted:
                     value = merged_weight(adapted[key], value)
             tensors[key] = value.to(dt if value.is_floating_point() else value.dtype).contiguous()
@@ -205,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("adapter", help="lrx adapter folder (runs/NAME/adapter) or checkpoint (runs/NAME/checkpoints/step-N)")
     parser.add_argument("out", help="output folder for the merged transformers checkpoint")
     parser.add_argument("--peft", action="store_true",
-                        help="write the total change as a standard peft LoRA adapter (exact rank) instead")
+                        help="write the total change as a standard peft LoRA adapter (exact rank) instead; no base needed")
     parser.add_argument("--base", help="base model (default: the one recorded in the adapter)")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--max-shard-size", default="2GB")
@@ -213,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     try:
         if args.peft:
-            path = export_peft_adapter(args.adapter, args.out, base=args.base)
+            path = export_peft_adapter(args.adapter, args.out)
             print(f"wrote {path} (open with peft's PeftModel.from_pretrained)")
             return 0
         path = export_merged(args.adapter, args.out, base=args.base, dtype=args.dtype,

@@ -40,3 +40,32 @@ def read_safetensors(file: Path) -> dict[str, torch.Tensor]:
         return load_file(str(file))
     except (SafetensorError, OSError) as e:
         raise LrxError(f"{file} is not a valid safetensors file ({e}); it may be truncated or corrupt") from None
+
+
+class WeightFiles:
+    """The tensors of a set of safetensors files, by key, read one at a time (only headers are
+    read up front)."""
+
+    def __init__(self, files: list[Path]):
+        from safetensors import safe_open
+
+        self._open = safe_open
+        self.where: dict[str, Path] = {}
+        for file in files:
+            with safe_open(str(file), framework="pt") as f:
+                for key in f.keys():
+                    self.where[key] = file
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.where
+
+    def keys(self) -> list[str]:
+        return list(self.where)
+
+    def shape(self, key: str) -> list[int]:
+        with self._open(str(self.where[key]), framework="pt") as f:
+            return f.get_slice(key).get_shape()
+
+    def get(self, key: str) -> torch.Tensor:
+        with self._open(str(self.where[key]), framework="pt") as f:
+            return f.get_tensor(key)

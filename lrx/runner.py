@@ -8,6 +8,7 @@ method's name.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import shutil
@@ -19,7 +20,7 @@ import datasets
 import torch
 
 from lrx import checkpoint
-from lrx.adapter import export_peft, restore_adapter, save_adapter
+from lrx.adapter import export_peft_from_adapter, restore_adapter, save_adapter, trained_tensors
 from lrx.config import RunConfig, save_config
 from lrx.data import build_datasets, prompt_add_special_tokens, render_prompt
 from lrx.distributed import build_backend
@@ -61,14 +62,15 @@ def resolve_task(model_task: str, data_task: str) -> str:
 
 
 def sharded_load_files(config: RunConfig, backend, resume: Path | None) -> list[Path]:
-    """The base's safetensors files when the model is built on the meta device and loaded
-    block by block into FSDP2 shards (``model.sharded_load``), else []."""
+    """The base's safetensors files when the model is loaded straight into shards
+    (``model.sharded_load``: FSDP2 block by block from the meta device, ZeRO-3 under
+    ``zero.Init``), else []."""
     mc = config.model
-    able = hasattr(backend, "prepare_from_files") and resume is None
+    able = (hasattr(backend, "prepare_from_files") or hasattr(backend, "construct_partitioned")) and resume is None
     files = safetensors_files(mc.name_or_path, mc.gguf_file) if able and mc.sharded_load != "off" else []
     if mc.sharded_load == "on" and not files:
-        raise ConfigError("model.sharded_load=on needs distributed.backend=fsdp2, a base stored as safetensors "
-                          "files and a fresh run (resuming loads the whole model); set model.sharded_load=auto")
+        raise ConfigError("model.sharded_load=on needs distributed.backend=fsdp2 or zero3, a base stored as "
+                          "safetensors files and a fresh run (resuming loads the whole model); set model.sharded_load=auto")
     return files
 
 
@@ -121,19 +123,21 @@ def _run(config: RunConfig, backend, t0: float, resume: Path | None = None) -> d
     task = resolve_task(mc.task, data.task)
 
     files = sharded_load_files(config, backend, resume)
+    meta_blocks = bool(files) and hasattr(backend, "prepare_from_files")  # FSDP2: meta, then block by block
     torch.manual_seed(config.train.seed)
-    model = load_model(
-        mc.name_or_path, task=task, num_labels=max(data.num_labels, 1), dtype=mc.dtype,
-        vocab_size=len(tokenizer), gguf_file=mc.gguf_file, pad_token_id=tokenizer.pad_token_id,
-        meta="params" if files else False,
-    )
+    with backend.construct_partitioned() if files and not meta_blocks else contextlib.nullcontext():  # ZeRO-3
+        model = load_model(
+            mc.name_or_path, task=task, num_labels=max(data.num_labels, 1), dtype=mc.dtype,
+            vocab_size=len(tokenizer), gguf_file=mc.gguf_file, pad_token_id=tokenizer.pad_token_id,
+            meta="params" if meta_blocks else False,
+        )
     method = build_method(config.method)
     if backend.world_size > 1 and not method.supports_sharding:
         raise ConfigError(f"method {method.name} does not run sharded yet; train it in one process "
                           f"(python launch/train.py) or with distributed.backend=single")
     torch.manual_seed(config.train.seed)
     weights = backend.weights()
-    adapted = method.apply(model, weights, init=resume is None and not files)
+    adapted = method.apply(model, weights, init=resume is None and not meta_blocks)
     if resume is not None:  # adapter, edit log (replayed onto W0) and method state
         restore_adapter(checkpoint.adapter_dir(resume), model, method)
     if config.train.activation_checkpointing:
@@ -145,7 +149,7 @@ def _run(config: RunConfig, backend, t0: float, resume: Path | None = None) -> d
             model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
         else:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
-    if files:  # built on the meta device: load and initialise one block at a time, then shard it
+    if meta_blocks:  # built on the meta device: load and initialise one block at a time, then shard it
         order = {id(layer): (i, name) for i, (name, layer) in enumerate(adapted_layers(model))}
         model = backend.prepare_from_files(
             model, files, lambda layer: method.init_layer(order[id(layer)][1], order[id(layer)][0], layer, weights))
@@ -170,11 +174,13 @@ def _run(config: RunConfig, backend, t0: float, resume: Path | None = None) -> d
         trainer.resume(resume, checkpoint.read_state(resume))
     evals = trainer.fit()
 
-    method_state = method.state_dict()  # a collective when sharded: every rank takes it
-    with backend.full_params(model):
-        if backend.is_main:
-            save_adapter(run_dir / "adapter", model, method, meta, method_state)
-            export_peft(run_dir / "adapter_peft", model, method, base_model_name=mc.name_or_path)
+    # Collectives when sharded (every process takes them): the method state and the trained
+    # tensors, gathered whole; then one process writes.
+    method_state = method.state_dict()
+    params = backend.gather(trained_tensors(model, method))
+    if backend.is_main:
+        save_adapter(run_dir / "adapter", model, method, meta, method_state, params)
+        export_peft_from_adapter(run_dir / "adapter", run_dir / "adapter_peft")
     backend.barrier()
     summary: dict[str, Any] = {
         "method": method.name,

@@ -6,7 +6,6 @@ The trainer and ``launch/train.py`` talk to a backend; methods never do (they se
 
 from __future__ import annotations
 
-import contextlib
 import os
 from typing import Protocol
 
@@ -55,8 +54,9 @@ class Backend(Protocol):
     def barrier(self) -> None:
         """Wait for every process."""
 
-    def full_params(self, model: nn.Module) -> contextlib.AbstractContextManager:
-        """Context in which every process holds the full parameters (collective)."""
+    def gather(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Whole copies of (possibly sharded) parameters, on every process (collective; only
+        these are gathered, never the whole model)."""
 
     def optimizer_state(self, named: list[tuple[str, torch.Tensor]], optimizer) -> dict[str, torch.Tensor]:
         """Adam's moments of every trained tensor, whole, as ``{name}.exp_avg`` / ``.exp_avg_sq``
@@ -76,6 +76,9 @@ MOMENTS = ("exp_avg", "exp_avg_sq")
 class TorchSteps:
     """The plain-PyTorch training step, shared by the single-device and FSDP2 backends
     (ZeRO-3 hands these to the DeepSpeed engine instead)."""
+
+    def gather(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {k: t.full_tensor() if hasattr(t, "full_tensor") else t.detach() for k, t in tensors.items()}
 
     def optimizer_state(self, named, optimizer) -> dict[str, torch.Tensor]:
         out = {}
@@ -210,9 +213,6 @@ class SingleDevice(TorchSteps):
 
     def barrier(self) -> None:
         pass
-
-    def full_params(self, model: nn.Module) -> contextlib.AbstractContextManager:
-        return contextlib.nullcontext()
 
     def close(self) -> None:
         pass

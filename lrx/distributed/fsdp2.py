@@ -12,10 +12,8 @@ block of rows per rank). During training methods reach their rank's rows through
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
-from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -23,9 +21,10 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import DTensor
-from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
 from lrx.errors import ConfigError
+from lrx.fileio import WeightFiles
 from lrx.distributed import MultiProcess, TorchSteps
 from lrx.sharding import fsdp_row_range
 
@@ -101,7 +100,7 @@ class FSDP2(TorchSteps, MultiProcess):
         """
         from lrx.methods import adapted_layers
 
-        reader = _WeightFiles(files)
+        reader = WeightFiles(files)
         trained_here = {id(p) for _, layer in adapted_layers(model) for p in layer.adapter_params().values()}
         aliases: dict[int, list[str]] = {}
         for name, param in model.named_parameters(remove_duplicate=False):
@@ -111,6 +110,7 @@ class FSDP2(TorchSteps, MultiProcess):
         for block in blocks:
             self._materialize(block, reader, aliases, done, trained_here, init_layer)
             fully_shard(block, mesh=self.mesh, mp_policy=self.mp_policy)
+            done.clear()  # holding the block's whole tensors would keep them alive (ties live in the root)
         self._materialize(model, reader, aliases, done, trained_here, init_layer)
         for module in model.modules():  # real buffers (rotary tables) to the device
             for key, buf in list(module._buffers.items()):
@@ -150,21 +150,6 @@ class FSDP2(TorchSteps, MultiProcess):
                 layer.restore_buffers()
                 init_layer(layer)
                 layer._lrx_initialised = True
-
-    @contextlib.contextmanager
-    def full_params(self, model: nn.Module) -> Iterator[None]:
-        """Every rank holds full parameters inside (all-gathered), sharded again after.
-
-        Collective: all ranks must enter. Memory: the whole model, for now.
-        """
-        fsdp = [m for m in model.modules() if isinstance(m, FSDPModule)]
-        for m in fsdp:
-            m.unshard()
-        try:
-            yield
-        finally:
-            for m in fsdp:
-                m.reshard()
 
 
 class FSDP2Shards:
@@ -211,23 +196,3 @@ def _file_key(model: nn.Module, name: str) -> str:
         out.append(part)
     return ".".join(out)
 
-
-class _WeightFiles:
-    """Tensors of a set of safetensors files, read one at a time."""
-
-    def __init__(self, files: list[Path]):
-        from safetensors import safe_open
-
-        self._open = safe_open
-        self.where = {}
-        for file in files:
-            with safe_open(str(file), framework="pt") as f:
-                for key in f.keys():
-                    self.where[key] = file
-
-    def __contains__(self, key: str) -> bool:
-        return key in self.where
-
-    def get(self, key: str) -> torch.Tensor:
-        with self._open(str(self.where[key]), framework="pt") as f:
-            return f.get_tensor(key)

@@ -19,14 +19,13 @@ import gc
 import json
 import logging
 import os
-from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from lrx.errors import ConfigError, LrxError
-from lrx.distributed import MOMENTS, MultiProcess
+from lrx.distributed import MOMENTS, MultiProcess, RowBlockWeights
 
 log = logging.getLogger(__name__)
 
@@ -67,8 +66,33 @@ class ZeRO3(MultiProcess):
         self.engine = None
         self.micro = 0
 
+    def weights(self) -> "ZeroWeights":
+        return ZeroWeights(self.rank, self.world_size, self.all_reduce_sum, self.device, self.deepspeed)
+
+    def construct_partitioned(self):
+        """Context for building the model partitioned from the start (``zero.Init``): inside it,
+        transformers' DeepSpeed integration creates every parameter partitioned and loads the
+        checkpoint one tensor at a time, so no process holds the whole model. The integration
+        reads the config through a live ``HfDeepSpeedConfig``, kept for the run."""
+        from transformers.integrations import HfDeepSpeedConfig
+
+        config = {**self.ds_config, "train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1,
+                  "bf16": {"enabled": self.bf16}}
+        config.setdefault("zero_optimization", {})["stage"] = 3
+        self._hf_config = HfDeepSpeedConfig(config)
+        log.info("zero3: building the model partitioned (zero.Init) and loading it tensor by tensor")
+        return contextlib.nullcontext()
+
     def prepare(self, model: nn.Module) -> nn.Module:
-        return model.to(self.device)
+        partitioned = sum(hasattr(p, "ds_id") for p in model.parameters())
+        if not partitioned:
+            return model.to(self.device)
+        log.info("zero3: %d of %d parameters were built partitioned", partitioned, len(list(model.parameters())))
+        for module in model.modules():  # built partitioned: move only what zero.Init did not place
+            for key, t in list(module._parameters.items()) + list(module._buffers.items()):
+                if t is not None and not hasattr(t, "ds_id") and t.device != self.device:
+                    t.data = t.data.to(self.device)
+        return model
 
     def setup(self, model: nn.Module, optimizer, scheduler, *, micro_batch: int, grad_accum: int,
               max_grad_norm: float) -> nn.Module:
@@ -102,6 +126,10 @@ class ZeRO3(MultiProcess):
     def step(self, optimizer, scheduler, params, max_grad_norm: float) -> None:
         self.engine.step()  # clipping, optimizer, scheduler and zero_grad
 
+    def gather(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        with self.deepspeed.zero.GatheredParameters(list(tensors.values()), modifier_rank=None):
+            return {k: t.detach().clone() for k, t in tensors.items()}
+
     def optimizer_state(self, named, optimizer) -> dict[str, torch.Tensor]:
         from deepspeed.utils import safe_get_full_optimizer_state
 
@@ -131,19 +159,27 @@ class ZeRO3(MultiProcess):
             old = inner.state[flat]["step"]
             inner.state[flat]["step"] = torch.full_like(old, float(step)) if torch.is_tensor(old) else step
 
-    @contextlib.contextmanager
-    def full_params(self, model: nn.Module) -> Iterator[None]:
-        """Every rank holds full parameters inside (gathered); collective."""
-        module = getattr(model, "module", model)
-        with self.deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
-            yield
-
     def close(self) -> None:
         # Drop the engine (and its threads) before the process group: an engine still alive at
         # interpreter exit aborted a CPU run ~1 in 8 ("terminate called without an active exception").
         self.engine = None
         gc.collect()
         super().close()
+
+
+class ZeroWeights(RowBlockWeights):
+    """``WeightAccess`` of a model built under ``zero.Init``: a layer's base weight is gathered
+    while its adapter is initialised; what rank 0 (like every rank) changes in it is kept."""
+
+    def __init__(self, rank, world_size, all_reduce, device, deepspeed):
+        super().__init__(rank, world_size, all_reduce, device)
+        self._deepspeed = deepspeed
+
+    def gathered(self, layer: nn.Module):
+        weight = layer.base.weight
+        if not hasattr(weight, "ds_id"):
+            return contextlib.nullcontext()
+        return self._deepspeed.zero.GatheredParameters([weight], modifier_rank=0)
 
 
 class ZeRO3Shards:

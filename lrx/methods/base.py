@@ -9,6 +9,7 @@ distributed backends implement), never by inspecting DTensors or DeepSpeed attri
 
 from __future__ import annotations
 
+import contextlib
 import re
 from collections.abc import Iterator
 from pathlib import Path
@@ -76,6 +77,10 @@ class WeightAccess(Protocol):
     def all_reduce(self, t: torch.Tensor) -> torch.Tensor:
         """Sum ``t`` over processes in place and return it (identity on one process)."""
 
+    def gathered(self, layer: AdaptedLinear) -> contextlib.AbstractContextManager:
+        """Context in which ``layer``'s base weight is whole on every process and changes made
+        to it are kept (ZeRO-3 models built partitioned under ``zero.Init``)."""
+
 
 class LocalWeights:
     """``WeightAccess`` for one process: the whole weight is its row block."""
@@ -91,6 +96,9 @@ class LocalWeights:
 
     def all_reduce(self, t: torch.Tensor) -> torch.Tensor:
         return t
+
+    def gathered(self, layer: AdaptedLinear) -> contextlib.AbstractContextManager:
+        return contextlib.nullcontext()
 
 
 class Shards(Protocol):
@@ -239,7 +247,8 @@ class Method:
             parent, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent) if parent else model, child, layer)
             if init:
-                self.init_layer(name, index, layer, weights)
+                with weights.gathered(layer):
+                    self.init_layer(name, index, layer, weights)
             names.append(name)
         self.saved_modules = self._resolve_modules_to_save(model)
         for _, p in self.trainable_parameters(model):

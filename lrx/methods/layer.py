@@ -44,7 +44,7 @@ class AdaptedLinear(nn.Module):
         # piece of the base only (a ``lrx.methods.base.Shards``).
         self.shards = None
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        out_features, in_features = base.weight.shape
+        out_features, in_features = base.out_features, base.in_features  # weight.shape is empty under zero.Init
         device = base.weight.device
         self._init_adapter(r, in_features, out_features, device)
         # The edit log. Not persistent: lrx's adapter files store it explicitly because its
