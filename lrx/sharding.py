@@ -68,14 +68,21 @@ def piece_rows(piece: torch.Tensor, start: int, shape: tuple[int, int]) -> tuple
         ``(block, first)``: ``block`` (n_rows x C) holds rows ``first ..`` of the matrix with
         every element outside the piece set to zero (a view when the piece is whole rows).
     """
+    block, first = pieces_rows(piece[None], start, shape)
+    return block[0], first
+
+
+def pieces_rows(pieces: torch.Tensor, start: int, shape: tuple[int, int]) -> tuple[torch.Tensor, int]:
+    """``piece_rows`` of G pieces with the same range at once: ``pieces`` is G x n, the
+    result G x n_rows x C."""
     cols = shape[1]
     first, lead = divmod(start, cols)
-    total = lead + piece.numel()
+    total = lead + pieces.shape[1]
     n_rows = math.ceil(total / cols)
     tail = n_rows * cols - total
     if lead or tail:
-        piece = torch.cat([piece.new_zeros(lead), piece, piece.new_zeros(tail)])
-    return piece.view(n_rows, cols), first
+        pieces = torch.cat([pieces.new_zeros(pieces.shape[0], lead), pieces, pieces.new_zeros(pieces.shape[0], tail)], dim=1)
+    return pieces.view(pieces.shape[0], n_rows, cols), first
 
 
 def piece_to_full(piece: torch.Tensor, start: int, shape: tuple[int, int]) -> torch.Tensor:
@@ -85,25 +92,3 @@ def piece_to_full(piece: torch.Tensor, start: int, shape: tuple[int, int]) -> to
     full = piece.new_zeros(shape)
     full[first : first + block.shape[0]] = block
     return full
-
-
-def piece_row_sums(piece: torch.Tensor, start: int, shape: tuple[int, int]) -> torch.Tensor:
-    """Per-row sums (R,) over this piece's elements (rows it does not touch are 0)."""
-    block, first = piece_rows(piece, start, shape)
-    out = piece.new_zeros(shape[0])
-    out[first : first + block.shape[0]] = block.sum(dim=1)
-    return out
-
-
-def piece_col_sums(piece: torch.Tensor, start: int, shape: tuple[int, int]) -> torch.Tensor:
-    """Per-column sums (C,) over this piece's elements."""
-    return piece_rows(piece, start, shape)[0].sum(dim=0)
-
-
-def piece_mask(start: int, end: int, shape: tuple[int, int], *, rows: torch.Tensor | None = None,
-               cols: torch.Tensor | None = None, device=None) -> torch.Tensor:
-    """Boolean mask (end - start,) of the piece's elements that lie in the given rows or columns."""
-    flat = torch.arange(start, end, device=device)
-    if rows is not None:
-        return torch.isin(flat // shape[1], rows.to(flat.device))
-    return torch.isin(flat % shape[1], cols.to(flat.device))

@@ -34,7 +34,7 @@ from lrx.methods import register_method
 from lrx.methods.base import Method, MethodConfig, Shards, WeightAccess, adapted_layers
 from lrx.methods.layer import AdaptedLinear
 from lrx.methods.pissa import principal_init
-from lrx.sharding import flat_range_of_product, fsdp_row_range, piece_col_sums, piece_row_sums, piece_to_full
+from lrx.sharding import flat_range_of_product, fsdp_row_range, pieces_rows, piece_to_full
 from lrx.spectral import randomized_svd_rows, top_singular
 
 log = logging.getLogger(__name__)
@@ -242,22 +242,38 @@ class SRLoRA(Method):
         torch._foreach_mul_(ubars, b2)
         torch._foreach_add_(ubars, imp, alpha=1 - b2)
 
-    def _local_scores(self, name: str) -> torch.Tensor:
-        layer = self.layers[name]
-        st = self.stat_pieces[name]
-        A, B = layer.lora_A, layer.lora_B
-        shape_A, shape_B = self._shape(layer, "A"), self._shape(layer, "B")
-        start_A, start_B = self.shards.span(A)[0], self.shards.span(B)[0]
-        sens_A, sens_B = st["A_ibar"] * st["A_ubar"], st["B_ibar"] * st["B_ubar"]
-        return (piece_col_sums(sens_B, start_B, shape_B) / shape_B[0]
-                + piece_row_sums(sens_A, start_A, shape_A) / shape_A[1])
+    def _groups(self) -> list[list[str]]:
+        """Layers whose pieces have the same shapes (the same matrix shape): events and scores
+        work on each group as stacked tensors, a few kernels per group instead of per layer."""
+        groups: dict[tuple, list[str]] = {}
+        for name, layer in self.layers.items():
+            key = (layer.out_features, layer.in_features, self.shards.span(layer.lora_A),
+                   self.shards.span(layer.lora_B), self.pool_first[name], self.pool_data[name]["U"].shape[0])
+            groups.setdefault(key, []).append(name)
+        return list(groups.values())
+
+    def _stacked_rows(self, names: list[str], key: str, values: list[torch.Tensor]) -> tuple[torch.Tensor, int]:
+        """The pieces ``values`` of A or B of the layers ``names`` as G x rows x C (see pieces_rows)."""
+        layer = self.layers[names[0]]
+        start, end = self.shards.span(getattr(layer, f"lora_{key}"))
+        return pieces_rows(torch.stack([v[: end - start] for v in values]), start, self._shape(layer, key))
 
     def all_pair_scores(self) -> dict[str, torch.Tensor]:
         """Score of every pair of every layer (mean sensitivity over B's column plus A's row),
         identical on every rank: local sums, then one small all-reduce for all layers."""
         self._attached()
-        local = torch.stack([self._local_scores(name) for name in self.layers])
-        scores = self.shards.all_reduce(local)
+        local = {}
+        for names in self._groups():
+            st = [self.stat_pieces[n] for n in names]
+            sens = {k: torch.stack([x[f"{k}_ibar"] for x in st]) * torch.stack([x[f"{k}_ubar"] for x in st])
+                    for k in ("A", "B")}
+            rows_B, _ = self._stacked_rows(names, "B", list(sens["B"]))
+            rows_A, first_A = self._stacked_rows(names, "A", list(sens["A"]))
+            out_f, in_f = self._shape(self.layers[names[0]], "B")[0], self._shape(self.layers[names[0]], "A")[1]
+            score = rows_B.sum(dim=1) / out_f
+            score[:, first_A : first_A + rows_A.shape[1]] += rows_A.sum(dim=2) / in_f
+            local.update(zip(names, score))
+        scores = self.shards.all_reduce(torch.stack([local[n] for n in self.layers]))
         return dict(zip(self.layers, scores))
 
     def pair_scores(self, name: str) -> torch.Tensor:
@@ -304,39 +320,42 @@ class SRLoRA(Method):
 
     # ---- recomposition -------------------------------------------------------------------
 
-    def _event_factors(self, chosen: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
-        """Per layer, the full fused pairs (B[:, idx], A[idx]) and the loaded directions' B
-        rows, assembled on every rank from the local pieces by one all-reduce (x + 0 == x)."""
-        swap, parts, shapes = self.config.swap, [], []
-        for name, idx in chosen.items():
-            layer = self.layers[name]
-            A, B = layer.lora_A, layer.lora_B
-            B_full = piece_to_full(self.shards.pieces(B)[-1][: self._len(B)], self.shards.span(B)[0], self._shape(layer, "B"))
-            A_full = piece_to_full(self.shards.pieces(A)[-1][: self._len(A)], self.shards.span(A)[0], self._shape(layer, "A"))
-            U_new = B_full.new_zeros(layer.out_features, swap)
-            first, U = self.pool_first[name], self.pool_data[name]["U"]
-            U_new[first : first + U.shape[0]] = U[:, :swap]
-            for t in (B_full[:, idx], A_full[idx], U_new):
-                parts.append(t.reshape(-1))
-                shapes.append(t.shape)
+    def _event_factors(self, chosen: dict[str, torch.Tensor]) -> list[dict]:
+        """Per group of same-shape layers, the full fused pairs (B[:, idx], A[idx]) and the
+        loaded directions' B rows, assembled on every rank from the local pieces by one
+        all-reduce for all layers (x + 0 == x)."""
+        swap, groups, parts = self.config.swap, [], []
+        for names in self._groups():
+            layers = [self.layers[n] for n in names]
+            out_f, in_f, G = layers[0].out_features, layers[0].in_features, len(names)
+            idx = torch.stack([chosen[n] for n in names])  # G x swap
+            rows_B, first_B = self._stacked_rows(names, "B", [self.shards.pieces(l.lora_B)[-1] for l in layers])
+            B_old = rows_B.new_zeros(G, out_f, swap)
+            B_old[:, first_B : first_B + rows_B.shape[1]] = torch.gather(
+                rows_B, 2, idx[:, None, :].expand(-1, rows_B.shape[1], -1))
+            rows_A, first_A = self._stacked_rows(names, "A", [self.shards.pieces(l.lora_A)[-1] for l in layers])
+            A_full = rows_A.new_zeros(G, self.config.r, in_f)
+            A_full[:, first_A : first_A + rows_A.shape[1]] = rows_A
+            A_old = torch.gather(A_full, 1, idx[:, :, None].expand(-1, -1, in_f))
+            U = torch.stack([self.pool_data[n]["U"][:, :swap] for n in names])
+            U_new = U.new_zeros(G, out_f, swap)
+            first = self.pool_first[names[0]]
+            U_new[:, first : first + U.shape[1]] = U
+            groups.append({"names": names, "idx": idx, "B_old": B_old, "A_old": A_old, "U_new": U_new})
+            parts += [B_old.reshape(-1), A_old.reshape(-1), U_new.reshape(-1)]
         flat = self.shards.all_reduce(torch.cat(parts))
         self.last_event_bytes = flat.numel() * flat.element_size()
-        out, offset, shapes = {}, 0, iter(shapes)
-        for name in chosen:
-            got = []
-            for shape in (next(shapes), next(shapes), next(shapes)):
-                got.append(flat[offset : offset + math.prod(shape)].view(shape))
-                offset += math.prod(shape)
-            out[name] = dict(zip(("B_old", "A_old", "U_new"), got))
-        return out
+        offset = 0
+        for group in groups:
+            for key in ("B_old", "A_old", "U_new"):
+                t = group[key]
+                group[key] = flat[offset : offset + t.numel()].view(t.shape)
+                offset += t.numel()
+        return groups
 
     def _shape(self, layer: AdaptedLinear, key: str) -> tuple[int, int]:
         """Shape of A or B (not ``p.shape``: ZeRO-3 empties partitioned parameters)."""
         return (self.config.r, layer.in_features) if key == "A" else (layer.out_features, self.config.r)
-
-    def _len(self, p: torch.Tensor) -> int:
-        start, end = self.shards.span(p)
-        return end - start
 
     @torch.no_grad()
     def recompose(self, optimizer: torch.optim.Optimizer | None, step: int) -> list[dict]:
@@ -344,7 +363,8 @@ class SRLoRA(Method):
 
         Collective when sharded (every rank calls it at the same step): one all-reduce of the
         pair scores, one of the small event factors; each rank then edits only its piece of
-        the base (or appends the same factors to the replicated edit log).
+        the base (or appends the same factors to the replicated edit log). Layers of the same
+        shape are handled together as stacked tensors.
 
         Returns:
             One record per layer: fused pair ids and scores, new pointer, fusion error.
@@ -355,79 +375,96 @@ class SRLoRA(Method):
         names = list(self.layers)
         order = torch.sort(torch.stack([scores[n] for n in names]), dim=1, stable=True).indices[:, :swap]
         chosen = dict(zip(names, order))
-        factors = self._event_factors(chosen)
         # One host transfer for the records of all layers.
-        ids_all = order.tolist()
-        scores_all = torch.stack([scores[n][chosen[n]] for n in names]).tolist()
-        records, errors = [], []
+        ids_all = dict(zip(names, order.tolist()))
+        scores_all = dict(zip(names, torch.stack([scores[n][chosen[n]] for n in names]).tolist()))
+        records, errors = {}, {}
+        for group in self._event_factors(chosen):
+            group_names, idx = group["names"], group["idx"]
+            s = self.layers[group_names[0]].scale
+            S = torch.stack([self.pool_data[n]["S"][:swap] for n in group_names])
+            V = torch.stack([self.pool_data[n]["V"][:, :swap] for n in group_names])
+            root = torch.sqrt(S / s)[:, None, :]
+            B_new = group["U_new"] * root
+            A_new = (V * root).transpose(1, 2)
+            # One edit per layer: + s B_k A_k of the fused pairs, - s B_new A_new of the loaded ones.
+            edit_U = torch.cat([group["B_old"] * s, -s * B_new], dim=2)
+            edit_V = torch.cat([group["A_old"], A_new], dim=1)
+            for g, name in enumerate(group_names):
+                layer = self.layers[name]
+                before = None
+                if layer.fold_edits and cfg.fusion_check:
+                    start, end = self.shards.span(layer.base.weight)
+                    before = self.shards.pieces(layer.base.weight)[-1][: end - start].double()
+                layer.add_edit(edit_U[g], edit_V[g])
+                if before is not None:  # ||applied - intended||^2 and ||intended||^2 on this piece
+                    intended = flat_range_of_product(edit_U[g].double(), edit_V[g].double(), start, end)
+                    applied = self.shards.pieces(layer.base.weight)[-1][: end - start].double() - before
+                    errors[name] = torch.stack([(applied - intended).square().sum(), intended.square().sum()])
+            self._swap_slots(group_names, idx, B_new, A_new, optimizer)
         for index, (name, layer) in enumerate(self.layers.items()):
-            idx, f = chosen[name], factors[name]
-            s = layer.scale
-            pool = self.pool_data[name]
-            root = torch.sqrt(pool["S"][:swap] / s)
-            B_new = f["U_new"] * root
-            A_new = (pool["V"][:, :swap] * root).t()
-            # One edit: + s B_k A_k of the fused pairs, - s B_new A_new of the loaded ones.
-            edit_U = torch.cat([f["B_old"] * s, -s * B_new], dim=1)
-            edit_V = torch.cat([f["A_old"], A_new], dim=0)
-            before = None
-            if layer.fold_edits and cfg.fusion_check:
-                start, end = self.shards.span(layer.base.weight)
-                before = self.shards.pieces(layer.base.weight)[-1][: end - start].double()
-            layer.add_edit(edit_U, edit_V)
-            if before is not None:  # ||applied - intended||^2 and ||intended||^2 on this piece
-                intended = flat_range_of_product(edit_U.double(), edit_V.double(), start, end)
-                applied = self.shards.pieces(layer.base.weight)[-1][: end - start].double() - before
-                errors.append(torch.stack([(applied - intended).square().sum(), intended.square().sum()]))
-            self._swap_slots(name, layer, idx, B_new, A_new, optimizer)
             # Loaded directions leave the pool: it only ever holds what later events need.
+            pool = self.pool_data[name]
             self.pool_data[name] = {"U": pool["U"][:, swap:], "S": pool["S"][swap:], "V": pool["V"][:, swap:]}
-            ids = ids_all[index]
+            ids = ids_all[name]
             for slot in ids:
                 self.lifetimes.append((index, int(self.slot_pool[name][slot]), int(self.slot_start[name][slot]), step))
             self.slot_pool[name][ids] = torch.arange(self.pointer, self.pointer + swap)
             self.slot_start[name][ids] = step
-            records.append({"event": self.events_done + 1, "layer": name, "fused_pairs": ids,
-                            "scores": scores_all[index], "pointer": self.pointer + swap,
-                            "fusion_error": 0.0})  # the log holds the intended factors exactly
+            records[name] = {"event": self.events_done + 1, "layer": name, "fused_pairs": ids,
+                             "scores": scores_all[name], "pointer": self.pointer + swap,
+                             "fusion_error": 0.0}  # the log holds the intended factors exactly
         if errors:
-            err = self.shards.all_reduce(torch.stack(errors))
-            for record, (num, den) in zip(records, err.tolist()):
-                record["fusion_error"] = (num / den) ** 0.5 if den > 0 else 0.0
+            err = self.shards.all_reduce(torch.stack(list(errors.values())))
+            for name, (num, den) in zip(errors, err.tolist()):
+                records[name]["fusion_error"] = (num / den) ** 0.5 if den > 0 else 0.0
         self.pointer += swap
         self.events_done += 1
+        records = list(records.values())
         log.info("srlora event %d/%d at step %d: pointer %d, fusion error max %.2e",
                  self.events_done, cfg.n_events, step, self.pointer, max(r["fusion_error"] for r in records))
         return records
 
-    def _swap_slots(self, name: str, layer: AdaptedLinear, idx: torch.Tensor, B_new: torch.Tensor,
-                    A_new: torch.Tensor, optimizer) -> None:
-        """Load the new pairs into slots ``idx`` of every live copy of A and B, and zero the
-        slots' importance statistics and (per ``optimizer_state``) their Adam moments."""
+    def _swap_slots(self, names: list[str], idx: torch.Tensor, B_new: torch.Tensor, A_new: torch.Tensor,
+                    optimizer) -> None:
+        """Load the new pairs into slots ``idx`` of every live copy of A and B of the layers
+        ``names`` (one group), and zero the slots' importance statistics and (per
+        ``optimizer_state``) their Adam moments."""
         moments = ()
         if optimizer is not None and self.config.optimizer_state != "keep":
             # Zeroing only the first moment keeps Adam's per-element scale estimate, so the first
             # updates of a new slot are smaller than usual (a built-in warm-up); zeroing the second
             # moment too, under Adam's global step count, makes them ~1/sqrt(1 - beta2) too large.
             moments = ("exp_avg",) if self.config.optimizer_state == "reset_m" else ("exp_avg", "exp_avg_sq")
-        for key, p, new in (("A", layer.lora_A, A_new), ("B", layer.lora_B, B_new)):
-            full = new.new_zeros(self._shape(layer, key))
+        layers = [self.layers[n] for n in names]
+        for key, new in (("A", A_new), ("B", B_new)):
+            shape = self._shape(layers[0], key)
+            full = new.new_zeros(len(names), *shape)
             mask = torch.zeros(full.shape, dtype=torch.bool, device=full.device)
-            if key == "A":
-                full[idx], mask[idx] = new, True
-            else:
-                full[:, idx], mask[:, idx] = new, True
-            full, mask = full.view(-1), mask.view(-1)
-            start, end = self.shards.span(p)
-            for piece in self.shards.pieces(p):
-                view = piece[: end - start]
-                view.copy_(torch.where(mask[start:end], full[start:end].to(view.dtype), view))
-            for whole in self.shards.replicas(p):
-                whole.copy_(torch.where(mask, full.to(whole.dtype), whole))
-            targets = [self.stat_pieces[name][f"{key}_ibar"], self.stat_pieces[name][f"{key}_ubar"]]
-            targets += [t for t in (self.shards.optimizer_piece(optimizer, p, k) for k in moments) if t is not None]
-            for t in targets:
-                t[: end - start].masked_fill_(mask[start:end].to(t.device), 0)
+            dim, where = (1, idx[:, :, None].expand(-1, -1, shape[1])) if key == "A" else \
+                (2, idx[:, None, :].expand(-1, shape[0], -1))
+            full.scatter_(dim, where, new)
+            mask.scatter_(dim, where, True)
+            full, mask = full.view(len(names), -1), mask.view(len(names), -1)
+            params = [getattr(layer, f"lora_{key}") for layer in layers]
+            start, end = self.shards.span(params[0])
+            copies = [self.shards.pieces(p) for p in params]
+            for c in range(len(copies[0])):  # the parameter, and ZeRO-3's fp32 master
+                views = [cp[c][: end - start] for cp in copies]
+                new_views = torch.where(mask[:, start:end], full[:, start:end].to(views[0].dtype), torch.stack(views))
+                torch._foreach_copy_(views, list(new_views))
+            replicas = [self.shards.replicas(p) for p in params]
+            for c in range(len(replicas[0])):
+                views = [r[c] for r in replicas]
+                torch._foreach_copy_(views, list(torch.where(mask, full.to(views[0].dtype), torch.stack(views))))
+            keep = (~mask[:, start:end]).float()
+            targets, factors = [], []
+            for g, (name, p) in enumerate(zip(names, params)):
+                pieces = [self.stat_pieces[name][f"{key}_ibar"], self.stat_pieces[name][f"{key}_ubar"]]
+                pieces += [t for t in (self.shards.optimizer_piece(optimizer, p, k) for k in moments) if t is not None]
+                targets += [t[: end - start] for t in pieces]
+                factors += [keep[g].to(t.device) for t in pieces]
+            torch._foreach_mul_(targets, factors)
 
     # ---- state -----------------------------------------------------------------------------
 
