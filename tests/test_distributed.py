@@ -7,6 +7,7 @@ import os
 import socket
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -52,29 +53,51 @@ def table(path, rows=64):
     return path
 
 
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """One-process reference runs, each made once per module and shared by the tests that
+    compare a sharded run with it: ``reference(key, make)`` calls ``make(folder)`` (which
+    returns a ``launch`` result) the first time a key is asked for, and returns the folder."""
+    root, done = tmp_path_factory.mktemp("reference"), {}
+
+    def get(key: str, make) -> Path:
+        if key not in done:
+            folder = root / key
+            folder.mkdir()
+            result = make(folder)
+            assert result.returncode == 0, result.stderr[-3000:]
+            done[key] = folder
+        return done[key]
+
+    return get
+
+
 def losses(run_dir) -> list[float]:
     records = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     return [r["loss"] for r in records if r["split"] == "train"]
 
 
 @pytest.mark.parametrize("backend", list(BACKENDS))
-@pytest.mark.parametrize("method", ["lora", "pissa", "eigenlorax", "srlora"])
-def test_sharded_run_matches_single_process(tmp_path, method, backend):
-    data = table(tmp_path / "t.tsv")
+@pytest.mark.parametrize("method", ["lora", "eigenlorax", "srlora"])  # srlora's init is PiSSA's
+def test_sharded_run_matches_single_process(tmp_path, reference, method, backend):
     extra = [f"method.basis={eigenbasis_for('bert')}"] if method == "eigenlorax" else \
         ["method.target_modules=[query,value,intermediate.dense]"]
-    common = [str(REPO / "launch" / "train.py"), "--method", method, "model.name_or_path=tiny-bert",
-              "data.format=table", f"data.train_path={data}", f"data.eval_path={data}", "method.r=4",
-              f"train.max_steps={12 if method == 'srlora' else 8}", "train.lr=1e-2", "train.log_every=1", "train.eval_at_start=false",
-              "logging.progress=false", "logging.tensorboard=false", *extra]
-    single = launch([*common, "train.batch_size=8", f"logging.output_dir={tmp_path / 'single'}"], 1)
-    assert single.returncode == 0, single.stderr[-2000:]
+
+    def common(folder):
+        data = table(folder / "t.tsv")
+        return [str(REPO / "launch" / "train.py"), "--method", method, "model.name_or_path=tiny-bert",
+                "data.format=table", f"data.train_path={data}", f"data.eval_path={data}", "method.r=4",
+                f"train.max_steps={12 if method == 'srlora' else 8}", "train.lr=1e-2", "train.log_every=1",
+                "train.eval_at_start=false", "logging.progress=false", "logging.tensorboard=false", *extra]
+
+    single = reference(f"parity-{method}", lambda d: launch(
+        [*common(d), "train.batch_size=8", f"logging.output_dir={d / 'single'}"], 1)) / "single"
     launcher, sharded_log = BACKENDS[backend]
-    sharded = launch([*common, "train.batch_size=4", f"logging.output_dir={tmp_path / backend}"], 2, launcher)
+    sharded = launch([*common(tmp_path), "train.batch_size=4", f"logging.output_dir={tmp_path / backend}"], 2, launcher)
     assert sharded.returncode == 0, sharded.stderr[-2000:]
     assert sharded_log in sharded.stderr + sharded.stdout
-    assert losses(tmp_path / backend) == pytest.approx(losses(tmp_path / "single"), abs=1e-4)
-    a = load_file(str(tmp_path / "single" / "adapter" / "adapter_model.safetensors"))
+    assert losses(tmp_path / backend) == pytest.approx(losses(single), abs=1e-4)
+    a = load_file(str(single / "adapter" / "adapter_model.safetensors"))
     b = load_file(str(tmp_path / backend / "adapter" / "adapter_model.safetensors"))
     assert a.keys() == b.keys()
     # srlora's pool comes from a randomized SVD computed per block of rows: the same algorithm
@@ -86,7 +109,7 @@ def test_sharded_run_matches_single_process(tmp_path, method, backend):
     summary = json.loads((tmp_path / backend / "summary.json").read_text())
     assert summary["world_size"] == 2
     if method == "srlora":  # 4 events at steps 2, 4, 6, 8; the same pairs chosen
-        events = [(tmp_path / d / "method_events.jsonl").read_text().splitlines() for d in ("single", backend)]
+        events = [(d / "method_events.jsonl").read_text().splitlines() for d in (single, tmp_path / backend)]
         assert len(events[0]) == 4 * 6  # 6 adapted layers
         for x, y in zip(*events):
             x, y = json.loads(x), json.loads(y)
@@ -121,9 +144,9 @@ def srlora_report(tmp_path, backend: str, nproc: int, *extra: str) -> dict:
 
 
 @pytest.mark.parametrize("backend, nproc, extra", [
-    ("fsdp2", 2, ()), ("zero3", 2, ()), ("zero3", 2, ("no-persist",)), ("fsdp2", 4, ()), ("zero3", 4, ()),
-], ids=["fsdp2", "zero3", "zero3-partitioned-adapters", "fsdp2-4proc", "zero3-4proc"])
-def test_sharded_srlora_events_are_shard_local_and_identical_everywhere(tmp_path, backend, nproc, extra):
+    ("fsdp2", 2, ()), ("zero3", 2, ()), ("zero3", 2, ("no-persist",)), ("fsdp2", 4, ()),
+], ids=["fsdp2", "zero3", "zero3-partitioned-adapters", "fsdp2-4proc"])
+def test_sharded_srlora_events_are_shard_local_and_identical_everywhere(tmp_path, reference, backend, nproc, extra):
     """Uneven shapes (255 MLP rows, ZeRO-3 ranges splitting rows): sharded SRLoRA equals one
     process, keeps the function at each event, and all ranks agree bit for bit."""
     if extra:  # every parameter partitioned (no gathered copies kept between steps)
@@ -131,7 +154,8 @@ def test_sharded_srlora_events_are_shard_local_and_identical_everywhere(tmp_path
         config.setdefault("zero_optimization", {})["stage3_param_persistence_threshold"] = 0
         (tmp_path / "ds.json").write_text(json.dumps(config))
         extra = (str(tmp_path / "ds.json"),)
-    single = srlora_report(tmp_path, "single", 1)
+    single = json.loads((reference("dist-srlora", lambda d: launch(
+        [str(REPO / "tests" / "dist_srlora.py"), "single", str(d / "single.json")], 1)) / "single.json").read_text())
     sharded = srlora_report(tmp_path, backend, nproc, *extra)
     assert len(sharded["events"]) == 3  # events at steps 3, 6, 9
     assert sharded["events"] == single["events"]
@@ -147,29 +171,34 @@ def test_sharded_srlora_events_are_shard_local_and_identical_everywhere(tmp_path
         assert sharded["state"][key] == pytest.approx(value, rel=1e-3, abs=1e-4), key
 
 
-@pytest.mark.parametrize("backend, method", [("fsdp2", "lora"), ("fsdp2", "srlora"), ("zero3", "srlora")])
-def test_a_safetensors_base_is_loaded_straight_into_shards(tmp_path, backend, method):
+@pytest.mark.parametrize("backend, method", [("fsdp2", "srlora"), ("zero3", "srlora")])
+def test_a_safetensors_base_is_loaded_straight_into_shards(tmp_path, reference, backend, method):
     """A base saved as safetensors is never whole on a process (model.sharded_load=auto): FSDP2
     builds it on the meta device and loads one block at a time, ZeRO-3 builds it under
     zero.Init; training matches one process loading it whole."""
     from tests.conftest import tiny_model
 
-    base = tmp_path / "base"
-    tiny_model("bert", vocab=30522).save_pretrained(base)
-    data = table(tmp_path / "t.tsv")
-    common = [str(REPO / "launch" / "train.py"), "--method", method, f"model.name_or_path={base}",
-              "model.tokenizer=minilm-l6", "data.format=table", f"data.train_path={data}", "method.r=4",
-              "method.target_modules=[query,value,intermediate.dense]", f"train.max_steps={12 if method == 'srlora' else 6}",
-              "train.lr=1e-2", "train.log_every=1", "train.eval_at_start=false", "logging.progress=false",
-              "logging.tensorboard=false"]
-    single = launch([*common, "train.batch_size=8", f"logging.output_dir={tmp_path / 'single'}"], 1)
-    assert single.returncode == 0, single.stderr[-2000:]
-    sharded = launch([*common, "train.batch_size=4", f"logging.output_dir={tmp_path / backend}"], 2, BACKENDS[backend][0])
+    def common(folder):
+        base, data = folder / "base", table(folder / "t.tsv")
+        if not base.is_dir():
+            tiny_model("bert", vocab=30522).save_pretrained(base)
+        return [str(REPO / "launch" / "train.py"), "--method", method, f"model.name_or_path={base}",
+                "model.tokenizer=minilm-l6", "data.format=table", f"data.train_path={data}", "method.r=4",
+                "method.target_modules=[query,value,intermediate.dense]", f"train.max_steps={12 if method == 'srlora' else 6}",
+                "train.lr=1e-2", "train.log_every=1", "train.eval_at_start=false", "logging.progress=false",
+                "logging.tensorboard=false"]
+
+    single = reference(f"straight-{method}", lambda d: launch(
+        [*common(d), "train.batch_size=8", f"logging.output_dir={d / 'single'}"], 1)) / "single"
+    sharded = launch([*common(tmp_path), "train.batch_size=4", f"logging.output_dir={tmp_path / backend}"], 2,
+                     BACKENDS[backend][0])
     assert sharded.returncode == 0, sharded.stderr[-3000:]
     expected = {"fsdp2": "loaded block by block from 1 safetensors files", "zero3": "parameters were built partitioned"}
     assert expected[backend] in sharded.stderr + sharded.stdout
-    assert losses(tmp_path / backend) == pytest.approx(losses(tmp_path / "single"), abs=1e-4)
-    refused = launch([*common, "train.batch_size=4", "model.task=causal_lm", "data.format=instruct",
+    assert losses(tmp_path / backend) == pytest.approx(losses(single), abs=1e-4)
+    if backend != "fsdp2":
+        return
+    refused = launch([*common(tmp_path), "train.batch_size=4", "model.task=causal_lm", "data.format=instruct",
                       f"data.train_path={REPO / 'configs' / 'data' / 'quickstart' / 'train.jsonl'}",
                       "model.sharded_load=on", "distributed.backend=single", f"logging.output_dir={tmp_path / 'x'}"], 1)
     assert refused.returncode == 2 and "model.sharded_load=on needs distributed.backend=fsdp2 or zero3" in refused.stderr
