@@ -17,6 +17,10 @@ for SRLoRA the time of each event over all layers (``event_s``: the faster of th
 first pays one-time allocations) and the bytes all-reduced for it.
 Rank 0 prints a table and appends the results to the JSON list in ``--out``.
 
+``--sharded-build`` never builds the model whole on a GPU (for 70B shapes,
+``--model-config configs/models/llama3-70b-shape``): FSDP2 fills it one block at a time from
+the meta device with seeded random weights, ZeRO-3 builds it under ``zero.Init``.
+
 Give each run its own launch when comparing memory: a DeepSpeed engine is not fully released
 within the process, so a second ZeRO-3 run in one process carries the first one's memory.
 ``tools/bench_sharded.sh`` launches every run of the matrix separately and prints the table.
@@ -30,6 +34,7 @@ import gc
 import json
 import sys
 import time
+import zlib
 from pathlib import Path
 
 import torch
@@ -40,7 +45,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig  # noqa: 
 
 from lrx.config import load_config  # noqa: E402
 from lrx.distributed import build_backend  # noqa: E402
-from lrx.methods import build_method  # noqa: E402
+from lrx.methods import adapted_layers, build_method  # noqa: E402
 
 REFERENCES = {  # DESIGN.md: peft LoRA r=16 on 2x H200, tokens/s per GPU
     ("fsdp2", "ckpt"): 7107, ("fsdp2", "nockpt"): 9953, ("zero3", "ckpt"): 1996, ("zero3", "nockpt"): 2566,
@@ -61,6 +66,24 @@ def flops_per_token(cfg, seq: int) -> float:
     return 4 * matmul + 6 * seq * d * layers
 
 
+class RandomWeights:
+    """Seeded random base weights by checkpoint key (the same on every rank), for building
+    models too big to create whole: 2-D weights N(0, 0.02), 1-D (norms) ones."""
+
+    def __init__(self, shapes: dict[str, tuple[int, ...]]):
+        self.shapes = shapes
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.shapes
+
+    def get(self, key: str) -> torch.Tensor:
+        shape = self.shapes[key]
+        if len(shape) == 1:
+            return torch.ones(shape)
+        g = torch.Generator().manual_seed(zlib.crc32(key.encode()))
+        return torch.randn(shape, generator=g) * 0.02
+
+
 def gib(n: int) -> float:
     return n / 2**30
 
@@ -79,21 +102,40 @@ def one_run(args, backend, spec: str) -> dict:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(backend.device)
     torch.manual_seed(0)
-    with backend.device:
-        model = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
     run_cfg = load_config(None, [f"method.r={args.rank}", f"method.alpha={2 * args.rank}", "method.target_modules=[all-linear]",
                                  *(["method.fusion_check=false"] if method_name == "srlora" else [])],
                           method=method_name)
     method = build_method(run_cfg.method)
+    weights = backend.weights()
+    streaming = args.sharded_build and backend.name == "fsdp2"
+    if streaming:  # parameters on the meta device; blocks are filled, initialised and sharded one by one
+        from accelerate import init_empty_weights
+
+        with init_empty_weights(include_buffers=False):
+            model = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
+        source = RandomWeights({name: tuple(p.shape) for name, p in model.named_parameters()})
+    else:
+        with backend.construct_partitioned() if args.sharded_build else backend.device:  # ZeRO-3: zero.Init
+            model = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
+    built_partitioned = sum(hasattr(p, "ds_id") for p in model.parameters())  # ZeRO-3 under zero.Init
     sync(backend)
     t0 = time.perf_counter()
-    method.apply(model, backend.weights())
+    names = method.apply(model, weights, init=not streaming)
     sync(backend)
     init_s = time.perf_counter() - t0
     if ckpt == "ckpt":
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False
-    model = backend.prepare(model)
+    if streaming:
+        index = {id(layer): (i, name) for i, (name, layer) in enumerate(adapted_layers(model))}
+        t0 = time.perf_counter()
+        model = backend.prepare_streaming(model, source, lambda layer: method.init_layer(
+            index[id(layer)][1], index[id(layer)][0], layer, weights), "seeded random weights")
+        sync(backend)
+        init_s = time.perf_counter() - t0  # build + adapter init, block by block
+    else:
+        model = backend.prepare(model)
+    assert len(names) == len(list(adapted_layers(model)))
     params = [p for _, p in method.trainable_parameters(model)]
     optimizer = torch.optim.AdamW(params, lr=1e-5)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
@@ -167,6 +209,8 @@ def one_run(args, backend, spec: str) -> dict:
         "peak_gib": gib(torch.cuda.max_memory_allocated(backend.device)) if backend.device.type == "cuda" else None,
         **memory,
         "adapter_bytes_fp32": adapter_bytes, **event,
+        "build": "meta, block by block" if streaming else f"zero.Init ({built_partitioned} parameters partitioned)"
+        if built_partitioned else "whole on every GPU",
     }
     ref = REFERENCES.get((backend.name, ckpt))
     if ref and backend.world_size == 2 and args.model_config != "tiny":
@@ -190,6 +234,9 @@ def main() -> int:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--peak-tflops", type=float, default=989.0, help="dense bf16 peak of one GPU (H100/H200: 989)")
+    parser.add_argument("--sharded-build", action="store_true",
+                        help="never build the model whole on a GPU: FSDP2 fills it block by block from the meta "
+                             "device (seeded random weights), ZeRO-3 builds it under zero.Init (for 70B shapes)")
     parser.add_argument("--debug-memory", action="store_true", help="list the largest live CUDA tensors after setup")
     parser.add_argument("--profile-event", action="store_true", help="print a torch.profiler table of the second event")
     parser.add_argument("--device", default="auto")

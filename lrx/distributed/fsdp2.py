@@ -87,20 +87,25 @@ class FSDP2(TorchSteps, MultiProcess):
         return model
 
     def prepare_from_files(self, model: nn.Module, files: list[Path], init_layer) -> nn.Module:
-        """Shard a model built on the meta device, loading one block at a time.
+        """Shard a model built on the meta device, loading one block at a time from safetensors
+        ``files`` (see ``prepare_streaming``)."""
+        return self.prepare_streaming(model, WeightFiles(files), init_layer, f"{len(files)} safetensors files")
 
-        Each transformer block is materialised on this process's device, filled from the
-        safetensors ``files`` (a block's weights only), its adapted layers initialised
+    def prepare_streaming(self, model: nn.Module, reader, init_layer, source: str = "weights") -> nn.Module:
+        """Shard a model built on the meta device, filling it one block at a time.
+
+        Each transformer block is materialised on this process's device, filled from
+        ``reader`` (``key in reader``, ``reader.get(key)``, keys as in a transformers
+        checkpoint; a block's weights only), its adapted layers initialised
         (``init_layer(layer)``: on the block's full weights, as ``prepare`` would) and then
         sharded, which frees the rest of its rows; the root's own weights (embeddings, norms,
         heads) come last. No process ever holds more than one block whole.
 
         Raises:
-            ConfigError: a weight is not in the files (e.g. a freshly initialised head).
+            ConfigError: a weight is not in ``reader`` (e.g. a freshly initialised head).
         """
         from lrx.methods import adapted_layers
 
-        reader = WeightFiles(files)
         trained_here = {id(p) for _, layer in adapted_layers(model) for p in layer.adapter_params().values()}
         aliases: dict[int, list[str]] = {}
         for name, param in model.named_parameters(remove_duplicate=False):
@@ -117,8 +122,8 @@ class FSDP2(TorchSteps, MultiProcess):
                 if buf is not None and not isinstance(buf, DTensor):
                     module._buffers[key] = buf.to(self.device)
         fully_shard(model, mesh=self.mesh, mp_policy=self.mp_policy)
-        log.info("fsdp2: %d blocks + root loaded block by block from %d safetensors files and sharded over %d "
-                 "processes (%s)", len(blocks), len(files), self.world_size, self.device.type)
+        log.info("fsdp2: %d blocks + root loaded block by block from %s and sharded over %d processes (%s)",
+                 len(blocks), source, self.world_size, self.device.type)
         return model
 
     def _materialize(self, root: nn.Module, reader, aliases, done, trained_here, init_layer) -> None:
