@@ -27,8 +27,8 @@ from torch import nn
 
 import lrx
 from lrx.errors import LrxError
-from lrx.fileio import fsync_tree, read_json, read_safetensors
-from lrx.methods import AdaptedLinear, Method, adapted_layers, build_method, get_method_class
+from lrx.fileio import read_json, read_safetensors
+from lrx.methods import AdaptedLinear, Method, MethodConfig, adapted_layers, build_method, get_method_class
 
 ADAPTER_FORMAT = "lrx-adapter"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -51,7 +51,9 @@ def atomic_dir(final: Path):
             if exc_type is not None:
                 shutil.rmtree(self.tmp, ignore_errors=True)
                 return
-            fsync_tree(self.tmp)
+            for f in self.tmp.iterdir():
+                with open(f, "rb") as fh:
+                    os.fsync(fh.fileno())
             old = None
             if final.exists():
                 old = final.with_name(f".{final.name}.old-{os.getpid()}")
@@ -74,11 +76,6 @@ def trained_tensors(model: nn.Module, method: Method) -> dict[str, torch.Tensor]
         for pname, p in model.get_submodule(mod_name).named_parameters():
             out[f"{mod_name}.{pname}"] = p
     return out
-
-
-def saved_module_tensors(tensors: dict[str, torch.Tensor], saved_modules: list[str]) -> dict[str, torch.Tensor]:
-    """The entries of ``tensors`` that belong to the fully trained ``saved_modules``."""
-    return {k: v.detach() for k, v in tensors.items() if any(k.startswith(m + ".") for m in saved_modules)}
 
 
 def adapter_tensors(model: nn.Module, method: Method, method_state: dict | None = None,
@@ -150,7 +147,10 @@ def load_adapter(path: str | Path, model: nn.Module) -> Method:
     """
     path = Path(path)
     config = read_adapter_config(path)
-    method = method_of(config)
+    method_cfg = dict(config["method"])
+    cls = get_method_class(method_cfg["name"]).config_cls
+    method = build_method(cls(**method_cfg))
+    assert isinstance(method.config, MethodConfig)
     names = method.apply(model, init=False)
     if names != config["adapted_modules"]:
         raise LrxError(
@@ -211,7 +211,8 @@ def export_peft(path: str | Path, model: nn.Module, method: Method, base_model_n
         base_model_name: recorded as ``base_model_name_or_path``.
     """
     factors = {name: method.delta_factors(layer) for name, layer in adapted_layers(model)}
-    saved = saved_module_tensors(trained_tensors(model, method), method.saved_modules)
+    saved = {k: p.detach() for k, p in trained_tensors(model, method).items()
+             if any(k.startswith(m + ".") for m in method.saved_modules)}
     return write_peft(path, factors, saved, method.saved_modules, base_model_name)
 
 
@@ -281,5 +282,6 @@ def export_peft_from_adapter(adapter_dir: str | Path, path: str | Path) -> Path:
     tensors = read_safetensors(adapter_dir / WEIGHTS_NAME)
     method = method_of(config)
     factors = {m: method.delta_factors(layer_from_adapter(method, tensors, m)) for m in config["adapted_modules"]}
-    saved = saved_module_tensors(tensors, config.get("saved_modules", []))
+    saved = {k: v for k, v in tensors.items()
+             if any(k.startswith(m + ".") for m in config.get("saved_modules", []))}
     return write_peft(path, factors, saved, config.get("saved_modules") or [], config.get("base_model"))

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 import shutil
 from pathlib import Path
@@ -33,7 +34,7 @@ from safetensors.torch import save_file
 import lrx
 from lrx.adapter import WEIGHTS_NAME, save_adapter, trained_tensors
 from lrx.errors import LrxError
-from lrx.fileio import fsync_tree, read_json, read_safetensors
+from lrx.fileio import read_json, read_safetensors
 
 log = logging.getLogger(__name__)
 
@@ -90,6 +91,13 @@ def check_compatible(path: Path, config: dict[str, Any]) -> dict[str, Any]:
     return state
 
 
+def _fsync_tree(root: Path) -> None:
+    for file in root.rglob("*"):
+        if file.is_file():
+            with open(file, "rb") as fh:
+                os.fsync(fh.fileno())
+
+
 def save_checkpoint(run_dir: Path, step: int, *, backend, model, method, trainer_state: dict[str, Any],
                     optimizer_state: dict[str, torch.Tensor], meta: dict[str, Any], keep: int) -> Path:
     """Write checkpoint ``step`` (collective: every process calls it).
@@ -141,7 +149,7 @@ def save_checkpoint(run_dir: Path, step: int, *, backend, model, method, trainer
         raise LrxError(f"cannot write checkpoint {final} ({reason}); free space or fix permissions of "
                        f"{root}; earlier checkpoints are intact")
     if backend.is_main:
-        fsync_tree(tmp)
+        _fsync_tree(tmp)
         (tmp / COMPLETE).write_text(json.dumps({"step": step}))
         if final.exists():  # the same step again (e.g. the end of a resumed run)
             shutil.rmtree(final)

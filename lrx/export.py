@@ -33,16 +33,13 @@ from torch import nn
 
 from lrx.adapter import (
     WEIGHTS_NAME, export_peft_from_adapter, layer_from_adapter, load_adapter, method_of, read_adapter_config,
-    saved_module_tensors,
 )
 from lrx.errors import LrxError
 from lrx.fileio import WeightFiles, read_safetensors
 from lrx.methods import adapted_layers
-from lrx.models import load_model, load_tokenizer, safetensors_files
+from lrx.models import load_model, load_tokenizer
 
 log = logging.getLogger(__name__)
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 @torch.no_grad()
@@ -89,7 +86,7 @@ def export_merged(adapter_dir: str | Path, out: str | Path, *, base: str | None 
         raise LrxError(f"{adapter_dir}: no base model recorded; pass --base")
     gguf = None if base else config.get("gguf_file")
     tokenizer = load_tokenizer(config.get("tokenizer") or name, None if config.get("tokenizer") else gguf)
-    files = safetensors_files(name, gguf)
+    files = sorted(Path(name).glob("*.safetensors")) if Path(name).is_dir() and not gguf else []
     if files and stream_merged(adapter_dir, config, files, out, dtype=dtype, max_shard_size=max_shard_size):
         tokenizer.save_pretrained(out)
         return out
@@ -98,11 +95,14 @@ def export_merged(adapter_dir: str | Path, out: str | Path, *, base: str | None 
                        vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id)
     load_adapter(adapter_dir, model)
     n = merge_into_linears(model)
-    model.to(DTYPES[dtype])
+    model.to({"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype])
     model.save_pretrained(out, safe_serialization=True, max_shard_size=max_shard_size)
     tokenizer.save_pretrained(out)
     log.info("merged %d layers of %s into %s", n, name, out)
     return out
+
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 def adapter_folder(path: str | Path) -> Path:
@@ -129,7 +129,7 @@ def stream_merged(adapter_dir: Path, config: dict, files: list[Path], out: Path,
     method = method_of(config)  # with what its layers are built on (EigenLoRAx's basis)
     adapter = read_safetensors(adapter_dir / WEIGHTS_NAME)
     modules = config["adapted_modules"]
-    saved = saved_module_tensors(adapter, config.get("saved_modules", []))
+    saved = {k: v for k, v in adapter.items() if any(k.startswith(m + ".") for m in config.get("saved_modules", []))}
     missing = [f"{m}.weight" for m in modules if f"{m}.weight" not in base] + [k for k in saved if k not in base]
     if missing:
         log.info("base files lack %s...; exporting through the whole model instead", missing[:2])

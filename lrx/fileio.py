@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -23,14 +22,6 @@ def read_json(file: Path, fix: str) -> dict[str, Any]:
         return json.loads(Path(file).read_text())
     except json.JSONDecodeError as e:
         raise LrxError(f"{file}: corrupt JSON ({e.msg} at line {e.lineno}); {fix}") from None
-
-
-def fsync_tree(root: Path) -> None:
-    """Flush every file below ``root`` to disk (before an atomic rename publishes it)."""
-    for file in Path(root).rglob("*"):
-        if file.is_file():
-            with open(file, "rb") as fh:
-                os.fsync(fh.fileno())
 
 
 def pickle_files(folder: Path) -> list[str]:

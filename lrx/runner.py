@@ -8,6 +8,7 @@ method's name.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import shutil
@@ -24,7 +25,7 @@ from lrx.config import RunConfig, save_config
 from lrx.data import build_datasets, prompt_add_special_tokens, render_prompt
 from lrx.distributed import build_backend
 from lrx.errors import ConfigError, LrxError
-from lrx.methods import build_method
+from lrx.methods import adapted_layers, build_method
 from lrx.models import load_model, load_tokenizer, safetensors_files
 from lrx.trainer import Trainer
 
@@ -124,13 +125,12 @@ def _run(config: RunConfig, backend, t0: float, resume: Path | None = None) -> d
     files = sharded_load_files(config, backend, resume)
     meta_blocks = bool(files) and hasattr(backend, "prepare_from_files")  # FSDP2: meta, then block by block
     torch.manual_seed(config.train.seed)
-    if files and not meta_blocks:  # ZeRO-3: transformers then builds and loads it under zero.Init
-        backend.construct_partitioned()
-    model = load_model(
-        mc.name_or_path, task=task, num_labels=max(data.num_labels, 1), dtype=mc.dtype,
-        vocab_size=len(tokenizer), gguf_file=mc.gguf_file, pad_token_id=tokenizer.pad_token_id,
-        meta="params" if meta_blocks else False,
-    )
+    with backend.construct_partitioned() if files and not meta_blocks else contextlib.nullcontext():  # ZeRO-3
+        model = load_model(
+            mc.name_or_path, task=task, num_labels=max(data.num_labels, 1), dtype=mc.dtype,
+            vocab_size=len(tokenizer), gguf_file=mc.gguf_file, pad_token_id=tokenizer.pad_token_id,
+            meta="params" if meta_blocks else False,
+        )
     method = build_method(config.method)
     if backend.world_size > 1 and not method.supports_sharding:
         raise ConfigError(f"method {method.name} does not run sharded yet; train it in one process "
@@ -150,7 +150,9 @@ def _run(config: RunConfig, backend, t0: float, resume: Path | None = None) -> d
         else:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     if meta_blocks:  # built on the meta device: load and initialise one block at a time, then shard it
-        model = backend.prepare_from_files(model, files, lambda layer: method.init_deferred(layer, weights))
+        order = {id(layer): (i, name) for i, (name, layer) in enumerate(adapted_layers(model))}
+        model = backend.prepare_from_files(
+            model, files, lambda layer: method.init_layer(order[id(layer)][1], order[id(layer)][0], layer, weights))
     else:
         model = backend.prepare(model)
     trainable, total = count_parameters(model)

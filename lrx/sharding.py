@@ -92,14 +92,3 @@ def piece_to_full(piece: torch.Tensor, start: int, shape: tuple[int, int]) -> to
     full = piece.new_zeros(shape)
     full[first : first + block.shape[0]] = block
     return full
-
-
-def all_reduce_packed(all_reduce, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
-    """Sum many tensors over ranks with one collective: they are packed into one flat buffer,
-    reduced by ``all_reduce`` (in place, returning it) and returned as views of it, same shapes."""
-    flat = all_reduce(torch.cat([t.reshape(-1) for t in tensors]))
-    out, offset = [], 0
-    for t in tensors:
-        out.append(flat[offset : offset + t.numel()].view(t.shape))
-        offset += t.numel()
-    return out

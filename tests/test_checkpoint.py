@@ -69,7 +69,7 @@ def test_killed_run_resumes_exactly(tmp_path, backend, nproc):
     assert done and max(done) == kill - kill % 2 and max(done) >= 4
     resumed = run(args(data, tmp_path / "run", "train.save_every=2", "--resume", "auto", batch=batch), nproc, backend)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert "resumed from" in resumed.stderr
+    assert f"resumed from" in resumed.stderr
     assert losses(tmp_path / "run") == pytest.approx(losses(tmp_path / "full"), abs=1e-6)
     assert_same_adapter(adapter(tmp_path / "run"), adapter(tmp_path / "full"), atol=1e-6)
     events = [(tmp_path / d / "method_events.jsonl").read_text() for d in ("full", "run")]

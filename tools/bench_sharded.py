@@ -45,7 +45,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig  # noqa: 
 
 from lrx.config import load_config  # noqa: E402
 from lrx.distributed import build_backend  # noqa: E402
-from lrx.methods import build_method  # noqa: E402
+from lrx.methods import adapted_layers, build_method  # noqa: E402
 
 REFERENCES = {  # DESIGN.md: peft LoRA r=16 on 2x H200, tokens/s per GPU
     ("fsdp2", "ckpt"): 7107, ("fsdp2", "nockpt"): 9953, ("zero3", "ckpt"): 1996, ("zero3", "nockpt"): 2566,
@@ -115,27 +115,27 @@ def one_run(args, backend, spec: str) -> dict:
             model = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
         source = RandomWeights({name: tuple(p.shape) for name, p in model.named_parameters()})
     else:
-        if args.sharded_build:  # ZeRO-3: transformers then builds it under zero.Init
-            backend.construct_partitioned()
-        with contextlib.nullcontext() if args.sharded_build else backend.device:
+        with backend.construct_partitioned() if args.sharded_build else backend.device:  # ZeRO-3: zero.Init
             model = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
     built_partitioned = sum(hasattr(p, "ds_id") for p in model.parameters())  # ZeRO-3 under zero.Init
     sync(backend)
     t0 = time.perf_counter()
-    method.apply(model, weights, init=not streaming)
+    names = method.apply(model, weights, init=not streaming)
     sync(backend)
     init_s = time.perf_counter() - t0
     if ckpt == "ckpt":
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False
     if streaming:
+        index = {id(layer): (i, name) for i, (name, layer) in enumerate(adapted_layers(model))}
         t0 = time.perf_counter()
-        model = backend.prepare_streaming(model, source, lambda layer: method.init_deferred(layer, weights),
-                                          "seeded random weights")
+        model = backend.prepare_streaming(model, source, lambda layer: method.init_layer(
+            index[id(layer)][1], index[id(layer)][0], layer, weights), "seeded random weights")
         sync(backend)
         init_s = time.perf_counter() - t0  # build + adapter init, block by block
     else:
         model = backend.prepare(model)
+    assert len(names) == len(list(adapted_layers(model)))
     params = [p for _, p in method.trainable_parameters(model)]
     optimizer = torch.optim.AdamW(params, lr=1e-5)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)

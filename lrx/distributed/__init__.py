@@ -73,24 +73,12 @@ class Backend(Protocol):
 MOMENTS = ("exp_avg", "exp_avg_sq")
 
 
-def whole(t: torch.Tensor) -> torch.Tensor:
-    """``t`` in full: a DTensor is gathered (collective), a plain tensor returned as it is."""
-    return t.full_tensor() if hasattr(t, "full_tensor") else t.detach()
-
-
-def saved_moment(tensors: dict[str, torch.Tensor], name: str, key: str) -> torch.Tensor:
-    """Optimizer state ``name.key`` from a checkpoint's tensors; LrxError if it is not there."""
-    if f"{name}.{key}" not in tensors:
-        raise LrxError(f"the checkpoint has no optimizer state {name}.{key}; it belongs to another run")
-    return tensors[f"{name}.{key}"]
-
-
 class TorchSteps:
     """The plain-PyTorch training step, shared by the single-device and FSDP2 backends
     (ZeRO-3 hands these to the DeepSpeed engine instead)."""
 
     def gather(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        return {k: whole(t) for k, t in tensors.items()}
+        return {k: t.full_tensor() if hasattr(t, "full_tensor") else t.detach() for k, t in tensors.items()}
 
     def optimizer_state(self, named, optimizer) -> dict[str, torch.Tensor]:
         out = {}
@@ -98,14 +86,18 @@ class TorchSteps:
             state = optimizer.state.get(p, {})
             for key in MOMENTS:
                 if key in state:
-                    out[f"{name}.{key}"] = whole(state[key])
+                    t = state[key]
+                    out[f"{name}.{key}"] = t.full_tensor() if hasattr(t, "full_tensor") else t  # DTensor: gather
         return out
 
     def load_optimizer_state(self, named, optimizer, tensors, step: int) -> None:
         for name, p in named:
             state = {}
             for key in MOMENTS:
-                full = saved_moment(tensors, name, key).to(p.device, p.dtype)
+                full = tensors.get(f"{name}.{key}")
+                if full is None:
+                    raise LrxError(f"the checkpoint has no optimizer state {name}.{key}; it belongs to another run")
+                full = full.to(p.device, p.dtype)
                 if hasattr(p, "device_mesh"):  # a DTensor: keep this process's shard
                     from torch.distributed.tensor import distribute_tensor
 

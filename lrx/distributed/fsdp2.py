@@ -111,13 +111,12 @@ class FSDP2(TorchSteps, MultiProcess):
         for name, param in model.named_parameters(remove_duplicate=False):
             aliases.setdefault(id(param), []).append(_file_key(model, name))
         done: dict[int, nn.Parameter] = {}
-        initialised: set[int] = set()
         blocks = transformer_blocks(model)
         for block in blocks:
-            self._materialize(block, reader, aliases, done, trained_here, initialised, init_layer)
+            self._materialize(block, reader, aliases, done, trained_here, init_layer)
             fully_shard(block, mesh=self.mesh, mp_policy=self.mp_policy)
             done.clear()  # holding the block's whole tensors would keep them alive (ties live in the root)
-        self._materialize(model, reader, aliases, done, trained_here, initialised, init_layer)
+        self._materialize(model, reader, aliases, done, trained_here, init_layer)
         for module in model.modules():  # real buffers (rotary tables) to the device
             for key, buf in list(module._buffers.items()):
                 if buf is not None and not isinstance(buf, DTensor):
@@ -127,7 +126,7 @@ class FSDP2(TorchSteps, MultiProcess):
                  len(blocks), source, self.world_size, self.device.type)
         return model
 
-    def _materialize(self, root: nn.Module, reader, aliases, done, trained_here, initialised, init_layer) -> None:
+    def _materialize(self, root: nn.Module, reader, aliases, done, trained_here, init_layer) -> None:
         from lrx.methods import AdaptedLinear
 
         adapted = []
@@ -152,10 +151,10 @@ class FSDP2(TorchSteps, MultiProcess):
                 if buf is not None and buf.is_meta:  # method buffers made on the meta base (edit logs)
                     module._buffers[key] = torch.zeros(buf.shape, dtype=buf.dtype, device=self.device)
         for layer in adapted:
-            if id(layer) not in initialised:
+            if not getattr(layer, "_lrx_initialised", False):
                 layer.restore_buffers()
                 init_layer(layer)
-                initialised.add(id(layer))
+                layer._lrx_initialised = True
 
 
 class FSDP2Shards:

@@ -24,8 +24,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from lrx.errors import ConfigError
-from lrx.distributed import MOMENTS, MultiProcess, RowBlockWeights, saved_moment
+from lrx.errors import ConfigError, LrxError
+from lrx.distributed import MOMENTS, MultiProcess, RowBlockWeights
 
 log = logging.getLogger(__name__)
 
@@ -69,11 +69,11 @@ class ZeRO3(MultiProcess):
     def weights(self) -> "ZeroWeights":
         return ZeroWeights(self.rank, self.world_size, self.all_reduce_sum, self.device, self.deepspeed)
 
-    def construct_partitioned(self) -> None:
-        """Build models partitioned from the start (``zero.Init``): from now on transformers'
-        DeepSpeed integration creates every parameter partitioned and loads a checkpoint one
-        tensor at a time, so no process holds the whole model. The integration reads the config
-        through a live ``HfDeepSpeedConfig``, kept for the run."""
+    def construct_partitioned(self):
+        """Context for building the model partitioned from the start (``zero.Init``): inside it,
+        transformers' DeepSpeed integration creates every parameter partitioned and loads the
+        checkpoint one tensor at a time, so no process holds the whole model. The integration
+        reads the config through a live ``HfDeepSpeedConfig``, kept for the run."""
         from transformers.integrations import HfDeepSpeedConfig
 
         config = {**self.ds_config, "train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1,
@@ -81,6 +81,7 @@ class ZeRO3(MultiProcess):
         config.setdefault("zero_optimization", {})["stage"] = 3
         self._hf_config = HfDeepSpeedConfig(config)
         log.info("zero3: building the model partitioned (zero.Init) and loading it tensor by tensor")
+        return contextlib.nullcontext()
 
     def prepare(self, model: nn.Module) -> nn.Module:
         partitioned = sum(hasattr(p, "ds_id") for p in model.parameters())
@@ -150,7 +151,10 @@ class ZeRO3(MultiProcess):
                 inner.state[flat] = {"step": torch.tensor(0.0), **{k: torch.zeros_like(flat) for k in MOMENTS}}
         for name, p in named:
             for key in MOMENTS:
-                safe_set_full_optimizer_state(p, saved_moment(tensors, name, key).to(self.device, torch.float32), key)
+                full = tensors.get(f"{name}.{key}")
+                if full is None:
+                    raise LrxError(f"the checkpoint has no optimizer state {name}.{key}; it belongs to another run")
+                safe_set_full_optimizer_state(p, full.to(self.device, torch.float32), key)
         for flat in flats:
             old = inner.state[flat]["step"]
             inner.state[flat]["step"] = torch.full_like(old, float(step)) if torch.is_tensor(old) else step

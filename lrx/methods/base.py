@@ -222,7 +222,6 @@ class Method:
         self.config = config
         self.saved_modules: list[str] = []
         self.shards: Shards = LocalShards()
-        self._deferred: dict[int, tuple[str, int]] = {}  # layers apply(init=False) left: (name, index)
 
     # ---- building -------------------------------------------------------------------------
 
@@ -232,8 +231,7 @@ class Method:
         Args:
             model: the model to adapt in place.
             weights: access to base weights; defaults to an unsharded model's own tensors.
-            init: run the method's initialisation; False when adapter tensors are loaded next,
-                or when layers are initialised one by one later (``init_deferred``).
+            init: run the method's initialisation; False when adapter tensors are loaded next.
 
         Returns:
             Qualified names of the adapted modules.
@@ -251,20 +249,11 @@ class Method:
             if init:
                 with weights.gathered(layer):
                     self.init_layer(name, index, layer, weights)
-            else:
-                self._deferred[id(layer)] = (name, index)
             names.append(name)
         self.saved_modules = self._resolve_modules_to_save(model)
         for _, p in self.trainable_parameters(model):
             p.requires_grad_(True)
         return names
-
-    def init_deferred(self, layer: AdaptedLinear, weights: WeightAccess) -> None:
-        """Initialise one layer that ``apply(init=False)`` wrapped, once its base weight is
-        there (a model built on the meta device and filled block by block)."""
-        name, index = self._deferred.pop(id(layer))
-        with weights.gathered(layer):
-            self.init_layer(name, index, layer, weights)
 
     def load_resources(self) -> None:
         """Load what ``make_layer`` needs besides the model (EigenLoRAx: its basis); ``apply``

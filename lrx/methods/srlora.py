@@ -34,7 +34,7 @@ from lrx.methods import register_method
 from lrx.methods.base import Method, MethodConfig, Shards, WeightAccess, adapted_layers
 from lrx.methods.layer import AdaptedLinear
 from lrx.methods.pissa import principal_init
-from lrx.sharding import all_reduce_packed, flat_range_of_product, fsdp_row_range, pieces_rows, piece_to_full
+from lrx.sharding import flat_range_of_product, fsdp_row_range, pieces_rows, piece_to_full
 from lrx.spectral import randomized_svd_rows, top_singular
 
 log = logging.getLogger(__name__)
@@ -111,7 +111,7 @@ class SRLoRA(Method):
     def __init__(self, config: SRLoRAConfig):
         super().__init__(config)
         self.layers: dict[str, AdaptedLinear] = {}
-        self.pool: dict[str, dict[str, torch.Tensor]] = {}  # directions not loaded yet: U (own rows), S, V
+        self.pool_data: dict[str, dict[str, torch.Tensor]] = {}  # U (own rows), S, V not loaded yet
         self.pool_first: dict[str, int] = {}  # first row of U this rank holds
         self.pool_whole: set[str] = set()  # layers whose U holds every row (loaded, not attached)
         self.stat_pieces: dict[str, dict[str, torch.Tensor]] = {}  # this rank's pieces, from attach
@@ -155,7 +155,7 @@ class SRLoRA(Method):
         self.pool_first[name] = first
         if weights.world_size == 1:
             self.pool_whole.add(name)
-        self.pool[name] = {"U": U[:, cfg.r :].contiguous(), "S": S[cfg.r :], "V": V[:, cfg.r :].contiguous()}
+        self.pool_data[name] = {"U": U[:, cfg.r :].contiguous(), "S": S[cfg.r :], "V": V[:, cfg.r :].contiguous()}
 
     def attach(self, model: nn.Module, shards: Shards) -> None:
         """Create the importance statistics on this rank's pieces of A and B; keep only this
@@ -173,17 +173,22 @@ class SRLoRA(Method):
                     full = pending.get(f"{name}.{key}_{stat}")
                     value = piece.new_zeros(end - start) if full is None else full.reshape(-1)[start:end]
                     self.stat_pieces.setdefault(name, {})[f"{key}_{stat}"] = value.to(piece).clone()
-            pool = self.pool[name]
+            pool = self.pool_data[name]
             if name in self.pool_whole and shards.world_size > 1:  # loaded whole: keep own rows
                 first, end = fsdp_row_range(layer.out_features, shards.world_size, shards.rank)
                 pool["U"] = pool["U"][first:end]
                 self.pool_first[name] = first
                 self.pool_whole.discard(name)
-            self.pool[name] = {k: v.to(layer.lora_A.device).contiguous() for k, v in pool.items()}
+            self.pool_data[name] = {k: v.to(layer.lora_A.device).contiguous() for k, v in pool.items()}
 
     def _attached(self) -> None:
         if not self.stat_pieces:  # used without a trainer: one process
             self.attach(nn.ModuleDict(), self.shards)
+
+    @property
+    def pool(self) -> dict[str, dict[str, torch.Tensor]]:
+        """Per layer, the pool directions not loaded yet (U: this rank's rows, S, V)."""
+        return self.pool_data
 
     @property
     def stats(self) -> dict[str, dict[str, torch.Tensor]]:
@@ -243,7 +248,7 @@ class SRLoRA(Method):
         groups: dict[tuple, list[str]] = {}
         for name, layer in self.layers.items():
             key = (layer.out_features, layer.in_features, self.shards.span(layer.lora_A),
-                   self.shards.span(layer.lora_B), self.pool_first[name], self.pool[name]["U"].shape[0])
+                   self.shards.span(layer.lora_B), self.pool_first[name], self.pool_data[name]["U"].shape[0])
             groups.setdefault(key, []).append(name)
         return list(groups.values())
 
@@ -332,17 +337,20 @@ class SRLoRA(Method):
             A_full = rows_A.new_zeros(G, self.config.r, in_f)
             A_full[:, first_A : first_A + rows_A.shape[1]] = rows_A
             A_old = torch.gather(A_full, 1, idx[:, :, None].expand(-1, -1, in_f))
-            U = torch.stack([self.pool[n]["U"][:, :swap] for n in names])
+            U = torch.stack([self.pool_data[n]["U"][:, :swap] for n in names])
             U_new = U.new_zeros(G, out_f, swap)
             first = self.pool_first[names[0]]
             U_new[:, first : first + U.shape[1]] = U
             groups.append({"names": names, "idx": idx, "B_old": B_old, "A_old": A_old, "U_new": U_new})
-            parts += [B_old, A_old, U_new]
-        summed = iter(all_reduce_packed(self.shards.all_reduce, parts))
-        self.last_event_bytes = sum(t.numel() * t.element_size() for t in parts)
+            parts += [B_old.reshape(-1), A_old.reshape(-1), U_new.reshape(-1)]
+        flat = self.shards.all_reduce(torch.cat(parts))
+        self.last_event_bytes = flat.numel() * flat.element_size()
+        offset = 0
         for group in groups:
             for key in ("B_old", "A_old", "U_new"):
-                group[key] = next(summed)
+                t = group[key]
+                group[key] = flat[offset : offset + t.numel()].view(t.shape)
+                offset += t.numel()
         return groups
 
     def _shape(self, layer: AdaptedLinear, key: str) -> tuple[int, int]:
@@ -374,8 +382,8 @@ class SRLoRA(Method):
         for group in self._event_factors(chosen):
             group_names, idx = group["names"], group["idx"]
             s = self.layers[group_names[0]].scale
-            S = torch.stack([self.pool[n]["S"][:swap] for n in group_names])
-            V = torch.stack([self.pool[n]["V"][:, :swap] for n in group_names])
+            S = torch.stack([self.pool_data[n]["S"][:swap] for n in group_names])
+            V = torch.stack([self.pool_data[n]["V"][:, :swap] for n in group_names])
             root = torch.sqrt(S / s)[:, None, :]
             B_new = group["U_new"] * root
             A_new = (V * root).transpose(1, 2)
@@ -396,8 +404,8 @@ class SRLoRA(Method):
             self._swap_slots(group_names, idx, B_new, A_new, optimizer)
         for index, (name, layer) in enumerate(self.layers.items()):
             # Loaded directions leave the pool: it only ever holds what later events need.
-            pool = self.pool[name]
-            self.pool[name] = {"U": pool["U"][:, swap:], "S": pool["S"][swap:], "V": pool["V"][:, swap:]}
+            pool = self.pool_data[name]
+            self.pool_data[name] = {"U": pool["U"][:, swap:], "S": pool["S"][swap:], "V": pool["V"][:, swap:]}
             ids = ids_all[name]
             for slot in ids:
                 self.lifetimes.append((index, int(self.slot_pool[name][slot]), int(self.slot_start[name][slot]), step))
@@ -468,9 +476,9 @@ class SRLoRA(Method):
             "interval": torch.tensor(self.interval), "total_steps": torch.tensor(self.total_steps),
             "lifetimes": torch.tensor(self.lifetimes, dtype=torch.long).reshape(-1, 4),
         }
-        wholes = []
+        wholes, parts = [], []
         for name, layer in self.layers.items():
-            pool = self.pool[name]
+            pool = self.pool_data[name]
             U = pool["U"]
             U_full = U.new_zeros(layer.out_features, U.shape[1])
             U_full[self.pool_first[name] : self.pool_first[name] + U.shape[0]] = U
@@ -483,7 +491,11 @@ class SRLoRA(Method):
             out[f"slots.{name}.pool_index"] = self.slot_pool[name]
             out[f"slots.{name}.start"] = self.slot_start[name]
         if wholes:
-            out.update(zip([k for k, _ in wholes], all_reduce_packed(self.shards.all_reduce, [t.float() for _, t in wholes])))
+            flat = self.shards.all_reduce(torch.cat([t.reshape(-1).float() for _, t in wholes]))
+            offset = 0
+            for key, t in wholes:
+                out[key] = flat[offset : offset + t.numel()].view(t.shape)
+                offset += t.numel()
         return out
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
@@ -499,7 +511,7 @@ class SRLoRA(Method):
                 device = layer.lora_A.device
                 self.pool_first[name] = 0
                 self.pool_whole.add(name)
-                self.pool[name] = {k: state.pop(f"pool.{name}.{k}").to(device) for k in ("U", "S", "V")}
+                self.pool_data[name] = {k: state.pop(f"pool.{name}.{k}").to(device) for k in ("U", "S", "V")}
                 for key in STAT_KEYS:
                     pending[f"{name}.{key}"] = state.pop(f"stats.{name}.{key}")
                 self.slot_pool[name] = state.pop(f"slots.{name}.pool_index")
