@@ -36,7 +36,17 @@ def launch(args: list[str], nproc: int, launcher: str = "torchrun") -> subproces
     else:
         cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
                f"--master_port={free_port()}", *args]
-    return subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO, timeout=300)
+    before = shm_files()
+    run = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO, timeout=300)
+    leaked = shm_files() - before
+    assert not leaked, f"the run left shared memory behind: {sorted(leaked)}"
+    return run
+
+
+def shm_files() -> set[str]:
+    """DeepSpeed's shared-memory files; a run that leaves them fills /dev/shm run after run."""
+    shm = Path("/dev/shm")
+    return {p.name for p in shm.glob("deepspeed*")} if shm.is_dir() else set()
 
 
 # backend: (launcher, what its log says once the model is sharded)

@@ -32,6 +32,19 @@ log = logging.getLogger(__name__)
 DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "deepspeed" / "zero3.json"
 
 
+def without_shm_allreduce() -> None:
+    """Keep DeepSpeed's CPU backend from building its shared-memory all-reduce.
+
+    That op serves inference only. When every rank is local it maps a 66 MiB ``/dev/shm`` buffer per
+    process that is never unlinked, so each run leaks it and a full ``/dev/shm`` then breaks later
+    runs. Its kernels also busy-wait, so a dead peer hangs the rest. Marking the op unavailable makes
+    DeepSpeed use plain torch.distributed (gloo), which is what training uses anyway.
+    """
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+
+
 class ZeRO3(MultiProcess):
     """ZeRO stage 3 through ``deepspeed.initialize``.
 
@@ -52,6 +65,8 @@ class ZeRO3(MultiProcess):
         except ImportError:
             raise ConfigError("distributed.backend=zero3 needs deepspeed: pip install deepspeed") from None
         self.deepspeed = deepspeed
+        if not use_cuda:
+            without_shm_allreduce()
         try:
             deepspeed.init_distributed(dist_backend="nccl" if use_cuda else "gloo")
         except (ValueError, RuntimeError, KeyError) as e:
