@@ -114,7 +114,7 @@ def test_pool_is_deterministic_with_fixed_signs():
 
 
 def test_importance_matches_hand_reference_and_lowest_pairs_are_fused():
-    method, _, layer, _ = single_layer(overrides=["method.r=4", "method.r_target=6", "method.gamma=0.5",
+    method, _, layer, _ = single_layer(overrides=["method.r=4", "method.r_target=8", "method.gamma=0.5",
                                                   "method.beta1=0.8", "method.beta2=0.7"])
     g = torch.Generator().manual_seed(3)
     ref = {k: torch.zeros_like(v, dtype=torch.float64) for k, v in method.stats["0"].items()}
@@ -139,6 +139,14 @@ def test_importance_matches_hand_reference_and_lowest_pairs_are_fused():
     # New slots restart their statistics.
     assert torch.all(method.stats["0"]["A_ibar"][lowest] == 0)
     assert torch.all(method.stats["0"]["B_ubar"][:, lowest] == 0)
+    # The last event exhausts the pool: the statistics are freed and saved as zeros.
+    method.recompose(None, step=2)
+    assert method.exhausted and all(v.numel() == 0 for v in method.stat_pieces["0"].values())
+    assert all(p.numel() == 0 for p in method.pool["0"].values() if p.dim() > 0)
+    state = method.state_dict()
+    assert state["stats.0.B_ubar"].shape == layer.lora_B.shape and not state["stats.0.B_ubar"].any()
+    method.load_state_dict(state)
+    assert method.exhausted and all(v.numel() == 0 for v in method.stat_pieces["0"].values())
 
 
 # ---- events ----------------------------------------------------------------------------------

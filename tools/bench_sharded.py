@@ -7,14 +7,16 @@ Trains an 8B Llama-3-shaped model (random init, built directly on the GPU; seq 2
 micro-batch 2, r=16 on all linear layers) for each ``--runs`` entry, ``METHOD:STORAGE:CKPT``:
 METHOD lora or srlora, STORAGE the base weights' dtype (bf16: SRLoRA's edits go to the exact
 fp32 log; fp32: folded into fp32 shards, with bf16 compute through FSDP2's mixed precision),
-CKPT ``ckpt`` (activation checkpointing) or ``nockpt``. SRLoRA runs two recomposition events
-after the warm-up steps, so its timed steps run with the edit log of two events (bf16 storage).
+CKPT ``ckpt`` (activation checkpointing) or ``nockpt``. SRLoRA runs its whole schedule of
+recomposition events (4 with the defaults), one training step after each, between the warm-up
+and the timed steps, so its timed steps run with the full edit log (bf16 storage) and its peak
+covers every stage of the schedule.
 It reports, per run: tokens/s per GPU over the timed steps, model FLOPs utilisation (4 x matmul parameters + 6 L d n_layers per token,
 against ``--peak-tflops``, as DESIGN.md's peft references), peak memory while training (after
 the model is sharded: building it whole first is not counted), the adapter's
 initialisation time (SRLoRA: the per-row-block pool SVD of every matrix plus PiSSA init), and
-for SRLoRA the time of each event over all layers (``event_s``: the faster of the two; the
-first pays one-time allocations) and the bytes all-reduced for it.
+for SRLoRA the time of each event over all layers (``event_s``: the median) and the bytes
+all-reduced for it.
 Rank 0 prints a table and appends the results to the JSON list in ``--out``.
 
 ``--sharded-build`` never builds the model whole on a GPU (for 70B shapes,
@@ -170,8 +172,9 @@ def one_run(args, backend, spec: str) -> dict:
     for _ in range(args.warmup):
         train_step(step)
         step += 1
-    if method_name == "srlora":  # two events over all layers, each after some importance steps
-        for k in (1, 2):
+    if method_name == "srlora":  # the whole schedule: every event over all layers, a step after each
+        n_events = method.config.n_events
+        for k in range(1, n_events + 1):
             profile = args.profile_event and k == 2 and backend.is_main
             prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU] + (
                 [torch.profiler.ProfilerActivity.CUDA] if backend.device.type == "cuda" else [])) if profile else None
@@ -186,7 +189,8 @@ def one_run(args, backend, spec: str) -> dict:
                 print(prof.key_averages().table(sort_by=sort, row_limit=15), flush=True)
             train_step(step)
             step += 1
-        event.update({"event_s": min(event["event1_s"], event["event2_s"]),
+        times = sorted(event[f"event{k}_s"] for k in range(1, n_events + 1))
+        event.update({"event_s": times[len(times) // 2], "events": n_events,
                       "event_allreduce_bytes": method.last_event_bytes,
                       "score_allreduce_bytes": len(method.layers) * method.config.r * 4,
                       "event_layers": len(records), "edit_log_rank": method.layers[next(iter(method.layers))].edit_rank})

@@ -171,7 +171,10 @@ class SRLoRA(Method):
                 start, end = shards.span(p)
                 for stat in ("ibar", "ubar"):
                     full = pending.get(f"{name}.{key}_{stat}")
-                    value = piece.new_zeros(end - start) if full is None else full.reshape(-1)[start:end]
+                    if self.exhausted:  # never read again: hold nothing
+                        value = piece.new_zeros(0)
+                    else:
+                        value = piece.new_zeros(end - start) if full is None else full.reshape(-1)[start:end]
                     self.stat_pieces.setdefault(name, {})[f"{key}_{stat}"] = value.to(piece).clone()
             pool = self.pool_data[name]
             if name in self.pool_whole and shards.world_size > 1:  # loaded whole: keep own rows
@@ -184,6 +187,18 @@ class SRLoRA(Method):
     def _attached(self) -> None:
         if not self.stat_pieces:  # used without a trainer: one process
             self.attach(nn.ModuleDict(), self.shards)
+
+    @property
+    def exhausted(self) -> bool:
+        """Every event has run: the pool is empty and pair scores are never needed again."""
+        return self.events_done >= self.config.n_events
+
+    def _release_stats(self) -> None:
+        """Free the importance statistics once the pool is exhausted (saved, they read as zeros,
+        so adapter files keep one layout)."""
+        for st in self.stat_pieces.values():
+            for key, value in st.items():
+                st[key] = value.new_zeros(0)
 
     @property
     def pool(self) -> dict[str, dict[str, torch.Tensor]]:
@@ -215,8 +230,8 @@ class SRLoRA(Method):
 
     @torch.no_grad()
     def after_backward(self, model: nn.Module, step: int) -> None:
-        if self.events_done >= self.config.n_events:
-            return  # the pool is exhausted: scores are never used again
+        if self.exhausted:
+            return  # scores are never used again
         self._attached()
         params, grads, ibars, ubars = [], [], [], []
         for name, layer in self.layers.items():
@@ -403,9 +418,11 @@ class SRLoRA(Method):
                     errors[name] = torch.stack([(applied - intended).square().sum(), intended.square().sum()])
             self._swap_slots(group_names, idx, B_new, A_new, optimizer)
         for index, (name, layer) in enumerate(self.layers.items()):
-            # Loaded directions leave the pool: it only ever holds what later events need.
+            # Loaded directions leave the pool (copies, so that their memory is freed): it only
+            # ever holds what later events need.
             pool = self.pool_data[name]
-            self.pool_data[name] = {"U": pool["U"][:, swap:], "S": pool["S"][swap:], "V": pool["V"][:, swap:]}
+            self.pool_data[name] = {"U": pool["U"][:, swap:].clone(), "S": pool["S"][swap:].clone(),
+                                    "V": pool["V"][:, swap:].clone()}
             ids = ids_all[name]
             for slot in ids:
                 self.lifetimes.append((index, int(self.slot_pool[name][slot]), int(self.slot_start[name][slot]), step))
@@ -420,6 +437,8 @@ class SRLoRA(Method):
                 records[name]["fusion_error"] = (num / den) ** 0.5 if den > 0 else 0.0
         self.pointer += swap
         self.events_done += 1
+        if self.exhausted:
+            self._release_stats()
         records = list(records.values())
         log.info("srlora event %d/%d at step %d: pointer %d, fusion error max %.2e",
                  self.events_done, cfg.n_events, step, self.pointer, max(r["fusion_error"] for r in records))
@@ -484,8 +503,12 @@ class SRLoRA(Method):
             U_full[self.pool_first[name] : self.pool_first[name] + U.shape[0]] = U
             wholes.append((f"pool.{name}.U", U_full))
             for key, piece in self.stat_pieces[name].items():
+                shape = self._shape(layer, key[0])
+                if self.exhausted:  # released
+                    out[f"stats.{name}.{key}"] = torch.zeros(shape)
+                    continue
                 p = layer.lora_A if key[0] == "A" else layer.lora_B
-                wholes.append((f"stats.{name}.{key}", piece_to_full(piece, self.shards.span(p)[0], self._shape(layer, key[0]))))
+                wholes.append((f"stats.{name}.{key}", piece_to_full(piece, self.shards.span(p)[0], shape)))
             out[f"pool.{name}.S"] = pool["S"]
             out[f"pool.{name}.V"] = pool["V"]
             out[f"slots.{name}.pool_index"] = self.slot_pool[name]
