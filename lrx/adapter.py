@@ -88,8 +88,7 @@ def adapter_tensors(model: nn.Module, method: Method, method_state: dict | None 
     out: dict[str, torch.Tensor] = dict(params) if params is not None else {
         k: p.detach() for k, p in trained_tensors(model, method).items()}
     for name, layer in adapted_layers(model):
-        out[f"{name}.edit_U"] = layer.edit_U
-        out[f"{name}.edit_V"] = layer.edit_V
+        out[f"{name}.edit_U"], out[f"{name}.edit_V"] = layer.edit_factors()
         out[f"{name}.edit_sizes"] = layer.edit_sizes
     for key, value in (method.state_dict() if method_state is None else method_state).items():
         out[f"method_state.{key}"] = value

@@ -185,12 +185,10 @@ class Trainer:
         self.module = model  # the adapted model itself: what method hooks see
         self.model = backend.setup(model, self.optimizer, self.scheduler, micro_batch=tc.batch_size,
                                    grad_accum=tc.grad_accum, max_grad_norm=tc.max_grad_norm)  # what runs batches
-        method.attach(self.module, backend.shards())  # this rank's pieces, now that they exist
-        self.autocast = (
-            torch.autocast(device.type, dtype=torch.bfloat16)
-            if tc.bf16 and device.type == "cuda"
-            else contextlib.nullcontext()
-        )
+        bf16 = tc.bf16 and device.type == "cuda"
+        self.autocast = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+        # This rank's pieces, now that they exist; with the forward in bf16, edit logs go to the host.
+        method.attach(self.module, backend.shards(), torch.bfloat16 if bf16 else None)
         self.metrics = MetricsLog(run_dir, config.logging.tensorboard, enabled=self.is_main)
         self.step = 0
         self.micro = 0  # micro-batches this process has consumed (the data position)

@@ -11,7 +11,7 @@ from torch import nn
 from lrx.cli import main
 from lrx.methods import AdaptedLinear
 from tests.test_cli import TINY_LM
-from tests.test_srlora import fidelity_run
+from tests.test_srlora import check_offloaded_edit_log, fidelity_run
 
 pytestmark = pytest.mark.gpu
 
@@ -46,3 +46,8 @@ def test_srlora_fidelity_on_gpu_bf16_base():
     # Same bound as on CPU; the event arithmetic runs on the CPU copy here, the forward on GPU elsewhere.
     total_err, net_err = fidelity_run(torch.bfloat16, "auto", 1e-4)
     assert total_err <= 1e-3 and net_err <= 1e-3
+
+
+def test_offloaded_edit_log_on_gpu():
+    # The exact log in pinned host memory, its bf16 copy on the GPU: bit-identical training.
+    check_offloaded_edit_log("cuda")

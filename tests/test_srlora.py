@@ -10,11 +10,12 @@ import pytest
 import torch
 from torch import nn
 
-from lrx.adapter import load_adapter, save_adapter
+from lrx.adapter import adapter_tensors, load_adapter, save_adapter
 from lrx.cli import main
 from lrx.config import load_config
 from lrx.errors import ConfigError
 from lrx.methods import adapted_layers, build_method
+from lrx.methods.base import LocalShards
 from lrx.spectral import top_singular
 from tests.conftest import QUICKSTART, tiny_model
 from tests.test_cli import TINY_LM
@@ -50,11 +51,11 @@ def single_layer(d_out=96, d_in=80, dtype=torch.float32, overrides=(), seed=0):
     return method, model, dict(adapted_layers(model))["0"], W
 
 
-def batches(n, seed=0):
+def batches(n, seed=0, device="cpu"):
     g = torch.Generator().manual_seed(seed)
     out = []
     for _ in range(n):
-        ids = torch.randint(3, 128, (2, 10), generator=g)
+        ids = torch.randint(3, 128, (2, 10), generator=g).to(device)
         out.append({"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids})
     return out
 
@@ -176,6 +177,41 @@ def test_output_unchanged_by_every_event(fuse):
     for _, layer in adapted_layers(model):
         assert layer.edit_rank == 4 + 4 * (2 + 2)  # PiSSA init + per event: 2 fused + 2 loaded
     assert all(p["U"].shape[1] == 0 and p["S"].numel() == 0 for p in method.pool.values())
+
+
+def check_offloaded_edit_log(device):
+    """With the forward in bf16 (autocast), the exact fp32 edit log lives in host memory and
+    only its bf16 copy beside the adapter: losses, adapter and log are bit-identical to keeping
+    the fp32 log on the device, through every event, and adapter files do not change."""
+    runs = []
+    for compute_dtype in (None, torch.bfloat16):
+        method, model = srlora(["method.interval=3"], model=tiny_model("llama").to(device, torch.bfloat16))
+        method.attach(model, LocalShards(), compute_dtype)
+        optimizer = make_optimizer(method, model)
+        method.on_train_start(model, optimizer, total_steps=15)
+        with torch.autocast(device, dtype=torch.bfloat16):
+            losses = train_steps(method, model, optimizer, batches(15, device=device))
+        runs.append((losses, method, model))
+    (plain_losses, plain, plain_model), (losses, method, model) = runs
+    # Bitwise on CPU; a GPU's attention backward may add atomics in any order, so close there.
+    same = torch.equal if device == "cpu" else lambda a, b: torch.allclose(a.cpu(), b.cpu(), rtol=1e-3, atol=1e-5)
+    assert method.events_done == 4 and same(torch.tensor(losses), torch.tensor(plain_losses))
+    for (name, layer), (_, ref) in zip(adapted_layers(model), adapted_layers(plain_model)):
+        assert layer.host_log is not None and ref.host_log is None and not layer.fold_edits
+        assert layer.edit_U.dtype == torch.bfloat16 and layer.edit_U.device.type == device
+        assert layer.edit_rank == ref.edit_rank == 4 + 4 * 4
+        U, V = layer.edit_factors()
+        assert U.dtype == torch.float32 and U.device.type == "cpu" and U.is_pinned() == (device == "cuda")
+        assert same(U, ref.edit_U.cpu()) and same(V, ref.edit_V.cpu())
+        assert same(layer.lora_A, ref.lora_A) and same(layer.lora_B, ref.lora_B)
+        assert same(layer.delta_weight(), ref.delta_weight())
+    saved = adapter_tensors(model, method)
+    for key, value in adapter_tensors(plain_model, plain).items():
+        assert same(saved[key], value), key
+
+
+def test_offloaded_edit_log_trains_bit_identically_in_bf16():
+    check_offloaded_edit_log("cpu")
 
 
 def test_pool_exhaustion_stops_events_and_importance():

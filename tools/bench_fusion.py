@@ -54,7 +54,8 @@ def run(dtype: torch.dtype, fuse: str, relative_update: float, events: int, d: i
         for value in method.stats["0"].values():
             value.uniform_(0, 1, generator=g)
         method.recompose(None, step)
-    intended = layer.edit_U.double() @ layer.edit_V.double()
+    U, V = layer.edit_factors()
+    intended = U.double() @ V.double()
     applied = layer.base.weight.double() - W0 + (0 if layer.fold_edits else intended)
     effective = W0 + applied + adapter64()
     log_bytes = (layer.edit_U.numel() + layer.edit_V.numel()) * 4

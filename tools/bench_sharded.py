@@ -142,7 +142,7 @@ def one_run(args, backend, spec: str) -> dict:
     optimizer = torch.optim.AdamW(params, lr=1e-5)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
     runner = backend.setup(model, optimizer, scheduler, micro_batch=args.micro_batch, grad_accum=1, max_grad_norm=1.0)
-    method.attach(model, backend.shards())
+    method.attach(model, backend.shards(), torch.bfloat16 if backend.device.type == "cuda" else None)
     method.on_train_start(model, optimizer, 10**6)
     if args.debug_memory and backend.is_main:
         live: dict[tuple, int] = {}

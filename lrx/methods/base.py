@@ -45,6 +45,10 @@ class MethodConfig:
     fuse: Literal["auto", "fold", "log"] = "auto"
     """Where frozen edits of the base live: fold = added into the base weight in place; log = fp32
     low-rank factors applied beside the adapter (lossless on bf16 bases); auto = fold for fp32 bases."""
+    edit_log: Literal["auto", "device"] = "auto"
+    """Where the exact fp32 log of unfolded edits lives: device, or (auto) in host memory when the
+    forward runs in bf16 on a GPU, with only its bf16 copy on the device: the same training, half
+    the log's GPU memory."""
 
     def __post_init__(self) -> None:
         if self.r < 1:
@@ -290,12 +294,22 @@ class Method:
 
     # ---- trainer hooks (defaults: nothing to do) --------------------------------------------
 
-    def attach(self, model: nn.Module, shards: Shards) -> None:
+    def attach(self, model: nn.Module, shards: Shards, compute_dtype: torch.dtype | None = None) -> None:
         """Called once the model is placed or sharded, before training: how this rank reaches
-        its pieces of the parameters. Edits of the base then touch only the local piece."""
+        its pieces of the parameters. Edits of the base then touch only the local piece.
+
+        ``compute_dtype`` is the dtype the forward's products run in (bf16 under autocast on a
+        GPU); below fp32 the layers' edit logs move to host memory (``method.edit_log``)."""
         self.shards = shards
+        offload = compute_dtype not in (None, torch.float32) and self.config.edit_log == "auto"
         for _, layer in adapted_layers(model):
             layer.shards = None if shards.world_size == 1 else shards
+            if offload:
+                layer.offload_edit_log(compute_dtype, self.edit_rank_bound())
+
+    def edit_rank_bound(self) -> int | None:
+        """The largest edit-log rank a layer reaches in training, if the method knows it."""
+        return None
 
     def on_train_start(self, model: nn.Module, optimizer: torch.optim.Optimizer, total_steps: int) -> None:
         """Called once before the first step (or after a resume), with the run's length."""

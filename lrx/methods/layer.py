@@ -7,7 +7,10 @@ residual, SRLoRA's fused pairs), recorded as fp32 factors ``edit_U @ edit_V`` so
 ``fold_edits`` they are either added into ``base.weight`` in place (exact enough for fp32
 bases) or applied beside the adapter as a low-rank product (needed for bf16 and quantized
 bases, where a small in-place add loses most of the update; see DESIGN.md, "Fusion
-fidelity"). Pair k is column k of ``lora_B`` with row k of ``lora_A``.
+fidelity"). When the forward runs in bf16 on a GPU, ``offload_edit_log`` keeps the exact fp32
+log in host memory and only its bf16 copy on the device: training is bit-identical (the fp32
+log was cast to bf16 for every product anyway) and the log takes half the GPU memory. Pair k
+is column k of ``lora_B`` with row k of ``lora_A``.
 """
 
 from __future__ import annotations
@@ -16,6 +19,36 @@ import torch
 from torch import nn
 
 from lrx.sharding import flat_range_of_product
+
+
+class HostLog:
+    """An exact fp32 edit log in host memory (pinned when there is a GPU, so copies from it
+    are asynchronous). Rows are rank-1 edits: ``Ut`` (capacity x out) holds U transposed so
+    that appending k edits writes k whole rows; the capacity doubles when it runs out.
+    """
+
+    def __init__(self, out_features: int, in_features: int, capacity: int):
+        pin = torch.cuda.is_available()
+        self.Ut = torch.empty(capacity, out_features, pin_memory=pin)
+        self.V = torch.empty(capacity, in_features, pin_memory=pin)
+        self.rank = 0
+
+    def append(self, U: torch.Tensor, V: torch.Tensor) -> None:
+        """Add the edits ``U @ V`` (fp32, out x k and k x in, on any device)."""
+        k = V.shape[0]
+        if self.rank + k > self.V.shape[0]:
+            grown = HostLog(self.Ut.shape[1], self.V.shape[1], max(2 * self.V.shape[0], self.rank + k))
+            grown.append(*self.factors())
+            self.Ut, self.V = grown.Ut, grown.V
+        self.Ut[self.rank : self.rank + k].copy_(U.t(), non_blocking=True)
+        self.V[self.rank : self.rank + k].copy_(V, non_blocking=True)
+        self.rank += k
+
+    def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(U, V)``: out x rank and rank x in views, once pending copies have landed."""
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        return self.Ut[: self.rank].t(), self.V[: self.rank]
 
 
 class AdaptedLinear(nn.Module):
@@ -52,6 +85,9 @@ class AdaptedLinear(nn.Module):
         self.register_buffer("edit_U", torch.zeros(out_features, 0, device=device), persistent=False)
         self.register_buffer("edit_V", torch.zeros(0, in_features, device=device), persistent=False)
         self.register_buffer("edit_sizes", torch.zeros(0, dtype=torch.long, device=device), persistent=False)
+        # Set by offload_edit_log: the exact log then lives here, edit_U/edit_V are its
+        # compute-dtype copies.
+        self.host_log: HostLog | None = None
 
     def _init_adapter(self, r: int, in_features: int, out_features: int, device: torch.device) -> None:
         """Create the trainable tensors; subclasses that parametrise A and B differently override it."""
@@ -123,11 +159,39 @@ class AdaptedLinear(nn.Module):
         V = V.detach().to(device=self.edit_V.device, dtype=torch.float32)
         if U.shape != (self.out_features, V.shape[0]) or V.shape[1] != self.in_features:
             raise ValueError(f"edit factors {tuple(U.shape)} @ {tuple(V.shape)} do not fit {self.extra_repr()}")
-        self.edit_U = torch.cat([self.edit_U, U], dim=1)
-        self.edit_V = torch.cat([self.edit_V, V], dim=0)
+        if self.host_log is not None:
+            self.host_log.append(U, V)
+        self.edit_U = torch.cat([self.edit_U, U.to(self.edit_U.dtype)], dim=1)
+        self.edit_V = torch.cat([self.edit_V, V.to(self.edit_V.dtype)], dim=0)
         self.edit_sizes = torch.cat([self.edit_sizes, self.edit_sizes.new_full((1,), U.shape[1])])  # no host copy
         if self.fold_edits:
             self._fold(U, V, sign=1.0)
+
+    @torch.no_grad()
+    def offload_edit_log(self, compute_dtype: torch.dtype, capacity: int | None = None) -> None:
+        """Keep the exact fp32 log in host memory and only a ``compute_dtype`` copy on the device.
+
+        Only for a forward that runs in ``compute_dtype`` (bf16 autocast or bf16 parameters):
+        it then computes exactly what it did with the fp32 log, which it cast anyway. A layer
+        that folds its edits keeps none beside the base and is left as it is.
+
+        Args:
+            compute_dtype: the dtype of the forward's products (torch.bfloat16).
+            capacity: the log's final rank if known (one host allocation); else it grows.
+        """
+        if self.fold_edits or self.host_log is not None:
+            return
+        U, V = self.edit_U, self.edit_V
+        self.host_log = HostLog(self.out_features, self.in_features, max(capacity or 0, 2 * U.shape[1], 16))
+        self.host_log.append(U, V)
+        self.edit_U, self.edit_V = U.to(compute_dtype), V.to(compute_dtype)
+
+    def edit_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The exact fp32 edit log ``(U, V)``, out x k and k x in: on the layer's device, or in
+        host memory when it is offloaded."""
+        if self.host_log is not None:
+            return self.host_log.factors()
+        return self.edit_U, self.edit_V
 
     @torch.no_grad()
     def set_edit_log(self, U: torch.Tensor, V: torch.Tensor, sizes: torch.Tensor) -> None:
@@ -163,8 +227,9 @@ class AdaptedLinear(nn.Module):
         return (self.lora_B @ self.lora_A).detach() * self.scale
 
     def edits_weight(self) -> torch.Tensor:
-        """The edit log's total change ``edit_U @ edit_V`` in fp32 (out x in)."""
-        return self.edit_U @ self.edit_V
+        """The edit log's total change ``U @ V`` in fp32 (out x in), on the adapter's device."""
+        U, V = self._edit_factors_here()
+        return U @ V
 
     def delta_weight(self) -> torch.Tensor:
         """Total change from the pretrained weight W0: ``edits + scale * B @ A`` (fp32)."""
@@ -172,9 +237,14 @@ class AdaptedLinear(nn.Module):
 
     def delta_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Exact low-rank factors ``(B_eff, A_eff)`` with ``B_eff @ A_eff == delta_weight()``."""
-        B = torch.cat([self.edit_U, self.lora_B.detach() * self.scale], dim=1)
-        A = torch.cat([self.edit_V, self.lora_A.detach()], dim=0)
+        U, V = self._edit_factors_here()
+        B = torch.cat([U, self.lora_B.detach() * self.scale], dim=1)
+        A = torch.cat([V, self.lora_A.detach()], dim=0)
         return B, A
+
+    def _edit_factors_here(self) -> tuple[torch.Tensor, torch.Tensor]:
+        device = self.lora_B.device
+        return tuple(t.to(device) for t in self.edit_factors())
 
     @torch.no_grad()
     def merge(self) -> None:
@@ -196,6 +266,7 @@ class AdaptedLinear(nn.Module):
         B = self.lora_B.detach() * self.scale
         A = self.lora_A.detach()
         if self.edit_rank and not self.fold_edits:
-            B = torch.cat([self.edit_U, B], dim=1)
-            A = torch.cat([self.edit_V, A], dim=0)
+            U, V = self._edit_factors_here()
+            B = torch.cat([U, B], dim=1)
+            A = torch.cat([V, A], dim=0)
         return B, A

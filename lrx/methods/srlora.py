@@ -157,14 +157,14 @@ class SRLoRA(Method):
             self.pool_whole.add(name)
         self.pool_data[name] = {"U": U[:, cfg.r :].contiguous(), "S": S[cfg.r :], "V": V[:, cfg.r :].contiguous()}
 
-    def attach(self, model: nn.Module, shards: Shards) -> None:
+    def attach(self, model: nn.Module, shards: Shards, compute_dtype: torch.dtype | None = None) -> None:
         """Create the importance statistics on this rank's pieces of A and B; keep only this
         rank's rows of the pool's U; move the pool next to the adapter."""
         pending = self._pending_stats or {  # statistics held whole so far (one process)
             f"{name}.{key}": value for name, st in self.stat_pieces.items() for key, value in st.items()
         }
         self._pending_stats, self.stat_pieces = {}, {}
-        super().attach(model, shards)
+        super().attach(model, shards, compute_dtype)
         for name, layer in self.layers.items():
             for key, p in (("A", layer.lora_A), ("B", layer.lora_B)):
                 piece = shards.pieces(p)[-1]
@@ -217,6 +217,10 @@ class SRLoRA(Method):
                 shape = self._shape(layer, key[0])
                 out[name][key] = value.view(shape) if value.numel() == math.prod(shape) else value
         return out
+
+    def edit_rank_bound(self) -> int:
+        cfg = self.config
+        return 2 * cfg.r_target - cfg.r  # PiSSA init + 2 r' per event
 
     def state_bytes(self, layer: AdaptedLinear) -> int:
         cfg = self.config
