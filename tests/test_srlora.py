@@ -16,6 +16,7 @@ from lrx.config import load_config
 from lrx.errors import ConfigError
 from lrx.methods import adapted_layers, build_method
 from lrx.methods.base import LocalShards
+from lrx.methods.layer import LowRankWithFrozenTail
 from lrx.spectral import top_singular
 from tests.conftest import QUICKSTART, tiny_model
 from tests.test_cli import TINY_LM
@@ -177,6 +178,22 @@ def test_output_unchanged_by_every_event(fuse):
     for _, layer in adapted_layers(model):
         assert layer.edit_rank == 4 + 4 * (2 + 2)  # PiSSA init + per event: 2 fused + 2 loaded
     assert all(p["U"].shape[1] == 0 and p["S"].numel() == 0 for p in method.pool.values())
+
+
+def test_log_product_gradients_match_autograd_in_float64():
+    """The adapter and the frozen edit log run as one product whose backward computes weight
+    gradients for the trained pairs only; its output and gradients (x, A, B) equal autograd's
+    through the plain concatenation."""
+    g = torch.Generator().manual_seed(0)
+    x, A, B = (torch.randn(*shape, dtype=torch.float64, generator=g, requires_grad=True)
+               for shape in ((2, 5, 12), (3, 12), (7, 3)))
+    V, U, w = (torch.randn(*shape, dtype=torch.float64, generator=g) for shape in ((4, 12), (7, 4), (2, 5, 7)))
+    y = LowRankWithFrozenTail.apply(x, A, B, V, U)
+    ref = (x @ torch.cat([A, V]).t()) @ torch.cat([B, U], dim=1).t()
+    torch.testing.assert_close(y, ref, rtol=1e-12, atol=0)
+    for got, want in zip(torch.autograd.grad((y * w).sum(), (x, A, B)), torch.autograd.grad((ref * w).sum(), (x, A, B))):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    assert torch.autograd.gradcheck(LowRankWithFrozenTail.apply, (x, A, B, V, U))
 
 
 def check_offloaded_edit_log(device):

@@ -21,6 +21,35 @@ from torch import nn
 from lrx.sharding import flat_range_of_product
 
 
+class LowRankWithFrozenTail(torch.autograd.Function):
+    """``(x @ [A; V].t()) @ [B, U].t()`` where only A (r x in) and B (out x r) are trained and
+    the tail V, U (the edit log) is frozen.
+
+    One product reads x once, as the plain concatenation does, but the backward computes the
+    weight gradients for the r trained pairs only: autograd through the concatenation computes
+    them for all r + k and throws the log's k away (with the log at rank 5 r, over 80 % of
+    that work). Inputs must share one dtype; cast them before the call.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, V: torch.Tensor, U: torch.Tensor):
+        A_all, B_all = torch.cat([A, V]), torch.cat([B, U], dim=1)
+        h = x @ A_all.t()
+        ctx.save_for_backward(x, h, A_all, B_all)
+        ctx.r = A.shape[0]
+        return h @ B_all.t()
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        x, h, A_all, B_all = ctx.saved_tensors
+        r = ctx.r
+        grad_h = grad @ B_all
+        grad_x = grad_h @ A_all if ctx.needs_input_grad[0] else None
+        grad_A = grad_h[..., :r].flatten(0, -2).t() @ x.flatten(0, -2) if ctx.needs_input_grad[1] else None
+        grad_B = grad.flatten(0, -2).t() @ h[..., :r].flatten(0, -2) if ctx.needs_input_grad[2] else None
+        return grad_x, grad_A, grad_B, None, None
+
+
 class HostLog:
     """An exact fp32 edit log in host memory (pinned when there is a GPU, so copies from it
     are asynchronous). Rows are rank-1 edits: ``Ut`` (capacity x out) holds U transposed so
@@ -138,9 +167,12 @@ class AdaptedLinear(nn.Module):
             if isinstance(self.dropout, nn.Identity):
                 # Adapter and edit log as one low-rank product: x is read once (these thin
                 # matmuls are memory-bound, so two products cost nearly twice one).
-                A = torch.cat([A, self.edit_V.to(A.dtype)])
-                B = torch.cat([B * self.scale, self.edit_U.to(B.dtype)], dim=1)
-                return y + ((x @ A.t()) @ B.t()).to(y.dtype)
+                dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) \
+                    else A.dtype
+                with torch.autocast(x.device.type, enabled=False):
+                    delta = LowRankWithFrozenTail.apply(x.to(dtype), A.to(dtype), (B * self.scale).to(dtype),
+                                                        self.edit_V.to(dtype), self.edit_U.to(dtype))
+                return y + delta.to(y.dtype)
             delta = (self.dropout(x) @ A.t()) @ B.t() * self.scale + (x @ self.edit_V.t()) @ self.edit_U.t()
         else:
             delta = (self.dropout(x) @ A.t()) @ B.t() * self.scale
