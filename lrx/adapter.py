@@ -167,37 +167,61 @@ def restore_adapter(path: str | Path, model: nn.Module, method: Method) -> None:
     Raises:
         LrxError: missing/corrupt files, or tensors made for another model (names/shapes).
     """
-    path = Path(path)
-    tensors = read_safetensors(path / WEIGHTS_NAME)
-    layers = dict(adapted_layers(model))
-
-    def take(key: str) -> torch.Tensor:
-        if key not in tensors:
-            raise LrxError(f"{path / WEIGHTS_NAME}: tensor {key!r} is missing; the file is incomplete")
-        return tensors.pop(key)
-
+    saved = SavedAdapter(path)
     with torch.no_grad():
-        for name, layer in layers.items():
-            for attr, param in layer.adapter_params().items():
-                value = take(f"{name}.{attr}")
-                if value.shape != param.shape:
-                    raise LrxError(
-                        f"{path}: {name}.{attr} has shape {tuple(value.shape)}, the model needs "
-                        f"{tuple(param.shape)}; the adapter belongs to another model or rank"
-                    )
-                param.copy_(value)
-            U, V, sizes = take(f"{name}.edit_U"), take(f"{name}.edit_V"), take(f"{name}.edit_sizes")
-            layer.set_edit_log(U, V, sizes)
+        for name, layer in adapted_layers(model):
+            saved.restore_layer(name, layer)
+    saved.restore_rest(model, method)
+
+
+class SavedAdapter:
+    """An lrx adapter file read once and restored in parts, for models that are never whole:
+    ``restore_layer`` for each adapted layer while its base weight is whole (FSDP2: as its
+    block is loaded; ZeRO-3: gathered), then ``restore_rest`` for modules_to_save (through a
+    ``load`` that writes a whole value into a possibly sharded parameter) and the method state.
+    """
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.tensors = read_safetensors(self.path / WEIGHTS_NAME)
+
+    def take(self, key: str) -> torch.Tensor:
+        if key not in self.tensors:
+            raise LrxError(f"{self.path / WEIGHTS_NAME}: tensor {key!r} is missing; the file is incomplete")
+        return self.tensors.pop(key)
+
+    @torch.no_grad()
+    def restore_layer(self, name: str, layer: AdaptedLinear) -> None:
+        """Adapter tensors and the edit log (replayed onto W0) of one adapted layer."""
+        for attr, param in layer.adapter_params().items():
+            value = self.take(f"{name}.{attr}")
+            if value.shape != param.shape:
+                raise LrxError(
+                    f"{self.path}: {name}.{attr} has shape {tuple(value.shape)}, the model needs "
+                    f"{tuple(param.shape)}; the adapter belongs to another model or rank"
+                )
+            param.copy_(value)
+        U, V, sizes = self.take(f"{name}.edit_U"), self.take(f"{name}.edit_V"), self.take(f"{name}.edit_sizes")
+        layer.set_edit_log(U, V, sizes)
+
+    @torch.no_grad()
+    def restore_rest(self, model: nn.Module, method: Method, load=None) -> None:
+        """modules_to_save and the method state; then nothing may be left over.
+
+        ``load(param, value)`` writes a whole value into a parameter (default ``copy_``;
+        ``Backend.load_whole`` for sharded ones; a collective there, taken in model order)."""
+        load = load or (lambda param, value: param.copy_(value))
         for mod_name in method.saved_modules:
             for pname, p in model.get_submodule(mod_name).named_parameters():
-                value = take(f"{mod_name}.{pname}")
-                if value.shape != p.shape:
-                    raise LrxError(f"{path}: {mod_name}.{pname} has shape {tuple(value.shape)}, expected {tuple(p.shape)}")
-                p.copy_(value)
-    prefix = "method_state."
-    method.load_state_dict({k[len(prefix):]: tensors.pop(k) for k in list(tensors) if k.startswith(prefix)})
-    if tensors:
-        raise LrxError(f"{path}: unexpected tensors {sorted(tensors)[:5]}; the adapter does not match this model")
+                value = self.take(f"{mod_name}.{pname}")
+                shape = tuple(getattr(p, "ds_shape", p.shape))  # ZeRO-3 empties partitioned parameters
+                if tuple(value.shape) != shape:
+                    raise LrxError(f"{self.path}: {mod_name}.{pname} has shape {tuple(value.shape)}, expected {shape}")
+                load(p, value)
+        prefix = "method_state."
+        method.load_state_dict({k[len(prefix):]: self.tensors.pop(k) for k in list(self.tensors) if k.startswith(prefix)})
+        if self.tensors:
+            raise LrxError(f"{self.path}: unexpected tensors {sorted(self.tensors)[:5]}; the adapter does not match this model")
 
 
 def export_peft(path: str | Path, model: nn.Module, method: Method, base_model_name: str | None = None) -> Path:

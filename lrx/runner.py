@@ -20,7 +20,7 @@ import datasets
 import torch
 
 from lrx import checkpoint
-from lrx.adapter import export_peft_from_adapter, restore_adapter, save_adapter, trained_tensors
+from lrx.adapter import SavedAdapter, export_peft_from_adapter, save_adapter, trained_tensors
 from lrx.config import RunConfig, save_config
 from lrx.data import build_datasets, prompt_add_special_tokens, render_prompt
 from lrx.distributed import build_backend
@@ -61,16 +61,16 @@ def resolve_task(model_task: str, data_task: str) -> str:
     return wanted
 
 
-def sharded_load_files(config: RunConfig, backend, resume: Path | None) -> list[Path]:
+def sharded_load_files(config: RunConfig, backend) -> list[Path]:
     """The base's safetensors files when the model is loaded straight into shards
     (``model.sharded_load``: FSDP2 block by block from the meta device, ZeRO-3 under
-    ``zero.Init``), else []."""
+    ``zero.Init``; fresh and resumed runs alike), else []."""
     mc = config.model
-    able = (hasattr(backend, "prepare_from_files") or hasattr(backend, "construct_partitioned")) and resume is None
+    able = hasattr(backend, "prepare_from_files") or hasattr(backend, "construct_partitioned")
     files = safetensors_files(mc.name_or_path, mc.gguf_file) if able and mc.sharded_load != "off" else []
     if mc.sharded_load == "on" and not files:
-        raise ConfigError("model.sharded_load=on needs distributed.backend=fsdp2 or zero3, a base stored as "
-                          "safetensors files and a fresh run (resuming loads the whole model); set model.sharded_load=auto")
+        raise ConfigError("model.sharded_load=on needs distributed.backend=fsdp2 or zero3 and a base stored as "
+                          "safetensors files; set model.sharded_load=auto")
     return files
 
 
@@ -122,7 +122,7 @@ def _run(config: RunConfig, backend, t0: float, resume: Path | None = None) -> d
     data = build_datasets(config.data, tokenizer, seed=config.train.seed)
     task = resolve_task(mc.task, data.task)
 
-    files = sharded_load_files(config, backend, resume)
+    files = sharded_load_files(config, backend)
     meta_blocks = bool(files) and hasattr(backend, "prepare_from_files")  # FSDP2: meta, then block by block
     torch.manual_seed(config.train.seed)
     with backend.construct_partitioned() if files and not meta_blocks else contextlib.nullcontext():  # ZeRO-3
@@ -138,8 +138,13 @@ def _run(config: RunConfig, backend, t0: float, resume: Path | None = None) -> d
     torch.manual_seed(config.train.seed)
     weights = backend.weights()
     adapted = method.apply(model, weights, init=resume is None and not meta_blocks)
-    if resume is not None:  # adapter, edit log (replayed onto W0) and method state
-        restore_adapter(checkpoint.adapter_dir(resume), model, method)
+    # Resuming: each adapted layer gets its adapter and edit log (replayed onto W0) while its
+    # base is whole (FSDP2 from files: as its block is loaded; ZeRO-3: gathered alone).
+    saved = SavedAdapter(checkpoint.adapter_dir(resume)) if resume is not None else None
+    if saved is not None and not meta_blocks:
+        for name, layer in adapted_layers(model):
+            with weights.gathered(layer) if layer.fold_edits else contextlib.nullcontext():
+                saved.restore_layer(name, layer)
     if config.train.activation_checkpointing:
         if not getattr(model, "supports_gradient_checkpointing", False):
             raise ConfigError(f"{mc.name_or_path} does not support activation checkpointing; "
@@ -151,10 +156,17 @@ def _run(config: RunConfig, backend, t0: float, resume: Path | None = None) -> d
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     if meta_blocks:  # built on the meta device: load and initialise one block at a time, then shard it
         order = {id(layer): (i, name) for i, (name, layer) in enumerate(adapted_layers(model))}
-        model = backend.prepare_from_files(
-            model, files, lambda layer: method.init_layer(order[id(layer)][1], order[id(layer)][0], layer, weights))
+        if saved is not None:
+            def init(layer):
+                saved.restore_layer(order[id(layer)][1], layer)
+        else:
+            def init(layer):
+                method.init_layer(order[id(layer)][1], order[id(layer)][0], layer, weights)
+        model = backend.prepare_from_files(model, files, init)
     else:
         model = backend.prepare(model)
+    if saved is not None:  # modules_to_save (into their shards) and the method state
+        saved.restore_rest(model, method, backend.load_whole)
     trainable, total = count_parameters(model)
     log.info("%s: adapted %d linear layers; trainable %s of %s parameters (%.3f%%)",
              method.name, len(adapted), f"{trainable:,}", f"{total:,}", 100 * trainable / total)

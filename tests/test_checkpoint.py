@@ -6,6 +6,7 @@ Runs go through ``launch/train.py`` as users start them; a run is killed at a ch
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import random
@@ -23,12 +24,15 @@ from tests.test_distributed import BACKENDS, launch, losses, reference, table  #
 pytestmark = pytest.mark.distributed
 
 
-def args(data, out, *extra, batch=8):
-    return [str(REPO / "launch" / "train.py"), "--method", "srlora", "model.name_or_path=tiny-bert",
+def args(data, out, *extra, batch=8, base="tiny-bert"):
+    """train.py arguments of a 12-step srlora run on ``data`` into ``out``."""
+    return [str(REPO / "launch" / "train.py"), "--method", "srlora", f"model.name_or_path={base}",
+            *([] if base == "tiny-bert" else ["model.tokenizer=minilm-l6"]),
             "data.format=table", f"data.train_path={data}", "method.r=4",
             "method.target_modules=[query,value,intermediate.dense]", "train.max_steps=12", "train.lr=1e-2",
             "train.log_every=1", "train.eval_at_start=false", "logging.progress=false", "logging.tensorboard=false",
             f"train.batch_size={batch}", f"logging.output_dir={out}", *extra]
+
 
 
 def adapter(run_dir):
@@ -56,20 +60,28 @@ def run(argv, nproc=1, backend="fsdp2", env=None):
 @pytest.mark.parametrize("backend, nproc", [("fsdp2", 2), ("zero3", 2)])  # one process: see the 2 -> 1 test
 def test_killed_run_resumes_exactly(tmp_path, backend, nproc):
     """SRLoRA (events at steps 2, 4, 6, 8) killed with SIGKILL at a random step after the first
-    event ends, after --resume auto, with the uninterrupted run's adapter, edit log and losses."""
+    event ends, after --resume auto, with the uninterrupted run's adapter, edit log and losses.
+    The base is a safetensors folder, so every run, the resumed one included, loads it straight
+    into shards (the edit log is replayed onto each layer's base while it is whole)."""
+    from tests.conftest import tiny_model
+
     data = table(tmp_path / "t.tsv")
+    tiny_model("bert", vocab=30522).save_pretrained(tmp_path / "base")
+    argv = functools.partial(args, base=tmp_path / "base")
     batch = 8 // nproc
     kill = random.Random().randint(5, 10)
-    full = run(args(data, tmp_path / "full", "train.save_every=2", batch=batch), nproc, backend)
+    full = run(argv(data, tmp_path / "full", "train.save_every=2", batch=batch), nproc, backend)
     assert full.returncode == 0, full.stderr[-3000:]
-    killed = run(args(data, tmp_path / "run", "train.save_every=2", batch=batch), nproc, backend,
+    killed = run(argv(data, tmp_path / "run", "train.save_every=2", batch=batch), nproc, backend,
                  env={"LRX_KILL_AT_STEP": str(kill)})
     assert killed.returncode != 0, f"the run was not killed at step {kill}"
     done = [int(p.name.split("-")[1]) for p in checkpoint.checkpoint_dirs(tmp_path / "run")]
     assert done and max(done) == kill - kill % 2 and max(done) >= 4
-    resumed = run(args(data, tmp_path / "run", "train.save_every=2", "--resume", "auto", batch=batch), nproc, backend)
+    resumed = run(argv(data, tmp_path / "run", "train.save_every=2", "--resume", "auto", batch=batch), nproc, backend)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"resumed from" in resumed.stderr
+    straight = {"fsdp2": "loaded block by block from 1 safetensors files", "zero3": "parameters were built partitioned"}
+    assert straight[backend] in resumed.stderr + resumed.stdout
     assert losses(tmp_path / "run") == pytest.approx(losses(tmp_path / "full"), abs=1e-6)
     assert_same_adapter(adapter(tmp_path / "run"), adapter(tmp_path / "full"), atol=1e-6)
     events = [(tmp_path / d / "method_events.jsonl").read_text() for d in ("full", "run")]

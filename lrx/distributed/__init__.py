@@ -58,6 +58,10 @@ class Backend(Protocol):
         """Whole copies of (possibly sharded) parameters, on every process (collective; only
         these are gathered, never the whole model)."""
 
+    def load_whole(self, param: torch.Tensor, value: torch.Tensor) -> None:
+        """Write a whole value into a (possibly sharded) parameter, before ``setup``: this
+        process keeps its piece (collective when sharded: every process, in the same order)."""
+
     def optimizer_state(self, named: list[tuple[str, torch.Tensor]], optimizer) -> dict[str, torch.Tensor]:
         """Adam's moments of every trained tensor, whole, as ``{name}.exp_avg`` / ``.exp_avg_sq``
         (collective: gathered from the shards, so they load on any number of processes)."""
@@ -71,6 +75,17 @@ class Backend(Protocol):
 
 
 MOMENTS = ("exp_avg", "exp_avg_sq")
+
+
+def like(p: torch.Tensor, full: torch.Tensor) -> torch.Tensor:
+    """A whole tensor placed like ``p``: its device and dtype, and for a DTensor this process's
+    shard of it (``distribute_tensor``, a collective)."""
+    full = full.to(p.device, p.dtype)
+    if hasattr(p, "device_mesh"):
+        from torch.distributed.tensor import distribute_tensor
+
+        full = distribute_tensor(full, p.device_mesh, p.placements)
+    return full
 
 
 class TorchSteps:
@@ -97,14 +112,13 @@ class TorchSteps:
                 full = tensors.get(f"{name}.{key}")
                 if full is None:
                     raise LrxError(f"the checkpoint has no optimizer state {name}.{key}; it belongs to another run")
-                full = full.to(p.device, p.dtype)
-                if hasattr(p, "device_mesh"):  # a DTensor: keep this process's shard
-                    from torch.distributed.tensor import distribute_tensor
-
-                    full = distribute_tensor(full, p.device_mesh, p.placements)
-                state[key] = full
+                state[key] = like(p, full)
             state["step"] = torch.tensor(float(step))
             optimizer.state[p] = state
+
+    @torch.no_grad()
+    def load_whole(self, param: torch.Tensor, value: torch.Tensor) -> None:
+        param.copy_(like(param, value))
 
     def setup(self, model: nn.Module, optimizer, scheduler, *, micro_batch: int, grad_accum: int,
               max_grad_norm: float) -> nn.Module:

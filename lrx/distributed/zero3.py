@@ -145,6 +145,14 @@ class ZeRO3(MultiProcess):
         with self.deepspeed.zero.GatheredParameters(list(tensors.values()), modifier_rank=None):
             return {k: t.detach().clone() for k, t in tensors.items()}
 
+    @torch.no_grad()
+    def load_whole(self, param: torch.Tensor, value: torch.Tensor) -> None:
+        if not hasattr(param, "ds_id"):  # not built partitioned
+            param.copy_(value)
+            return
+        with self.deepspeed.zero.GatheredParameters([param], modifier_rank=0):  # every rank writes the same
+            param.copy_(value)
+
     def optimizer_state(self, named, optimizer) -> dict[str, torch.Tensor]:
         from deepspeed.utils import safe_get_full_optimizer_state
 
