@@ -44,15 +44,20 @@ def plan(config: RunConfig, world_size: int | None = None) -> str:
     base = sum(p.numel() for p in model.parameters()) - trainable
     base_bytes = sum(p.numel() * p.element_size() for p in model.parameters() if not p.requires_grad)
     layers = list(adapted_layers(model))
-    state = sum(method.state_bytes(layer) for _, layer in layers)
     shard = 1 if backend == "single" else world
+    # Unfolded edit logs (bf16 bases) keep only a bf16 copy on a GPU training in bf16.
+    tc = config.train
+    mcfg = config.method
+    logged = mcfg.fuse == "log" or (mcfg.fuse == "auto" and config.model.dtype != "float32")
+    offload = logged and mcfg.edit_log == "auto" and tc.bf16 and tc.device != "cpu"
+    state = sum(method.state_bytes(layer, shard, 2 if offload else 4) for _, layer in layers)
     # Trainable parameters are fp32, with fp32 gradients and two fp32 Adam moments: 16 bytes.
     rows = [
         ("base weights (frozen)", base_bytes / shard),
         ("adapters (fp32)", 4 * trainable / shard),
         ("adapter gradients (fp32)", 4 * trainable / shard),
         ("Adam moments (2 x fp32)", 8 * trainable / shard),
-        ("method state (replicated)", state),
+        ("method state (most, any time)", state),
     ]
     lines = [
         f"plan: {config.model.name_or_path} ({config.model.dtype}), method {method.name}, backend {backend}, "

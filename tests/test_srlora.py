@@ -231,6 +231,29 @@ def test_offloaded_edit_log_trains_bit_identically_in_bf16():
     check_offloaded_edit_log("cpu")
 
 
+def test_state_bytes_is_the_most_held_at_any_point_of_the_schedule():
+    """The plan's estimate (--dry-run) equals the largest pool + statistics + edit log a layer
+    actually holds, before the first event and after each (the pool shrinks, the log grows,
+    the statistics go after the last)."""
+    method, model = srlora(["method.interval=2"])
+    optimizer = make_optimizer(method, model)
+    method.on_train_start(model, optimizer, total_steps=10)
+    name, layer = next(iter(adapted_layers(model)))
+
+    def held():
+        tensors = [*method.pool[name].values(), *method.stats[name].values(), layer.edit_U, layer.edit_V]
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+    seen = [held()]
+    for step in range(1, 9):
+        train_steps(method, model, optimizer, batches(1, seed=step), start=step - 1)
+        if step % 2 == 0:
+            seen.append(held())
+    assert method.exhausted and len(seen) == method.config.n_events + 1
+    assert method.state_bytes(layer) == max(seen)
+    assert method.state_bytes(layer, log_bytes=2) < max(seen)
+
+
 def test_pool_exhaustion_stops_events_and_importance():
     method, model = srlora(["method.interval=2"])
     optimizer = make_optimizer(method, model)

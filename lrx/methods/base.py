@@ -340,8 +340,9 @@ class Method:
         if state:
             raise ValueError(f"method {self.name} has no state, got keys {sorted(state)[:5]}")
 
-    def state_bytes(self, layer: AdaptedLinear) -> int:
-        """Bytes of method state one adapted layer holds at most during training (for plans).
+    def state_bytes(self, layer: AdaptedLinear, world_size: int = 1, log_bytes: int = 4) -> int:
+        """Bytes of method state one adapted layer holds at most during training, per process
+        (for plans), with ``log_bytes`` per edit-log value on the device (2: offloaded, bf16).
 
         Default: its buffers (edit log, bases); methods whose state grows override this.
         """

@@ -222,13 +222,19 @@ class SRLoRA(Method):
         cfg = self.config
         return 2 * cfg.r_target - cfg.r  # PiSSA init + 2 r' per event
 
-    def state_bytes(self, layer: AdaptedLinear) -> int:
+    def state_bytes(self, layer: AdaptedLinear, world_size: int = 1, log_bytes: int = 4) -> int:
+        """The most SRLoRA holds for one layer at any point of its schedule, per process: the
+        pool (U on own rows; S, V whole), the statistics (sharded; freed after the last event)
+        and the edit log (replicated, ``log_bytes`` per value), after event k = 0 .. N."""
         cfg = self.config
-        io = layer.in_features + layer.out_features
-        pool = (io + 1) * (cfg.r_target - cfg.r)
-        stats = 2 * cfg.r * io  # I_bar and U_bar of A and B
-        edit_log = (2 * cfg.r_target - cfg.r) * io  # PiSSA init + 2 r' per event, at the end
-        return 4 * (pool + stats + edit_log)
+        out_f, in_f = layer.out_features, layer.in_features
+        most = 0
+        for k in range(cfg.n_events + 1):
+            pool = 4 * (cfg.r_target - cfg.r - k * cfg.swap) * (math.ceil(out_f / world_size) + in_f + 1)
+            stats = 4 * 2 * cfg.r * (out_f + in_f) // world_size if k < cfg.n_events else 0
+            edit_log = log_bytes * (cfg.r + 2 * k * cfg.swap) * (out_f + in_f)
+            most = max(most, pool + stats + edit_log)
+        return most
 
     # ---- importance ----------------------------------------------------------------------
 
