@@ -57,7 +57,7 @@ def plan(config: RunConfig, world_size: int | None = None) -> str:
         ("adapters (fp32)", 4 * trainable / shard),
         ("adapter gradients (fp32)", 4 * trainable / shard),
         ("Adam moments (2 x fp32)", 8 * trainable / shard),
-        ("method state (most, any time)", state),
+        ("method state (peak, est.)", state),
     ]
     lines = [
         f"plan: {config.model.name_or_path} ({config.model.dtype}), method {method.name}, backend {backend}, "

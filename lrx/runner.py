@@ -208,9 +208,10 @@ def _run(config: RunConfig, backend, t0: float, resume: Path | None = None) -> d
     }
     if task == "causal_lm" and config.train.sample_prompt:
         summary["sample_prompt"] = config.train.sample_prompt
-        summary["sample_completion"] = sample_generation(
-            model, tokenizer, config.train.sample_prompt, config.train.max_new_tokens, backend.device
-        )
+        with trainer.autocast:  # as in training (a bf16 run's offloaded edit log is bf16 on the GPU)
+            summary["sample_completion"] = sample_generation(
+                model, tokenizer, config.train.sample_prompt, config.train.max_new_tokens, backend.device
+            )
     if backend.device.type == "cuda":
         summary["peak_gpu_memory_gib"] = round(torch.cuda.max_memory_allocated(backend.device) / 2**30, 2)
     summary["is_main"] = backend.is_main

@@ -148,7 +148,9 @@ def test_importance_matches_hand_reference_and_lowest_pairs_are_fused():
     state = method.state_dict()
     assert state["stats.0.B_ubar"].shape == layer.lora_B.shape and not state["stats.0.B_ubar"].any()
     method.load_state_dict(state)
-    assert method.exhausted and all(v.numel() == 0 for v in method.stat_pieces["0"].values())
+    assert method.exhausted and all(v.numel() == 0 for v in method.stats["0"].values())
+    with pytest.raises(RuntimeError, match="exhausted"):
+        method.all_pair_scores()
 
 
 # ---- events ----------------------------------------------------------------------------------
@@ -194,6 +196,7 @@ def test_log_product_gradients_match_autograd_in_float64():
     for got, want in zip(torch.autograd.grad((y * w).sum(), (x, A, B)), torch.autograd.grad((ref * w).sum(), (x, A, B))):
         torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
     assert torch.autograd.gradcheck(LowRankWithFrozenTail.apply, (x, A, B, V, U))
+    assert torch.autograd.gradcheck(LowRankWithFrozenTail.apply, (x[0, 0], A, B, V, U))  # one vector
 
 
 def check_offloaded_edit_log(device):
@@ -225,6 +228,14 @@ def check_offloaded_edit_log(device):
     saved = adapter_tensors(model, method)
     for key, value in adapter_tensors(plain_model, plain).items():
         assert same(saved[key], value), key
+
+
+def test_offloaded_edit_log_with_dropout_runs_outside_autocast():
+    # The separate dropout path (and e.g. sample generation after training) meets the bf16 copy.
+    method, model = srlora(["method.dropout=0.1"], model=tiny_model("llama").to(torch.bfloat16))
+    method.attach(model, LocalShards(), torch.bfloat16)
+    model(**batches(1)[0]).loss.backward()
+    assert all(layer.host_log is not None for _, layer in adapted_layers(model))
 
 
 def test_offloaded_edit_log_trains_bit_identically_in_bf16():

@@ -33,20 +33,20 @@ class LowRankWithFrozenTail(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, V: torch.Tensor, U: torch.Tensor):
-        A_all, B_all = torch.cat([A, V]), torch.cat([B, U], dim=1)
-        h = x @ A_all.t()
-        ctx.save_for_backward(x, h, A_all, B_all)
-        ctx.r = A.shape[0]
-        return h @ B_all.t()
+        h = x @ torch.cat([A, V]).t()
+        # The parts, not their concatenations: the log is saved by reference, not copied per layer.
+        ctx.save_for_backward(x, h, A, B, V, U)
+        return h @ torch.cat([B, U], dim=1).t()
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        x, h, A_all, B_all = ctx.saved_tensors
-        r = ctx.r
-        grad_h = grad @ B_all
-        grad_x = grad_h @ A_all if ctx.needs_input_grad[0] else None
-        grad_A = grad_h[..., :r].flatten(0, -2).t() @ x.flatten(0, -2) if ctx.needs_input_grad[1] else None
-        grad_B = grad.flatten(0, -2).t() @ h[..., :r].flatten(0, -2) if ctx.needs_input_grad[2] else None
+        x, h, A, B, V, U = ctx.saved_tensors
+        r = A.shape[0]
+        grad_h = grad @ torch.cat([B, U], dim=1)
+        grad_x = grad_h @ torch.cat([A, V]) if ctx.needs_input_grad[0] else None
+        rows = lambda t: t.reshape(-1, t.shape[-1])  # noqa: E731 (tokens x features, any leading dims)
+        grad_A = rows(grad_h[..., :r]).t() @ rows(x) if ctx.needs_input_grad[1] else None
+        grad_B = rows(grad).t() @ rows(h[..., :r]) if ctx.needs_input_grad[2] else None
         return grad_x, grad_A, grad_B, None, None
 
 
@@ -56,7 +56,7 @@ class HostLog:
     that appending k edits writes k whole rows; the capacity doubles when it runs out.
     """
 
-    def __init__(self, out_features: int, in_features: int, capacity: int):
+    def __init__(self, out_features: int, in_features: int, capacity: int = 0):
         pin = torch.cuda.is_available()
         self.Ut = torch.empty(capacity, out_features, pin_memory=pin)
         self.V = torch.empty(capacity, in_features, pin_memory=pin)
@@ -173,7 +173,8 @@ class AdaptedLinear(nn.Module):
                     delta = LowRankWithFrozenTail.apply(x.to(dtype), A.to(dtype), (B * self.scale).to(dtype),
                                                         self.edit_V.to(dtype), self.edit_U.to(dtype))
                 return y + delta.to(y.dtype)
-            delta = (self.dropout(x) @ A.t()) @ B.t() * self.scale + (x @ self.edit_V.t()) @ self.edit_U.t()
+            U, V = self.edit_U.to(x.dtype), self.edit_V.to(x.dtype)  # an offloaded log's copy is bf16
+            delta = (self.dropout(x) @ A.t()) @ B.t() * self.scale + (x @ V.t()) @ U.t()
         else:
             delta = (self.dropout(x) @ A.t()) @ B.t() * self.scale
         return y + delta.to(y.dtype)
@@ -209,12 +210,13 @@ class AdaptedLinear(nn.Module):
 
         Args:
             compute_dtype: the dtype of the forward's products (torch.bfloat16).
-            capacity: the log's final rank if known (one host allocation); else it grows.
+            capacity: the log's final rank if known (one host allocation); else it holds the
+                current log and doubles when an edit does not fit.
         """
         if self.fold_edits or self.host_log is not None:
             return
         U, V = self.edit_U, self.edit_V
-        self.host_log = HostLog(self.out_features, self.in_features, max(capacity or 0, 2 * U.shape[1], 16))
+        self.host_log = HostLog(self.out_features, self.in_features, max(capacity or 0, U.shape[1]))
         self.host_log.append(U, V)
         self.edit_U, self.edit_V = U.to(compute_dtype), V.to(compute_dtype)
 
@@ -275,8 +277,8 @@ class AdaptedLinear(nn.Module):
         return B, A
 
     def _edit_factors_here(self) -> tuple[torch.Tensor, torch.Tensor]:
-        device = self.lora_B.device
-        return tuple(t.to(device) for t in self.edit_factors())
+        """``edit_factors`` on the layer's device (where the log's compute copy is)."""
+        return tuple(t.to(self.edit_U.device) for t in self.edit_factors())
 
     @torch.no_grad()
     def merge(self) -> None:

@@ -203,6 +203,7 @@ class SRLoRA(Method):
     @property
     def pool(self) -> dict[str, dict[str, torch.Tensor]]:
         """Per layer, the pool directions not loaded yet (U: this rank's rows, S, V)."""
+        self._attached()
         return self.pool_data
 
     @property
@@ -223,9 +224,10 @@ class SRLoRA(Method):
         return 2 * cfg.r_target - cfg.r  # PiSSA init + 2 r' per event
 
     def state_bytes(self, layer: AdaptedLinear, world_size: int = 1, log_bytes: int = 4) -> int:
-        """The most SRLoRA holds for one layer at any point of its schedule, per process: the
-        pool (U on own rows; S, V whole), the statistics (sharded; freed after the last event)
-        and the edit log (replicated, ``log_bytes`` per value), after event k = 0 .. N."""
+        """The most SRLoRA holds for one layer between events, per process: the pool (U on own
+        rows; S, V whole), the statistics (sharded; freed after the last event) and the edit
+        log (replicated, ``log_bytes`` per value), after event k = 0 .. N. An estimate: the
+        copies an event makes while it runs are not counted."""
         cfg = self.config
         out_f, in_f = layer.out_features, layer.in_features
         most = 0
@@ -286,6 +288,8 @@ class SRLoRA(Method):
     def all_pair_scores(self) -> dict[str, torch.Tensor]:
         """Score of every pair of every layer (mean sensitivity over B's column plus A's row),
         identical on every rank: local sums, then one small all-reduce for all layers."""
+        if self.exhausted:
+            raise RuntimeError("srlora: the pool is exhausted; pair scores are not kept after the last event")
         self._attached()
         local = {}
         for names in self._groups():
@@ -540,11 +544,10 @@ class SRLoRA(Method):
             self.total_steps = int(state.pop("total_steps"))
             self.lifetimes = [tuple(row) for row in state.pop("lifetimes").tolist()]
             pending = {}
-            for name, layer in self.layers.items():
-                device = layer.lora_A.device
+            for name in self.layers:  # whole, on the host: attach keeps this rank's part on its device
                 self.pool_first[name] = 0
                 self.pool_whole.add(name)
-                self.pool_data[name] = {k: state.pop(f"pool.{name}.{k}").to(device) for k in ("U", "S", "V")}
+                self.pool_data[name] = {k: state.pop(f"pool.{name}.{k}") for k in ("U", "S", "V")}
                 for key in STAT_KEYS:
                     pending[f"{name}.{key}"] = state.pop(f"stats.{name}.{key}")
                 self.slot_pool[name] = state.pop(f"slots.{name}.pool_index")
@@ -553,10 +556,10 @@ class SRLoRA(Method):
             raise ValueError(f"srlora state is missing {e}; the adapter file is incomplete") from None
         if state:
             raise ValueError(f"unexpected srlora state keys {sorted(state)[:5]}")
+        # Sliced into this rank's pieces by the next attach (the trainer's, or the first use
+        # without one): the parameters may be sharded by then.
         self._pending_stats = pending
         self.stat_pieces = {}
-        if self.layers:
-            self.attach(nn.ModuleDict(), self.shards)
 
     # ---- reports ---------------------------------------------------------------------------
 
