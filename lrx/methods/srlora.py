@@ -438,8 +438,8 @@ class SRLoRA(Method):
             self.pool_data[name] = {"U": pool["U"][:, swap:].clone(), "S": pool["S"][swap:].clone(),
                                     "V": pool["V"][:, swap:].clone()}
             ids = ids_all[name]
-            for slot in ids:
-                self.lifetimes.append((index, int(self.slot_pool[name][slot]), int(self.slot_start[name][slot]), step))
+            ended = zip(self.slot_pool[name][ids].tolist(), self.slot_start[name][ids].tolist())  # host tensors
+            self.lifetimes.extend((index, pool_index, start, step) for pool_index, start in ended)
             self.slot_pool[name][ids] = torch.arange(self.pointer, self.pointer + swap)
             self.slot_start[name][ids] = step
             records[name] = {"event": self.events_done + 1, "layer": name, "fused_pairs": ids,
