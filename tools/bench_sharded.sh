@@ -1,13 +1,20 @@
 #!/usr/bin/env bash
 # Every run of the sharded benchmark matrix in its own launch (2 GPUs), results in one JSON.
 #   bash tools/bench_sharded.sh runs/bench_sharded.json [extra bench_sharded.py flags]
+# BACKENDS (default "fsdp2 zero3") and SPECS pick part of the matrix, e.g. to fit a time limit:
+#   BACKENDS=fsdp2 bash tools/bench_sharded.sh runs/fsdp2.json --warmup 3 --steps 10
+# An existing JSON is appended to.
 set -euo pipefail
 out=${1:-runs/bench_sharded.json}
 shift || true
-rm -f "$out"
-for spec in lora:bf16:ckpt srlora:bf16:ckpt lora:bf16:nockpt srlora:bf16:nockpt; do
-  torchrun --nproc_per_node 2 tools/bench_sharded.py --backend fsdp2 --runs "$spec" --out "$out" "$@"
-  python -m deepspeed.launcher.runner --num_gpus 2 tools/bench_sharded.py --backend zero3 --runs "$spec" --out "$out" "$@"
+for spec in ${SPECS:-lora:bf16:ckpt srlora:bf16:ckpt lora:bf16:nockpt srlora:bf16:nockpt}; do
+  for backend in ${BACKENDS:-fsdp2 zero3}; do
+    if [ "$backend" = fsdp2 ]; then
+      python -m torch.distributed.run --nproc_per_node 2 tools/bench_sharded.py --backend fsdp2 --runs "$spec" --out "$out" "$@"
+    else
+      python -m deepspeed.launcher.runner --num_gpus 2 tools/bench_sharded.py --backend zero3 --runs "$spec" --out "$out" "$@"
+    fi
+  done
 done
 python - "$out" <<'PY'
 import json, sys
