@@ -1,7 +1,9 @@
 """Run by tests/test_distributed.py under torchrun / the deepspeed launcher (or plain python):
 SRLoRA on a small Llama with uneven shapes (255 MLP rows; ZeRO-3 ranges that split rows).
 
-argv: backend (single, fsdp2, zero3), output JSON, optional DeepSpeed config. Every rank
+argv: backend (single, fsdp2, zero3), output JSON, then optionally ``log`` (edits applied
+from the edit log beside the adapter, ``method.fuse=log``, instead of folded into the fp32
+base) and a DeepSpeed config. Every rank
 takes checksums of what must be identical everywhere (pool S and V, pair scores, chosen
 pairs, edit log); rank 0 writes them all-gathered, with the losses and, for every event,
 the relative change of the logits across it (must be ~0: events preserve the function).
@@ -40,13 +42,14 @@ def checksum(t: torch.Tensor) -> list[float]:
 
 def main() -> None:
     args = [a for a in sys.argv[1:] if not a.startswith("--local_rank")]  # the deepspeed launcher adds it
-    name, out = args[0], args[1]
-    ds_config = args[2] if len(args) > 2 else None
+    name, out, rest = args[0], args[1], args[2:]
+    fuse = "log" if "log" in rest else "fold"
+    ds_config = next((a for a in rest if a != "log"), None)
     backend = build_backend(name, "cpu", deepspeed_config=ds_config)
     rank, world = backend.rank, backend.world_size
     model = uneven_llama()
-    cfg = load_config(None, ["method.r=4", "method.target_modules=[all-linear]", "method.interval=3"],
-                      method="srlora").method
+    cfg = load_config(None, ["method.r=4", "method.target_modules=[all-linear]", "method.interval=3",
+                             f"method.fuse={fuse}"], method="srlora").method
     method = build_method(cfg)
     torch.manual_seed(0)
     method.apply(model, backend.weights())

@@ -154,18 +154,20 @@ def srlora_report(tmp_path, backend: str, nproc: int, *extra: str) -> dict:
 
 
 @pytest.mark.parametrize("backend, nproc, extra", [
-    ("fsdp2", 2, ()), ("zero3", 2, ()), ("zero3", 2, ("no-persist",)), ("fsdp2", 4, ()),
-], ids=["fsdp2", "zero3", "zero3-partitioned-adapters", "fsdp2-4proc"])
+    ("fsdp2", 2, ()), ("zero3", 2, ()), ("zero3", 2, ("no-persist", "log")), ("fsdp2", 4, ("log",)),
+], ids=["fsdp2", "zero3", "zero3-partitioned-adapters-log", "fsdp2-4proc-log"])
 def test_sharded_srlora_events_are_shard_local_and_identical_everywhere(tmp_path, reference, backend, nproc, extra):
     """Uneven shapes (255 MLP rows, ZeRO-3 ranges splitting rows): sharded SRLoRA equals one
-    process, keeps the function at each event, and all ranks agree bit for bit."""
-    if extra:  # every parameter partitioned (no gathered copies kept between steps)
+    process, keeps the function at each event, and all ranks agree bit for bit; with edits
+    folded into the fp32 base, or (log) applied from the replicated edit log beside the adapter."""
+    log = ("log",) if "log" in extra else ()
+    if "no-persist" in extra:  # every parameter partitioned (no gathered copies kept between steps)
         config = json.loads((REPO / "configs" / "deepspeed" / "zero3.json").read_text())
         config.setdefault("zero_optimization", {})["stage3_param_persistence_threshold"] = 0
         (tmp_path / "ds.json").write_text(json.dumps(config))
-        extra = (str(tmp_path / "ds.json"),)
-    single = json.loads((reference("dist-srlora", lambda d: launch(
-        [str(REPO / "tests" / "dist_srlora.py"), "single", str(d / "single.json")], 1)) / "single.json").read_text())
+        extra = (*log, str(tmp_path / "ds.json"))
+    single = json.loads((reference(f"dist-srlora{'-log' * bool(log)}", lambda d: launch(
+        [str(REPO / "tests" / "dist_srlora.py"), "single", str(d / "single.json"), *log], 1)) / "single.json").read_text())
     sharded = srlora_report(tmp_path, backend, nproc, *extra)
     assert len(sharded["events"]) == 3  # events at steps 3, 6, 9
     assert sharded["events"] == single["events"]
