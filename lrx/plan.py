@@ -51,6 +51,7 @@ def plan(config: RunConfig, world_size: int | None = None) -> str:
     logged = mcfg.fuse == "log" or (mcfg.fuse == "auto" and config.model.dtype != "float32")
     offload = logged and mcfg.edit_log == "auto" and tc.bf16 and tc.device != "cpu"
     state = sum(method.state_bytes(layer, shard, 2 if offload else 4) for _, layer in layers)
+    host_log = 4 * (method.edit_rank_bound() or 0) * sum(l.in_features + l.out_features for _, l in layers) if offload else 0
     # Trainable parameters are fp32, with fp32 gradients and two fp32 Adam moments: 16 bytes.
     rows = [
         ("base weights (frozen)", base_bytes / shard),
@@ -70,5 +71,8 @@ def plan(config: RunConfig, world_size: int | None = None) -> str:
     ]
     lines += [f"    {name:28s} {value / GIB:8.2f} GiB" for name, value in rows]
     lines.append(f"    {'total':28s} {sum(v for _, v in rows) / GIB:8.2f} GiB")
+    if host_log:
+        lines.append(f"  host memory per process: exact fp32 edit log {host_log / GIB:.2f} GiB (pinned; "
+                     "method.edit_log=device keeps it on the GPU instead)")
     lines.append(f"  run directory: {Path(config.logging.output_dir)}")
     return "\n".join(lines)

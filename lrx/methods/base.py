@@ -46,9 +46,10 @@ class MethodConfig:
     """Where frozen edits of the base live: fold = added into the base weight in place; log = fp32
     low-rank factors applied beside the adapter (lossless on bf16 bases); auto = fold for fp32 bases."""
     edit_log: Literal["auto", "device"] = "auto"
-    """Where the exact fp32 log of unfolded edits lives: device, or (auto) in host memory when the
-    forward runs in bf16 on a GPU, with only its bf16 copy on the device: the same training, half
-    the log's GPU memory."""
+    """Where the exact fp32 log of unfolded edits lives: device, or (auto) in pinned host memory when
+    the forward runs in bf16 on a GPU, with only its bf16 copy on the device: the same training,
+    half the log's GPU memory, for 4 bytes x log rank x (in + out) of host memory per adapted
+    layer and process (--dry-run prints the total)."""
 
     def __post_init__(self) -> None:
         if self.r < 1:
@@ -344,9 +345,12 @@ class Method:
         """Bytes of method state one adapted layer holds at most during training, per process
         (for plans), with ``log_bytes`` per edit-log value on the device (2: offloaded, bf16).
 
-        Default: its buffers (edit log, bases); methods whose state grows override this.
+        Default: its buffers (bases), plus an edit log of rank ``edit_rank_bound``; methods
+        whose state grows otherwise override this.
         """
-        return sum(b.numel() * b.element_size() for b in layer.buffers())
+        log = {id(layer.edit_U), id(layer.edit_V)}
+        buffers = sum(b.numel() * b.element_size() for b in layer.buffers() if id(b) not in log)
+        return buffers + log_bytes * (self.edit_rank_bound() or 0) * (layer.in_features + layer.out_features)
 
     # ---- export -----------------------------------------------------------------------------
 

@@ -50,6 +50,9 @@ def principal_init(layer: AdaptedLinear, U: torch.Tensor, S: torch.Tensor, V: to
 class PiSSA(Method):
     config_cls = PiSSAConfig
 
+    def edit_rank_bound(self) -> int:
+        return self.config.r  # the principal residual, W0 - U_r S_r V_r^T
+
     def init_layer(self, name: str, index: int, layer: AdaptedLinear, weights: WeightAccess) -> None:
         cfg = self.config
         U, S, V = top_singular(
