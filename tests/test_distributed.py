@@ -34,8 +34,8 @@ def launch(args: list[str], nproc: int, launcher: str = "torchrun") -> subproces
         cmd = [sys.executable, "-m", "deepspeed.launcher.runner", f"--num_gpus={nproc}",
                f"--master_port={free_port()}", *args]
     else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
-               f"--master_port={free_port()}", *args]
+        # --standalone: torchrun takes a free port itself (no window for another run to take it)
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *args]
     before = shm_files()
     run = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO, timeout=300)
     leaked = shm_files() - before
