@@ -185,6 +185,8 @@ class Trainer:
         self.module = model  # the adapted model itself: what method hooks see
         self.model = backend.setup(model, self.optimizer, self.scheduler, micro_batch=tc.batch_size,
                                    grad_accum=tc.grad_accum, max_grad_norm=tc.max_grad_norm)  # what runs batches
+        # What steps: these, or (ZeRO-3 with an optimizer in its DeepSpeed config) what DeepSpeed built.
+        self.optimizer, self.scheduler = backend.optimizer, backend.scheduler
         bf16 = tc.bf16 and device.type == "cuda"
         self.autocast = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
         # This rank's pieces, now that they exist; with the forward in bf16, edit logs go to the host.

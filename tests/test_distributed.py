@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import socket
@@ -87,21 +88,27 @@ def losses(run_dir) -> list[float]:
     return [r["loss"] for r in records if r["split"] == "train"]
 
 
+def parity_args(method: str, folder: Path) -> list[str]:
+    """train.py arguments of the parity runs (tiny BERT classifier, a table in ``folder``)."""
+    extra = [f"method.basis={eigenbasis_for('bert')}"] if method == "eigenlorax" else \
+        ["method.target_modules=[query,value,intermediate.dense]"]
+    data = table(folder / "t.tsv")
+    return [str(REPO / "launch" / "train.py"), "--method", method, "model.name_or_path=tiny-bert",
+            "data.format=table", f"data.train_path={data}", f"data.eval_path={data}", "method.r=4",
+            f"train.max_steps={12 if method == 'srlora' else 8}", "train.lr=1e-2", "train.log_every=1",
+            "train.eval_at_start=false", "logging.progress=false", "logging.tensorboard=false", *extra]
+
+
+def single_reference(reference, method: str) -> Path:
+    return reference(f"parity-{method}", lambda d: launch(
+        [*parity_args(method, d), "train.batch_size=8", f"logging.output_dir={d / 'single'}"], 1)) / "single"
+
+
 @pytest.mark.parametrize("backend", list(BACKENDS))
 @pytest.mark.parametrize("method", ["lora", "eigenlorax", "srlora"])  # srlora's init is PiSSA's
 def test_sharded_run_matches_single_process(tmp_path, reference, method, backend):
-    extra = [f"method.basis={eigenbasis_for('bert')}"] if method == "eigenlorax" else \
-        ["method.target_modules=[query,value,intermediate.dense]"]
-
-    def common(folder):
-        data = table(folder / "t.tsv")
-        return [str(REPO / "launch" / "train.py"), "--method", method, "model.name_or_path=tiny-bert",
-                "data.format=table", f"data.train_path={data}", f"data.eval_path={data}", "method.r=4",
-                f"train.max_steps={12 if method == 'srlora' else 8}", "train.lr=1e-2", "train.log_every=1",
-                "train.eval_at_start=false", "logging.progress=false", "logging.tensorboard=false", *extra]
-
-    single = reference(f"parity-{method}", lambda d: launch(
-        [*common(d), "train.batch_size=8", f"logging.output_dir={d / 'single'}"], 1)) / "single"
+    common = functools.partial(parity_args, method)
+    single = single_reference(reference, method)
     launcher, sharded_log = BACKENDS[backend]
     sharded = launch([*common(tmp_path), "train.batch_size=4", f"logging.output_dir={tmp_path / backend}"], 2, launcher)
     assert sharded.returncode == 0, sharded.stderr[-2000:]
@@ -125,6 +132,21 @@ def test_sharded_run_matches_single_process(tmp_path, reference, method, backend
             x, y = json.loads(x), json.loads(y)
             assert (x["step"], x["layer"], x["fused_pairs"]) == (y["step"], y["layer"], y["fused_pairs"])
             assert y["fusion_error"] < 1e-5
+
+def test_zero3_trains_with_the_optimizer_its_deepspeed_config_names(tmp_path, reference):
+    """An "optimizer" block in the DeepSpeed config: DeepSpeed builds that optimizer (here torch's
+    AdamW) with lrx's learning rate, betas, weight decay and schedule, and SRLoRA resets its
+    moments at events: the losses of lrx's own AdamW in one process."""
+    single = single_reference(reference, "srlora")
+    config = json.loads((REPO / "configs" / "deepspeed" / "zero3.json").read_text())
+    config["optimizer"] = {"type": "AdamW", "params": {"torch_adam": True, "lr": 1.0}}  # lr: lrx's wins
+    (tmp_path / "ds.json").write_text(json.dumps(config))
+    run = launch([*parity_args("srlora", tmp_path), "train.batch_size=4", f"logging.output_dir={tmp_path / 'ds'}",
+                  f"distributed.deepspeed_config={tmp_path / 'ds.json'}"], 2, "deepspeed")
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "zero3: optimizer AdamW built by DeepSpeed" in run.stderr + run.stdout
+    assert losses(tmp_path / "ds") == pytest.approx(losses(single), abs=1e-4)
+
 
 
 @pytest.mark.parametrize("backend", list(BACKENDS))

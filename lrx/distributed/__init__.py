@@ -36,7 +36,9 @@ class Backend(Protocol):
 
     def setup(self, model: nn.Module, optimizer, scheduler, *, micro_batch: int, grad_accum: int,
               max_grad_norm: float) -> nn.Module:
-        """Attach optimizer and scheduler (DeepSpeed builds its engine here); returns what to call."""
+        """Attach optimizer and scheduler (DeepSpeed builds its engine here); returns what to call.
+        Afterwards ``self.optimizer`` and ``self.scheduler`` are the ones that step: those given,
+        or (ZeRO-3 with an ``optimizer`` block in its DeepSpeed config) the ones DeepSpeed built."""
 
     def backward(self, loss: torch.Tensor) -> None:
         """Backward of one micro-batch's (already accumulation-scaled) loss."""
@@ -122,6 +124,7 @@ class TorchSteps:
 
     def setup(self, model: nn.Module, optimizer, scheduler, *, micro_batch: int, grad_accum: int,
               max_grad_norm: float) -> nn.Module:
+        self.optimizer, self.scheduler = optimizer, scheduler
         return model
 
     def backward(self, loss: torch.Tensor) -> None:

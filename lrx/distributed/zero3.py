@@ -32,6 +32,18 @@ log = logging.getLogger(__name__)
 DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "deepspeed" / "zero3.json"
 
 
+def optimizer_block(block: dict, optimizer: torch.optim.Optimizer) -> dict:
+    """A DeepSpeed config's ``optimizer`` block with lrx's learning rate, betas and epsilon (the
+    first group's, before warm-up) in its params: lrx's train settings stay the one source."""
+    if not isinstance(block, dict) or "type" not in block:
+        raise ConfigError('the DeepSpeed config\'s "optimizer" needs a "type" (e.g. {"type": "AdamW"}); '
+                          "or remove the block to use lrx's AdamW")
+    group = optimizer.param_groups[0]
+    params = {**block.get("params", {}), "lr": group.get("initial_lr", group["lr"]),
+              "betas": list(group["betas"]), "eps": group["eps"]}
+    return {**block, "params": params}
+
+
 def without_shm_allreduce() -> None:
     """Keep DeepSpeed's CPU backend from building its shared-memory all-reduce.
 
@@ -122,8 +134,21 @@ class ZeRO3(MultiProcess):
             "bf16": {"enabled": self.bf16},
         }
         config.setdefault("zero_optimization", {})["stage"] = 3
-        self.engine, *_ = self.deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
-                                                    config=config)
+        if "optimizer" in config:
+            # DeepSpeed builds the optimizer its config names (FusedAdam, CPU Adam, ...) over lrx's
+            # parameter groups, with lrx's learning rate, betas and weight decay, and lrx's LR
+            # schedule is rebuilt on it.
+            config["optimizer"] = optimizer_block(config["optimizer"], optimizer)
+            groups = [{"params": g["params"], "weight_decay": g["weight_decay"]} for g in optimizer.param_groups]
+            lambdas = scheduler.lr_lambdas
+            self.engine, self.optimizer, _, self.scheduler = self.deepspeed.initialize(
+                model=model, model_parameters=groups, config=config,
+                lr_scheduler=lambda built: torch.optim.lr_scheduler.LambdaLR(built, lambdas))
+            log.info("zero3: optimizer %s built by DeepSpeed", config["optimizer"]["type"])
+        else:
+            self.engine, *_ = self.deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
+                                                        config=config)
+            self.optimizer, self.scheduler = optimizer, scheduler
         self.grad_accum = grad_accum
         log.info("zero3: parameters partitioned over %d processes (%s)", self.world_size, self.device.type)
         return self.engine
@@ -181,6 +206,9 @@ class ZeRO3(MultiProcess):
         for flat in flats:
             old = inner.state[flat]["step"]
             inner.state[flat]["step"] = torch.full_like(old, float(step)) if torch.is_tensor(old) else step
+        for group in inner.param_groups:  # optimizers that count steps per group (DeepSpeed's FusedAdam)
+            if "step" in group:
+                group["step"] = step
 
     def close(self) -> None:
         # Drop the engine (and its threads) before the process group: an engine still alive at
