@@ -146,6 +146,13 @@ def test_zero3_trains_with_the_optimizer_its_deepspeed_config_names(tmp_path, re
     assert run.returncode == 0, run.stderr[-2000:]
     assert "zero3: optimizer AdamW built by DeepSpeed" in run.stderr + run.stdout
     assert losses(tmp_path / "ds") == pytest.approx(losses(single), abs=1e-4)
+    # Optimizer offload with lrx's own optimizer: refused in one line, before any training.
+    config.pop("optimizer")
+    config["zero_optimization"]["offload_optimizer"] = {"device": "cpu"}
+    (tmp_path / "off.json").write_text(json.dumps(config))
+    refused = launch([*parity_args("srlora", tmp_path), "train.batch_size=4", f"logging.output_dir={tmp_path / 'off'}",
+                      f"distributed.deepspeed_config={tmp_path / 'off.json'}"], 2, "deepspeed")
+    assert refused.returncode != 0 and "error: zero_optimization.offload_optimizer needs an \"optimizer\" block" in refused.stderr
 
 
 

@@ -134,6 +134,9 @@ class ZeRO3(MultiProcess):
             "bf16": {"enabled": self.bf16},
         }
         config.setdefault("zero_optimization", {})["stage"] = 3
+        if self.offloaded and "optimizer" not in config:
+            raise ConfigError('zero_optimization.offload_optimizer needs an "optimizer" block in the DeepSpeed config '
+                              '(e.g. {"type": "AdamW"}, which DeepSpeed runs as its CPU Adam); or remove the offload')
         if "optimizer" in config:
             # DeepSpeed builds the optimizer its config names (FusedAdam, CPU Adam, ...) over lrx's
             # parameter groups, with lrx's learning rate, betas and weight decay, and lrx's LR
@@ -153,8 +156,14 @@ class ZeRO3(MultiProcess):
         log.info("zero3: parameters partitioned over %d processes (%s)", self.world_size, self.device.type)
         return self.engine
 
+    @property
+    def offloaded(self) -> bool:
+        """The DeepSpeed config keeps the optimizer state off the GPU (offload_optimizer)."""
+        offload = self.ds_config.get("zero_optimization", {}).get("offload_optimizer") or {}
+        return offload.get("device", "none") not in (None, "none")
+
     def shards(self) -> ZeRO3Shards:
-        return ZeRO3Shards(self.rank, self.world_size, self.all_reduce_sum)
+        return ZeRO3Shards(self.rank, self.world_size, self.all_reduce_sum, offloaded=self.offloaded)
 
     def backward(self, loss: torch.Tensor) -> None:
         # The trainer already divided the loss by the accumulation steps.
@@ -242,8 +251,9 @@ class ZeRO3Shards:
     parameters are also kept whole between steps (``replicas``).
     """
 
-    def __init__(self, rank: int, world_size: int, all_reduce):
+    def __init__(self, rank: int, world_size: int, all_reduce, offloaded: bool = False):
         self.rank, self.world_size, self.all_reduce = rank, world_size, all_reduce
+        self.offloaded = offloaded
         from deepspeed.utils import safe_get_local_fp32_param, safe_get_local_grad, safe_get_local_optimizer_state
 
         self._fp32, self._grad, self._state = safe_get_local_fp32_param, safe_get_local_grad, safe_get_local_optimizer_state
@@ -254,6 +264,10 @@ class ZeRO3Shards:
         return start, min(start + part, p.ds_numel)
 
     def pieces(self, p: torch.Tensor) -> list[torch.Tensor]:
+        if self.offloaded:  # the fp32 master and moments live off the GPU, where no view reaches
+            raise ConfigError("this method edits parameters in place (SRLoRA's events, folded edits), which "
+                              "ZeRO-3's offload_optimizer does not allow; remove zero_optimization.offload_optimizer "
+                              "from the DeepSpeed config")
         out = [p.ds_tensor.view(-1)]
         if p.requires_grad and hasattr(p, "_z3_optimizer"):
             out.append(self._fp32(p).view(-1))
