@@ -72,3 +72,5 @@ def test_dry_run_of_an_8b_shaped_config_is_quick():
     # r=16 on the 7 projections of 32 layers: 32 * 16 * (8192 + 5120 + 5120 + 8192 + 3 * 18432).
     assert "trainable 41,943,040" in out and "adapted linear layers 224" in out
     assert "base weights (frozen)" in out and "GiB" in out
+    # bf16 base on GPUs: the exact edit log (rank 2 r_target - r = 80 at the end) is on the host.
+    assert f"exact fp32 edit log {4 * 80 * 2_621_440 / 2**30:.2f} GiB" in out
