@@ -13,7 +13,8 @@ and the timed steps, so its timed steps run with the full edit log (bf16 storage
 covers every stage of the schedule.
 It reports, per run: tokens/s per GPU over the timed steps, model FLOPs utilisation (4 x matmul parameters + 6 L d n_layers per token,
 against ``--peak-tflops``, as DESIGN.md's peft references), peak memory while training (after
-the model is sharded: building it whole first is not counted), the adapter's
+the model is sharded: building it whole first is not counted; ``stage_peak_gib`` splits it into
+warm-up, each SRLoRA event with the step after it, and the timed steps), the adapter's
 initialisation time (SRLoRA: the per-row-block pool SVD of every matrix plus PiSSA init), and
 for SRLoRA the time of each event over all layers (``event_s``: the median) and the bytes
 all-reduced for it.
@@ -167,11 +168,18 @@ def one_run(args, backend, spec: str) -> dict:
         backend.step(optimizer, scheduler, params, 1.0)
         return loss.detach()
 
-    event = {}
+    event, stage_peaks = {}, {}
+
+    def stage_done(name: str) -> None:  # the peak of each stage: warm-up, each event + its step, timed steps
+        if backend.device.type == "cuda":
+            stage_peaks[name] = gib(torch.cuda.max_memory_allocated(backend.device))
+            torch.cuda.reset_peak_memory_stats(backend.device)
+
     step = 0
     for _ in range(args.warmup):
         train_step(step)
         step += 1
+    stage_done("warmup")
     if method_name == "srlora":  # the whole schedule: every event over all layers, a step after each
         n_events = method.config.n_events
         for k in range(1, n_events + 1):
@@ -189,6 +197,7 @@ def one_run(args, backend, spec: str) -> dict:
                 print(prof.key_averages().table(sort_by=sort, row_limit=15), flush=True)
             train_step(step)
             step += 1
+            stage_done(f"event{k}")
         times = sorted(event[f"event{k}_s"] for k in range(1, n_events + 1))
         event.update({"event_s": times[len(times) // 2], "events": n_events,
                       "event_allreduce_bytes": method.last_event_bytes,
@@ -203,6 +212,7 @@ def one_run(args, backend, spec: str) -> dict:
         step += 1
     sync(backend)
     elapsed = time.perf_counter() - t0
+    stage_done("timed")
     tokens_per_gpu = args.steps * args.micro_batch * args.seq / elapsed
     adapter_bytes = sum(getattr(p, "ds_numel", p.numel()) * 4 for _, p in method.trainable_parameters(model))
     result = {
@@ -210,7 +220,7 @@ def one_run(args, backend, spec: str) -> dict:
         "storage": storage, "ckpt": ckpt == "ckpt", "tokens_per_s_per_gpu": tokens_per_gpu,
         "mfu": tokens_per_gpu * flops_per_token(cfg, args.seq) / (args.peak_tflops * 1e12),
         "step_s": elapsed / args.steps, "init_s": init_s, "final_loss": float(loss),
-        "peak_gib": gib(torch.cuda.max_memory_allocated(backend.device)) if backend.device.type == "cuda" else None,
+        "peak_gib": max(stage_peaks.values()) if stage_peaks else None, "stage_peak_gib": stage_peaks,
         **memory,
         "adapter_bytes_fp32": adapter_bytes, **event,
         "build": "meta, block by block" if streaming else f"zero.Init ({built_partitioned} parameters partitioned)"
