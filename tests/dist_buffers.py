@@ -2,6 +2,7 @@
 every rank after sharding (argv[3]: fsdp2 or zero3)? Rank 0 writes a JSON report to argv[2]."""
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -48,3 +49,8 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    # Everything is done and written: skip interpreter finalization, where gloo's threads can
+    # still abort a CPU process ("terminate called without an active exception", SIGABRT).
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
