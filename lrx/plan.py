@@ -11,6 +11,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import torch
+
 from lrx.config import RunConfig
 from lrx.methods import adapted_layers, build_method
 from lrx.models import load_model
@@ -45,11 +47,11 @@ def plan(config: RunConfig, world_size: int | None = None) -> str:
     base_bytes = sum(p.numel() * p.element_size() for p in model.parameters() if not p.requires_grad)
     layers = list(adapted_layers(model))
     shard = 1 if backend == "single" else world
-    # Unfolded edit logs (bf16 bases) keep only a bf16 copy on a GPU training in bf16.
-    tc = config.train
-    mcfg = config.method
-    logged = mcfg.fuse == "log" or (mcfg.fuse == "auto" and config.model.dtype != "float32")
-    offload = logged and mcfg.edit_log == "auto" and tc.bf16 and tc.device != "cpu"
+    # Unfolded edit logs (bf16 bases) keep only a bf16 copy on a GPU training in bf16 (as the
+    # trainer decides it; a plan assumes a GPU unless train.device=cpu).
+    tc, mcfg = config.train, config.method
+    compute_dtype = torch.bfloat16 if tc.bf16 and tc.device != "cpu" else None
+    offload = not mcfg.folds(getattr(torch, config.model.dtype)) and mcfg.offloads_edit_log(compute_dtype)
     state = sum(method.state_bytes(layer, shard, 2 if offload else 4) for _, layer in layers)
     host_log = 4 * (method.edit_rank_bound() or 0) * sum(l.in_features + l.out_features for _, l in layers) if offload else 0
     # Trainable parameters are fp32, with fp32 gradients and two fp32 Adam moments: 16 bytes.

@@ -63,6 +63,15 @@ class MethodConfig:
     def scale(self) -> float:
         return self.alpha / self.r
 
+    def folds(self, weight_dtype: torch.dtype) -> bool:
+        """Whether edits of a base stored in ``weight_dtype`` are folded into it (``fuse``)."""
+        return self.fuse == "fold" or (self.fuse == "auto" and weight_dtype == torch.float32)
+
+    def offloads_edit_log(self, compute_dtype: torch.dtype | None) -> bool:
+        """Whether unfolded edit logs move to host memory when the forward runs in
+        ``compute_dtype`` (None: no autocast) (``edit_log``)."""
+        return compute_dtype not in (None, torch.float32) and self.edit_log == "auto"
+
 
 class WeightAccess(Protocol):
     """How a method reads base weights at initialisation, before the model is sharded;
@@ -247,8 +256,7 @@ class Method:
         model.requires_grad_(False)
         names = []
         for index, (name, linear) in enumerate(find_targets(model, cfg.target_modules)):
-            fold = cfg.fuse == "fold" or (cfg.fuse == "auto" and linear.weight.dtype == torch.float32)
-            layer = self.make_layer(name, linear, fold)
+            layer = self.make_layer(name, linear, cfg.folds(linear.weight.dtype))
             parent, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent) if parent else model, child, layer)
             if init:
@@ -302,7 +310,7 @@ class Method:
         ``compute_dtype`` is the dtype the forward's products run in (bf16 under autocast on a
         GPU); below fp32 the layers' edit logs move to host memory (``method.edit_log``)."""
         self.shards = shards
-        offload = compute_dtype not in (None, torch.float32) and self.config.edit_log == "auto"
+        offload = self.config.offloads_edit_log(compute_dtype)
         for _, layer in adapted_layers(model):
             layer.shards = None if shards.world_size == 1 else shards
             if offload:
