@@ -89,7 +89,7 @@ def adapter_tensors(model: nn.Module, method: Method, method_state: dict | None 
         k: p.detach() for k, p in trained_tensors(model, method).items()}
     for name, layer in adapted_layers(model):
         out[f"{name}.edit_U"], out[f"{name}.edit_V"] = layer.edit_factors()
-        out[f"{name}.edit_sizes"] = layer.edit_sizes
+        out[f"{name}.edit_sizes"] = torch.tensor(layer.edit_sizes, dtype=torch.long)
     for key, value in (method.state_dict() if method_state is None else method_state).items():
         out[f"method_state.{key}"] = value
     return {k: v.detach().to("cpu").contiguous() for k, v in out.items()}

@@ -16,7 +16,8 @@ from lrx.config import load_config
 from lrx.errors import ConfigError
 from lrx.methods import adapted_layers, build_method
 from lrx.methods.base import LocalShards
-from lrx.methods.layer import LowRankWithFrozenTail
+from lrx.methods import layer as layer_module
+from lrx.methods.layer import AdaptedLinear, LowRankWithFrozenTail
 from lrx.spectral import top_singular
 from tests.conftest import QUICKSTART, tiny_model
 from tests.test_cli import TINY_LM
@@ -197,6 +198,31 @@ def test_log_product_gradients_match_autograd_in_float64():
         torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
     assert torch.autograd.gradcheck(LowRankWithFrozenTail.apply, (x, A, B, V, U))
     assert torch.autograd.gradcheck(LowRankWithFrozenTail.apply, (x[0, 0], A, B, V, U))  # one vector
+
+
+@pytest.mark.parametrize("product", ["function", "cat"])
+def test_layer_in_log_mode_equals_its_float64_reference(monkeypatch, product):
+    """Either way of computing a log-mode layer's low-rank product (``layer.LOG_PRODUCT``; "auto"
+    takes "cat" on a GPU) gives base + log + adapter and its gradients, against float64 matrices."""
+    monkeypatch.setattr(layer_module, "LOG_PRODUCT", product)
+    g = torch.Generator().manual_seed(1)
+    base = nn.Linear(12, 7, bias=False).double()
+    layer = AdaptedLinear(base, r=3, scale=2.0, fold_edits=False).double()
+    with torch.no_grad():
+        layer.lora_A.copy_(torch.randn(3, 12, generator=g))
+        layer.lora_B.copy_(torch.randn(7, 3, generator=g))
+    U, V = torch.randn(7, 4, generator=g), torch.randn(4, 12, generator=g)
+    layer.add_edit(U, V)
+    layer.edit_U, layer.edit_V = layer.edit_U.double(), layer.edit_V.double()
+    x = torch.randn(2, 5, 12, dtype=torch.float64, generator=g, requires_grad=True)
+    W = base.weight.detach() + U.double() @ V.double() + 2.0 * layer.lora_B.detach() @ layer.lora_A.detach()
+    torch.testing.assert_close(layer(x), x @ W.t(), rtol=1e-12, atol=1e-12)
+    w = torch.randn(2, 5, 7, dtype=torch.float64, generator=g)
+    gx, gA, gB = torch.autograd.grad((layer(x) * w).sum(), (x, layer.lora_A, layer.lora_B))
+    rows_x, rows_w = x.detach().reshape(-1, 12), w.reshape(-1, 7)
+    torch.testing.assert_close(gx, w @ W, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(gA, 2.0 * layer.lora_B.detach().t() @ rows_w.t() @ rows_x, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(gB, 2.0 * rows_w.t() @ rows_x @ layer.lora_A.detach().t(), rtol=1e-12, atol=1e-12)
 
 
 def check_offloaded_edit_log(device):

@@ -1,7 +1,8 @@
 """Forward + backward time of an adapted layer's low-rank path in log mode: the adapter (rank r)
 and the frozen edit log (rank k) as one product, with autograd through the concatenation
 (``cat``: weight gradients for all r + k pairs, the log's thrown away) or through
-``LowRankWithFrozenTail`` (``function``: weight gradients for the r trained pairs only).
+``LowRankWithFrozenTail`` (``function``: weight gradients for the r trained pairs only); beside
+them the adapter alone (``lora``, no log: the floor) and two separate products (``split``).
 
     python tools/bench_log_product.py --out runs/bench_log_product.json [--device cuda --dtype bfloat16]
 
@@ -33,7 +34,8 @@ def sync(device: str) -> None:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tokens", type=int, default=4096)
-    parser.add_argument("--dim", type=int, default=1024, help="in = out features")
+    parser.add_argument("--dim", type=int, default=1024, help="in features")
+    parser.add_argument("--out-dim", type=int, default=None, help="out features (default: --dim)")
     parser.add_argument("--rank", type=int, default=16, help="adapter rank r")
     parser.add_argument("--log-ranks", type=int, nargs="+", default=[16, 48, 80], help="edit log ranks k")
     parser.add_argument("--device", default="cpu")
@@ -50,9 +52,12 @@ def main() -> int:
 
     rows = []
     for k in args.log_ranks:
-        x, A, B = make(args.tokens, args.dim, grad=True), make(args.rank, args.dim, grad=True), make(args.dim, args.rank, grad=True)
-        V, U, grad_out = make(k, args.dim), make(args.dim, k), make(args.tokens, args.dim)
+        d_out = args.out_dim or args.dim
+        x, A, B = make(args.tokens, args.dim, grad=True), make(args.rank, args.dim, grad=True), make(d_out, args.rank, grad=True)
+        V, U, grad_out = make(k, args.dim), make(d_out, k), make(args.tokens, d_out)
         paths = {
+            "lora": lambda: ((x @ A.t()) @ B.t()).backward(grad_out),  # the adapter alone: the floor
+            "split": lambda: ((x @ A.t()) @ B.t() + (x @ V.t()) @ U.t()).backward(grad_out),
             "cat": lambda: ((x @ torch.cat([A, V]).t()) @ torch.cat([B, U], dim=1).t()).backward(grad_out),
             "function": lambda: LowRankWithFrozenTail.apply(x, A, B, V, U).backward(grad_out),
         }
@@ -67,12 +72,14 @@ def main() -> int:
                     step()
                 sync(dev)
                 times[name].append((time.perf_counter() - t0) / args.iters * 1e3)
-        row = {"tokens": args.tokens, "dim": args.dim, "r": args.rank, "log_rank": k, "device": dev,
+        row = {"tokens": args.tokens, "dim": args.dim, "out_dim": d_out, "r": args.rank, "log_rank": k, "device": dev,
                "dtype": args.dtype, **{f"{name}_ms": statistics.median(v) for name, v in times.items()}}
         rows.append(row)
-    print(f"{'log rank':>8} {'cat ms':>8} {'function ms':>11} {'speed-up':>8}")
+    print(f"{args.dim} -> {d_out}, {args.tokens} tokens, r={args.rank}, {args.dtype} on {dev}")
+    print(f"{'log rank':>8} {'lora ms':>8} {'split ms':>8} {'cat ms':>8} {'function ms':>11} {'cat/function':>12}")
     for row in rows:
-        print(f"{row['log_rank']:8d} {row['cat_ms']:8.2f} {row['function_ms']:11.2f} {row['cat_ms'] / row['function_ms']:7.2f}x")
+        print(f"{row['log_rank']:8d} {row['lora_ms']:8.3f} {row['split_ms']:8.3f} {row['cat_ms']:8.3f} {row['function_ms']:11.3f} "
+              f"{row['cat_ms'] / row['function_ms']:11.2f}x")
     if args.out:
         path = Path(args.out)
         old = json.loads(path.read_text()) if path.is_file() else []

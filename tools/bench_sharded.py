@@ -49,6 +49,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig  # noqa: 
 from lrx.config import load_config  # noqa: E402
 from lrx.distributed import build_backend  # noqa: E402
 from lrx.methods import adapted_layers, build_method  # noqa: E402
+from lrx.methods import layer as layer_module  # noqa: E402
 
 REFERENCES = {  # DESIGN.md: peft LoRA r=16 on 2x H200, tokens/s per GPU
     ("fsdp2", "ckpt"): 7107, ("fsdp2", "nockpt"): 9953, ("zero3", "ckpt"): 1996, ("zero3", "nockpt"): 2566,
@@ -195,7 +196,10 @@ def one_run(args, backend, spec: str) -> dict:
             if prof is not None:
                 sort = "cuda_time_total" if backend.device.type == "cuda" else "cpu_time_total"
                 print(prof.key_averages().table(sort_by=sort, row_limit=15), flush=True)
+            t0 = time.perf_counter()
             train_step(step)
+            sync(backend)
+            event[f"event{k}_step_s"] = time.perf_counter() - t0  # one step with the log this event left
             step += 1
             stage_done(f"event{k}")
         times = sorted(event[f"event{k}_s"] for k in range(1, n_events + 1))
@@ -213,11 +217,22 @@ def one_run(args, backend, spec: str) -> dict:
     sync(backend)
     elapsed = time.perf_counter() - t0
     stage_done("timed")
+    if args.profile_step:  # every rank steps; rank 0 prints where one step's GPU time goes
+        prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU] + (
+            [torch.profiler.ProfilerActivity.CUDA] if backend.device.type == "cuda" else [])) if backend.is_main else None
+        with prof or contextlib.nullcontext():
+            train_step(step)
+            sync(backend)
+        if prof is not None:
+            sort = "cuda_time_total" if backend.device.type == "cuda" else "cpu_time_total"
+            print(f"[profile] {spec}: one timed step", flush=True)
+            print(prof.key_averages(group_by_input_shape=args.profile_shapes).table(sort_by=sort, row_limit=30,
+                                                                                    max_name_column_width=60), flush=True)
     tokens_per_gpu = args.steps * args.micro_batch * args.seq / elapsed
     adapter_bytes = sum(getattr(p, "ds_numel", p.numel()) * 4 for _, p in method.trainable_parameters(model))
     result = {
         "run": spec, "backend": backend.name, "world_size": backend.world_size, "method": method_name,
-        "storage": storage, "ckpt": ckpt == "ckpt", "tokens_per_s_per_gpu": tokens_per_gpu,
+        "storage": storage, "ckpt": ckpt == "ckpt", "log_product": args.log_product, "tokens_per_s_per_gpu": tokens_per_gpu,
         "mfu": tokens_per_gpu * flops_per_token(cfg, args.seq) / (args.peak_tflops * 1e12),
         "step_s": elapsed / args.steps, "init_s": init_s, "final_loss": float(loss),
         "peak_gib": max(stage_peaks.values()) if stage_peaks else None, "stage_peak_gib": stage_peaks,
@@ -253,11 +268,16 @@ def main() -> int:
                              "device (seeded random weights), ZeRO-3 builds it under zero.Init (for 70B shapes)")
     parser.add_argument("--debug-memory", action="store_true", help="list the largest live CUDA tensors after setup")
     parser.add_argument("--profile-event", action="store_true", help="print a torch.profiler table of the second event")
+    parser.add_argument("--log-product", choices=["auto", "cat", "function"], default="auto",
+                        help="how SRLoRA's bf16 layers compute adapter + edit log (lrx.methods.layer.LOG_PRODUCT)")
+    parser.add_argument("--profile-step", action="store_true", help="print a torch.profiler table of one step after the timed ones")
+    parser.add_argument("--profile-shapes", action="store_true", help="group that table by input shapes")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--out", default="runs/bench_sharded.json")
     parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # the deepspeed launcher
     args = parser.parse_args()
 
+    layer_module.LOG_PRODUCT = args.log_product
     backend = build_backend(args.backend, args.device, bf16=True)
     results = []
     try:

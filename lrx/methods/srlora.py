@@ -117,8 +117,10 @@ class SRLoRA(Method):
         self.stat_pieces: dict[str, dict[str, torch.Tensor]] = {}  # this rank's pieces, from attach
         self._pending_stats: dict[str, torch.Tensor] = {}  # loaded before attach
         self.last_event_bytes = 0  # bytes all-reduced for the event factors (benchmarks)
-        self.slot_pool: dict[str, torch.Tensor] = {}  # pool index held by each slot
-        self.slot_start: dict[str, torch.Tensor] = {}  # step at which it was loaded
+        # Host-side bookkeeping as plain lists: an event updates every layer's, and tensor
+        # indexing would cost a dispatch per operation.
+        self.slot_pool: dict[str, list[int]] = {}  # pool index held by each slot
+        self.slot_start: dict[str, list[int]] = {}  # step at which it was loaded
         self.lifetimes: list[tuple[int, int, int, int]] = []  # (layer, pool index, start, end)
         self.pointer = config.r
         self.events_done = 0
@@ -132,8 +134,8 @@ class SRLoRA(Method):
         r = self.config.r
         for name, layer in adapted_layers(model):
             self.layers[name] = layer
-            self.slot_pool[name] = torch.arange(r)
-            self.slot_start[name] = torch.zeros(r, dtype=torch.long)
+            self.slot_pool[name] = list(range(r))
+            self.slot_start[name] = [0] * r
         return names
 
     def init_layer(self, name: str, index: int, layer: AdaptedLinear, weights: WeightAccess) -> None:
@@ -433,15 +435,15 @@ class SRLoRA(Method):
             self._swap_slots(group_names, idx, B_new, A_new, optimizer)
         for index, (name, layer) in enumerate(self.layers.items()):
             # Loaded directions leave the pool (copies, so that their memory is freed): it only
-            # ever holds what later events need.
+            # ever holds what later events need (S, r_target numbers, stays a view).
             pool = self.pool_data[name]
-            self.pool_data[name] = {"U": pool["U"][:, swap:].clone(), "S": pool["S"][swap:].clone(),
+            self.pool_data[name] = {"U": pool["U"][:, swap:].clone(), "S": pool["S"][swap:],
                                     "V": pool["V"][:, swap:].clone()}
             ids = ids_all[name]
-            ended = zip(self.slot_pool[name][ids].tolist(), self.slot_start[name][ids].tolist())  # host tensors
-            self.lifetimes.extend((index, pool_index, start, step) for pool_index, start in ended)
-            self.slot_pool[name][ids] = torch.arange(self.pointer, self.pointer + swap)
-            self.slot_start[name][ids] = step
+            slots, starts = self.slot_pool[name], self.slot_start[name]
+            for j, slot in enumerate(ids):
+                self.lifetimes.append((index, slots[slot], starts[slot], step))
+                slots[slot], starts[slot] = self.pointer + j, step
             records[name] = {"event": self.events_done + 1, "layer": name, "fused_pairs": ids,
                              "scores": scores_all[name], "pointer": self.pointer + swap,
                              "fusion_error": 0.0}  # the log holds the intended factors exactly
@@ -490,13 +492,14 @@ class SRLoRA(Method):
             for c in range(len(replicas[0])):
                 views = [r[c] for r in replicas]
                 torch._foreach_copy_(views, list(torch.where(mask, full.to(views[0].dtype), torch.stack(views))))
-            keep = (~mask[:, start:end]).float()
+            keep = (~mask[:, start:end]).float().unbind(0)
             targets, factors = [], []
-            for g, (name, p) in enumerate(zip(names, params)):
+            for g, (name, p) in enumerate(zip(names, params)):  # plain Python per layer: no dispatches to spare
                 pieces = [self.stat_pieces[name][f"{key}_ibar"], self.stat_pieces[name][f"{key}_ubar"]]
                 pieces += [t for t in (self.shards.optimizer_piece(optimizer, p, k) for k in moments) if t is not None]
-                targets += [t[: end - start] for t in pieces]
-                factors += [keep[g].to(t.device) for t in pieces]
+                for t in pieces:
+                    targets.append(t if t.shape[0] == end - start else t[: end - start])
+                    factors.append(keep[g] if t.device == keep[g].device else keep[g].to(t.device))
             torch._foreach_mul_(targets, factors)
 
     # ---- state -----------------------------------------------------------------------------
@@ -525,8 +528,8 @@ class SRLoRA(Method):
                 wholes.append((f"stats.{name}.{key}", piece_to_full(piece, self.shards.span(p)[0], shape)))
             out[f"pool.{name}.S"] = pool["S"]
             out[f"pool.{name}.V"] = pool["V"]
-            out[f"slots.{name}.pool_index"] = self.slot_pool[name]
-            out[f"slots.{name}.start"] = self.slot_start[name]
+            out[f"slots.{name}.pool_index"] = torch.tensor(self.slot_pool[name], dtype=torch.long)
+            out[f"slots.{name}.start"] = torch.tensor(self.slot_start[name], dtype=torch.long)
         if wholes:
             flat = self.shards.all_reduce(torch.cat([t.reshape(-1).float() for _, t in wholes]))
             offset = 0
@@ -550,8 +553,8 @@ class SRLoRA(Method):
                 self.pool_data[name] = {k: state.pop(f"pool.{name}.{k}") for k in ("U", "S", "V")}
                 for key in STAT_KEYS:
                     pending[f"{name}.{key}"] = state.pop(f"stats.{name}.{key}")
-                self.slot_pool[name] = state.pop(f"slots.{name}.pool_index")
-                self.slot_start[name] = state.pop(f"slots.{name}.start")
+                self.slot_pool[name] = state.pop(f"slots.{name}.pool_index").tolist()
+                self.slot_start[name] = state.pop(f"slots.{name}.start").tolist()
         except KeyError as e:
             raise ValueError(f"srlora state is missing {e}; the adapter file is incomplete") from None
         if state:
