@@ -155,13 +155,13 @@ def _run(config: RunConfig, backend, t0: float, resume: Path | None = None) -> d
         else:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     if meta_blocks:  # built on the meta device: load and initialise one block at a time, then shard it
-        order = {id(layer): (i, name) for i, (name, layer) in enumerate(adapted_layers(model))}
         if saved is not None:
+            names = {id(layer): name for name, layer in adapted_layers(model)}
+
             def init(layer):
-                saved.restore_layer(order[id(layer)][1], layer)
+                saved.restore_layer(names[id(layer)], layer)
         else:
-            def init(layer):
-                method.init_layer(order[id(layer)][1], order[id(layer)][0], layer, weights)
+            init = method.layer_initializer(model, weights)
         model = backend.prepare_from_files(model, files, init)
     else:
         model = backend.prepare(model)

@@ -131,10 +131,8 @@ def one_run(args, backend, spec: str) -> dict:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False
     if streaming:
-        index = {id(layer): (i, name) for i, (name, layer) in enumerate(adapted_layers(model))}
         t0 = time.perf_counter()
-        model = backend.prepare_streaming(model, source, lambda layer: method.init_layer(
-            index[id(layer)][1], index[id(layer)][0], layer, weights), "seeded random weights")
+        model = backend.prepare_streaming(model, source, method.layer_initializer(model, weights), "seeded random weights")
         sync(backend)
         init_s = time.perf_counter() - t0  # build + adapter init, block by block
     else:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from dataclasses import dataclass, field
 from typing import ClassVar, Literal, Protocol
@@ -281,6 +281,18 @@ class Method:
         """Initialise one adapted layer's A, B (and edits). Default: LoRA (A random, B zero)."""
         nn.init.kaiming_uniform_(layer.lora_A, a=5**0.5)
         nn.init.zeros_(layer.lora_B)
+
+    def layer_initializer(self, model: nn.Module, weights: WeightAccess) -> Callable[[AdaptedLinear], None]:
+        """``init_layer`` as a function of the layer alone, for a model applied with
+        ``init=False`` whose layers get their weights later, one block at a time (the
+        backend's callback when it fills a meta-device model)."""
+        where = {id(layer): (index, name) for index, (name, layer) in enumerate(adapted_layers(model))}
+
+        def init(layer: AdaptedLinear) -> None:
+            index, name = where[id(layer)]
+            self.init_layer(name, index, layer, weights)
+
+        return init
 
     def _resolve_modules_to_save(self, model: nn.Module) -> list[str]:
         wanted = self.config.modules_to_save
