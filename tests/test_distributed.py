@@ -156,6 +156,19 @@ def test_zero3_trains_with_the_optimizer_its_deepspeed_config_names(tmp_path, re
 
 
 
+def test_an_arch_list_deepspeed_cannot_build_for_is_refused_in_one_line(monkeypatch):
+    from lrx.distributed.zero3 import check_arch_list
+    from lrx.errors import ConfigError
+
+    for ok in ("", "9.0", "8.0;9.0+PTX", "8.0 9.0"):
+        monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", ok)
+        check_arch_list({"type": "AdamW"})
+    monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "8.0;9.0a")
+    with pytest.raises(ConfigError, match=r"cannot build its AdamW for 9\.0a; set TORCH_CUDA_ARCH_LIST=\"8\.0;9\.0\""):
+        check_arch_list({"type": "AdamW"})
+    check_arch_list({"type": "AdamW", "params": {"torch_adam": True}})  # nothing to compile
+
+
 @pytest.mark.parametrize("backend", list(BACKENDS))
 def test_method_buffers_stay_whole_and_identical_on_every_rank(tmp_path, backend):
     out = tmp_path / "report.json"

@@ -10,6 +10,7 @@ from torch import nn
 
 from lrx.cli import main
 from lrx.methods import AdaptedLinear
+from tests.conftest import REPO
 from tests.test_cli import TINY_LM
 from tests.test_srlora import check_offloaded_edit_log, fidelity_run
 
@@ -51,3 +52,40 @@ def test_srlora_fidelity_on_gpu_bf16_base():
 def test_offloaded_edit_log_on_gpu():
     # The exact log in pinned host memory, its bf16 copy on the GPU: bit-identical training.
     check_offloaded_edit_log("cuda")
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
+def test_zero3_with_deepspeeds_fused_adam_matches_one_gpu_and_resumes_exactly(tmp_path, monkeypatch):
+    """A DeepSpeed config naming {"type": "AdamW"} gets DeepSpeed's FusedAdam on GPUs (built over
+    lrx's parameter groups, with lrx's learning rate and schedule): fp32 SRLoRA on 2 GPUs trains
+    as torch's AdamW does on one, and a run killed after an event resumes to the same losses and
+    adapter (FusedAdam's per-group step count is restored from the checkpoint)."""
+    pytest.importorskip("deepspeed")
+    from lrx import checkpoint
+    from tests.test_checkpoint import adapter, args, assert_same_adapter, run
+    from tests.test_distributed import losses, table
+
+    # DeepSpeed JIT-builds FusedAdam for the listed architectures and cannot parse a suffixed
+    # entry such as "9.0a" (which some CUDA images set; lrx refuses it, check_arch_list): name
+    # the GPU's own.
+    monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "{}.{}".format(*torch.cuda.get_device_capability()))
+    data = table(tmp_path / "t.tsv")
+    config = json.loads((REPO / "configs" / "deepspeed" / "zero3.json").read_text())
+    config["optimizer"] = {"type": "AdamW"}
+    (tmp_path / "ds.json").write_text(json.dumps(config))
+    cuda = ["train.device=cuda", "train.bf16=false", "train.save_every=2"]
+    ds = [*cuda, f"distributed.deepspeed_config={tmp_path / 'ds.json'}"]
+    single = run(args(data, tmp_path / "single", *cuda))
+    assert single.returncode == 0, single.stderr[-3000:]
+    full = run(args(data, tmp_path / "full", *ds, batch=4), 2, "zero3")
+    assert full.returncode == 0, full.stderr[-3000:]
+    assert "zero3: optimizer AdamW built by DeepSpeed" in full.stderr + full.stdout
+    assert "built by DeepSpeed (FusedAdam)" in full.stderr + full.stdout
+    assert losses(tmp_path / "full") == pytest.approx(losses(tmp_path / "single"), abs=1e-4)
+    killed = run(args(data, tmp_path / "run", *ds, batch=4), 2, "zero3", env={"LRX_KILL_AT_STEP": "7"})
+    assert killed.returncode != 0
+    assert max(int(p.name.split("-")[1]) for p in checkpoint.checkpoint_dirs(tmp_path / "run")) == 6
+    resumed = run(args(data, tmp_path / "run", *ds, "--resume", "auto", batch=4), 2, "zero3")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert losses(tmp_path / "run") == pytest.approx(losses(tmp_path / "full"), abs=1e-6)
+    assert_same_adapter(adapter(tmp_path / "run"), adapter(tmp_path / "full"), atol=1e-6)

@@ -19,6 +19,7 @@ import gc
 import json
 import logging
 import os
+import re
 from pathlib import Path
 
 import torch
@@ -42,6 +43,24 @@ def optimizer_block(block: dict, optimizer: torch.optim.Optimizer) -> dict:
     params = {**block.get("params", {}), "lr": group.get("initial_lr", group["lr"]),
               "betas": list(group["betas"]), "eps": group["eps"]}
     return {**block, "params": params}
+
+
+def check_arch_list(block: dict) -> None:
+    """Refuse, in one line, a ``TORCH_CUDA_ARCH_LIST`` that DeepSpeed cannot build the fused
+    optimizer of ``block`` for. DeepSpeed JIT-compiles it for the listed architectures and
+    parses only entries like "9.0" or "9.0+PTX"; a suffixed one such as "9.0a" (which some CUDA
+    images set) otherwise fails deep inside ``deepspeed.initialize`` with
+    ``invalid literal for int() with base 10: '0a'``."""
+    if block.get("params", {}).get("torch_adam"):
+        return  # torch's own optimizer: nothing is compiled
+    value = os.environ.get("TORCH_CUDA_ARCH_LIST", "")
+    entries = [cc.strip() for cc in value.replace(" ", ";").split(";") if cc.strip()]
+    bad = [cc for cc in entries if not re.fullmatch(r"\d+\.\d+(\+PTX)?", cc)]
+    if bad:
+        fixed = ";".join(dict.fromkeys(re.sub(r"[a-zA-Z]+$", "", cc.replace("+PTX", "")) for cc in entries))
+        raise ConfigError(f"TORCH_CUDA_ARCH_LIST={value!r}: DeepSpeed cannot build its {block.get('type')} for "
+                          f"{', '.join(bad)}; set TORCH_CUDA_ARCH_LIST=\"{fixed}\" "
+                          "or add \"torch_adam\": true to the optimizer's params in the DeepSpeed config")
 
 
 def without_shm_allreduce() -> None:
@@ -142,12 +161,15 @@ class ZeRO3(MultiProcess):
             # parameter groups, with lrx's learning rate, betas and weight decay, and lrx's LR
             # schedule is rebuilt on it.
             config["optimizer"] = optimizer_block(config["optimizer"], optimizer)
+            if self.device.type == "cuda":
+                check_arch_list(config["optimizer"])
             groups = [{"params": g["params"], "weight_decay": g["weight_decay"]} for g in optimizer.param_groups]
             lambdas = scheduler.lr_lambdas
             self.engine, self.optimizer, _, self.scheduler = self.deepspeed.initialize(
                 model=model, model_parameters=groups, config=config,
                 lr_scheduler=lambda built: torch.optim.lr_scheduler.LambdaLR(built, lambdas))
-            log.info("zero3: optimizer %s built by DeepSpeed", config["optimizer"]["type"])
+            built = getattr(self.optimizer, "optimizer", self.optimizer)  # inside ZeRO's wrapper
+            log.info("zero3: optimizer %s built by DeepSpeed (%s)", config["optimizer"]["type"], type(built).__name__)
         else:
             self.engine, *_ = self.deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                                         config=config)
