@@ -98,6 +98,18 @@ def sync(backend) -> None:
     backend.barrier()
 
 
+def profiler(backend) -> torch.profiler.profile:
+    """A profiler of the host and, on GPUs, the device (tables sorted by ``time_column``)."""
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if backend.device.type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    return torch.profiler.profile(activities=activities)
+
+
+def time_column(backend) -> str:
+    return "cuda_time_total" if backend.device.type == "cuda" else "cpu_time_total"
+
+
 def one_run(args, backend, spec: str) -> dict:
     method_name, storage, ckpt = spec.split(":")
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[storage]
@@ -182,9 +194,7 @@ def one_run(args, backend, spec: str) -> dict:
     if method_name == "srlora":  # the whole schedule: every event over all layers, a step after each
         n_events = method.config.n_events
         for k in range(1, n_events + 1):
-            profile = args.profile_event and k == 2 and backend.is_main
-            prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU] + (
-                [torch.profiler.ProfilerActivity.CUDA] if backend.device.type == "cuda" else [])) if profile else None
+            prof = profiler(backend) if args.profile_event and k == 2 and backend.is_main else None
             sync(backend)
             t0 = time.perf_counter()
             with prof or contextlib.nullcontext():
@@ -192,8 +202,7 @@ def one_run(args, backend, spec: str) -> dict:
                 sync(backend)
             event[f"event{k}_s"] = time.perf_counter() - t0
             if prof is not None:
-                sort = "cuda_time_total" if backend.device.type == "cuda" else "cpu_time_total"
-                print(prof.key_averages().table(sort_by=sort, row_limit=15), flush=True)
+                print(prof.key_averages().table(sort_by=time_column(backend), row_limit=15), flush=True)
             t0 = time.perf_counter()
             train_step(step)
             sync(backend)
@@ -216,16 +225,14 @@ def one_run(args, backend, spec: str) -> dict:
     elapsed = time.perf_counter() - t0
     stage_done("timed")
     if args.profile_step:  # every rank steps; rank 0 prints where one step's GPU time goes
-        prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU] + (
-            [torch.profiler.ProfilerActivity.CUDA] if backend.device.type == "cuda" else [])) if backend.is_main else None
+        prof = profiler(backend) if backend.is_main else None
         with prof or contextlib.nullcontext():
             train_step(step)
             sync(backend)
         if prof is not None:
-            sort = "cuda_time_total" if backend.device.type == "cuda" else "cpu_time_total"
             print(f"[profile] {spec}: one timed step", flush=True)
-            print(prof.key_averages(group_by_input_shape=args.profile_shapes).table(sort_by=sort, row_limit=30,
-                                                                                    max_name_column_width=60), flush=True)
+            print(prof.key_averages(group_by_input_shape=args.profile_shapes).table(
+                sort_by=time_column(backend), row_limit=30, max_name_column_width=60), flush=True)
     tokens_per_gpu = args.steps * args.micro_batch * args.seq / elapsed
     adapter_bytes = sum(getattr(p, "ds_numel", p.numel()) * 4 for _, p in method.trainable_parameters(model))
     result = {

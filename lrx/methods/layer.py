@@ -311,10 +311,7 @@ class AdaptedLinear(nn.Module):
         self.merged = False
 
     def _unfolded_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
-        B = self.lora_B.detach() * self.scale
-        A = self.lora_A.detach()
+        """What ``merge`` adds to the base: the adapter, and the edit log unless already folded."""
         if self.edit_rank and not self.fold_edits:
-            U, V = self._edit_factors_here()
-            B = torch.cat([U, B], dim=1)
-            A = torch.cat([V, A], dim=0)
-        return B, A
+            return self.delta_factors()
+        return self.lora_B.detach() * self.scale, self.lora_A.detach()

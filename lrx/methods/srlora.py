@@ -572,7 +572,7 @@ class SRLoRA(Method):
         names = list(self.layers)
         for index, name in enumerate(names):
             for slot in range(self.config.r):
-                rows.append((index, int(self.slot_pool[name][slot]), int(self.slot_start[name][slot]), self.total_steps))
+                rows.append((index, self.slot_pool[name][slot], self.slot_start[name][slot], self.total_steps))
         per_type: dict[str, list[list[int]]] = {}
         for index, pool_index, start, end in rows:
             kind = names[index].rsplit(".", 1)[-1]
