@@ -15,9 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -27,66 +24,25 @@ from torch import nn
 
 import lrx
 from lrx.errors import LrxError
-from lrx.fileio import read_json, read_safetensors
-from lrx.methods import AdaptedLinear, Method, MethodConfig, adapted_layers, build_method, get_method_class
+from lrx.fileio import atomic_dir, read_json, read_safetensors
+from lrx.methods import (
+    AdaptedLinear, LocalShards, Method, MethodConfig, adapted_layers, build_method, get_method_class, without_retired_keys,
+)
 
 ADAPTER_FORMAT = "lrx-adapter"
 WEIGHTS_NAME = "adapter_model.safetensors"
 CONFIG_NAME = "adapter_config.json"
 
 
-def atomic_dir(final: Path):
-    """Context manager yielding a temporary sibling folder that is renamed to ``final`` on success.
-
-    A crash or error leaves ``final`` as it was (missing or previous content intact).
-    """
-
-    class _Atomic:
-        def __enter__(self) -> Path:
-            final.parent.mkdir(parents=True, exist_ok=True)
-            self.tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
-            return self.tmp
-
-        def __exit__(self, exc_type, exc, tb) -> None:
-            if exc_type is not None:
-                shutil.rmtree(self.tmp, ignore_errors=True)
-                return
-            for f in self.tmp.iterdir():
-                with open(f, "rb") as fh:
-                    os.fsync(fh.fileno())
-            old = None
-            if final.exists():
-                old = final.with_name(f".{final.name}.old-{os.getpid()}")
-                final.rename(old)
-            self.tmp.rename(final)
-            if old is not None:
-                shutil.rmtree(old, ignore_errors=True)
-
-    return _Atomic()
-
-
-def trained_tensors(model: nn.Module, method: Method) -> dict[str, torch.Tensor]:
-    """The live parameters training changes, by their key in adapter files: every adapted
-    layer's adapter tensors and the modules_to_save (possibly sharded: gather before saving)."""
-    out: dict[str, torch.Tensor] = {}
-    for name, layer in adapted_layers(model):
-        for key, p in layer.adapter_params().items():
-            out[f"{name}.{key}"] = p
-    for mod_name in method.saved_modules:
-        for pname, p in model.get_submodule(mod_name).named_parameters():
-            out[f"{mod_name}.{pname}"] = p
-    return out
-
-
 def adapter_tensors(model: nn.Module, method: Method, method_state: dict | None = None,
                     params: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
     """Everything training changed, as a flat dict of contiguous CPU tensors.
 
-    ``method_state`` is ``method.state_dict()`` and ``params`` the ``trained_tensors`` gathered
-    whole when the caller took them already (both are collectives in sharded runs, so every
+    ``method_state`` is ``method.state_dict()`` and ``params`` the trained tensors
+    (``method.trainable_parameters``) gathered whole when the caller took them already (both are collectives in sharded runs, so every
     process takes them and only one writes)."""
     out: dict[str, torch.Tensor] = dict(params) if params is not None else {
-        k: p.detach() for k, p in trained_tensors(model, method).items()}
+        k: p.detach() for k, p in method.trainable_parameters(model)}
     for name, layer in adapted_layers(model):
         out[f"{name}.edit_U"], out[f"{name}.edit_V"] = layer.edit_factors()
         out[f"{name}.edit_sizes"] = torch.tensor(layer.edit_sizes, dtype=torch.long)
@@ -148,7 +104,7 @@ def load_adapter(path: str | Path, model: nn.Module) -> Method:
     config = read_adapter_config(path)
     method_cfg = dict(config["method"])
     cls = get_method_class(method_cfg["name"]).config_cls
-    method = build_method(cls(**method_cfg))
+    method = build_method(cls(**without_retired_keys(cls, method_cfg)))
     assert isinstance(method.config, MethodConfig)
     names = method.apply(model, init=False)
     if names != config["adapted_modules"]:
@@ -162,7 +118,8 @@ def load_adapter(path: str | Path, model: nn.Module) -> Method:
 
 def restore_adapter(path: str | Path, model: nn.Module, method: Method) -> None:
     """Load an lrx adapter's tensors into a model that ``method`` adapted with ``init=False``:
-    adapter tensors, the edit log (replayed onto W0), modules_to_save and the method state.
+    adapter tensors, the edit log (replayed onto W0), modules_to_save and the method state
+    (the method is attached for one process).
 
     Raises:
         LrxError: missing/corrupt files, or tensors made for another model (names/shapes).
@@ -171,14 +128,17 @@ def restore_adapter(path: str | Path, model: nn.Module, method: Method) -> None:
     with torch.no_grad():
         for name, layer in adapted_layers(model):
             saved.restore_layer(name, layer)
-    saved.restore_rest(model, method)
+    saved.restore_modules(model, method)
+    method.attach(model, LocalShards())  # one process: the model is whole
+    saved.restore_method_state(method)
 
 
 class SavedAdapter:
     """An lrx adapter file read once and restored in parts, for models that are never whole:
     ``restore_layer`` for each adapted layer while its base weight is whole (FSDP2: as its
-    block is loaded; ZeRO-3: gathered), then ``restore_rest`` for modules_to_save (through a
-    ``load`` that writes a whole value into a possibly sharded parameter) and the method state.
+    block is loaded; ZeRO-3: gathered), ``restore_modules`` for modules_to_save (through a
+    ``load`` that writes a whole value into a possibly sharded parameter), and
+    ``restore_method_state`` once the method is attached.
     """
 
     def __init__(self, path: str | Path):
@@ -205,23 +165,30 @@ class SavedAdapter:
         layer.set_edit_log(U, V, sizes)
 
     @torch.no_grad()
-    def restore_rest(self, model: nn.Module, method: Method, load=None) -> None:
-        """modules_to_save and the method state; then nothing may be left over.
-
-        ``load(param, value)`` writes a whole value into a parameter (default ``copy_``;
-        ``Backend.load_whole`` for sharded ones; a collective there, taken in model order)."""
-        load = load or (lambda param, value: param.copy_(value))
+    def restore_modules(self, model: nn.Module, method: Method, load=None) -> None:
+        """The fully trained modules (modules_to_save). ``load(param, value)`` writes a whole value
+        into a parameter (default ``copy_``; ``Backend.load_whole`` for sharded ones, a
+        collective there, taken in model order) and raises ValueError on a shape mismatch."""
+        load = load or _copy_whole
         for mod_name in method.saved_modules:
             for pname, p in model.get_submodule(mod_name).named_parameters():
-                value = self.take(f"{mod_name}.{pname}")
-                shape = tuple(getattr(p, "ds_shape", p.shape))  # ZeRO-3 empties partitioned parameters
-                if tuple(value.shape) != shape:
-                    raise LrxError(f"{self.path}: {mod_name}.{pname} has shape {tuple(value.shape)}, expected {shape}")
-                load(p, value)
+                try:
+                    load(p, self.take(f"{mod_name}.{pname}"))
+                except ValueError as e:
+                    raise LrxError(f"{self.path}: {mod_name}.{pname} {e}; the adapter belongs to another model") from None
+
+    def restore_method_state(self, method: Method) -> None:
+        """The method's own state; then nothing may be left over."""
         prefix = "method_state."
         method.load_state_dict({k[len(prefix):]: self.tensors.pop(k) for k in list(self.tensors) if k.startswith(prefix)})
         if self.tensors:
             raise LrxError(f"{self.path}: unexpected tensors {sorted(self.tensors)[:5]}; the adapter does not match this model")
+
+
+def _copy_whole(param: torch.Tensor, value: torch.Tensor) -> None:
+    if value.shape != param.shape:
+        raise ValueError(f"has shape {tuple(value.shape)}, the model needs {tuple(param.shape)}")
+    param.copy_(value)
 
 
 def export_peft(path: str | Path, model: nn.Module, method: Method, base_model_name: str | None = None) -> Path:
@@ -234,7 +201,7 @@ def export_peft(path: str | Path, model: nn.Module, method: Method, base_model_n
         base_model_name: recorded as ``base_model_name_or_path``.
     """
     factors = {name: method.delta_factors(layer) for name, layer in adapted_layers(model)}
-    saved = {k: p.detach() for k, p in trained_tensors(model, method).items()
+    saved = {k: p.detach() for k, p in method.trainable_parameters(model)
              if any(k.startswith(m + ".") for m in method.saved_modules)}
     return write_peft(path, factors, saved, method.saved_modules, base_model_name)
 
@@ -292,7 +259,8 @@ def layer_from_adapter(method: Method, tensors: dict[str, torch.Tensor], module:
 def method_of(config: dict[str, Any]) -> Method:
     """The method an adapter config names, with what its layers are built on loaded."""
     method_cfg = dict(config["method"])
-    method = build_method(get_method_class(method_cfg["name"]).config_cls(**method_cfg))
+    cls = get_method_class(method_cfg["name"]).config_cls
+    method = build_method(cls(**without_retired_keys(cls, method_cfg)))
     method.load_resources()
     return method
 

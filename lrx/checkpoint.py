@@ -13,17 +13,25 @@ A checkpoint is a folder ``RUN/checkpoints/step-00000012/`` holding
 
 Never the base weights: resuming rebuilds ``W0 + edits`` from the original model and the
 edit log. Files are written into ``.step-N.tmp``, fsynced, marked complete and renamed, so a
-crash leaves the previous checkpoints intact; the newest ``keep`` complete ones are kept.
-Only safetensors and JSON are read back.
+crash leaves the previous checkpoints intact; the newest ``keep`` complete ones are kept (an
+older one loses its ``COMPLETE`` marker before its files go). Only safetensors and JSON are
+read back.
+
+``CheckpointManager`` is the one owner of saving and resuming: it writes the parts (the
+typed ``TrainingProgress``, the optimizer moments, the RNG states, the adapter with the
+method state) and restores them in the order the run needs them: the progress file is
+checked before anything slow, the adapter is restored layer by layer while the backend
+builds the model (``saved_adapter``), the rest once the trainer exists (``restore``).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
-import os
 import re
 import shutil
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -32,9 +40,9 @@ import transformers
 from safetensors.torch import save_file
 
 import lrx
-from lrx.adapter import WEIGHTS_NAME, save_adapter, trained_tensors
+from lrx.adapter import WEIGHTS_NAME, SavedAdapter, save_adapter
 from lrx.errors import LrxError
-from lrx.fileio import read_json, read_safetensors
+from lrx.fileio import fsync_tree, read_json, read_safetensors, swap_in
 
 log = logging.getLogger(__name__)
 
@@ -71,44 +79,84 @@ def resolve_resume(resume: str, run_dir: str | Path) -> Path | None:
     return path
 
 
-def read_state(path: Path) -> dict[str, Any]:
+@dataclass
+class TrainingProgress:
+    """Where a run stands: what ``trainer_state.json`` holds (torchtune's ``TrainingProgress``)."""
+
+    step: int
+    """Optimizer steps done."""
+    micro: int
+    """Micro-batches each process has consumed (the data position)."""
+    global_micro_batch: int
+    """Examples in one micro-batch over all processes (train.batch_size x processes)."""
+    scheduler: dict
+    """The LR scheduler's state_dict."""
+    config: dict
+    """The resolved config of the run."""
+    world_size: int = 1
+    versions: dict = field(default_factory=dict)
+
+    @classmethod
+    def from_json(cls, data: Any, file: Path) -> "TrainingProgress":
+        """Validate a progress file's content; LrxError naming the key otherwise."""
+        if not isinstance(data, dict):
+            raise LrxError(f"{file} is not a progress record (a JSON object); the checkpoint is corrupt")
+        kinds = {"step": int, "micro": int, "global_micro_batch": int, "scheduler": dict, "config": dict,
+                 "world_size": int, "versions": dict}
+        optional = {"world_size", "versions"}
+        for key, kind in kinds.items():
+            if key not in data:
+                if key in optional:
+                    continue
+                raise LrxError(f"{file} has no {key!r}; the checkpoint is corrupt or not lrx's: resume from another one")
+            value = data[key]
+            if not isinstance(value, kind) or isinstance(value, bool) or (kind is int and value < 0):
+                raise LrxError(f"{file}: {key!r} is {value!r}, expected a {'non-negative integer' if kind is int else 'JSON object'}; "
+                               "the checkpoint is corrupt: resume from another one")
+        if data["global_micro_batch"] == 0:
+            raise LrxError(f"{file}: 'global_micro_batch' is 0; the checkpoint is corrupt: resume from another one")
+        return cls(**{k: data[k] for k in kinds if k in data})
+
+
+def read_progress(path: Path) -> TrainingProgress:
     file = path / STATE
     if not file.is_file():
         raise LrxError(f"{path}: {STATE} is missing; the checkpoint is incomplete or not lrx's")
-    return read_json(file, "the checkpoint is corrupt; resume from another one")
+    return TrainingProgress.from_json(read_json(file, "the checkpoint is corrupt; resume from another one"), file)
 
 
-def check_compatible(path: Path, config: dict[str, Any]) -> dict[str, Any]:
-    """The checkpoint's state, after checking it was made for the same model and method."""
-    state = read_state(path)
-    saved = state.get("config", {})
+def check_compatible(path: Path, config: dict[str, Any]) -> TrainingProgress:
+    """The checkpoint's progress, after checking it was made for the same model and method."""
+    from lrx.methods import get_method_class, without_retired_keys
+
+    progress = read_progress(path)
+    saved = dict(progress.config)
+    method = dict(saved.get("method", {}))
+    if method.get("name") == config.get("method", {}).get("name"):  # keys retired since it was written
+        method = without_retired_keys(get_method_class(method["name"]).config_cls, method)
+    saved["method"] = method
     for section in MUST_MATCH:
         if saved.get(section) != config.get(section):
             diff = sorted(k for k in set(saved.get(section, {})) | set(config.get(section, {}))
                           if saved.get(section, {}).get(k) != config.get(section, {}).get(k))
             raise LrxError(f"{path} was made with other {section} settings ({', '.join(diff)} differ); "
                            f"resume with the run's own config or start a new run")
-    return state
+    return progress
 
 
-def _fsync_tree(root: Path) -> None:
-    for file in root.rglob("*"):
-        if file.is_file():
-            with open(file, "rb") as fh:
-                os.fsync(fh.fileno())
-
-
-def save_checkpoint(run_dir: Path, step: int, *, backend, model, method, trainer_state: dict[str, Any],
-                    optimizer_state: dict[str, torch.Tensor], meta: dict[str, Any], keep: int) -> Path:
+def save_checkpoint(run_dir: Path, step: int, *, backend, model, method, progress: TrainingProgress,
+                    optimizer_state: dict[str, torch.Tensor], params: dict[str, torch.Tensor],
+                    meta: dict[str, Any], keep: int) -> Path:
     """Write checkpoint ``step`` (collective: every process calls it).
 
     Args:
         run_dir: the run directory (shared by all processes).
         step: optimizer steps done.
-        backend: the training backend (rank, barrier, full parameters).
+        backend: the training backend (rank, barrier).
         model, method: the adapted model and its method.
-        trainer_state: JSON-serialisable trainer state (step, data position, scheduler ...).
+        progress: the training progress to record.
         optimizer_state: whole optimizer tensors by name (taken on every rank, written by rank 0).
+        params: the trained tensors, gathered whole (taken on every rank).
         meta: adapter metadata (base model, task ...).
         keep: how many complete checkpoints to keep (older ones are deleted).
 
@@ -129,13 +177,11 @@ def save_checkpoint(run_dir: Path, step: int, *, backend, model, method, trainer
         if torch.cuda.is_available() and backend.device.type == "cuda":
             rng["cuda"] = torch.cuda.get_rng_state(backend.device)
         save_file(rng, str(tmp / f"rng-rank{backend.rank}.safetensors"))
-        params = backend.gather(trained_tensors(model, method))  # collective: the adapter only
         if backend.is_main:
             save_adapter(tmp / "adapter", model, method, meta, method_state, params)
-        if backend.is_main:
             save_file({k: v.detach().cpu().contiguous() for k, v in optimizer_state.items()}, str(tmp / OPTIMIZER),
                       metadata={"format": "pt"})
-            state = {**trainer_state, "world_size": backend.world_size,
+            state = {**dataclasses.asdict(progress), "world_size": backend.world_size,
                      "versions": {"lrx": lrx.__version__, "torch": torch.__version__,
                                   "transformers": transformers.__version__}}
             (tmp / STATE).write_text(json.dumps(state, indent=2))
@@ -149,16 +195,21 @@ def save_checkpoint(run_dir: Path, step: int, *, backend, model, method, trainer
         raise LrxError(f"cannot write checkpoint {final} ({reason}); free space or fix permissions of "
                        f"{root}; earlier checkpoints are intact")
     if backend.is_main:
-        _fsync_tree(tmp)
+        fsync_tree(tmp)
         (tmp / COMPLETE).write_text(json.dumps({"step": step}))
-        if final.exists():  # the same step again (e.g. the end of a resumed run)
-            shutil.rmtree(final)
-        tmp.rename(final)
+        swap_in(tmp, final, remove=retire)  # final exists: the same step again (the end of a resumed run)
         for old in checkpoint_dirs(run_dir)[:-keep] if keep > 0 else []:
-            shutil.rmtree(old, ignore_errors=True)
+            retire(old)
         log.info("checkpoint %s written", final)
     backend.barrier()
     return final
+
+
+def retire(path: Path) -> None:
+    """Delete a checkpoint: its COMPLETE marker first, so that one half deleted by a crash is
+    never taken for a complete one."""
+    (path / COMPLETE).unlink(missing_ok=True)
+    shutil.rmtree(path, ignore_errors=True)
 
 
 def read_optimizer(path: Path) -> dict[str, torch.Tensor]:
@@ -176,3 +227,114 @@ def adapter_dir(path: Path) -> Path:
     if not (adapter / WEIGHTS_NAME).is_file():
         raise LrxError(f"{path}: adapter/{WEIGHTS_NAME} is missing; the checkpoint is incomplete")
     return adapter
+
+
+def kept_lines(file: Path, step: int) -> list[str]:
+    """The lines of a JSONL log (metrics, events) up to ``step``: what a killed run logged
+    after its checkpoint goes.
+
+    Raises:
+        LrxError: a line is not a JSON record with a step (the file was edited or cut).
+    """
+    if not file.is_file():
+        return []
+    kept = []
+    for number, line in enumerate(file.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record_step = json.loads(line)["step"]
+        except (ValueError, KeyError, TypeError):
+            raise LrxError(f"{file}: line {number} is not a JSON record with a 'step'; remove or fix that line "
+                           "and resume again") from None
+        if isinstance(record_step, int) and record_step <= step:
+            kept.append(line)
+    return kept
+
+
+class CheckpointManager:
+    """The one owner of a run's checkpoints: where they are, saving, and resuming.
+
+    Args:
+        run_dir: the run directory (shared by all processes).
+        keep: how many complete checkpoints to keep.
+        meta: adapter metadata written with every checkpoint's adapter (set once known).
+    """
+
+    LOGS = ("metrics.jsonl", "method_events.jsonl")
+
+    def __init__(self, run_dir: str | Path, keep: int, meta: dict[str, Any] | None = None):
+        self.run_dir, self.keep, self.meta = Path(run_dir), keep, meta or {}
+        self.path: Path | None = None
+        self.progress: TrainingProgress | None = None
+
+    def open(self, resume: str | None, config: dict[str, Any]) -> Path | None:
+        """Pick the checkpoint to resume from (``train.resume``: auto, a folder, or None) and
+        check its progress file and settings, before anything slow; None = a new run."""
+        if not resume:
+            return None
+        self.path = resolve_resume(resume, self.run_dir)
+        if self.path is None:
+            log.info("train.resume=auto: no complete checkpoint in %s; starting a new run", self.run_dir)
+            return None
+        self.progress = check_compatible(self.path, config)
+        for name in self.LOGS:  # a corrupt line is refused now, not after the slow loading
+            kept_lines(self.run_dir / name, self.progress.step)
+        return self.path
+
+    def saved_adapter(self) -> SavedAdapter | None:
+        """The checkpoint's adapter, restored layer by layer while the backend builds the model."""
+        return SavedAdapter(adapter_dir(self.path)) if self.path is not None else None
+
+    def save(self, trainer) -> Path:
+        """Write a checkpoint of the trainer's current step (collective)."""
+        backend = trainer.backend
+        progress = TrainingProgress(
+            step=trainer.step, micro=trainer.micro, global_micro_batch=trainer.cfg.train.batch_size * backend.world_size,
+            scheduler=trainer.scheduler.state_dict(), config=trainer.cfg.to_dict())
+        return save_checkpoint(
+            self.run_dir, trainer.step, backend=backend, model=trainer.module, method=trainer.method,
+            progress=progress, optimizer_state=backend.optimizer_state(trainer.params, trainer.optimizer),
+            params=backend.gather(dict(trainer.method.trainable_parameters(trainer.module))),
+            meta=self.meta, keep=self.keep)
+
+    def restore(self, trainer, saved: SavedAdapter) -> None:
+        """Continue from the opened checkpoint (its adapter is in the model already): the method
+        state, optimizer moments (resharded), LR schedule, data position and random states; the
+        run's logs lose what was logged after the checkpoint.
+
+        Raises:
+            LrxError: the checkpoint is at or past the run's last step, or its data position is
+                not a whole number of this run's global batches.
+        """
+        path, progress, backend = self.path, self.progress, trainer.backend
+        if progress.step >= trainer.total_steps:
+            raise LrxError(f"{path} is at step {progress.step} and this run has {trainer.total_steps} steps: nothing "
+                           "is left to train; raise train.max_steps (or train.epochs) to continue it")
+        samples = progress.micro * progress.global_micro_batch
+        global_micro = trainer.cfg.train.batch_size * backend.world_size
+        if samples % global_micro:
+            raise LrxError(f"{path}: the run consumed {samples} examples per process group, which is not a whole "
+                           f"number of batches of {global_micro} (train.batch_size x processes); keep the global batch")
+        saved.restore_method_state(trainer.method)
+        trainer.step, trainer.micro = progress.step, samples // global_micro
+        backend.load_optimizer_state(trainer.params, trainer.optimizer, read_optimizer(path), trainer.step)
+        trainer.scheduler.load_state_dict(progress.scheduler)
+        for group, lr in zip(trainer.optimizer.param_groups, trainer.scheduler.get_last_lr()):
+            group["lr"] = lr
+        rng = read_rng(path, backend.rank)
+        if rng is not None:
+            torch.set_rng_state(rng["cpu"])
+            if "cuda" in rng and trainer.device.type == "cuda":
+                torch.cuda.set_rng_state(rng["cuda"], trainer.device)
+        trainer.resumed = True
+        log.info("resumed from %s at step %d", path, trainer.step)
+
+    def rewind_logs(self) -> None:
+        """Drop what an interrupted run logged after the checkpoint (the main process, once the
+        run really continues)."""
+        if self.progress is not None:
+            for name in self.LOGS:
+                file = self.run_dir / name
+                if file.is_file():
+                    file.write_text("".join(x + "\n" for x in kept_lines(file, self.progress.step)))

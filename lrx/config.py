@@ -23,7 +23,7 @@ from typing import Any, Literal
 import yaml
 
 from lrx.errors import ConfigError
-from lrx.methods import MethodConfig, get_method_class
+from lrx.methods import MethodConfig, get_method_class, without_retired_keys
 
 log = logging.getLogger(__name__)
 
@@ -355,7 +355,7 @@ def load_config(
     for section, cls in SECTIONS.items():
         values = {**raw.get(section, {}), **cli.get(section, {})}
         if section == "method":
-            values = {**yaml_method, **cli_method, "name": name}
+            values = without_retired_keys(method_cls, {**yaml_method, **cli_method, "name": name})
             cls = method_cls
         sections[section] = build_section(cls, values, section)
     return RunConfig(**sections)

@@ -52,11 +52,7 @@ def merge_into_linears(model: nn.Module) -> int:
     layers = list(adapted_layers(model))
     for name, layer in layers:
         base = layer.base
-        weight = base.weight.detach().float()
-        if not layer.fold_edits:
-            weight = weight + layer.edits_weight()
-        weight = weight + layer.adapter_weight()
-        base.weight.copy_(weight.to(base.weight.dtype))
+        base.weight.copy_(layer.merged_weight().to(base.weight.dtype))  # one rounding, from fp32
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, child, base)
     return len(layers)
@@ -95,7 +91,7 @@ def export_merged(adapter_dir: str | Path, out: str | Path, *, base: str | None 
                        vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id)
     load_adapter(adapter_dir, model)
     n = merge_into_linears(model)
-    model.to({"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype])
+    model.to(DTYPES[dtype])
     model.save_pretrained(out, safe_serialization=True, max_shard_size=max_shard_size)
     tokenizer.save_pretrained(out)
     log.info("merged %d layers of %s into %s", n, name, out)

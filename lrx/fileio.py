@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -69,3 +73,40 @@ class WeightFiles:
     def get(self, key: str) -> torch.Tensor:
         with self._open(str(self.where[key]), framework="pt") as f:
             return f.get_tensor(key)
+
+
+def fsync_tree(root: Path) -> None:
+    """Flush every file under ``root`` to disk."""
+    for file in Path(root).rglob("*"):
+        if file.is_file():
+            with open(file, "rb") as fh:
+                os.fsync(fh.fileno())
+
+
+def swap_in(tmp: Path, final: Path, remove=None) -> None:
+    """Make the finished folder ``tmp`` the folder ``final`` with one rename: flushed first,
+    an existing ``final`` moved aside and then removed (``remove``, default ``shutil.rmtree``),
+    so a crash leaves either the old or the new folder, never a mix."""
+    fsync_tree(tmp)
+    old = None
+    if final.exists():
+        old = final.with_name(f".{final.name}.old-{os.getpid()}")
+        final.rename(old)
+    tmp.rename(final)
+    if old is not None:
+        (remove or (lambda p: shutil.rmtree(p, ignore_errors=True)))(old)
+
+
+@contextlib.contextmanager
+def atomic_dir(final: Path):
+    """A temporary sibling folder to fill, made ``final`` on success (``swap_in``); on an error
+    it is deleted and ``final`` stays as it was."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    swap_in(tmp, final)

@@ -28,7 +28,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from lrx.errors import ModelError
+from lrx.errors import ConfigError, ModelError
 
 log = logging.getLogger(__name__)
 
@@ -193,3 +193,12 @@ def load_model(
     except (OSError, ValueError, KeyError) as e:
         raise ModelError(f"cannot load model from {source.path}: {str(e).splitlines()[0]}") from None
     return model
+
+
+def resolve_task(model_task: str, data_task: str) -> str:
+    """Model head for the data: causal LM for instruct data (``data_task`` causal_lm),
+    sequence classification otherwise; ``model.task`` may only confirm it."""
+    wanted = "causal_lm" if data_task == "causal_lm" else "sequence_classification"
+    if model_task not in ("auto", wanted):
+        raise ConfigError(f"model.task={model_task} does not fit {data_task} data; use model.task={wanted} or auto")
+    return wanted

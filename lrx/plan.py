@@ -14,18 +14,19 @@ from pathlib import Path
 import torch
 
 from lrx.config import RunConfig
+from lrx.distributed import backend_name
 from lrx.methods import adapted_layers, build_method
-from lrx.models import load_model
+from lrx.models import load_model, resolve_task
 
 GIB = 2**30
 
 
 def meta_model(config: RunConfig):
-    """The model of ``config`` built on the meta device (no weights read or allocated)."""
+    """The model of ``config`` built on the meta device (no weights read or allocated), with
+    the head the run would give it."""
     mc = config.model
-    causal = mc.task == "causal_lm" or (mc.task == "auto" and config.data.format == "instruct")
-    return load_model(mc.name_or_path, task="causal_lm" if causal else "sequence_classification",
-                      dtype=mc.dtype, gguf_file=mc.gguf_file, meta=True)
+    task = resolve_task(mc.task, "causal_lm" if config.data.format == "instruct" else "classification")
+    return load_model(mc.name_or_path, task=task, dtype=mc.dtype, gguf_file=mc.gguf_file, meta=True)
 
 
 def plan(config: RunConfig, world_size: int | None = None) -> str:
@@ -36,12 +37,10 @@ def plan(config: RunConfig, world_size: int | None = None) -> str:
         world_size: processes to plan for; default WORLD_SIZE from the launcher, else 1.
     """
     world = world_size or int(os.environ.get("WORLD_SIZE", "1"))
-    backend = config.distributed.backend
-    if backend == "auto":
-        backend = "single" if world == 1 else "fsdp2"
+    backend = backend_name(config.distributed.backend, world)
     model = meta_model(config)
     method = build_method(config.method)
-    method.apply(model, init=False)
+    method.wrap(model)
     trainable = sum(p.numel() for _, p in method.trainable_parameters(model))
     base = sum(p.numel() for p in model.parameters()) - trainable
     base_bytes = sum(p.numel() * p.element_size() for p in model.parameters() if not p.requires_grad)

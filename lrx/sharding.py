@@ -6,7 +6,7 @@ rows). ZeRO-3 flattens each parameter and gives rank k the flat range
 ``[k p, min((k + 1) p, numel))`` with ``p = ceil(numel / world)`` (the tail is padding).
 
 A rank-k' edit ``U @ V`` (U: out x k', V: k' x in) restricted to a rank's piece needs only
-that piece's rows of U and the small, full V (DESIGN.md, "Fusion is shard-local"): no full
+that piece's rows of U and the small, full V (docs/ARCHITECTURE.md, the event): no full
 weight is ever gathered.
 """
 

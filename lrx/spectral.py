@@ -4,7 +4,7 @@ Pure torch. PiSSA and SRLoRA need the top singular triplets of each adapted weig
 
 The randomized path is written for a weight whose rows are split over ranks (FSDP2 shards
 dim 0): each rank passes only its row block ``W_k`` and an ``all_reduce`` (sum) callable;
-only ``in x q`` and ``q x q`` matrices cross ranks (DESIGN.md, "Pool SVD per shard"). It
+only ``in x q`` and ``q x q`` matrices cross ranks (``W^T W = sum_k W_k^T W_k``). It
 iterates on the right singular subspace, ``Z <- orth(sum_k W_k^T (W_k Z))``, then takes the
 small SVD through the float64 Gram matrix of ``B = W Z``: ``B^T B = Vb S^2 Vb^T``,
 ``V = Z Vb``, ``U_k = W_k V S^-1`` (local rows). Every replicated quantity (S, V) is computed

@@ -12,11 +12,8 @@ import contextlib
 import json
 import logging
 import math
-import os
-import signal
 import time
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import nn
@@ -24,7 +21,6 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
-from lrx import checkpoint
 from lrx.config import RunConfig
 from lrx.errors import LrxError
 from lrx.methods import Method
@@ -66,18 +62,24 @@ class MetricsLog:
     def __init__(self, run_dir: Path, tensorboard: bool, enabled: bool = True):
         self.path = run_dir / "metrics.jsonl"
         self.enabled = enabled
+        self.tensorboard = tensorboard and enabled
         self.writer = None
-        if tensorboard and enabled:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-            except ImportError:
-                log.warning("tensorboard is not installed; metrics go to metrics.jsonl only")
-            else:
-                self.writer = SummaryWriter(str(run_dir / "tb"))
+
+    def _open_writer(self) -> None:
+        """TensorBoard's writer makes its folder: only once something is logged."""
+        self.tensorboard = False
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            log.warning("tensorboard is not installed; metrics go to metrics.jsonl only")
+        else:
+            self.writer = SummaryWriter(str(self.path.parent / "tb"))
 
     def write(self, split: str, step: int, values: dict[str, float]) -> None:
         if not self.enabled:
             return
+        if self.tensorboard:
+            self._open_writer()
         with self.path.open("a") as f:
             f.write(json.dumps({"split": split, "step": step, **values}) + "\n")
         if self.writer is not None:
@@ -117,7 +119,7 @@ def plot_history(train: list[dict], evals: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
-def _decay_groups(params: list[tuple[str, nn.Parameter]], weight_decay: float) -> list[dict[str, Any]]:
+def _decay_groups(params: list[tuple[str, nn.Parameter]], weight_decay: float) -> list[dict]:
     # As transformers' Trainer: no weight decay on biases and norm weights (1-D tensors).
     decay = [p for _, p in params if p.ndim >= 2]
     no_decay = [p for _, p in params if p.ndim < 2]
@@ -141,12 +143,16 @@ class Trainer:
         device: where the model lives.
         run_dir: where metrics are written (by the main process only).
         backend: how batches are split, backward and steps run; default: one device.
+        checkpoints: writes the run's checkpoints (``train.save_every`` and the last step);
+            None = none are written.
+        callbacks: ``callback(trainer)`` after every optimizer step, once its logging,
+            evaluation and checkpoint are done (e.g. a test's fault injection).
     """
 
     def __init__(
         self, config: RunConfig, model: nn.Module, method: Method, train_data, eval_data, collate_fn,
         task: str, metric_names: list[str], device: torch.device, run_dir: Path, backend=None,
-        adapter_meta: dict[str, Any] | None = None,
+        checkpoints=None, callbacks=(),
     ):
         self.cfg = config
         self.model = model
@@ -195,7 +201,7 @@ class Trainer:
         self.step = 0
         self.micro = 0  # micro-batches this process has consumed (the data position)
         self.history: list[dict[str, float]] = []
-        self.adapter_meta = adapter_meta or {}
+        self.checkpoints, self.callbacks = checkpoints, list(callbacks)
         self.resumed = False
 
     def _to_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -211,49 +217,6 @@ class Trainer:
             self.sampler.start = 0
             epoch += 1
 
-    # ---- checkpoints --------------------------------------------------------------------------
-
-    def save_checkpoint(self) -> Path:
-        """Write a checkpoint of the current step (collective)."""
-        tc = self.cfg.train
-        state = {
-            "step": self.step, "micro": self.micro, "global_micro_batch": tc.batch_size * self.backend.world_size,
-            "scheduler": self.scheduler.state_dict(), "config": self.cfg.to_dict(),
-        }
-        return checkpoint.save_checkpoint(
-            self.run_dir, self.step, backend=self.backend, model=self.module, method=self.method,
-            trainer_state=state, optimizer_state=self.backend.optimizer_state(self.params, self.optimizer),
-            meta=self.adapter_meta, keep=tc.keep_checkpoints,
-        )
-
-    def resume(self, path: Path, state: dict[str, Any]) -> None:
-        """Continue from checkpoint ``path`` (its adapter is already loaded into the model):
-        optimizer moments (resharded), LR schedule, data position, random states."""
-        tc = self.cfg.train
-        samples = state["micro"] * state["global_micro_batch"]
-        global_micro = tc.batch_size * self.backend.world_size
-        if samples % global_micro:
-            raise LrxError(f"{path}: the run consumed {samples} examples per process group, which is not a whole "
-                           f"number of batches of {global_micro} (train.batch_size x processes); keep the global batch")
-        self.step, self.micro = state["step"], samples // global_micro
-        self.backend.load_optimizer_state(self.params, self.optimizer, checkpoint.read_optimizer(path), self.step)
-        self.scheduler.load_state_dict(state["scheduler"])
-        for group, lr in zip(self.optimizer.param_groups, self.scheduler.get_last_lr()):
-            group["lr"] = lr
-        rng = checkpoint.read_rng(path, self.backend.rank)
-        if rng is not None:
-            torch.set_rng_state(rng["cpu"])
-            if "cuda" in rng and self.device.type == "cuda":
-                torch.cuda.set_rng_state(rng["cuda"], self.device)
-        if self.is_main:  # drop what the interrupted run logged after the checkpoint
-            for name in ("metrics.jsonl", "method_events.jsonl"):
-                f = self.run_dir / name
-                if f.is_file():
-                    kept = [x for x in f.read_text().splitlines() if json.loads(x)["step"] <= self.step]
-                    f.write_text("".join(x + "\n" for x in kept))
-        self.resumed = True
-        log.info("resumed from %s at step %d", path, self.step)
-
     def fit(self) -> list[dict[str, float]]:
         """Train for ``total_steps`` optimizer steps; returns the evaluation records."""
         tc = self.cfg.train
@@ -264,7 +227,6 @@ class Trainer:
         tokens = torch.zeros((), device=self.device, dtype=torch.long)
         t_log = time.perf_counter()
         self.method.on_train_start(self.module, self.optimizer, self.total_steps)
-        kill_at = int(os.environ.get("LRX_KILL_AT_STEP", "0"))  # fault injection for the resume tests
         if self.eval_loader is not None and tc.eval_at_start and not self.resumed:
             evals.append(self.evaluate())
             self.model.train()
@@ -289,44 +251,51 @@ class Trainer:
                 self.metrics.write_events(self.step, records)
             bar.update(1)
             if self.step % tc.log_every == 0 or self.step == self.total_steps:
-                n_steps = tc.log_every if self.step % tc.log_every == 0 else self.step % tc.log_every
-                elapsed = time.perf_counter() - t_log
-                if self.backend.world_size > 1:
-                    loss_sum = self.backend.all_reduce_sum(loss_sum) / self.backend.world_size
-                    tokens = self.backend.all_reduce_sum(tokens)
-                record = {
-                    "loss": loss_sum.item() / n_steps,  # the host waits for the device here only
-                    "lr": self.scheduler.get_last_lr()[0],
-                    "tokens_per_s": tokens.item() / max(elapsed, 1e-9),
-                }
-                if not math.isfinite(record["loss"]):
-                    raise LrxError(
-                        f"training loss became {record['loss']} by step {self.step}; lower train.lr or "
-                        "check the data (no adapter was saved)"
-                    )
-                self.metrics.write("train", self.step, record)
-                self.history.append({"step": self.step, **record})
-                bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
-                if bar.disable and self.is_main:  # no bar (batch jobs): one log line per interval
-                    log.info("step %d/%d loss %.4f lr %.3g tokens/s %.0f", self.step, self.total_steps,
-                             record["loss"], record["lr"], record["tokens_per_s"])
-                loss_sum.zero_()
-                tokens.zero_()
+                self._log_train(loss_sum, tokens, time.perf_counter() - t_log, bar)
                 t_log = time.perf_counter()
             if self.eval_loader is not None and (self.step % eval_every == 0 or self.step == self.total_steps):
                 if not evals or evals[-1]["step"] != self.step:
                     evals.append(self.evaluate())
                     self.model.train()
-            if self.step == self.total_steps or (tc.save_every and self.step % tc.save_every == 0):
-                self.save_checkpoint()
-            if self.step == kill_at and self.backend.rank == 0:
-                os.kill(os.getpid(), signal.SIGKILL)
+            if self.checkpoints is not None and (self.step == self.total_steps or
+                                                 (tc.save_every and self.step % tc.save_every == 0)):
+                self.checkpoints.save(self)
+            for callback in self.callbacks:
+                callback(self)
         bar.close()
         self.metrics.close()
         if self.is_main:
             self.method.on_train_end(self.module, self.run_dir)
             plot_history(self.history, evals, self.run_dir / "loss.png")
         return evals
+
+    def _log_train(self, loss_sum: torch.Tensor, tokens: torch.Tensor, elapsed: float, bar) -> None:
+        """Log the interval's mean loss, learning rate and throughput (the one host sync of
+        training), then zero the accumulators."""
+        tc = self.cfg.train
+        n_steps = tc.log_every if self.step % tc.log_every == 0 else self.step % tc.log_every
+        loss, count = loss_sum, tokens
+        if self.backend.world_size > 1:
+            loss = self.backend.all_reduce_sum(loss_sum) / self.backend.world_size
+            count = self.backend.all_reduce_sum(tokens)
+        record = {
+            "loss": loss.item() / n_steps,  # the host waits for the device here only
+            "lr": self.scheduler.get_last_lr()[0],
+            "tokens_per_s": count.item() / max(elapsed, 1e-9),
+        }
+        if not math.isfinite(record["loss"]):
+            raise LrxError(
+                f"training loss became {record['loss']} by step {self.step}; lower train.lr or "
+                "check the data (no adapter was saved)"
+            )
+        self.metrics.write("train", self.step, record)
+        self.history.append({"step": self.step, **record})
+        bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
+        if bar.disable and self.is_main:  # no bar (batch jobs): one log line per interval
+            log.info("step %d/%d loss %.4f lr %.3g tokens/s %.0f", self.step, self.total_steps,
+                     record["loss"], record["lr"], record["tokens_per_s"])
+        loss_sum.zero_()
+        tokens.zero_()
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:

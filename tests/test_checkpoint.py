@@ -1,7 +1,7 @@
 """Checkpoints: kill and resume (SIGKILL mid-run), world-size changes, bad input.
 
-Runs go through ``launch/train.py`` as users start them; a run is killed at a chosen step with
-``LRX_KILL_AT_STEP`` (rank 0 sends itself SIGKILL right after that step's checkpoint logic).
+Runs go through ``launch/train.py`` as users start them; a run is killed at a chosen step by
+``tests/train_killed.py`` (rank 0 sends itself SIGKILL right after that step's checkpoint logic).
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ import json
 import os
 import random
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -46,6 +47,11 @@ def assert_same_adapter(a, b, atol):
         assert diff <= atol, (key, diff)
 
 
+def killed_at(step: int, argv: list[str]) -> list[str]:
+    """The same run through tests/train_killed.py, killed after step ``step``."""
+    return [str(REPO / "tests" / "train_killed.py"), "--kill-at-step", str(step), *argv[1:]]
+
+
 def run(argv, nproc=1, backend="fsdp2", env=None):
     launcher = BACKENDS[backend][0] if nproc > 1 else "python"
     old = dict(os.environ)
@@ -73,8 +79,7 @@ def test_killed_run_resumes_exactly(tmp_path, backend, nproc):
     kill = random.Random().randint(5, 10)
     full = run(argv(data, tmp_path / "full", "train.save_every=2", batch=batch), nproc, backend)
     assert full.returncode == 0, full.stderr[-3000:]
-    killed = run(argv(data, tmp_path / "run", "train.save_every=2", batch=batch), nproc, backend,
-                 env={"LRX_KILL_AT_STEP": str(kill)})
+    killed = run(killed_at(kill, argv(data, tmp_path / "run", "train.save_every=2", batch=batch)), nproc, backend)
     assert killed.returncode != 0, f"the run was not killed at step {kill}"
     done = [int(p.name.split("-")[1]) for p in checkpoint.checkpoint_dirs(tmp_path / "run")]
     assert done and max(done) == kill - kill % 2 and max(done) >= 4
@@ -197,3 +202,76 @@ def test_full_disk_leaves_earlier_checkpoints_intact(saved, tmp_path, capsys, mo
         load_file(str(run_dir / "checkpoints" / "step-00000006" / "optimizer.safetensors"))[
             next(iter(load_file(str(run_dir / "checkpoints" / "step-00000006" / "optimizer.safetensors"))))],
         next(iter(load_file(str(saved[0] / "run" / "checkpoints" / "step-00000006" / "optimizer.safetensors")).values())))
+
+
+def snapshot(run_dir):
+    return {str(p): p.read_bytes() for p in sorted(run_dir.rglob("*")) if p.is_file()}
+
+
+def last_error(capsys) -> str:
+    err = capsys.readouterr().err
+    assert "Traceback" not in err, err[-2000:]
+    return err.strip().splitlines()[-1]
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda s: s.pop("micro"), "has no 'micro'"),
+    (lambda s: s.update(step="six"), "'step' is 'six', expected a non-negative integer"),
+    (lambda s: s.update(scheduler=[1]), "'scheduler' is [1], expected a JSON object"),
+    (lambda s: s.update(global_micro_batch=0), "'global_micro_batch' is 0"),
+], ids=["missing", "wrong-type", "not-an-object", "zero-batch"])
+def test_a_damaged_progress_file_is_one_line_and_nothing_is_written(saved, tmp_path, capsys, edit, message):
+    run_dir, data = copy_run(saved, tmp_path)
+    file = run_dir / "checkpoints" / "step-00000006" / "trainer_state.json"
+    state = json.loads(file.read_text())
+    edit(state)
+    file.write_text(json.dumps(state))
+    before = snapshot(run_dir)
+    assert resume_cli(data, run_dir, "auto") == 2
+    err = last_error(capsys)
+    assert err.startswith("error: ") and message in err and "trainer_state.json" in err
+    assert snapshot(run_dir) == before
+
+
+@pytest.mark.parametrize("max_steps", [6, 5])
+def test_resuming_at_or_past_the_last_step_trains_nothing_and_says_so(saved, tmp_path, capsys, max_steps):
+    run_dir, data = copy_run(saved, tmp_path)
+    before = snapshot(run_dir)
+    assert main(args(data, run_dir, f"train.max_steps={max_steps}", "--resume", "auto")[1:]) == 2
+    err = last_error(capsys)
+    assert "is at step 6" in err and f"this run has {max_steps} steps" in err and "raise train.max_steps" in err
+    assert snapshot(run_dir) == before
+
+
+def test_a_corrupt_metrics_line_is_refused_before_anything_is_written(saved, tmp_path, capsys):
+    run_dir, data = copy_run(saved, tmp_path)
+    with (run_dir / "metrics.jsonl").open("a") as f:
+        f.write('{"split": "train", "step": 7, "loss"\n')  # cut by a crash, or edited by hand
+    before = snapshot(run_dir)
+    assert resume_cli(data, run_dir, "auto") == 2
+    err = last_error(capsys)
+    assert "metrics.jsonl: line" in err and "not a JSON record" in err
+    assert snapshot(run_dir) == before
+
+
+class Killed(BaseException):
+    """The process dies here (as SIGKILL would), in the middle of deleting a checkpoint."""
+
+
+def test_rotation_unmarks_a_checkpoint_before_deleting_its_files(saved, tmp_path, monkeypatch):
+    run_dir, data = copy_run(saved, tmp_path)
+    oldest = run_dir / "checkpoints" / "step-00000003"
+    real = shutil.rmtree
+
+    def dies_midway(path, *a, **k):
+        if os.path.basename(str(path)).startswith(("step-00000003", ".step-00000003")):
+            (Path(path) / "optimizer.safetensors").unlink()  # some files are gone, then the process dies
+            raise Killed
+        return real(path, *a, **k)
+
+    monkeypatch.setattr(shutil, "rmtree", dies_midway)
+    with pytest.raises(Killed):
+        resume_cli(data, run_dir, "auto", "train.keep_checkpoints=2")
+    monkeypatch.setattr(shutil, "rmtree", real)
+    assert not (oldest / "COMPLETE").exists()  # half deleted: never taken for a complete checkpoint
+    assert [p.name for p in checkpoint.checkpoint_dirs(run_dir)] == ["step-00000006", "step-00000008"]

@@ -10,6 +10,7 @@ layers apply.
 from __future__ import annotations
 
 import copy
+import json
 import tempfile
 from pathlib import Path
 
@@ -20,11 +21,14 @@ import torch.nn.functional as F
 from lrx.adapter import export_peft, load_adapter, save_adapter
 from lrx.config import load_config
 from lrx.eigenbasis import build_basis
-from lrx.methods import adapted_layers, available_methods, build_method
+from lrx.methods import EditingConfig, LocalShards, adapted_layers, available_methods, build_method, get_method_class
 from tests.conftest import tiny_model
 
 TARGETS = {"llama": ["q_proj", "v_proj", "down_proj"], "bert": ["query", "value", "intermediate.dense"]}
-CASES = [(m, k, fuse) for m in available_methods() for k in ("llama", "bert") for fuse in ("fold", "log")]
+EDITING = [m for m in available_methods() if issubclass(get_method_class(m).config_cls, EditingConfig)]
+# Methods that edit their base run with the edits folded and logged; the others keep no edits.
+CASES = [(m, k, fuse) for m in available_methods() for k in ("llama", "bert")
+         for fuse in (("fold", "log") if m in EDITING else ("none",))]
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -72,11 +76,13 @@ def method_overrides(method_name: str, kind: str) -> list[str]:
 def adapt(method_name: str, kind: str, fuse: str, base=None):
     base = base if base is not None else tiny_model(kind)
     original = copy.deepcopy(base)
-    cfg = load_config(None, ["method.r=4", f"method.fuse={fuse}", *method_overrides(method_name, kind)],
+    fuse_key = [f"method.fuse={fuse}"] if method_name in EDITING else []
+    cfg = load_config(None, ["method.r=4", *fuse_key, *method_overrides(method_name, kind)],
                       method=method_name).method
     method = build_method(cfg)
     torch.manual_seed(0)
     method.apply(base)
+    method.attach(base, LocalShards())  # as the trainer does once the model is placed
     return original, base, method
 
 
@@ -164,6 +170,24 @@ def test_save_load_round_trip(method_name, kind, fuse, tmp_path):
         assert torch.equal(l1.edit_U, l2.edit_U) and torch.equal(l1.lora_A, l2.lora_A)
     for key, value in method.state_dict().items():
         assert torch.equal(value, loaded.state_dict()[key])
+
+
+@pytest.mark.parametrize("method_name", [m for m in available_methods() if m not in EDITING and m != "eigenlorax"])
+def test_adapters_written_when_every_method_had_fuse_still_load(method_name, tmp_path):
+    """Until fuse and edit_log became settings of the editing methods only, every adapter
+    config (and run config) held them at "auto": such files still load."""
+    original, model, method = adapt(method_name, "llama", "none")
+    perturb(model)
+    save_adapter(tmp_path / "adapter", model, method, {"base_model": "tiny"})
+    file = tmp_path / "adapter" / "adapter_config.json"
+    config = json.loads(file.read_text())
+    config["method"].update(fuse="auto", edit_log="auto")
+    file.write_text(json.dumps(config))
+    fresh = copy.deepcopy(original)
+    load_adapter(tmp_path / "adapter", fresh)
+    torch.testing.assert_close(logits(fresh, inputs()), logits(model, inputs()), rtol=0, atol=0)
+    run_config = load_config(None, ["method.fuse=auto", "method.edit_log=auto"], method=method_name)
+    assert not hasattr(run_config.method, "fuse")
 
 
 @pytest.mark.parametrize("method_name,kind", [(m, k) for m in available_methods() for k in ("llama", "bert")])

@@ -62,7 +62,7 @@ def test_zero3_with_deepspeeds_fused_adam_matches_one_gpu_and_resumes_exactly(tm
     adapter (FusedAdam's per-group step count is restored from the checkpoint)."""
     pytest.importorskip("deepspeed")
     from lrx import checkpoint
-    from tests.test_checkpoint import adapter, args, assert_same_adapter, run
+    from tests.test_checkpoint import adapter, args, assert_same_adapter, killed_at, run
     from tests.test_distributed import losses, table
 
     # DeepSpeed JIT-builds FusedAdam for the listed architectures and cannot parse a suffixed
@@ -82,7 +82,7 @@ def test_zero3_with_deepspeeds_fused_adam_matches_one_gpu_and_resumes_exactly(tm
     assert "zero3: optimizer AdamW built by DeepSpeed" in full.stderr + full.stdout
     assert "built by DeepSpeed (FusedAdam)" in full.stderr + full.stdout
     assert losses(tmp_path / "full") == pytest.approx(losses(tmp_path / "single"), abs=1e-4)
-    killed = run(args(data, tmp_path / "run", *ds, batch=4), 2, "zero3", env={"LRX_KILL_AT_STEP": "7"})
+    killed = run(killed_at(7, args(data, tmp_path / "run", *ds, batch=4)), 2, "zero3")
     assert killed.returncode != 0
     assert max(int(p.name.split("-")[1]) for p in checkpoint.checkpoint_dirs(tmp_path / "run")) == 6
     resumed = run(args(data, tmp_path / "run", *ds, "--resume", "auto", batch=4), 2, "zero3")

@@ -1,4 +1,4 @@
-"""Import direction (STYLE.md rule 4): methods are pure torch, distributed knows no method names."""
+"""Import direction (docs/ARCHITECTURE.md, "Layers"): methods are pure torch, distributed knows no method names."""
 
 from __future__ import annotations
 
@@ -44,3 +44,33 @@ def test_trainer_and_runner_never_branch_on_method_names():
         source = (REPO / "lrx" / module).read_text()
         for name in available_methods():
             assert f'"{name}"' not in source and f"'{name}'" not in source, f"{module} mentions {name!r}"
+
+
+def sources(folder: str, skip: tuple[str, ...] = ()) -> dict[str, str]:
+    return {str(p.relative_to(REPO)): p.read_text() for p in sorted((REPO / "lrx" / folder).rglob("*.py"))
+            if p.name not in skip}
+
+
+def mentions(files: dict[str, str], names: tuple[str, ...]) -> list[str]:
+    return [f"{path} mentions {name}" for path, text in files.items() for name in names if name in text]
+
+
+def test_methods_do_not_know_where_backends_keep_things():
+    """Methods say what to change through the seam (lrx/methods/seam.py); DTensors, ZeRO-3's
+    partitions and masters, and the row arithmetic of one backend stay behind it."""
+    layouts = ("ds_shape", "ds_tensor", "ds_numel", "DTensor", "to_local", "full_tensor", "_z3_optimizer",
+               "fsdp_row_range", "zero3_flat_range", ".pieces(", ".replicas(")
+    assert mentions(sources("methods", skip=("seam.py",)), layouts) == []
+    assert mentions({"lrx/adapter.py": (REPO / "lrx" / "adapter.py").read_text()}, layouts) == []
+
+
+def test_backends_do_not_know_method_internals():
+    """Backends build models through LayerSetup callbacks, not by inspecting adapted layers."""
+    internals = ("AdaptedLinear", "restore_buffers", "adapter_params", "init_layer", "_lrx_initialised",
+                 '".base"', "'base'", '"base"', "lora_A", "lora_B")
+    assert mentions(sources("distributed"), internals) == []
+
+
+def test_nothing_probes_a_backend_or_reads_test_switches():
+    files = {str(p.relative_to(REPO)): p.read_text() for p in sorted((REPO / "lrx").rglob("*.py"))}
+    assert mentions(files, ("hasattr(backend", "LRX_KILL_AT_STEP", "LOG_PRODUCT =", "supports_sharding")) == []

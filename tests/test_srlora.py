@@ -16,7 +16,6 @@ from lrx.config import load_config
 from lrx.errors import ConfigError
 from lrx.methods import adapted_layers, build_method
 from lrx.methods.base import LocalShards
-from lrx.methods import layer as layer_module
 from lrx.methods.layer import AdaptedLinear, LowRankWithFrozenTail
 from lrx.spectral import top_singular
 from tests.conftest import QUICKSTART, tiny_model
@@ -33,6 +32,7 @@ def srlora(overrides=(), model=None):
     model = model if model is not None else tiny_model("llama")
     torch.manual_seed(0)
     method.apply(model)
+    method.attach(model, LocalShards())
     return method, model
 
 
@@ -50,6 +50,7 @@ def single_layer(d_out=96, d_in=80, dtype=torch.float32, overrides=(), seed=0):
     cfg = load_config(None, ["method.target_modules=0", *overrides], method="srlora").method
     method = build_method(cfg)
     method.apply(model)
+    method.attach(model, LocalShards())
     return method, model, dict(adapted_layers(model))["0"], W
 
 
@@ -120,7 +121,7 @@ def test_importance_matches_hand_reference_and_lowest_pairs_are_fused():
     method, _, layer, _ = single_layer(overrides=["method.r=4", "method.r_target=8", "method.gamma=0.5",
                                                   "method.beta1=0.8", "method.beta2=0.7"])
     g = torch.Generator().manual_seed(3)
-    ref = {k: torch.zeros_like(v, dtype=torch.float64) for k, v in method.stats["0"].items()}
+    ref = {k: torch.zeros_like(v, dtype=torch.float64) for k, v in method.importance.stats["0"].items()}
     for _ in range(3):
         for key, p in (("A", layer.lora_A), ("B", layer.lora_B)):
             p.grad = torch.randn(p.shape, generator=g)
@@ -129,27 +130,27 @@ def test_importance_matches_hand_reference_and_lowest_pairs_are_fused():
             ref[f"{key}_ubar"] = 0.7 * ref[f"{key}_ubar"] + 0.3 * (imp - ref[f"{key}_ibar"]).abs()
         method.after_backward(None, 0)
     for key, value in ref.items():
-        torch.testing.assert_close(method.stats["0"][key].double(), value, rtol=1e-5, atol=1e-12)
+        torch.testing.assert_close(method.importance.stats["0"][key].double(), value, rtol=1e-5, atol=1e-12)
     scores = torch.tensor([
         sum(ref["B_ibar"][i, k] * ref["B_ubar"][i, k] for i in range(layer.out_features)) / layer.out_features
         + sum(ref["A_ibar"][k, j] * ref["A_ubar"][k, j] for j in range(layer.in_features)) / layer.in_features
         for k in range(4)
     ])
-    torch.testing.assert_close(method.pair_scores("0").double(), scores.double(), rtol=1e-5, atol=0)
+    torch.testing.assert_close(method.all_pair_scores()["0"].double(), scores.double(), rtol=1e-5, atol=0)
     lowest = sorted(torch.argsort(scores)[:2].tolist())
     records = method.recompose(None, step=1)
     assert sorted(records[0]["fused_pairs"]) == lowest
     # New slots restart their statistics.
-    assert torch.all(method.stats["0"]["A_ibar"][lowest] == 0)
-    assert torch.all(method.stats["0"]["B_ubar"][:, lowest] == 0)
+    assert torch.all(method.importance.stats["0"]["A_ibar"][lowest] == 0)
+    assert torch.all(method.importance.stats["0"]["B_ubar"][:, lowest] == 0)
     # The last event exhausts the pool: the statistics are freed and saved as zeros.
     method.recompose(None, step=2)
-    assert method.exhausted and all(v.numel() == 0 for v in method.stat_pieces["0"].values())
+    assert method.exhausted and all(v.numel() == 0 for v in method.importance.pieces["0"].values())
     assert all(p.numel() == 0 for p in method.pool["0"].values() if p.dim() > 0)
     state = method.state_dict()
     assert state["stats.0.B_ubar"].shape == layer.lora_B.shape and not state["stats.0.B_ubar"].any()
     method.load_state_dict(state)
-    assert method.exhausted and all(v.numel() == 0 for v in method.stats["0"].values())
+    assert method.exhausted and all(v.numel() == 0 for v in method.importance.stats["0"].values())
     with pytest.raises(RuntimeError, match="exhausted"):
         method.all_pair_scores()
 
@@ -201,13 +202,12 @@ def test_log_product_gradients_match_autograd_in_float64():
 
 
 @pytest.mark.parametrize("product", ["function", "cat"])
-def test_layer_in_log_mode_equals_its_float64_reference(monkeypatch, product):
-    """Either way of computing a log-mode layer's low-rank product (``layer.LOG_PRODUCT``; "auto"
+def test_layer_in_log_mode_equals_its_float64_reference(product):
+    """Either way of computing a log-mode layer's low-rank product (its ``log_product``; "auto"
     takes "cat" on a GPU) gives base + log + adapter and its gradients, against float64 matrices."""
-    monkeypatch.setattr(layer_module, "LOG_PRODUCT", product)
     g = torch.Generator().manual_seed(1)
     base = nn.Linear(12, 7, bias=False).double()
-    layer = AdaptedLinear(base, r=3, scale=2.0, fold_edits=False).double()
+    layer = AdaptedLinear(base, r=3, scale=2.0, fold_edits=False, log_product=product).double()
     with torch.no_grad():
         layer.lora_A.copy_(torch.randn(3, 12, generator=g))
         layer.lora_B.copy_(torch.randn(7, 3, generator=g))
@@ -278,7 +278,7 @@ def test_state_bytes_is_the_most_held_at_any_point_of_the_schedule():
     name, layer = next(iter(adapted_layers(model)))
 
     def held():
-        tensors = [*method.pool[name].values(), *method.stats[name].values(), layer.edit_U, layer.edit_V]
+        tensors = [*method.pool[name].values(), *method.importance.stats[name].values(), layer.edit_U, layer.edit_V]
         return sum(t.numel() * t.element_size() for t in tensors)
 
     seen = [held()]
@@ -297,11 +297,11 @@ def test_pool_exhaustion_stops_events_and_importance():
     method.on_train_start(model, optimizer, total_steps=20)
     train_steps(method, model, optimizer, batches(12))
     assert method.events_done == method.config.n_events == 4
-    stats = {k: v.clone() for k, v in method.stats[next(iter(method.stats))].items()}
+    stats = {k: v.clone() for k, v in method.importance.stats[next(iter(method.importance.stats))].items()}
     ranks = [layer.edit_rank for _, layer in adapted_layers(model)]
     train_steps(method, model, optimizer, batches(4, seed=5), start=12)
     assert [layer.edit_rank for _, layer in adapted_layers(model)] == ranks
-    for key, value in method.stats[next(iter(method.stats))].items():
+    for key, value in method.importance.stats[next(iter(method.importance.stats))].items():
         assert torch.equal(value, stats[key])
 
 

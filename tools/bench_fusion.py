@@ -22,7 +22,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lrx.config import load_config  # noqa: E402
-from lrx.methods import adapted_layers, build_method  # noqa: E402
+from lrx.methods import LocalShards, adapted_layers, build_method  # noqa: E402
 
 
 def run(dtype: torch.dtype, fuse: str, relative_update: float, events: int, d: int, r: int) -> dict:
@@ -37,6 +37,7 @@ def run(dtype: torch.dtype, fuse: str, relative_update: float, events: int, d: i
                              f"method.fuse={fuse}", "method.svd=randomized"], method="srlora").method
     method = build_method(cfg)
     method.apply(model)
+    method.attach(model, LocalShards())
     layer = dict(adapted_layers(model))["0"]
     g = torch.Generator().manual_seed(1)
     net = torch.zeros(d, d, dtype=torch.float64)
@@ -51,7 +52,7 @@ def run(dtype: torch.dtype, fuse: str, relative_update: float, events: int, d: i
             change = (direction @ layer.lora_A.detach()).double() * layer.scale
             layer.lora_B.add_(direction * (relative_update * W0.norm() / change.norm()).item())
             net += adapter64() - before
-        for value in method.stats["0"].values():
+        for value in method.importance.pieces["0"].values():
             value.uniform_(0, 1, generator=g)
         method.recompose(None, step)
     U, V = layer.edit_factors()

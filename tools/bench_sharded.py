@@ -12,7 +12,7 @@ recomposition events (4 with the defaults), one training step after each, betwee
 and the timed steps, so its timed steps run with the full edit log (bf16 storage) and its peak
 covers every stage of the schedule.
 It reports, per run: tokens/s per GPU over the timed steps, model FLOPs utilisation (4 x matmul parameters + 6 L d n_layers per token,
-against ``--peak-tflops``, as DESIGN.md's peft references), peak memory while training (after
+against ``--peak-tflops``, as the peft references in docs/ARCHITECTURE.md), peak memory while training (after
 the model is sharded: building it whole first is not counted; ``stage_peak_gib`` splits it into
 warm-up, each SRLoRA event with the step after it, and the timed steps), the adapter's
 initialisation time (SRLoRA: the per-row-block pool SVD of every matrix plus PiSSA init), and
@@ -46,12 +46,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig  # noqa: E402
 
-from lrx.config import load_config  # noqa: E402
-from lrx.distributed import build_backend  # noqa: E402
-from lrx.methods import adapted_layers, build_method  # noqa: E402
-from lrx.methods import layer as layer_module  # noqa: E402
+from accelerate import init_empty_weights  # noqa: E402
 
-REFERENCES = {  # DESIGN.md: peft LoRA r=16 on 2x H200, tokens/s per GPU
+from lrx.build import Adapters  # noqa: E402
+from lrx.config import load_config  # noqa: E402
+from lrx.distributed import ModelSpec, build_backend  # noqa: E402
+from lrx.methods import adapted_layers, build_method  # noqa: E402
+from lrx.methods.layer import LOG_PRODUCTS  # noqa: E402
+
+REFERENCES = {  # docs/ARCHITECTURE.md: peft LoRA r=16 on 2x H200, tokens/s per GPU
     ("fsdp2", "ckpt"): 7107, ("fsdp2", "nockpt"): 9953, ("zero3", "ckpt"): 1996, ("zero3", "nockpt"): 2566,
 }
 
@@ -122,33 +125,35 @@ def one_run(args, backend, spec: str) -> dict:
                                  *(["method.fusion_check=false"] if method_name == "srlora" else [])],
                           method=method_name)
     method = build_method(run_cfg.method)
-    weights = backend.weights()
-    streaming = args.sharded_build and backend.name == "fsdp2"
-    if streaming:  # parameters on the meta device; blocks are filled, initialised and sharded one by one
-        from accelerate import init_empty_weights
-
+    fill = None
+    if args.sharded_build:  # FSDP2 fills the model block by block from seeded random weights; ZeRO-3: zero.Init
+        shapes = {}
         with init_empty_weights(include_buffers=False):
-            model = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
-        source = RandomWeights({name: tuple(p.shape) for name, p in model.named_parameters()})
-    else:
-        with backend.construct_partitioned() if args.sharded_build else backend.device:  # ZeRO-3: zero.Init
-            model = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
-    built_partitioned = sum(hasattr(p, "ds_id") for p in model.parameters())  # ZeRO-3 under zero.Init
+            shapes = {name: tuple(p.shape) for name, p in AutoModelForCausalLM.from_config(cfg, dtype=dtype).named_parameters()}
+        fill = RandomWeights(shapes)
+
+    def construct(meta: bool):
+        if meta:
+            with init_empty_weights(include_buffers=False):
+                return AutoModelForCausalLM.from_config(cfg, dtype=dtype)
+        with contextlib.nullcontext() if args.sharded_build else backend.device:
+            return AutoModelForCausalLM.from_config(cfg, dtype=dtype)
+
+    def before_sharding(model) -> None:
+        if ckpt == "ckpt":
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
+
+    spec = ModelSpec(construct, reader=fill, source="seeded random weights", before_sharding=before_sharding)
     sync(backend)
     t0 = time.perf_counter()
-    names = method.apply(model, weights, init=not streaming)
+    model = backend.build(spec, Adapters(method, seed=0))  # construct, adapter init (block by block), shard
     sync(backend)
     init_s = time.perf_counter() - t0
-    if ckpt == "ckpt":
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model.config.use_cache = False
-    if streaming:
-        t0 = time.perf_counter()
-        model = backend.prepare_streaming(model, source, method.layer_initializer(model, weights), "seeded random weights")
-        sync(backend)
-        init_s = time.perf_counter() - t0  # build + adapter init, block by block
-    else:
-        model = backend.prepare(model)
+    names = list(method.layers)
+    for layer in method.layers.values():
+        layer.log_product = args.log_product
+    built_partitioned = sum(hasattr(p, "ds_id") for p in model.parameters())  # ZeRO-3 under zero.Init
     assert len(names) == len(list(adapted_layers(model)))
     params = [p for _, p in method.trainable_parameters(model)]
     optimizer = torch.optim.AdamW(params, lr=1e-5)
@@ -211,7 +216,9 @@ def one_run(args, backend, spec: str) -> dict:
             stage_done(f"event{k}")
         times = sorted(event[f"event{k}_s"] for k in range(1, n_events + 1))
         event.update({"event_s": times[len(times) // 2], "events": n_events,
-                      "event_allreduce_bytes": method.last_event_bytes,
+                      # the event factors all-reduced (fp32): fused B and A columns, loaded U rows
+                      "event_allreduce_bytes": 4 * method.config.swap * sum(
+                          2 * lay.out_features + lay.in_features for lay in method.layers.values()),
                       "score_allreduce_bytes": len(method.layers) * method.config.r * 4,
                       "event_layers": len(records), "edit_log_rank": method.layers[next(iter(method.layers))].edit_rank})
     if backend.device.type == "cuda":
@@ -243,7 +250,7 @@ def one_run(args, backend, spec: str) -> dict:
         "peak_gib": max(stage_peaks.values()) if stage_peaks else None, "stage_peak_gib": stage_peaks,
         **memory,
         "adapter_bytes_fp32": adapter_bytes, **event,
-        "build": "meta, block by block" if streaming else f"zero.Init ({built_partitioned} parameters partitioned)"
+        "build": "meta, block by block" if args.sharded_build and not built_partitioned else f"zero.Init ({built_partitioned} parameters partitioned)"
         if built_partitioned else "whole on every GPU",
     }
     ref = REFERENCES.get((backend.name, ckpt))
@@ -273,8 +280,8 @@ def main() -> int:
                              "device (seeded random weights), ZeRO-3 builds it under zero.Init (for 70B shapes)")
     parser.add_argument("--debug-memory", action="store_true", help="list the largest live CUDA tensors after setup")
     parser.add_argument("--profile-event", action="store_true", help="print a torch.profiler table of the second event")
-    parser.add_argument("--log-product", choices=["auto", "cat", "function"], default="auto",
-                        help="how SRLoRA's bf16 layers compute adapter + edit log (lrx.methods.layer.LOG_PRODUCT)")
+    parser.add_argument("--log-product", choices=list(LOG_PRODUCTS), default="auto",
+                        help="how SRLoRA's bf16 layers compute adapter + edit log (AdaptedLinear.log_product)")
     parser.add_argument("--profile-step", action="store_true", help="print a torch.profiler table of one step after the timed ones")
     parser.add_argument("--profile-shapes", action="store_true", help="group that table by input shapes")
     parser.add_argument("--device", default="auto")
@@ -282,7 +289,6 @@ def main() -> int:
     parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # the deepspeed launcher
     args = parser.parse_args()
 
-    layer_module.LOG_PRODUCT = args.log_product
     backend = build_backend(args.backend, args.device, bf16=True)
     results = []
     try:

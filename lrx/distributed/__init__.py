@@ -1,29 +1,94 @@
 """Training backends: one ``Backend`` protocol, implemented per way of running.
 
-The trainer and ``launch/train.py`` talk to a backend; methods never do (they see only the
-``WeightAccess`` seam a backend hands them). This package knows nothing of method names.
+The runner and the trainer talk to a backend; methods never do (they see only the seam of
+``lrx.methods.seam`` that a backend hands them: ``WeightAccess`` and ``Shards``). A backend
+builds the model through one entry point, ``build(spec, layers)``: it constructs the model
+(on the meta device where it streams), lets ``layers`` wrap it, loads the base, has
+``layers`` initialise the adapted layers where their weights are whole, and places or
+shards it. This package knows nothing of method names or of the adapted layer's internals:
+what it needs of them comes as the ``LayerSetup`` callbacks.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Protocol
 
 import torch
 from torch import nn
 
 from lrx.errors import ConfigError, LrxError
-from lrx.methods import AdaptedLinear, LocalShards, LocalWeights, Shards, WeightAccess
+from lrx.methods import LocalShards, LocalWeights, Shards, WeightAccess
 from lrx.sharding import fsdp_row_range
 
 
+class LayerSetup(Protocol):
+    """What a backend calls while it builds a model; the runner's ``lrx.build.Adapters``
+    implements it over the method (and, when resuming, the saved adapter)."""
+
+    def wrap(self, model: nn.Module) -> None:
+        """Replace the target linears by adapted layers (reads no weight; works on meta)."""
+
+    def init(self, root: nn.Module, weights: WeightAccess) -> None:
+        """Initialise (or restore) the adapted layers inside ``root`` whose base weights are
+        now whole and filled, once each; ``weights`` reads them."""
+
+    def file_key(self, name: str) -> str:
+        """The key in the base's checkpoint of the parameter called ``name`` in the wrapped model."""
+
+    def created(self, param: torch.Tensor) -> bool:
+        """Whether ``param`` is made by the adapters (not in the base's files; ``init`` fills it)."""
+
+
+class WeightReader(Protocol):
+    """A source of base tensors by checkpoint key (``lrx.fileio.WeightFiles``)."""
+
+    def __contains__(self, key: str) -> bool: ...
+
+    def get(self, key: str) -> torch.Tensor: ...
+
+
+@dataclass
+class ModelSpec:
+    """The model to build, as the runner knows it; the backend decides how to build it."""
+
+    construct: Callable[[bool], nn.Module]
+    """``construct(meta)``: the model with its head; ``meta=True`` puts every parameter on the meta
+    device and reads nothing."""
+    reader: WeightReader | None = None
+    """Where the base's weights can be read one tensor at a time (its safetensors files), so a
+    sharding backend can load them straight into shards; None = ``construct`` loads them."""
+    source: str = "weights"
+    """What ``reader`` reads, for the log."""
+    stream: str = "auto"
+    """``model.sharded_load``: ``on`` refuses a backend that would load the model whole."""
+    before_sharding: Callable[[nn.Module], None] = lambda model: None
+    """Called on the adapted model before it is placed or sharded (activation checkpointing)."""
+
+
+def build_whole(backend, spec: ModelSpec, layers: LayerSetup) -> nn.Module:
+    """The build of a model that is whole in each process before it is placed: construct and
+    load, wrap, initialise every adapted layer (each process reads its rows), place."""
+    model = spec.construct(False)
+    layers.wrap(model)
+    layers.init(model, backend.weights())
+    spec.before_sharding(model)
+    return backend.prepare(model)
+
+
 class Backend(Protocol):
-    """How a model is placed, and how methods reach its weights."""
+    """How a model is built and placed, how a step runs, and how methods reach the weights."""
 
     name: str
     device: torch.device
     rank: int
     world_size: int
+
+    def build(self, spec: ModelSpec, layers: LayerSetup) -> nn.Module:
+        """The one way a model comes to be for training: construct, adapt (``layers``), load the
+        base, initialise the adapters where their base is whole, place or shard."""
 
     def weights(self) -> WeightAccess:
         """Access to base weights for method initialisation (before sharding)."""
@@ -32,7 +97,7 @@ class Backend(Protocol):
         """Access to this process's pieces of the parameters once ``setup`` has run."""
 
     def prepare(self, model: nn.Module) -> nn.Module:
-        """Move or shard the adapted model for training; returns the model to train."""
+        """Move or shard an adapted, initialised model (the last step of ``build``)."""
 
     def setup(self, model: nn.Module, optimizer, scheduler, *, micro_batch: int, grad_accum: int,
               max_grad_norm: float) -> nn.Module:
@@ -62,7 +127,10 @@ class Backend(Protocol):
 
     def load_whole(self, param: torch.Tensor, value: torch.Tensor) -> None:
         """Write a whole value into a (possibly sharded) parameter, before ``setup``: this
-        process keeps its piece (collective when sharded: every process, in the same order)."""
+        process keeps its piece (collective when sharded: every process, in the same order).
+
+        Raises:
+            ValueError: ``value`` does not have the parameter's whole shape."""
 
     def optimizer_state(self, named: list[tuple[str, torch.Tensor]], optimizer) -> dict[str, torch.Tensor]:
         """Adam's moments of every trained tensor, whole, as ``{name}.exp_avg`` / ``.exp_avg_sq``
@@ -77,6 +145,12 @@ class Backend(Protocol):
 
 
 MOMENTS = ("exp_avg", "exp_avg_sq")
+
+
+def check_whole_shape(shape, value: torch.Tensor) -> None:
+    """Raise ValueError unless ``value`` has the whole parameter's ``shape``."""
+    if tuple(value.shape) != tuple(shape):
+        raise ValueError(f"has shape {tuple(value.shape)}, the model needs {tuple(shape)}")
 
 
 def like(p: torch.Tensor, full: torch.Tensor) -> torch.Tensor:
@@ -120,6 +194,7 @@ class TorchSteps:
 
     @torch.no_grad()
     def load_whole(self, param: torch.Tensor, value: torch.Tensor) -> None:
+        check_whole_shape(param.shape, value)  # a DTensor's shape is the whole one
         param.copy_(like(param, value))
 
     def setup(self, model: nn.Module, optimizer, scheduler, *, micro_batch: int, grad_accum: int,
@@ -188,7 +263,7 @@ class RowBlockWeights(LocalWeights):
         self.rank, self.world_size = rank, world_size
         self._all_reduce, self._device = all_reduce, device
 
-    def row_block(self, layer: AdaptedLinear) -> tuple[torch.Tensor, int]:
+    def row_block(self, layer) -> tuple[torch.Tensor, int]:
         first, end = fsdp_row_range(layer.out_features, self.world_size, self.rank)
         return layer.base.weight.detach()[first:end].float(), first
 
@@ -222,6 +297,12 @@ class SingleDevice(TorchSteps):
     def shards(self) -> Shards:
         return LocalShards()
 
+    def build(self, spec: ModelSpec, layers: LayerSetup) -> nn.Module:
+        if spec.stream == "on":
+            raise ConfigError("model.sharded_load=on needs distributed.backend=fsdp2 or zero3 (one process loads "
+                              "the model whole); set model.sharded_load=auto")
+        return build_whole(self, spec, layers)
+
     def prepare(self, model: nn.Module) -> nn.Module:
         return model.to(self.device)
 
@@ -240,13 +321,18 @@ def launched_by_deepspeed() -> bool:
     return "CROSS_RANK" in os.environ or "LOCAL_SIZE" in os.environ
 
 
-def build_backend(name: str, device: str = "auto", bf16: bool = True, deepspeed_config: str | None = None) -> Backend:
-    """The backend for ``distributed.backend``; ``auto`` picks ZeRO-3 under the deepspeed
-    launcher, FSDP2 under torchrun (WORLD_SIZE > 1), else one device.
-    """
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+def backend_name(name: str, world: int) -> str:
+    """``distributed.backend`` resolved: ``auto`` is ZeRO-3 under the deepspeed launcher, FSDP2
+    with several processes (torchrun), else one device."""
     if name == "auto":
-        name = "zero3" if launched_by_deepspeed() else "fsdp2" if world > 1 else "single"
+        return "zero3" if launched_by_deepspeed() else "fsdp2" if world > 1 else "single"
+    return name
+
+
+def build_backend(name: str, device: str = "auto", bf16: bool = True, deepspeed_config: str | None = None) -> Backend:
+    """The backend for ``distributed.backend`` (``backend_name``)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    name = backend_name(name, world)
     if name == "single":
         if world > 1:
             raise ConfigError(f"distributed.backend=single but {world} processes were launched; "

@@ -6,15 +6,15 @@ on dim 0 (rank k holds a contiguous block of rows); buffers (edit logs, EigenLoR
 are not sharded and stay whole and identical on every rank.
 
 Adapters are initialised before sharding (every rank, same seed, same result; SVDs read one
-block of rows per rank). During training methods reach their rank's rows through
-``FSDP2Shards``: SRLoRA's importance, scores and recomposition events are shard-local.
+block of rows per rank), block by block when the base streams from safetensors files
+(``FSDP2.stream``). During training methods reach their rank's rows through ``FSDP2Shards``:
+SRLoRA's importance, scores and recomposition events are shard-local.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -23,9 +23,9 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import DTensor
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
+from lrx.distributed import LayerSetup, ModelSpec, MultiProcess, TorchSteps, build_whole
 from lrx.errors import ConfigError
-from lrx.fileio import WeightFiles
-from lrx.distributed import MultiProcess, TorchSteps
+from lrx.methods import PieceShards
 from lrx.sharding import fsdp_row_range
 
 log = logging.getLogger(__name__)
@@ -86,37 +86,42 @@ class FSDP2(TorchSteps, MultiProcess):
                  self.device.type)
         return model
 
-    def prepare_from_files(self, model: nn.Module, files: list[Path], init_layer) -> nn.Module:
-        """Shard a model built on the meta device, loading one block at a time from safetensors
-        ``files`` (see ``prepare_streaming``)."""
-        return self.prepare_streaming(model, WeightFiles(files), init_layer, f"{len(files)} safetensors files")
+    def build(self, spec: ModelSpec, layers: LayerSetup) -> nn.Module:
+        """Whole in each process, then sharded; or, when the base can be read tensor by tensor,
+        built on the meta device and filled one block at a time (``stream``)."""
+        if spec.reader is None:
+            return build_whole(self, spec, layers)
+        model = spec.construct(True)
+        layers.wrap(model)
+        spec.before_sharding(model)
+        return self.stream(model, spec.reader, layers, spec.source)
 
-    def prepare_streaming(self, model: nn.Module, reader, init_layer, source: str = "weights") -> nn.Module:
-        """Shard a model built on the meta device, filling it one block at a time.
+    def stream(self, model: nn.Module, reader, layers: LayerSetup, source: str = "weights") -> nn.Module:
+        """Shard a wrapped model built on the meta device, filling it one block at a time.
 
         Each transformer block is materialised on this process's device, filled from
         ``reader`` (``key in reader``, ``reader.get(key)``, keys as in a transformers
-        checkpoint; a block's weights only), its adapted layers initialised
-        (``init_layer(layer)``: on the block's full weights, as ``prepare`` would) and then
+        checkpoint, mapped by ``layers.file_key``), its adapted layers initialised
+        (``layers.init``: on the block's whole weights, as a whole build would) and then
         sharded, which frees the rest of its rows; the root's own weights (embeddings, norms,
         heads) come last. No process ever holds more than one block whole.
 
         Raises:
             ConfigError: a weight is not in ``reader`` (e.g. a freshly initialised head).
         """
-        from lrx.methods import adapted_layers
-
-        trained_here = {id(p) for _, layer in adapted_layers(model) for p in layer.adapter_params().values()}
         aliases: dict[int, list[str]] = {}
         for name, param in model.named_parameters(remove_duplicate=False):
-            aliases.setdefault(id(param), []).append(_file_key(model, name))
+            aliases.setdefault(id(param), []).append(layers.file_key(name))
         done: dict[int, nn.Parameter] = {}
+        weights = self.weights()
         blocks = transformer_blocks(model)
         for block in blocks:
-            self._materialize(block, reader, aliases, done, trained_here, init_layer)
+            self._materialize(block, reader, aliases, done, layers)
+            layers.init(block, weights)
             fully_shard(block, mesh=self.mesh, mp_policy=self.mp_policy)
             done.clear()  # holding the block's whole tensors would keep them alive (ties live in the root)
-        self._materialize(model, reader, aliases, done, trained_here, init_layer)
+        self._materialize(model, reader, aliases, done, layers)
+        layers.init(model, weights)
         for module in model.modules():  # real buffers (rotary tables) to the device
             for key, buf in list(module._buffers.items()):
                 if buf is not None and not isinstance(buf, DTensor):
@@ -126,13 +131,10 @@ class FSDP2(TorchSteps, MultiProcess):
                  len(blocks), source, self.world_size, self.device.type)
         return model
 
-    def _materialize(self, root: nn.Module, reader, aliases, done, trained_here, init_layer) -> None:
-        from lrx.methods import AdaptedLinear
-
-        adapted = []
+    def _materialize(self, root: nn.Module, reader, aliases, done, layers: LayerSetup) -> None:
+        """Give every meta parameter and buffer under ``root`` real storage: parameters read
+        from ``reader`` (or, made by the adapters, left for ``layers.init``), buffers zeroed."""
         for module in root.modules():
-            if isinstance(module, AdaptedLinear):
-                adapted.append(module)
             for key, param in list(module._parameters.items()):
                 if param is None or not param.is_meta:
                     continue
@@ -141,43 +143,32 @@ class FSDP2(TorchSteps, MultiProcess):
                     names = [n for n in aliases.get(id(param), []) if n in reader]
                     if names:
                         value.copy_(reader.get(names[0]))
-                    elif id(param) not in trained_here:  # adapters are initialised below
+                    elif not layers.created(param):
                         raise ConfigError(
                             f"sharded loading: {aliases.get(id(param), ['?'])[0]} is not in the model's safetensors "
                             "files (a freshly initialised head?); set model.sharded_load=off")
                     done[id(param)] = nn.Parameter(value, requires_grad=param.requires_grad)
                 module._parameters[key] = done[id(param)]
             for key, buf in list(module._buffers.items()):
-                if buf is not None and buf.is_meta:  # method buffers made on the meta base (edit logs)
+                if buf is not None and buf.is_meta:  # buffers made on the meta base (edit logs, bases)
                     module._buffers[key] = torch.zeros(buf.shape, dtype=buf.dtype, device=self.device)
-        for layer in adapted:
-            if not getattr(layer, "_lrx_initialised", False):
-                layer.restore_buffers()
-                init_layer(layer)
-                layer._lrx_initialised = True
 
 
-class FSDP2Shards:
-    """``Shards`` of FSDP2 parameters: rank k's piece is its block of rows (``Shard(0)``)."""
-
-    def __init__(self, rank: int, world_size: int, all_reduce):
-        self.rank, self.world_size, self.all_reduce = rank, world_size, all_reduce
+class FSDP2Shards(PieceShards):
+    """``Shards`` of FSDP2 parameters: this process's piece is its block of rows (``Shard(0)``)."""
 
     def span(self, p: torch.Tensor) -> tuple[int, int]:
         first, end = fsdp_row_range(p.shape[0], self.world_size, self.rank)
         cols = math.prod(p.shape[1:])  # from the global shape: indexing a DTensor would all-gather it
         return first * cols, end * cols
 
-    def pieces(self, p: torch.Tensor) -> list[torch.Tensor]:
+    def _copies(self, p: torch.Tensor) -> list[torch.Tensor]:
         return [self._local(p)]
 
-    def replicas(self, p: torch.Tensor) -> list[torch.Tensor]:
-        return []
-
-    def grad_piece(self, p: torch.Tensor) -> torch.Tensor | None:
+    def local_grad(self, p: torch.Tensor) -> torch.Tensor | None:
         return None if p.grad is None else self._local(p.grad)
 
-    def optimizer_piece(self, optimizer, p: torch.Tensor, key: str) -> torch.Tensor | None:
+    def _state(self, optimizer, p: torch.Tensor, key: str) -> torch.Tensor | None:
         value = optimizer.state.get(p, {}).get(key) if optimizer is not None else None
         return None if value is None else self._local(value)
 
@@ -187,17 +178,3 @@ class FSDP2Shards:
             raise RuntimeError("an FSDP2 parameter is not sharded here (unsharded after an eval forward?); "
                                "call model.reshard() before editing shards")
         return t.to_local().view(-1)
-
-
-def _file_key(model: nn.Module, name: str) -> str:
-    """The checkpoint key of a parameter: adapted layers hold the original linear as ``.base``."""
-    from lrx.methods import AdaptedLinear
-
-    parts = name.split(".")
-    out = []
-    for i, part in enumerate(parts):
-        if part == "base" and isinstance(model.get_submodule(".".join(parts[:i])), AdaptedLinear):
-            continue
-        out.append(part)
-    return ".".join(out)
-

@@ -26,7 +26,8 @@ import torch
 from torch import nn
 
 from lrx.errors import ConfigError, LrxError
-from lrx.distributed import MOMENTS, MultiProcess, RowBlockWeights
+from lrx.distributed import MOMENTS, LayerSetup, ModelSpec, MultiProcess, RowBlockWeights, build_whole, check_whole_shape
+from lrx.methods import PieceShards
 
 log = logging.getLogger(__name__)
 
@@ -115,19 +116,21 @@ class ZeRO3(MultiProcess):
     def weights(self) -> "ZeroWeights":
         return ZeroWeights(self.rank, self.world_size, self.all_reduce_sum, self.device, self.deepspeed)
 
-    def construct_partitioned(self):
-        """Context for building the model partitioned from the start (``zero.Init``): inside it,
-        transformers' DeepSpeed integration creates every parameter partitioned and loads the
-        checkpoint one tensor at a time, so no process holds the whole model. The integration
-        reads the config through a live ``HfDeepSpeedConfig``, kept for the run."""
-        from transformers.integrations import HfDeepSpeedConfig
+    def build(self, spec: ModelSpec, layers: LayerSetup) -> nn.Module:
+        """Whole in each process, or (a base that can be read tensor by tensor) partitioned from
+        the start: under a live ``HfDeepSpeedConfig`` transformers builds the model under
+        ``zero.Init``, every parameter partitioned at creation, and loads the checkpoint one
+        tensor at a time, so no process holds the whole model; each adapted layer's base is
+        then gathered alone while its adapter is initialised (``ZeroWeights.gathered``)."""
+        if spec.reader is not None:
+            from transformers.integrations import HfDeepSpeedConfig
 
-        config = {**self.ds_config, "train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1,
-                  "bf16": {"enabled": self.bf16}}
-        config.setdefault("zero_optimization", {})["stage"] = 3
-        self._hf_config = HfDeepSpeedConfig(config)
-        log.info("zero3: building the model partitioned (zero.Init) and loading it tensor by tensor")
-        return contextlib.nullcontext()
+            config = {**self.ds_config, "train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1,
+                      "bf16": {"enabled": self.bf16}}
+            config.setdefault("zero_optimization", {})["stage"] = 3
+            self._hf_config = HfDeepSpeedConfig(config)  # transformers reads it through a weak reference: keep it
+            log.info("zero3: building the model partitioned (zero.Init) and loading it tensor by tensor")
+        return build_whole(self, spec, layers)
 
     def prepare(self, model: nn.Module) -> nn.Module:
         partitioned = sum(hasattr(p, "ds_id") for p in model.parameters())
@@ -203,6 +206,7 @@ class ZeRO3(MultiProcess):
 
     @torch.no_grad()
     def load_whole(self, param: torch.Tensor, value: torch.Tensor) -> None:
+        check_whole_shape(getattr(param, "ds_shape", param.shape), value)  # partitioned: emptied
         if not hasattr(param, "ds_id"):  # not built partitioned
             param.copy_(value)
             return
@@ -264,28 +268,28 @@ class ZeroWeights(RowBlockWeights):
         return self._deepspeed.zero.GatheredParameters([weight], modifier_rank=0)
 
 
-class ZeRO3Shards:
-    """``Shards`` of ZeRO-3 parameters: rank k's piece is its flat partition (``ds_tensor``).
+class ZeRO3Shards(PieceShards):
+    """``Shards`` of ZeRO-3 parameters: this process's piece is its flat partition (``ds_tensor``).
 
     A trained parameter has two live copies of the piece: the module's partition (used by the
-    next all-gather) and the optimizer's fp32 master partition (last). Both are views, so
-    writes reach the live state (optimizer offload is not supported by these views). Small
-    parameters are also kept whole between steps (``replicas``).
+    next all-gather) and the optimizer's fp32 master partition (what training updates, last).
+    Both are views, so writes reach the live state (optimizer offload is not supported by these
+    views). Small parameters are also kept whole between steps (``_replicas``).
     """
 
     def __init__(self, rank: int, world_size: int, all_reduce, offloaded: bool = False):
-        self.rank, self.world_size, self.all_reduce = rank, world_size, all_reduce
+        super().__init__(rank, world_size, all_reduce)
         self.offloaded = offloaded
         from deepspeed.utils import safe_get_local_fp32_param, safe_get_local_grad, safe_get_local_optimizer_state
 
-        self._fp32, self._grad, self._state = safe_get_local_fp32_param, safe_get_local_grad, safe_get_local_optimizer_state
+        self._fp32, self._grad, self._optim = safe_get_local_fp32_param, safe_get_local_grad, safe_get_local_optimizer_state
 
     def span(self, p: torch.Tensor) -> tuple[int, int]:
         part = p.ds_tensor.ds_numel
         start = min(self.rank * part, p.ds_numel)
         return start, min(start + part, p.ds_numel)
 
-    def pieces(self, p: torch.Tensor) -> list[torch.Tensor]:
+    def _copies(self, p: torch.Tensor) -> list[torch.Tensor]:
         if self.offloaded:  # the fp32 master and moments live off the GPU, where no view reaches
             raise ConfigError("this method edits parameters in place (SRLoRA's events, folded edits), which "
                               "ZeRO-3's offload_optimizer does not allow; remove zero_optimization.offload_optimizer "
@@ -295,18 +299,18 @@ class ZeRO3Shards:
             out.append(self._fp32(p).view(-1))
         return out
 
-    def replicas(self, p: torch.Tensor) -> list[torch.Tensor]:
+    def _replicas(self, p: torch.Tensor) -> list[torch.Tensor]:
         # Parameters under stage3_param_persistence_threshold stay gathered between steps
         # (adapters of an 8B model are); forward reads that copy, not the partition.
         return [p.data.view(-1)] if p.data.numel() == p.ds_numel else []
 
-    def grad_piece(self, p: torch.Tensor) -> torch.Tensor | None:
+    def local_grad(self, p: torch.Tensor) -> torch.Tensor | None:
         return self._grad(p).view(-1) if p.requires_grad else None
 
-    def optimizer_piece(self, optimizer, p: torch.Tensor, key: str) -> torch.Tensor | None:
+    def _state(self, optimizer, p: torch.Tensor, key: str) -> torch.Tensor | None:
         if optimizer is None or not p.requires_grad:
             return None
         try:
-            return self._state(p, key).view(-1)
+            return self._optim(p, key).view(-1)
         except KeyError:  # no state before the first step
             return None

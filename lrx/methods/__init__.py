@@ -8,9 +8,8 @@ through ``get_method_class``.
 from __future__ import annotations
 
 from lrx.errors import ConfigError
-from lrx.methods.base import (
-    LocalShards, LocalWeights, Method, MethodConfig, Shards, WeightAccess, adapted_layers, find_targets,
-)
+from lrx.methods.base import EditingConfig, Method, MethodConfig, adapted_layers, find_targets, without_retired_keys
+from lrx.methods.seam import LocalShards, LocalWeights, PieceShards, Shards, WeightAccess
 from lrx.methods.layer import AdaptedLinear
 
 _REGISTRY: dict[str, type[Method]] = {}
@@ -50,10 +49,12 @@ from lrx.methods import eigenlorax, lora, pissa, srlora  # noqa: E402,F401
 
 __all__ = [
     "AdaptedLinear",
+    "EditingConfig",
     "LocalShards",
     "LocalWeights",
     "Method",
     "MethodConfig",
+    "PieceShards",
     "Shards",
     "WeightAccess",
     "adapted_layers",
@@ -62,4 +63,5 @@ __all__ = [
     "find_targets",
     "get_method_class",
     "register_method",
+    "without_retired_keys",
 ]

@@ -2,25 +2,27 @@
 
 A method is one class registered under a name (see ``lrx.methods.register_method``) with a
 ``@dataclass(kw_only=True)`` config. The trainer talks to it only through the hooks below,
-which all have defaults, so it never branches on a method's name (STYLE.md rules 1-2).
-Methods are pure torch: base weights are reached through ``WeightAccess`` (a seam that the
-distributed backends implement), never by inspecting DTensors or DeepSpeed attributes.
+which all have defaults, so it never branches on a method's name. Methods are pure torch:
+base weights are reached through the seam of ``lrx.methods.seam`` (``WeightAccess`` at
+initialisation, ``Shards`` in training), which the distributed backends implement, never by
+inspecting how a backend stores them.
 """
 
 from __future__ import annotations
 
-import contextlib
+import dataclasses
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from dataclasses import dataclass, field
-from typing import ClassVar, Literal, Protocol
+from typing import ClassVar, Literal
 
 import torch
 from torch import nn
 
 from lrx.errors import ConfigError
 from lrx.methods.layer import AdaptedLinear
+from lrx.methods.seam import LocalShards, LocalWeights, Shards, WeightAccess
 
 # Heads that sequence-classification models create fresh (BERT: classifier, Llama: score).
 TASK_HEADS = ("classifier", "score")
@@ -42,14 +44,6 @@ class MethodConfig:
     """Linear layers to adapt: module-name suffixes (q_proj), regexes (.*attention.*query) or all-linear."""
     modules_to_save: list[str] | None = None
     """Modules trained in full and saved with the adapter; None = a fresh classification head if present."""
-    fuse: Literal["auto", "fold", "log"] = "auto"
-    """Where frozen edits of the base live: fold = added into the base weight in place; log = fp32
-    low-rank factors applied beside the adapter (lossless on bf16 bases); auto = fold for fp32 bases."""
-    edit_log: Literal["auto", "device"] = "auto"
-    """Where the exact fp32 log of unfolded edits lives: device, or (auto) in pinned host memory when
-    the forward runs in bf16 on a GPU, with only its bf16 copy on the device: the same training,
-    half the log's GPU memory, for 4 bytes x log rank x (in + out) of host memory per adapted
-    layer and process (--dry-run prints the total)."""
 
     def __post_init__(self) -> None:
         if self.r < 1:
@@ -64,6 +58,40 @@ class MethodConfig:
         return self.alpha / self.r
 
     def folds(self, weight_dtype: torch.dtype) -> bool:
+        """Whether edits of a base stored in ``weight_dtype`` are folded into it; a method that
+        never edits its base has nothing to fold (``EditingConfig`` decides for those that do)."""
+        return True
+
+    def offloads_edit_log(self, compute_dtype: torch.dtype | None) -> bool:
+        """Whether unfolded edit logs move to host memory when the forward runs in
+        ``compute_dtype`` (None: no autocast); never for methods that keep no log."""
+        return False
+
+
+@dataclass(kw_only=True)
+class EditingConfig(MethodConfig):
+    """The settings of methods that edit the frozen base (PiSSA's residual, SRLoRA's events):
+    where the edits live, and how the base's principal directions are computed."""
+
+    fuse: Literal["auto", "fold", "log"] = "auto"
+    """Where frozen edits of the base live: fold = added into the base weight in place; log = fp32
+    low-rank factors applied beside the adapter (lossless on bf16 bases); auto = fold for fp32 bases."""
+    edit_log: Literal["auto", "device"] = "auto"
+    """Where the exact fp32 log of unfolded edits lives: device, or (auto) in pinned host memory when
+    the forward runs in bf16 on a GPU, with only its bf16 copy on the device: the same training,
+    half the log's GPU memory, for 4 bytes x log rank x (in + out) of host memory per adapted
+    layer and process (--dry-run prints the total)."""
+
+    svd: Literal["exact", "randomized"] = "exact"
+    """SVD of the base weight: exact, or randomized (seeded subspace iteration; fast on large matrices)."""
+    svd_niter: int = 4
+    """Power iterations of the randomized SVD."""
+    svd_oversample: int = 16
+    """Extra sketch columns of the randomized SVD."""
+    svd_seed: int = 0
+    """Seed of the randomized SVD sketch (layer i uses svd_seed + i)."""
+
+    def folds(self, weight_dtype: torch.dtype) -> bool:
         """Whether edits of a base stored in ``weight_dtype`` are folded into it (``fuse``)."""
         return self.fuse == "fold" or (self.fuse == "auto" and weight_dtype == torch.float32)
 
@@ -73,106 +101,16 @@ class MethodConfig:
         return compute_dtype not in (None, torch.float32) and self.edit_log == "auto"
 
 
-class WeightAccess(Protocol):
-    """How a method reads base weights at initialisation, before the model is sharded;
-    implemented per backend. Each process reads only its block of rows (``row_block``); the
-    small results are combined with ``all_reduce``."""
-
-    rank: int
-    world_size: int
-
-    def full_weight(self, layer: AdaptedLinear) -> torch.Tensor:
-        """A full fp32 copy of ``layer``'s current base weight (out x in)."""
-
-    def row_block(self, layer: AdaptedLinear) -> tuple[torch.Tensor, int]:
-        """This process's rows of the base weight (fp32) and the index of the first one.
-        The blocks of all processes partition the rows (FSDP2's dim-0 split)."""
-
-    def all_reduce(self, t: torch.Tensor) -> torch.Tensor:
-        """Sum ``t`` over processes in place and return it (identity on one process)."""
-
-    def gathered(self, layer: AdaptedLinear) -> contextlib.AbstractContextManager:
-        """Context in which ``layer``'s base weight is whole on every process and changes made
-        to it are kept (ZeRO-3 models built partitioned under ``zero.Init``)."""
+# Keys every method config had before only the editing methods kept them (files written then
+# still load: a key at this value is dropped where the method has no such setting).
+RETIRED_KEYS = {"fuse": "auto", "edit_log": "auto"}
 
 
-class LocalWeights:
-    """``WeightAccess`` for one process: the whole weight is its row block."""
-
-    rank = 0
-    world_size = 1
-
-    def full_weight(self, layer: AdaptedLinear) -> torch.Tensor:
-        return layer.base.weight.detach().float()
-
-    def row_block(self, layer: AdaptedLinear) -> tuple[torch.Tensor, int]:
-        return self.full_weight(layer), 0
-
-    def all_reduce(self, t: torch.Tensor) -> torch.Tensor:
-        return t
-
-    def gathered(self, layer: AdaptedLinear) -> contextlib.AbstractContextManager:
-        return contextlib.nullcontext()
-
-
-class Shards(Protocol):
-    """How a method reaches its rank's piece of a (possibly sharded) 2-D parameter during
-    training; implemented per backend (FSDP2: a block of rows; ZeRO-3: a flat range).
-
-    A piece is a 1-D view of the elements ``[start, end)`` of the row-major flattened
-    parameter; writing into it changes the live parameter. Pieces of all ranks partition the
-    parameter. See ``lrx.sharding`` for the arithmetic on pieces.
-    """
-
-    rank: int
-    world_size: int
-
-    def span(self, p: torch.Tensor) -> tuple[int, int]:
-        """``(start, end)`` of this rank's piece of ``p``."""
-
-    def pieces(self, p: torch.Tensor) -> list[torch.Tensor]:
-        """Every live copy of this rank's piece that a change must reach: the parameter
-        itself and, where the backend keeps one, its fp32 master copy (the last item)."""
-
-    def replicas(self, p: torch.Tensor) -> list[torch.Tensor]:
-        """Whole-parameter copies (1-D views) this rank keeps besides its piece, which a change
-        must also reach (ZeRO-3 keeps small parameters gathered between steps)."""
-
-    def grad_piece(self, p: torch.Tensor) -> torch.Tensor | None:
-        """This rank's piece of ``p``'s gradient of the current step (fp32), or None."""
-
-    def optimizer_piece(self, optimizer, p: torch.Tensor, key: str) -> torch.Tensor | None:
-        """A writable view of this rank's piece of an optimizer state tensor of ``p``
-        (e.g. Adam's ``exp_avg``), or None before the first step."""
-
-    def all_reduce(self, t: torch.Tensor) -> torch.Tensor:
-        """Sum ``t`` over ranks in place and return it; every rank gets identical values."""
-
-
-class LocalShards:
-    """``Shards`` of an unsharded model: every piece is the whole parameter."""
-
-    rank = 0
-    world_size = 1
-
-    def span(self, p: torch.Tensor) -> tuple[int, int]:
-        return 0, p.numel()
-
-    def pieces(self, p: torch.Tensor) -> list[torch.Tensor]:
-        return [p.data.view(-1)]
-
-    def replicas(self, p: torch.Tensor) -> list[torch.Tensor]:
-        return []
-
-    def grad_piece(self, p: torch.Tensor) -> torch.Tensor | None:
-        return None if p.grad is None else p.grad.view(-1)
-
-    def optimizer_piece(self, optimizer, p: torch.Tensor, key: str) -> torch.Tensor | None:
-        value = optimizer.state.get(p, {}).get(key) if optimizer is not None else None
-        return None if value is None else value.view(-1)
-
-    def all_reduce(self, t: torch.Tensor) -> torch.Tensor:
-        return t
+def without_retired_keys(config_cls: type[MethodConfig], values: dict) -> dict:
+    """``values`` of a method config without the retired keys ``config_cls`` no longer has,
+    where they hold the value every run had (any other value stays, to be refused as unknown)."""
+    known = {f.name for f in dataclasses.fields(config_cls)}
+    return {k: v for k, v in values.items() if k in known or RETIRED_KEYS.get(k, object()) != v}
 
 
 def _matches(name: str, pattern: str) -> bool:
@@ -229,44 +167,59 @@ class Method:
     config_cls: ClassVar[type[MethodConfig]] = MethodConfig
     preserves_output_at_init: ClassVar[bool] = True
     """Whether the adapted model computes exactly the base model's function at init."""
-    supports_sharding: ClassVar[bool] = True
-    """Whether the method's hooks work on sharded (FSDP2) parameters."""
 
     def __init__(self, config: MethodConfig):
         self.config = config
         self.saved_modules: list[str] = []
+        self.layers: dict[str, AdaptedLinear] = {}  # name -> adapted layer, in module order (wrap)
+        self._where: dict[int, tuple[int, str]] = {}
         self.shards: Shards = LocalShards()
 
     # ---- building -------------------------------------------------------------------------
 
     def apply(self, model: nn.Module, weights: WeightAccess | None = None, init: bool = True) -> list[str]:
-        """Wrap target linears in ``AdaptedLinear``, initialise them and freeze everything else.
-
-        Args:
-            model: the model to adapt in place.
-            weights: access to base weights; defaults to an unsharded model's own tensors.
-            init: run the method's initialisation; False when adapter tensors are loaded next.
+        """``wrap`` the model and (unless ``init`` is False) initialise every adapted layer: the
+        one-process shorthand (the runner builds through the backend, which initialises the
+        layers where their weights are whole).
 
         Returns:
             Qualified names of the adapted modules.
         """
-        weights = weights or LocalWeights()
+        names = self.wrap(model)
+        if init:
+            weights = weights or LocalWeights()
+            for index, (name, layer) in enumerate(self.layers.items()):
+                with weights.gathered(layer):
+                    self.init_layer(name, index, layer, weights)
+        return names
+
+    def wrap(self, model: nn.Module) -> list[str]:
+        """Replace the target linears by adapted layers and freeze everything else; reads no
+        weight (works on a model built on the meta device). The layers are then initialised by
+        ``init_layer`` or loaded from an adapter.
+
+        Returns:
+            Qualified names of the adapted modules, in module order (``self.layers``).
+        """
         cfg = self.config
         self.load_resources()
+        self.layers, self._where = {}, {}
         model.requires_grad_(False)
-        names = []
-        for index, (name, linear) in enumerate(find_targets(model, cfg.target_modules)):
+        for name, linear in find_targets(model, cfg.target_modules):
             layer = self.make_layer(name, linear, cfg.folds(linear.weight.dtype))
             parent, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent) if parent else model, child, layer)
-            if init:
-                with weights.gathered(layer):
-                    self.init_layer(name, index, layer, weights)
-            names.append(name)
+            self.layers[name] = layer
         self.saved_modules = self._resolve_modules_to_save(model)
         for _, p in self.trainable_parameters(model):
             p.requires_grad_(True)
-        return names
+        return list(self.layers)
+
+    def locate(self, layer: AdaptedLinear) -> tuple[int, str]:
+        """``(index, name)`` of an adapted layer of the wrapped model (for ``init_layer``)."""
+        if not self._where:
+            self._where = {id(lay): (i, n) for i, (n, lay) in enumerate(self.layers.items())}
+        return self._where[id(layer)]
 
     def load_resources(self) -> None:
         """Load what ``make_layer`` needs besides the model (EigenLoRAx: its basis); ``apply``
@@ -281,18 +234,6 @@ class Method:
         """Initialise one adapted layer's A, B (and edits). Default: LoRA (A random, B zero)."""
         nn.init.kaiming_uniform_(layer.lora_A, a=5**0.5)
         nn.init.zeros_(layer.lora_B)
-
-    def layer_initializer(self, model: nn.Module, weights: WeightAccess) -> Callable[[AdaptedLinear], None]:
-        """``init_layer`` as a function of the layer alone, for a model applied with
-        ``init=False`` whose layers get their weights later, one block at a time (the
-        backend's callback when it fills a meta-device model)."""
-        where = {id(layer): (index, name) for index, (name, layer) in enumerate(adapted_layers(model))}
-
-        def init(layer: AdaptedLinear) -> None:
-            index, name = where[id(layer)]
-            self.init_layer(name, index, layer, weights)
-
-        return init
 
     def _resolve_modules_to_save(self, model: nn.Module) -> list[str]:
         wanted = self.config.modules_to_save
@@ -324,13 +265,17 @@ class Method:
         self.shards = shards
         offload = self.config.offloads_edit_log(compute_dtype)
         for _, layer in adapted_layers(model):
-            layer.shards = None if shards.world_size == 1 else shards
+            layer.shards = shards
             if offload:
                 layer.offload_edit_log(compute_dtype, self.edit_rank_bound())
 
     def edit_rank_bound(self) -> int | None:
         """The largest edit-log rank a layer reaches in training, if the method knows it."""
         return None
+
+    def check_schedule(self, total_steps: int) -> None:
+        """Raise ConfigError if the method cannot run in ``total_steps`` optimizer steps; called
+        before anything is written, once the run's length is known."""
 
     def on_train_start(self, model: nn.Module, optimizer: torch.optim.Optimizer, total_steps: int) -> None:
         """Called once before the first step (or after a resume), with the run's length."""

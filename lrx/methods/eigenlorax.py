@@ -114,13 +114,6 @@ class EigenLoRAx(Method):
         if cfg.target_modules == ["basis"]:
             cfg.target_modules = list(self.meta["target_modules"])  # full module names match exactly
 
-    def apply(self, model: nn.Module, weights: WeightAccess | None = None, init: bool = True) -> list[str]:
-        cfg = self.config
-        self.load_resources()
-        if init and cfg.init == "project":
-            self.source = SourceAdapter.open(cfg.project_from)
-        return super().apply(model, weights, init)
-
     def make_layer(self, name: str, linear: nn.Linear, fold_edits: bool) -> AdaptedLinear:
         if f"{name}.C_A" not in self.bases:
             raise ConfigError(f"module {name} is not in the basis {self.config.basis} (it covers "
@@ -133,7 +126,7 @@ class EigenLoRAx(Method):
         cfg = self.config
         with torch.no_grad():
             if cfg.init == "project":
-                if self.source is None:  # applied with init=False, initialised layer by layer
+                if self.source is None:
                     self.source = SourceAdapter.open(cfg.project_from)
                 if name not in self.source.modules:
                     raise ConfigError(f"{self.source.weights} has no adapter for {name}")

@@ -6,8 +6,8 @@ residual, SRLoRA's fused pairs), recorded as fp32 factors ``edit_U @ edit_V`` so
 ``W0 + edits`` can be rebuilt from the original model plus the log. Depending on
 ``fold_edits`` they are either added into ``base.weight`` in place (exact enough for fp32
 bases) or applied beside the adapter as a low-rank product (needed for bf16 and quantized
-bases, where a small in-place add loses most of the update; see DESIGN.md, "Fusion
-fidelity"). When the forward runs in bf16 on a GPU, ``offload_edit_log`` keeps the exact fp32
+bases, where a small in-place add loses most of the update: one bf16 add keeps 29 % of a
+1e-3-relative update and 3 % of a 1e-4 one, ``tools/bench_fusion.py``; docs/ARCHITECTURE.md). When the forward runs in bf16 on a GPU, ``offload_edit_log`` keeps the exact fp32
 log in host memory and only its bf16 copy on the device: training is bit-identical (the fp32
 log was cast to bf16 for every product anyway) and the log takes half the GPU memory. Pair k
 is column k of ``lora_B`` with row k of ``lora_A``.
@@ -18,17 +18,18 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from lrx.sharding import flat_range_of_product
+from lrx.methods.seam import LocalShards, Shards
 
-# How a layer in log mode computes its one low-rank product of adapter and log: "function"
-# (LowRankWithFrozenTail: weight gradients for the trained pairs only), "cat" (autograd through
-# the concatenation), or "auto": "cat" on a GPU, "function" elsewhere. Measured per layer
+# How a layer in log mode computes its one low-rank product of adapter and log (the layer's
+# ``log_product``, set when it is built): "function" (LowRankWithFrozenTail: weight gradients
+# for the trained pairs only), "cat" (autograd through the concatenation), or "auto": "cat" on
+# a GPU, "function" elsewhere. Measured per layer
 # (tools/bench_log_product.py, 4096 tokens, r=16, log ranks 16 and 80): bf16 on an H200, "cat"
 # took 0.78-0.99x the time of "function" on the four shapes of an 8B Llama (its rank-96
 # weight-gradient products are better shaped than the rank-16 ones, and it runs no Python in
 # backward), and 8B FSDP2 training with checkpointing ran at 7,568 against 7,070 tok/s per GPU;
 # fp32 on a CPU, where the FLOPs decide, "function" took 0.78-0.91x the time of "cat".
-LOG_PRODUCT = "auto"
+LOG_PRODUCTS = ("auto", "cat", "function")
 
 
 class LowRankWithFrozenTail(torch.autograd.Function):
@@ -100,21 +101,26 @@ class AdaptedLinear(nn.Module):
         dropout: dropout on the adapter's input.
         fold_edits: add edits into ``base.weight`` in place (True) or apply them beside the
             adapter as an fp32 low-rank product (False).
+        log_product: how an unfolded log and the adapter are multiplied (see ``LOG_PRODUCTS``).
     """
 
-    def __init__(self, base: nn.Linear, r: int, scale: float, dropout: float = 0.0, fold_edits: bool = True):
+    def __init__(self, base: nn.Linear, r: int, scale: float, dropout: float = 0.0, fold_edits: bool = True,
+                 log_product: str = "auto"):
         super().__init__()
         if r < 1:
             raise ValueError(f"adapter rank must be >= 1, got {r}")
+        if log_product not in LOG_PRODUCTS:
+            raise ValueError(f"log_product must be one of {LOG_PRODUCTS}, got {log_product!r}")
+        self.log_product = log_product
         self.base = base
         self.base.requires_grad_(False)
         self.r = r
         self.scale = float(scale)
         self.fold_edits = fold_edits
         self.merged = False
-        # Set by Method.attach when the model is sharded: edits then fold into this rank's
-        # piece of the base only (a ``lrx.methods.base.Shards``).
-        self.shards = None
+        # Where the base's pieces live (``lrx.methods.seam.Shards``), set by Method.attach once
+        # the model is placed: edits then fold into this process's piece of the base only.
+        self.shards: Shards = LocalShards()
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         out_features, in_features = base.out_features, base.in_features  # weight.shape is empty under zero.Init
         device = base.weight.device
@@ -182,7 +188,7 @@ class AdaptedLinear(nn.Module):
                 with torch.autocast(x.device.type, enabled=False):
                     x, A, B = x.to(dtype), A.to(dtype), (B * self.scale).to(dtype)
                     V, U = self.edit_V.to(dtype), self.edit_U.to(dtype)
-                    if LOG_PRODUCT == "cat" or (LOG_PRODUCT == "auto" and x.is_cuda):
+                    if self.log_product == "cat" or (self.log_product == "auto" and x.is_cuda):
                         delta = (x @ torch.cat([A, V]).t()) @ torch.cat([B, U], dim=1).t()
                     else:
                         delta = LowRankWithFrozenTail.apply(x, A, B, V, U)
@@ -258,15 +264,7 @@ class AdaptedLinear(nn.Module):
             raise ValueError(f"edit log sizes sum to {start} but the factors have rank {U.shape[1]}")
 
     def _fold(self, U: torch.Tensor, V: torch.Tensor, sign: float) -> None:
-        w = self.base.weight
-        if self.shards is None:
-            w.add_((U @ V).mul_(sign).to(w.dtype))
-            return
-        start, end = self.shards.span(w)
-        for piece in self.shards.pieces(w):  # only this rank's rows / flat range
-            piece.add_(flat_range_of_product(U, V, start, end).mul_(sign).to(piece.dtype))
-        for whole in self.shards.replicas(w):
-            whole.add_((U @ V).view(-1).mul_(sign).to(whole.dtype))
+        self.shards.add_product(self.base.weight, U, V, sign)  # this process's piece of the base only
 
     # ---- weights ------------------------------------------------------------------------
 
@@ -309,6 +307,13 @@ class AdaptedLinear(nn.Module):
             return
         self._fold(*self._unfolded_factors(), sign=-1.0)
         self.merged = False
+
+    @torch.no_grad()
+    def merged_weight(self) -> torch.Tensor:
+        """The weight ``merge`` makes, computed in fp32 (out x in): the base plus what ``merge``
+        adds, rounded to a lower-precision base dtype once by the caller."""
+        B, A = self._unfolded_factors()
+        return self.base.weight.detach().float() + B.to(self.base.weight.device) @ A.to(self.base.weight.device)
 
     def _unfolded_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
         """What ``merge`` adds to the base: the adapter, and the edit log unless already folded."""

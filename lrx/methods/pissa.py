@@ -8,26 +8,17 @@ With ``W0 = U S V^T`` (top r triplets) and scale s = alpha / r:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
-
 import torch
 
 from lrx.methods import register_method
-from lrx.methods.base import Method, MethodConfig, WeightAccess
+from lrx.methods.base import EditingConfig, Method, WeightAccess
 from lrx.methods.layer import AdaptedLinear
 from lrx.spectral import top_singular
 
 
 @dataclass(kw_only=True)
-class PiSSAConfig(MethodConfig):
-    svd: Literal["exact", "randomized"] = "exact"
-    """SVD of the base weight: exact, or randomized (fast on large matrices, seeded)."""
-    svd_niter: int = 4
-    """Power iterations of the randomized SVD."""
-    svd_oversample: int = 16
-    """Extra sketch columns of the randomized SVD."""
-    svd_seed: int = 0
-    """Seed of the randomized SVD sketch."""
+class PiSSAConfig(EditingConfig):
+    """PiSSA's options are those of every method that edits its base (``EditingConfig``)."""
 
 
 def principal_init(layer: AdaptedLinear, U: torch.Tensor, S: torch.Tensor, V: torch.Tensor) -> None:

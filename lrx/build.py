@@ -1,0 +1,61 @@
+"""Adapting a model while a backend builds it: the runner's ``LayerSetup``.
+
+A backend calls ``wrap`` on the model it constructed (whole, or on the meta device), then
+``init`` on each part whose base weights it has just made whole (the whole model, or one
+transformer block at a time when it streams), and asks ``file_key`` / ``created`` how the
+wrapped model's parameters relate to the base's files. ``Adapters`` answers for a method
+and, when a run resumes, for its saved adapter: each adapted layer is then restored (adapter
+tensors, edit log replayed onto W0) instead of initialised, while its base is whole.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from torch import nn
+
+from lrx.adapter import SavedAdapter
+from lrx.methods import AdaptedLinear, Method, WeightAccess
+
+
+class Adapters:
+    """The ``lrx.distributed.LayerSetup`` of one run.
+
+    Args:
+        method: the method that adapts the model.
+        seed: adapter initialisation is seeded (every process gets the same adapters).
+        saved: the adapter to restore instead of initialising (a resumed run), or None.
+    """
+
+    def __init__(self, method: Method, seed: int, saved: SavedAdapter | None = None):
+        self.method, self.seed, self.saved = method, seed, saved
+        self._done: set[int] = set()
+        self._created: set[int] = set()
+
+    def wrap(self, model: nn.Module) -> None:
+        torch.manual_seed(self.seed)
+        self.method.wrap(model)
+        self._created = {id(p) for layer in self.method.layers.values() for p in layer.adapter_params().values()}
+
+    def init(self, root: nn.Module, weights: WeightAccess) -> None:
+        for module in root.modules():
+            if not isinstance(module, AdaptedLinear) or id(module) in self._done:
+                continue
+            self._done.add(id(module))
+            index, name = self.method.locate(module)
+            module.restore_buffers()  # data buffers (EigenLoRAx's bases) of a layer built on meta
+            if self.saved is None:
+                with weights.gathered(module):
+                    self.method.init_layer(name, index, module, weights)
+            else:  # a restored log is replayed onto the base only where it is folded
+                with weights.gathered(module) if module.fold_edits else contextlib.nullcontext():
+                    self.saved.restore_layer(name, module)
+
+    def file_key(self, name: str) -> str:
+        """Adapted layers hold the original linear as ``.base``: drop that part of the name."""
+        parts = name.split(".")
+        return ".".join(p for i, p in enumerate(parts) if not (p == "base" and ".".join(parts[:i]) in self.method.layers))
+
+    def created(self, param: torch.Tensor) -> bool:
+        return id(param) in self._created

@@ -1,0 +1,71 @@
+"""SRLoRA's pool: per adapted matrix, the principal directions of W0 not loaded yet.
+
+Each process keeps only its rows of U (a row block, ``Shards.row_block``); S and V are
+whole and bit-identical on every process. Loaded directions leave the pool (copies, so their
+memory is freed): it only ever holds what later events need.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+class Pool:
+    """Directions not loaded yet, by layer name: ``pool[name]`` is ``{"U", "S", "V"}`` with U
+    (own rows x k), S (k) and V (in x k)."""
+
+    def __init__(self) -> None:
+        self.data: dict[str, dict[str, torch.Tensor]] = {}
+        self.first: dict[str, int] = {}  # the first row of U this process holds
+        self.whole: set[str] = set()  # layers whose U holds every row (loaded, not yet attached)
+
+    def __getitem__(self, name: str) -> dict[str, torch.Tensor]:
+        return self.data[name]
+
+    def values(self):
+        return self.data.values()
+
+    def keep(self, name: str, U: torch.Tensor, S: torch.Tensor, V: torch.Tensor, first: int, whole: bool) -> None:
+        """Hold the directions after the initial pairs: U's rows from ``first`` (all rows if ``whole``)."""
+        self.data[name] = {"U": U.contiguous(), "S": S, "V": V.contiguous()}
+        self.first[name] = first
+        (self.whole.add if whole else self.whole.discard)(name)
+
+    def place(self, name: str, n_rows: int, shards, device: torch.device) -> None:
+        """Keep this process's rows of a pool loaded whole, next to the adapter (a resumed layer
+        has none until its state is loaded)."""
+        pool = self.data.get(name)
+        if pool is None:
+            return
+        if name in self.whole and shards.world_size > 1:
+            first, end = shards.row_block(n_rows)
+            pool["U"] = pool["U"][first:end]
+            self.first[name] = first
+            self.whole.discard(name)
+        self.data[name] = {k: v.to(device).contiguous() for k, v in pool.items()}
+
+    def next_directions(self, names: list[str], swap: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The next ``swap`` directions of the layers ``names`` (same shapes) stacked: U (G x own
+        rows x swap), S (G x swap), V (G x in x swap)."""
+        return (torch.stack([self.data[n]["U"][:, :swap] for n in names]),
+                torch.stack([self.data[n]["S"][:swap] for n in names]),
+                torch.stack([self.data[n]["V"][:, :swap] for n in names]))
+
+    def drop(self, name: str, swap: int) -> None:
+        """Remove the ``swap`` directions just loaded (S, r_target numbers, stays a view)."""
+        pool = self.data[name]
+        self.data[name] = {"U": pool["U"][:, swap:].clone(), "S": pool["S"][swap:], "V": pool["V"][:, swap:].clone()}
+
+    def whole_U(self, name: str, n_rows: int) -> torch.Tensor:
+        """U with zeros outside this process's rows: summed over processes, the whole U."""
+        U = self.data[name]["U"]
+        full = U.new_zeros(n_rows, U.shape[1])
+        full[self.first[name] : self.first[name] + U.shape[0]] = U
+        return full
+
+    @staticmethod
+    def bytes_after(k_left: int, out_f: int, in_f: int, world_size: int) -> int:
+        """Bytes a layer's pool holds per process with ``k_left`` directions left."""
+        return 4 * k_left * (math.ceil(out_f / world_size) + in_f + 1)

@@ -1,0 +1,38 @@
+"""``launch/train.py`` with fault injection, for the kill-and-resume tests.
+
+    python tests/train_killed.py --kill-at-step N ARGS...   (or under torchrun / deepspeed)
+
+Trains like ``launch/train.py ARGS...``, except that rank 0 sends itself SIGKILL right after
+step N's logging, evaluation and checkpoint (a trainer callback, added by this script only).
+"""
+
+import os
+import signal
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from lrx import cli, runner  # noqa: E402
+
+
+def main() -> int:
+    argv = sys.argv[1:]
+    at = argv.index("--kill-at-step")
+    step = int(argv[at + 1])
+    del argv[at : at + 2]
+
+    def kill(trainer) -> None:
+        if trainer.step == step and trainer.backend.rank == 0:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    class KilledTrainer(runner.Trainer):
+        def __init__(self, *args, callbacks=(), **kwargs):
+            super().__init__(*args, callbacks=[*callbacks, kill], **kwargs)
+
+    runner.Trainer = KilledTrainer
+    return cli.main(argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
