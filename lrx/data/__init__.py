@@ -115,6 +115,13 @@ def _check_config(cfg: Any) -> str:
         )
     if not isinstance(cfg.max_length, int) or cfg.max_length <= 0:
         raise DataError(f"data.max_length must be a positive integer, got {cfg.max_length!r}")
+    for key in ("max_train_samples", "max_eval_samples"):
+        value = getattr(cfg, key)
+        positive = isinstance(value, int) and not isinstance(value, bool) and value > 0
+        if value is not None and not positive:
+            raise DataError(
+                f"data.{key} must be a positive number of rows or null (all rows), got {value!r}"
+            )
     if cfg.packing and fmt != "instruct":
         raise DataError(
             f"data.packing only applies to format 'instruct' (format is {fmt!r}); "

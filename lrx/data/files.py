@@ -8,10 +8,11 @@ Arrow copy into the cache directory.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import datasets
 
@@ -90,36 +91,89 @@ def read_delimited(
         quoting: ``csv`` quoting mode; GLUE needs ``QUOTE_NONE`` (bare ``"`` in text).
         fixed_columns: Column names for a headerless file (CoLA); None = first row is
             the header.
+
+    Raises:
+        DataError: One line naming the file (and the line, where there is one): not UTF-8
+            text, a NUL byte, a parse error, a wrong field count, no data rows.
     """
-    try:
-        with path.open(encoding="utf-8-sig", newline="") as fh:
-            reader = csv.reader(fh, delimiter=delimiter, quoting=quoting)
-            columns = list(fixed_columns) if fixed_columns is not None else None
-            rows: list[list[str]] = []
-            line_nos: list[int] = []
-            for row in reader:
-                if not row or (len(row) == 1 and not row[0].strip()):
-                    continue  # blank line
-                if columns is None:
-                    columns = [c.strip() for c in row]
-                    continue
-                if len(row) != len(columns):
-                    sep = "tab" if delimiter == "\t" else repr(delimiter)
-                    raise DataError(
-                        f"{path}:{reader.line_num}: expected {len(columns)} {sep}-separated "
-                        f"fields ({', '.join(columns)}), found {len(row)}; fix that line or "
-                        "check the file format/delimiter"
-                    )
-                rows.append(row)
-                line_nos.append(reader.line_num)
-    except UnicodeDecodeError as e:
-        raise DataError(f"{path}: not valid UTF-8 ({e}); re-save the file as UTF-8") from None
-    except csv.Error as e:
-        raise DataError(
-            f"{path}: cannot parse as delimited text ({e}); check the delimiter"
-        ) from None
+    columns = list(fixed_columns) if fixed_columns is not None else None
+    rows: list[list[str]] = []
+    line_nos: list[int] = []
+    for line, row in _records(path, delimiter, quoting):
+        if columns is None:
+            columns = [c.strip() for c in row]
+            continue
+        if len(row) != len(columns):
+            sep = "tab" if delimiter == "\t" else repr(delimiter)
+            raise DataError(
+                f"{path}:{line}: expected {len(columns)} {sep}-separated "
+                f"fields ({', '.join(columns)}), found {len(row)}; fix that line or "
+                "check the file format/delimiter"
+            )
+        rows.append(row)
+        line_nos.append(line)
     if columns is None or not rows:
         raise DataError(
             f"{path}: no data rows found (the file is empty or has only a header); add data rows"
         )
     return Table(path, columns, rows, line_nos)
+
+
+def _records(path: Path, delimiter: str, quoting: int) -> Iterator[tuple[int, list[str]]]:
+    """The non-blank rows of a delimited file, each with the line it ends on."""
+    with reading(path), path.open(encoding="utf-8-sig", newline="") as fh:
+        reader = csv.reader(fh, delimiter=delimiter, quoting=quoting)
+        while True:
+            try:
+                row = next(reader)
+            except StopIteration:
+                return
+            except csv.Error as e:  # e.g. a field over csv's 131,072-character limit
+                raise DataError(
+                    f"{path}:{reader.line_num}: cannot parse as delimited text ({e}); "
+                    "check the delimiter and the quotes on that line"
+                ) from None
+            if not row or (len(row) == 1 and not row[0].strip()):
+                continue  # blank line
+            if any("\x00" in cell for cell in row):
+                raise DataError(nul_message(f"{path}:{reader.line_num}"))
+            yield reader.line_num, row
+
+
+def nul_message(where: str) -> str:
+    """The error for a NUL byte at ``where`` (``path:line``), which no text file holds."""
+    return f"{where}: contains a NUL byte (a binary file?); data files must be UTF-8 text"
+
+
+@contextlib.contextmanager
+def reading(path: Path) -> Iterator[None]:
+    """Turns decoding and OS errors raised while reading ``path`` into one-line DataErrors."""
+    try:
+        yield
+    except UnicodeDecodeError:
+        line, where = _first_bad_utf8(path)
+        raise DataError(
+            f"{path}:{line}: not valid UTF-8 ({where}; a binary file?); re-save the file as UTF-8"
+        ) from None
+    except OSError as e:
+        raise DataError(
+            f"{path}: cannot read it ({e.strerror or type(e).__name__}); "
+            "check the file and its permissions"
+        ) from None
+
+
+def _first_bad_utf8(path: Path) -> tuple[int, str]:
+    """The 1-based line holding the first byte that is not UTF-8, and where in the line."""
+    with path.open("rb") as fh:
+        for line_no, raw in enumerate(fh, start=1):
+            try:
+                raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                return line_no, f"byte 0x{raw[e.start]:02x} at byte {e.start + 1} of the line"
+    return 1, "a byte sequence that is not UTF-8"
+
+
+def shown(value: object, limit: int = 40) -> str:
+    """``repr(value)`` cut to ``limit`` characters: messages name a value, never dump a file."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."

@@ -10,7 +10,7 @@ from typing import Any
 
 import datasets
 
-from lrx.data.files import existing_file, int_label, read_delimited, text_label_dataset
+from lrx.data.files import existing_file, int_label, read_delimited, shown, text_label_dataset
 from lrx.errors import DataError
 
 
@@ -122,7 +122,7 @@ def load_glue_file(path: str | Path, task: str | GlueTask) -> datasets.Dataset:
         label = _glue_label(spec, value)
         if label is None:
             raise DataError(
-                f"{path}:{line}: bad {spec.label_column!r} value {value!r} "
+                f"{path}:{line}: bad {spec.label_column!r} value {shown(value)} "
                 f"(expected {_expected_labels(spec)}); {fix}"
             )
         labels.append(label)

@@ -14,6 +14,7 @@ from typing import Any
 import datasets
 
 from lrx.data.collate import IGNORE_INDEX
+from lrx.data.files import nul_message, reading, shown
 from lrx.data.tokens import map_tokenize
 from lrx.errors import DataError
 
@@ -76,58 +77,88 @@ def render_prompt(tokenizer: Any, prompt_text: str) -> str:
     return _render_messages(tokenizer, [{"role": "user", "content": prompt_text}])
 
 
-def _parse_instruct_record(obj: Any, path: Path, line: int) -> tuple[list[dict[str, str]], str]:
+def _parse_instruct_record(obj: Any, where: str) -> tuple[list[dict[str, str]], str]:
     """Validates one JSONL record; returns (messages before the answer, answer text)."""
-    where = f"{path}:{line}"
     if not isinstance(obj, dict):
         raise DataError(
             f"{where}: expected a JSON object, got {type(obj).__name__}; write one object per line"
         )
-
-    def text(key: str, value: Any) -> str:
-        if not isinstance(value, str):
-            raise DataError(
-                f"{where}: {key!r} must be a string, got {type(value).__name__}; fix that line"
-            )
-        return value
-
     if "messages" in obj:
-        msgs = obj["messages"]
-        if not isinstance(msgs, list) or not msgs:
-            raise DataError(
-                f"{where}: 'messages' must be a non-empty list of {{role, content}} objects"
-            )
-        history = []
-        for i, m in enumerate(msgs):
-            if not isinstance(m, dict) or m.get("role") not in _ROLES:
-                got = m.get("role") if isinstance(m, dict) else m
-                raise DataError(
-                    f"{where}: messages[{i}] needs a 'role' of system/user/assistant "
-                    f"(got {got!r}); fix that line"
-                )
-            content = text(f"messages[{i}].content", m.get("content"))
-            history.append({"role": m["role"], "content": content})
-        if history[-1]["role"] != "assistant":
-            raise DataError(
-                f"{where}: the last message must have role 'assistant' "
-                f"(got {history[-1]['role']!r}); "
-                "it is the training target"
-            )
+        history = _parse_messages(obj["messages"], where)
         return history[:-1], history[-1]["content"]
     if "prompt" in obj and "response" in obj:
-        prompt = text("prompt", obj["prompt"])
-        return [{"role": "user", "content": prompt}], text("response", obj["response"])
+        prompt = _text(where, "prompt", obj["prompt"])
+        return [{"role": "user", "content": prompt}], _text(where, "response", obj["response"])
     if "instruction" in obj and "output" in obj:
-        prompt = text("instruction", obj["instruction"])
+        prompt = _text(where, "instruction", obj["instruction"])
         extra = obj.get("input")
         if extra:  # Alpaca's optional context goes after the instruction.
-            prompt = f"{prompt}\n\n{text('input', extra)}"
-        return [{"role": "user", "content": prompt}], text("output", obj["output"])
-    keys = ", ".join(repr(k) for k in obj) or "none"
+            prompt = f"{prompt}\n\n{_text(where, 'input', extra)}"
+        return [{"role": "user", "content": prompt}], _text(where, "output", obj["output"])
+    keys = ", ".join(shown(k) for k in list(obj)[:8]) or "none"
     raise DataError(
         f"{where}: unrecognised record (keys: {keys}); use 'prompt'+'response', "
         "'instruction'+'output' (Alpaca) or 'messages'"
     )
+
+
+def _parse_messages(msgs: Any, where: str) -> list[dict[str, str]]:
+    """Validates a ``messages`` list whose last turn is the assistant's answer."""
+    if not isinstance(msgs, list) or not msgs:
+        raise DataError(
+            f"{where}: 'messages' must be a non-empty list of {{role, content}} objects"
+        )
+    history = []
+    for i, m in enumerate(msgs):
+        if not isinstance(m, dict) or m.get("role") not in _ROLES:
+            got = m.get("role") if isinstance(m, dict) else m
+            raise DataError(
+                f"{where}: messages[{i}] needs a 'role' of system/user/assistant "
+                f"(got {shown(got)}); fix that line"
+            )
+        content = _text(where, f"messages[{i}].content", m.get("content"))
+        history.append({"role": m["role"], "content": content})
+    if history[-1]["role"] != "assistant":
+        raise DataError(
+            f"{where}: the last message must have role 'assistant' "
+            f"(got {history[-1]['role']!r}); "
+            "it is the training target"
+        )
+    return history
+
+
+def _text(where: str, key: str, value: Any) -> str:
+    """``value`` if it is a string that UTF-8 can hold; DataError naming ``key`` otherwise."""
+    if not isinstance(value, str):
+        raise DataError(
+            f"{where}: {key!r} must be a string, got {type(value).__name__}; fix that line"
+        )
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate escape such as "\ud800"
+        raise DataError(
+            f"{where}: {key!r} holds an unpaired surrogate escape (\\ud800-\\udfff), "
+            "which is not text; fix that line"
+        ) from None
+    return value
+
+
+def _parse_json_line(line: str, where: str) -> Any:
+    """One JSONL line as a Python object; DataError naming the line otherwise."""
+    if "\x00" in line:
+        raise DataError(nul_message(where))
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError as e:
+        raise DataError(
+            f"{where}: malformed JSON ({e.msg} at column {e.colno}); "
+            "each line must be one complete JSON object"
+        ) from None
+    except (RecursionError, ValueError) as e:  # nesting too deep, integers over 4,300 digits
+        what = "nested too deeply" if isinstance(e, RecursionError) else "a number too long"
+        raise DataError(
+            f"{where}: malformed JSON ({what}); each line must be one JSON object of strings"
+        ) from None
 
 
 def read_instruct(path: Path, tokenizer: Any) -> datasets.Dataset:
@@ -135,29 +166,20 @@ def read_instruct(path: Path, tokenizer: Any) -> datasets.Dataset:
     prompts: list[str] = []
     responses: list[str] = []
     eos = _eos_text(tokenizer)
-    try:
-        with path.open(encoding="utf-8-sig") as fh:
-            for line_no, line in enumerate(fh, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    obj = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise DataError(
-                        f"{path}:{line_no}: malformed JSON ({e.msg} at column {e.colno}); "
-                        "each line must be one complete JSON object"
-                    ) from None
-                history, response = _parse_instruct_record(obj, path, line_no)
-                try:
-                    prompts.append(_render_messages(tokenizer, history))
-                except Exception as e:  # Jinja errors from templates that reject the roles
-                    raise DataError(
-                        f"{path}:{line_no}: the tokenizer's chat template rejected this "
-                        f"conversation ({type(e).__name__}: {e}); fix the messages for this model"
-                    ) from None
-                responses.append(response + eos)
-    except UnicodeDecodeError as e:
-        raise DataError(f"{path}: not valid UTF-8 ({e}); re-save the file as UTF-8") from None
+    with reading(path), path.open(encoding="utf-8-sig") as fh:
+        for line_no, line in enumerate(fh, start=1):
+            if not line.strip():
+                continue
+            where = f"{path}:{line_no}"
+            history, response = _parse_instruct_record(_parse_json_line(line, where), where)
+            try:
+                prompts.append(_render_messages(tokenizer, history))
+            except Exception as e:  # Jinja errors from templates that reject the roles
+                raise DataError(
+                    f"{where}: the tokenizer's chat template rejected this "
+                    f"conversation ({type(e).__name__}: {e}); fix the messages for this model"
+                ) from None
+            responses.append(response + eos)
     if not prompts:
         raise DataError(f"{path}: no examples found; the file is empty or has only blank lines")
     return datasets.Dataset.from_dict({"prompt": prompts, "response": responses})

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import csv
+import math
 from pathlib import Path
 from typing import Any
 
 import datasets
 
-from lrx.data.files import Table, int_label, read_delimited, text_label_dataset
+from lrx.data.files import Table, int_label, read_delimited, shown, text_label_dataset
 from lrx.errors import DataError
 
 
@@ -47,9 +48,14 @@ def _read_table(cfg: Any, path: Path) -> tuple[list[list[str]], list[str], Table
 
 
 def _table_label_mapping(
-    cfg: Any, train_labels: list[str], eval_labels: list[str]
+    cfg: Any, train: tuple[list[str], Table], eval_: tuple[list[str], Table] | None
 ) -> tuple[dict[str, int] | None, list[str] | None, int]:
     """Decides how table labels map to ids.
+
+    Args:
+        cfg: The ``data`` config section.
+        train: Raw label strings of the training file and its table.
+        eval_: The same for the eval file, or None.
 
     Returns:
         ``(mapping, label_names, num_labels)``. ``mapping`` is None when labels are
@@ -58,13 +64,57 @@ def _table_label_mapping(
     if cfg.label_names:
         names = [str(n) for n in cfg.label_names]
         return {n: i for i, n in enumerate(names)}, names, len(names)
-    if all(int_label(v) is not None for v in train_labels):
-        ints = [int_label(v) for v in train_labels + eval_labels]
-        largest = max((i for i in ints if i is not None), default=0)
-        return None, None, largest + 1
+    if all(int_label(v) is not None for v in train[0]):
+        return None, None, _integer_label_count([train] + ([eval_] if eval_ else []))
     # Sorted so that ids do not depend on row order.
-    names = sorted(set(train_labels))
+    names = sorted(set(train[0]))
     return {n: i for i, n in enumerate(names)}, names, len(names)
+
+
+SPARSE_LABEL_IDS = 64
+"""Integer labels are class ids as written, so the head has ``largest + 1`` outputs. Above this
+many outputs, ids of which more than half never occur are refused (``{0, 200000}`` would build
+a 200,001-class head): the user lists them in ``data.label_names``, which maps them to
+``0..N-1`` as string labels are mapped. Renumbering them silently instead would change what
+the ids the model predicts mean."""
+
+
+def _integer_label_count(parts: list[tuple[list[str], Table]]) -> int:
+    """Head size for integer labels used as ids: the largest id + 1; refuses sparse ids."""
+    first_seen: dict[int, tuple[Path, int]] = {}
+    for raw, table in parts:
+        for value, line in zip(raw, table.line_nos):
+            label = int_label(value)
+            if label is not None:
+                first_seen.setdefault(label, (table.path, line))
+    largest = max(first_seen, default=0)
+    size, distinct = largest + 1, len(first_seen)
+    if size > SPARSE_LABEL_IDS and size > 2 * distinct:
+        path, line = first_seen[largest]
+        classes = f"{size:,}" if size < 10**9 else "over a billion"
+        raise DataError(
+            f"{path}:{line}: integer label {shown(largest)} would build a {classes}-class head "
+            f"for {distinct} distinct labels (integer labels are ids 0..N-1); list the labels "
+            f"in data.label_names to map them to ids 0..{distinct - 1}"
+        )
+    return size
+
+
+def _float_label(cfg: Any, table: Table, value: str, line: int) -> float:
+    """A regression label: a finite number, else DataError naming the line."""
+    try:
+        label = float(value)
+    except ValueError:
+        raise DataError(
+            f"{table.path}:{line}: label {shown(value)} in column {cfg.label_column!r} is not "
+            "a number; fix the row or set data.regression to false"
+        ) from None
+    if not math.isfinite(label):
+        raise DataError(
+            f"{table.path}:{line}: label {shown(value)} in column {cfg.label_column!r} is not "
+            "a finite number (it would make the loss NaN); fix the row"
+        )
+    return label
 
 
 def _encode_table_labels(
@@ -78,14 +128,8 @@ def _encode_table_labels(
     out: list[Any] = []
     for value, line in zip(raw, table.line_nos):
         if cfg.regression:
-            try:
-                out.append(float(value))
-                continue
-            except ValueError:
-                raise DataError(
-                    f"{table.path}:{line}: label {value!r} in column {cfg.label_column!r} is not "
-                    "a number; fix the row or set data.regression to false"
-                ) from None
+            out.append(_float_label(cfg, table, value, line))
+            continue
         if mapping is not None and value in mapping:
             out.append(mapping[value])
             continue
@@ -96,12 +140,15 @@ def _encode_table_labels(
             continue
         if mapping is None:
             raise DataError(
-                f"{table.path}:{line}: label {value!r} is not a non-negative integer id while "
-                "the training labels are; fix the row or set data.label_names"
+                f"{table.path}:{line}: label {shown(value)} is not a non-negative integer id "
+                "while the training labels are; fix the row or set data.label_names"
             )
+        known = ", ".join(list(mapping)[:10])
+        if len(mapping) > 10:
+            known += f", ... ({len(mapping)} in all)"
         raise DataError(
-            f"{table.path}:{line}: label {value!r} is not one of the known labels "
-            f"({', '.join(mapping)}); set data.label_names to list every label"
+            f"{table.path}:{line}: label {shown(value)} is not one of the known labels "
+            f"({known}); set data.label_names to list every label"
         )
     return out
 
@@ -122,7 +169,7 @@ def load_table(
         mapping, names, num_labels = None, None, 1
     else:
         mapping, names, num_labels = _table_label_mapping(
-            cfg, train_raw, eval_parts[1] if eval_parts else []
+            cfg, (train_raw, train_table), eval_parts[1:] if eval_parts else None
         )
 
     def to_dataset(texts: list[list[str]], raw: list[str], table: Table) -> datasets.Dataset:
