@@ -126,3 +126,20 @@ def test_small_gaps_in_integer_labels_still_ids(tmp_path, tok):
     train.write_text("text,label\na,0\nb,9\nc,63\n")  # 64 outputs: under the bound, ids as written
     b = build_datasets(Cfg(format="table", train_path=str(train)), tok)
     assert (b.num_labels, b.label_names, b.train["labels"]) == (64, None, [0, 9, 63])
+
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_configs_name_no_data_outside_the_project():
+    for path in sorted((REPO / "configs").rglob("*.yaml")):
+        assert "../shared" not in path.read_text(), f"{path.relative_to(REPO)} points outside the project"
+
+
+def test_glue_config_asks_for_the_glue_copy(tok):
+    from lrx.config import load_config
+
+    cfg = load_config(REPO / "configs" / "minilm" / "rte.yaml").data
+    msg = one_line_error(cfg, tok)
+    assert msg.startswith("data.train_path is not set; point it at your copy of GLUE"), msg
+    assert "data.train_path=GLUE_DIR/RTE/train.tsv" in msg

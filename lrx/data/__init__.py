@@ -99,6 +99,11 @@ def build_datasets(cfg: Any, tokenizer: Any, *, seed: int = 0) -> DataBundle:
     """
     del seed  # see docstring
     fmt = _check_config(cfg)
+    if fmt == "glue" and not cfg.train_path:  # GLUE is not shipped: no default path exists
+        raise DataError(
+            "data.train_path is not set; point it at your copy of GLUE, e.g. "
+            "data.train_path=GLUE_DIR/RTE/train.tsv data.eval_path=GLUE_DIR/RTE/dev.tsv"
+        )
     train_path = existing_file(cfg.train_path, "data.train_path")
     eval_path = existing_file(cfg.eval_path, "data.eval_path") if cfg.eval_path else None
     if fmt == "instruct":
