@@ -12,15 +12,17 @@ Three input formats are supported (``cfg.format``), one module each:
 
 Padding and packing live in ``lrx.data.collate``, file reading in ``lrx.data.files``.
 
-Everything is built in memory (``datasets.Dataset.from_dict`` plus ``map`` with
-``keep_in_memory=True``), so nothing is written to the HF datasets cache.
+Files are parsed in memory (``datasets.Dataset.from_dict``); the tokenised datasets are
+cached as Arrow files in lrx's own folder (``lrx.data.tokens``: ``~/.cache/lrx/datasets``
+unless the caller names another or None), never in the HF datasets cache.
 """
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, ContextManager
 
 import datasets
 import torch
@@ -30,13 +32,14 @@ from lrx.data.files import existing_file, head
 from lrx.data.glue import GLUE_TASKS, GlueTask, load_glue_file, normalize_glue_task
 from lrx.data.instruct import (
     PLAIN_PROMPT_TEMPLATE,
+    check_tokenized,
     prompt_add_special_tokens,
     read_instruct,
     render_prompt,
     tokenize_instruct,
 )
 from lrx.data.table import load_table
-from lrx.data.tokens import tokenize_classification
+from lrx.data.tokens import DEFAULT_CACHE_DIR, TokenCache, tokenize_classification
 from lrx.errors import DataError
 
 __all__ = [
@@ -44,6 +47,7 @@ __all__ = [
     "IGNORE_INDEX",
     "PLAIN_PROMPT_TEMPLATE",
     "Collator",
+    "DEFAULT_CACHE_DIR",
     "DataBundle",
     "GlueTask",
     "build_datasets",
@@ -79,8 +83,20 @@ class DataBundle:
     collate_fn: Callable[[list[dict[str, Any]]], dict[str, torch.Tensor]]
 
 
-def build_datasets(cfg: Any, tokenizer: Any, *, seed: int = 0) -> DataBundle:
+def build_datasets(
+    cfg: Any,
+    tokenizer: Any,
+    *,
+    seed: int = 0,
+    main_process_first: Callable[[], ContextManager] = contextlib.nullcontext,
+    cache_dir: str | Path | None = DEFAULT_CACHE_DIR,
+) -> DataBundle:
     """Loads, tokenizes and (optionally) packs the train/eval data described by ``cfg``.
+
+    Every process reads and checks the files; tokenisation, the slow part, runs once. It
+    runs under one ``main_process_first()`` context (train and eval together) and writes
+    its result into ``cache_dir``, keyed by the rows, the tokenizer and the settings; a
+    process that finds the file there memory-maps it instead of tokenising.
 
     Args:
         cfg: The ``data`` config section (``format``, ``train_path``, ``eval_path``,
@@ -90,6 +106,16 @@ def build_datasets(cfg: Any, tokenizer: Any, *, seed: int = 0) -> DataBundle:
         tokenizer: A Hugging Face tokenizer.
         seed: Accepted for API stability. Loading is deterministic and does not shuffle
             (``max_*_samples`` take the first rows; the trainer's sampler shuffles).
+        main_process_first: Factory of the context manager the tokenisation runs in. A
+            distributed caller passes one that lets the main process run the body first
+            while the others wait at a barrier, then lets them in (they then load its
+            cache file). The body raises nothing that depends on the process: every check
+            of the data happens before or after it. Default: no waiting.
+        cache_dir: Folder for the tokenised Arrow files, shared by all processes of a run
+            (on several nodes: on a shared file system, else each node tokenises once).
+            Default ``$XDG_CACHE_HOME/lrx/datasets`` (``~/.cache/lrx/datasets``); None
+            tokenises in memory and writes nothing. Slow (Python) tokenizers and folders
+            that cannot be created are tokenised in memory too.
 
     Returns:
         A ``DataBundle``. The eval split is never packed, so eval loss is per example.
@@ -106,9 +132,12 @@ def build_datasets(cfg: Any, tokenizer: Any, *, seed: int = 0) -> DataBundle:
         )
     train_path = existing_file(cfg.train_path, "data.train_path")
     eval_path = existing_file(cfg.eval_path, "data.eval_path") if cfg.eval_path else None
+    cache = TokenCache(Path(cache_dir).expanduser() if cache_dir is not None else None)
     if fmt == "instruct":
-        return _build_instruct(cfg, tokenizer, train_path, eval_path)
-    return _build_classification(cfg, fmt, tokenizer, train_path, eval_path)
+        return _build_instruct(cfg, tokenizer, (train_path, eval_path), main_process_first, cache)
+    return _build_classification(
+        cfg, fmt, tokenizer, (train_path, eval_path), main_process_first, cache
+    )
 
 
 def _check_config(cfg: Any) -> str:
@@ -136,18 +165,27 @@ def _check_config(cfg: Any) -> str:
 
 
 def _build_instruct(
-    cfg: Any, tokenizer: Any, train_path: Path, eval_path: Path | None
+    cfg: Any,
+    tokenizer: Any,
+    paths: tuple[Path, Path | None],
+    main_process_first: Callable[[], ContextManager],
+    cache: TokenCache,
 ) -> DataBundle:
     """The causal-LM bundle of an instruct JSONL train (and eval) file."""
-
-    def load(path: Path, limit: int | None) -> datasets.Dataset:
-        raw = head(read_instruct(path, tokenizer), limit)
-        return tokenize_instruct(raw, tokenizer, cfg.max_length, cfg.mask_prompt, path)
-
-    train = load(train_path, cfg.max_train_samples)
+    train_path, eval_path = paths
+    raw_train = head(read_instruct(train_path, tokenizer), cfg.max_train_samples)
+    raw_eval = None
+    if eval_path:
+        raw_eval = head(read_instruct(eval_path, tokenizer), cfg.max_eval_samples)
+    args = (tokenizer, cfg.max_length, cfg.mask_prompt, cache)
+    with main_process_first():
+        train = tokenize_instruct(raw_train, *args)
+        eval_ds = tokenize_instruct(raw_eval, *args) if raw_eval is not None else None
+    train = check_tokenized(raw_train, train, train_path, cfg.max_length)
+    if eval_ds is not None:
+        eval_ds = check_tokenized(raw_eval, eval_ds, eval_path, cfg.max_length)
     if cfg.packing:
         train = pack_sequences(train, cfg.max_length)
-    eval_ds = load(eval_path, cfg.max_eval_samples) if eval_path else None
     return DataBundle(
         train=train,
         eval=eval_ds,
@@ -160,9 +198,15 @@ def _build_instruct(
 
 
 def _build_classification(
-    cfg: Any, fmt: str, tokenizer: Any, train_path: Path, eval_path: Path | None
+    cfg: Any,
+    fmt: str,
+    tokenizer: Any,
+    paths: tuple[Path, Path | None],
+    main_process_first: Callable[[], ContextManager],
+    cache: TokenCache,
 ) -> DataBundle:
     """The classification or regression bundle of GLUE or table files."""
+    train_path, eval_path = paths
     if fmt == "glue":
         spec = normalize_glue_task(cfg.glue_task)
         raw_train = load_glue_file(train_path, spec)
@@ -178,14 +222,14 @@ def _build_classification(
 
     raw_train = head(raw_train, cfg.max_train_samples)
     raw_eval = head(raw_eval, cfg.max_eval_samples)
+    args = (tokenizer, cfg.max_length, regression, cache)
+    with main_process_first():
+        train = tokenize_classification(raw_train, *args)
+        eval_ds = tokenize_classification(raw_eval, *args) if raw_eval is not None else None
     task = "regression" if regression else "classification"
     return DataBundle(
-        train=tokenize_classification(raw_train, tokenizer, cfg.max_length, regression),
-        eval=(
-            tokenize_classification(raw_eval, tokenizer, cfg.max_length, regression)
-            if raw_eval is not None
-            else None
-        ),
+        train=train,
+        eval=eval_ds,
         task=task,
         num_labels=num_labels,
         label_names=label_names,

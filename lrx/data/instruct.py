@@ -15,7 +15,7 @@ import datasets
 
 from lrx.data.collate import IGNORE_INDEX
 from lrx.data.files import nul_message, reading, shown
-from lrx.data.tokens import map_tokenize
+from lrx.data.tokens import TokenCache
 from lrx.errors import DataError
 
 logger = logging.getLogger(__name__)
@@ -186,9 +186,12 @@ def read_instruct(path: Path, tokenizer: Any) -> datasets.Dataset:
 
 
 def tokenize_instruct(
-    ds: datasets.Dataset, tokenizer: Any, max_length: int, mask_prompt: bool, path: Path
+    ds: datasets.Dataset, tokenizer: Any, max_length: int, mask_prompt: bool, cache: TokenCache
 ) -> datasets.Dataset:
-    """Tokenizes prompt and response separately so the label boundary is exact."""
+    """Tokenizes prompt and response separately so the label boundary is exact.
+
+    Examples whose prompt fills ``max_length`` are dropped; ``check_tokenized`` reports them.
+    """
     prompt_special = prompt_add_special_tokens(tokenizer)
 
     def tokenize(batch: dict[str, list[str]]) -> dict[str, list[list[int]]]:
@@ -204,13 +207,21 @@ def tokenize_instruct(
             out["labels"].append((prompt_labels + list(r))[:max_length])
         return out
 
-    out = map_tokenize(ds, tokenize, datasets.List(datasets.Value("int64")))
-    dropped = len(ds) - len(out)
+    return cache.map(ds, tokenize, datasets.List(datasets.Value("int64")), tokenizer,
+                     kind="instruct", max_length=max_length, mask_prompt=mask_prompt,
+                     prompt_special=prompt_special)
+
+
+def check_tokenized(
+    raw: datasets.Dataset, out: datasets.Dataset, path: Path, max_length: int
+) -> datasets.Dataset:
+    """Warns about the examples ``tokenize_instruct`` dropped; DataError when none is left."""
+    dropped = len(raw) - len(out)
     if dropped:
         logger.warning(
             "%s: dropped %d of %d examples whose prompt fills max_length=%d "
             "(no response token left); raise data.max_length or shorten those prompts",
-            path, dropped, len(ds), max_length,
+            path, dropped, len(raw), max_length,
         )
     if len(out) == 0:
         raise DataError(

@@ -42,7 +42,8 @@ def _read_table(cfg: Any, path: Path) -> tuple[list[list[str]], list[str], Table
     for value, line in zip(labels, table.line_nos):
         if not value.strip():
             raise DataError(
-                f"{path}:{line}: empty {cfg.label_column!r} value; fill in the label or drop the row"
+                f"{path}:{line}: empty {cfg.label_column!r} value; "
+                "fill in the label or drop the row"
             )
     return texts, labels, table
 
