@@ -1,6 +1,6 @@
 """EigenLoRAx leave-one-out on GLUE: LoRA on three tasks -> basis -> loadings on the fourth.
 
-    python tools/eigenlorax_glue.py --glue-dir ../shared/data/glue --k 12 --r 4 --seeds 0 1 2 --jobs 12
+    python tools/eigenlorax_glue.py --glue-dir GLUE_DIR --k 12 --r 4 --seeds 0 1 2 --jobs 12
 
 1. Train ``lora`` (configs/minilm/rte.yaml settings) on every task with seed 0; each run
    writes its peft export (``adapter_peft/``).
