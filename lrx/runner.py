@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -26,31 +25,13 @@ from lrx.data import build_datasets, prompt_add_special_tokens, render_prompt
 from lrx.distributed import build_backend
 from lrx.errors import ConfigError, LrxError
 from lrx.methods import adapted_layers, build_method
-from lrx.models import load_model, load_tokenizer, safetensors_files
-from lrx.trainer import Trainer
+from lrx.models import check_positions, load_model, load_tokenizer, safetensors_files
+from lrx.rundir import check_run_dir, claim_run_dir
+from lrx.trainer import Trainer, planned_steps
 
 log = logging.getLogger(__name__)
 
-RUN_MARKER = "config.yaml"  # a folder holding this file holds a run
-
-
-def prepare_run_dir(path: str | Path, overwrite: bool) -> Path:
-    """Refuse to reuse a folder that holds a run unless ``overwrite``; then empty it.
-
-    Raises:
-        LrxError: the folder holds a run and ``overwrite`` is False, or it is not a folder.
-    """
-    path = Path(path)
-    if path.exists() and not path.is_dir():
-        raise LrxError(f"logging.output_dir={path} is a file; choose a folder")
-    if (path / RUN_MARKER).exists():
-        if not overwrite:
-            raise LrxError(
-                f"{path} already holds a run; pass --overwrite to replace it or set logging.output_dir=NEW_DIR"
-            )
-        shutil.rmtree(path)
-    path.mkdir(parents=True, exist_ok=True)
-    return path
+RUN_MARKER = "config.yaml"  # the resolved config, written first
 
 
 def resolve_task(model_task: str, data_task: str) -> str:
@@ -103,8 +84,7 @@ def run(config: RunConfig) -> dict[str, Any]:
             log.info("train.resume=auto: no complete checkpoint in %s; starting a new run", run_dir)
     if resume is not None:
         checkpoint.check_compatible(resume, config.to_dict())  # before any slow loading
-    elif (run_dir / RUN_MARKER).exists() and not config.logging.overwrite:
-        prepare_run_dir(run_dir, overwrite=False)  # raises before any slow loading
+    check_run_dir(run_dir, config.logging.overwrite, resume)  # raises before any slow loading; writes nothing
     if not config.logging.progress:
         datasets.disable_progress_bars()
     backend = build_backend(config.distributed.backend, config.train.device, bf16=config.train.bf16,
@@ -171,9 +151,10 @@ def _run(config: RunConfig, backend, t0: float, resume: Path | None = None) -> d
     log.info("%s: adapted %d linear layers; trainable %s of %s parameters (%.3f%%)",
              method.name, len(adapted), f"{trainable:,}", f"{total:,}", 100 * trainable / total)
 
+    check_positions(model.config, config.data.max_length)  # every check before the first file is written
+    method.check_schedule(planned_steps(config.train, len(data.train), backend.world_size))
     if backend.is_main:
-        if resume is None:
-            run_dir = prepare_run_dir(run_dir, config.logging.overwrite)
+        run_dir = claim_run_dir(run_dir, config.logging.overwrite, resume)  # replaces the old run only now
         save_config(config, run_dir / RUN_MARKER)
     backend.barrier()
     meta = {"base_model": mc.name_or_path, "gguf_file": mc.gguf_file, "tokenizer": mc.tokenizer, "task": task,

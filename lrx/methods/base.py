@@ -332,6 +332,10 @@ class Method:
         """The largest edit-log rank a layer reaches in training, if the method knows it."""
         return None
 
+    def check_schedule(self, total_steps: int) -> None:
+        """Raise ConfigError if the method cannot run in ``total_steps`` optimizer steps; called
+        before anything is written into the run folder."""
+
     def on_train_start(self, model: nn.Module, optimizer: torch.optim.Optimizer, total_steps: int) -> None:
         """Called once before the first step (or after a resume), with the run's length."""
 

@@ -313,6 +313,15 @@ class SRLoRA(Method):
 
     # ---- schedule ------------------------------------------------------------------------
 
+    def check_schedule(self, total_steps: int) -> None:
+        cfg, n = self.config, self.config.n_events
+        if n and not cfg.interval and int(cfg.end_fraction * total_steps) // n < 1:
+            raise ConfigError(
+                f"srlora needs at least {-(-n // cfg.end_fraction):.0f} training steps for its {n} "
+                f"recomposition events, the run has {total_steps}; raise train.max_steps/epochs or "
+                "lower method.r_target"
+            )
+
     def on_train_start(self, model: nn.Module, optimizer: torch.optim.Optimizer, total_steps: int) -> None:
         cfg = self.config
         if self.interval and self.total_steps == total_steps:
@@ -330,13 +339,8 @@ class SRLoRA(Method):
                     total_steps // cfg.interval, n, total_steps, cfg.interval,
                 )
         else:
+            self.check_schedule(total_steps)
             self.interval = int(cfg.end_fraction * total_steps) // n
-            if self.interval < 1:
-                raise ConfigError(
-                    f"srlora needs at least {-(-n // cfg.end_fraction):.0f} training steps for its {n} "
-                    f"recomposition events, the run has {total_steps}; raise train.max_steps/epochs or "
-                    "lower method.r_target"
-                )
         log.info("srlora: %d events, every %d steps from step %d", n, self.interval, self.interval)
 
     def event_steps(self) -> list[int]:
