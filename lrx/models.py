@@ -139,6 +139,15 @@ def safetensors_files(name_or_path: str, gguf_file: str | None = None) -> list[P
     return [] if source.gguf_file else sorted(Path(source.path).glob("*.safetensors"))
 
 
+def absolute_path(name_or_path: str | None) -> str | None:
+    """A local model or tokenizer folder as an absolute path (to record in files lrx writes);
+    short names and None as they are."""
+    if name_or_path is None or name_or_path in SHORT_NAMES or name_or_path in TINY_NAMES:
+        return name_or_path
+    path = Path(name_or_path).expanduser()
+    return str(path.resolve()) if path.exists() else name_or_path
+
+
 def check_weight_files(folder: Path) -> None:
     """Refuse a model folder whose weights are pickles (never unpickled: they can run code) and
     safetensors files that are truncated or corrupt, each in one line.

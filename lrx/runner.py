@@ -25,7 +25,7 @@ from lrx.data import build_datasets, prompt_add_special_tokens, render_prompt
 from lrx.distributed import build_backend
 from lrx.errors import ConfigError, LrxError
 from lrx.methods import adapted_layers, build_method
-from lrx.models import check_positions, load_model, load_tokenizer, safetensors_files
+from lrx.models import absolute_path, check_positions, load_model, load_tokenizer, safetensors_files
 from lrx.rundir import check_run_dir, claim_run_dir
 from lrx.trainer import Trainer, planned_steps
 
@@ -157,7 +157,8 @@ def _run(config: RunConfig, backend, t0: float, resume: Path | None = None) -> d
         run_dir = claim_run_dir(run_dir, config.logging.overwrite, resume)  # replaces the old run only now
         save_config(config, run_dir / RUN_MARKER)
     backend.barrier()
-    meta = {"base_model": mc.name_or_path, "gguf_file": mc.gguf_file, "tokenizer": mc.tokenizer, "task": task,
+    meta = {"base_model": absolute_path(mc.name_or_path), "gguf_file": mc.gguf_file,  # readable from any folder
+            "tokenizer": absolute_path(mc.tokenizer), "task": task,
             "num_labels": data.num_labels, "label_names": data.label_names}
     trainer = Trainer(
         config, model, method, data.train, data.eval, data.collate_fn, data.task, data.metric_names,

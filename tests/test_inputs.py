@@ -406,3 +406,43 @@ def test_defaults_are_the_quick_start_from_any_folder(tmp_path, capsys, monkeypa
                             "logging.tensorboard=false", "data.eval_path=none"], capsys)
     assert code == 0, err
     assert json.loads((tmp_path / "runs" / "quickstart" / "summary.json").read_text())["steps"] == 5
+
+
+@pytest.mark.parametrize("args,fragment", [
+    (["--method", "pissa", "method.r=100"], "asks for 100 principal directions of a 64 x 64 weight"),
+    (["--method", "srlora", "method.r=40"], "asks for 120 principal directions of a 64 x 64 weight"),
+])
+def test_a_rank_larger_than_a_layer_is_one_line(tmp_path, capsys, args, fragment):
+    code, _, err = run_cli([*args, *QUICK, "train.max_steps=8", f"logging.output_dir={tmp_path / 'run'}"], capsys)
+    assert code == 2
+    one_line_error(err, fragment)
+    assert not (tmp_path / "run").exists()
+
+
+# ---- paths recorded in lrx files -------------------------------------------------------------
+
+
+def test_paths_in_an_adapter_resolve_from_its_folder(tmp_path, capsys, monkeypatch):
+    work = tmp_path / "work"
+    work.mkdir()
+    tiny_model("bert", vocab=30522).save_pretrained(work / "base")
+    data = write_table(work / "t.tsv")
+    monkeypatch.chdir(work)  # trained with paths relative to the working directory
+    assert main(["model.name_or_path=base", "model.tokenizer=minilm-l6", "data.format=table", "data.train_path=t.tsv",
+                 "method.target_modules=[query,value]", "train.max_steps=1", "logging.progress=false",
+                 "logging.output_dir=run"]) == 0
+    capsys.readouterr()
+    config_file = work / "run" / "adapter" / "adapter_config.json"
+    config = json.loads(config_file.read_text())
+    assert config["base_model"] == str((work / "base").resolve())  # recorded so any folder can read it
+    config["base_model"] = "../../base"  # relative to the folder that holds the JSON
+    config_file.write_text(json.dumps(config))
+    monkeypatch.chdir(tmp_path)
+    code, _, err = run_cli(["export", str(work / "run" / "adapter"), str(tmp_path / "merged")], capsys)
+    assert code == 0, err
+    assert (tmp_path / "merged" / "config.json").is_file()
+    config["base_model"] = "nowhere/base"
+    config_file.write_text(json.dumps(config))
+    code, _, err = run_cli(["export", str(work / "run" / "adapter"), str(tmp_path / "merged2")], capsys)
+    assert code == 2
+    one_line_error(err, f"{config_file}: base_model 'nowhere/base' not found")
