@@ -46,9 +46,11 @@ def build_parser(prog: str = "launch/train.py") -> argparse.ArgumentParser:
     )
     parser.add_argument("--config", help="YAML run config (see configs/); defaults are used without it")
     parser.add_argument("--method", help="method to train; overrides method.name of the config")
-    parser.add_argument("--overwrite", action="store_true", help="replace a run already in logging.output_dir")
+    parser.add_argument("--overwrite", action="store_true", help="replace a run lrx wrote in logging.output_dir (only lrx's own entries are deleted, "
+                             "once every check has passed)")
     parser.add_argument("--resume", metavar="auto|CHECKPOINT",
-                        help="continue from the newest complete checkpoint of the run (auto) or a checkpoint folder")
+                        help="continue from the newest complete checkpoint of the run (auto) or a checkpoint folder "
+                             "(into its own run folder or a new one)")
     parser.add_argument("overrides", nargs="*", metavar="SECTION.KEY=VALUE", help="config overrides")
     parser.add_argument("--dry-run", action="store_true",
                         help="resolve the config, build the model on the meta device, print the plan, exit")

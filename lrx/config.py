@@ -175,7 +175,7 @@ class LoggingConfig:
     output_dir: str = "runs/quickstart"
     """Run directory: resolved config, metrics.jsonl, TensorBoard events, adapter."""
     overwrite: bool = False
-    """Replace an existing run in output_dir (otherwise refused)."""
+    """Replace a run lrx wrote in output_dir (otherwise refused); only the entries lrx wrote are deleted."""
     tensorboard: bool = True
     """Write TensorBoard event files under output_dir/tb."""
     progress: bool = True
