@@ -7,6 +7,7 @@ Each case runs in-process through ``lrx.cli.main`` on tiny models.
 from __future__ import annotations
 
 import json
+import re
 import shutil
 
 import pytest
@@ -123,13 +124,11 @@ def test_a_rejected_overwrite_keeps_the_old_run(tmp_path, finished_run, capsys, 
     assert snapshot(run) == before
 
 
-@pytest.mark.parametrize("where", ["file", "under_file"])
-def test_output_dir_that_is_or_lies_under_a_file(tmp_path, capsys, where):
+def test_output_dir_under_a_file(tmp_path, capsys):
     (tmp_path / "f").write_text("x")
-    out = tmp_path / "f" if where == "file" else tmp_path / "f" / "run"
-    code, _, err = run_cli([*QUICK, f"logging.output_dir={out}"], capsys)
+    code, _, err = run_cli([*QUICK, f"logging.output_dir={tmp_path / 'f' / 'run'}"], capsys)
     assert code == 2
-    one_line_error(err, "is a file; choose a folder" if where == "file" else "lies under the file")
+    one_line_error(err, f"lies under the file {tmp_path / 'f'}")
 
 
 def test_a_short_srlora_run_writes_nothing(tmp_path, capsys):
@@ -261,35 +260,39 @@ def test_export_into_a_file_is_refused(tmp_path, finished_run, capsys, kind):
 
 def test_every_folder_deleting_path_refuses_a_folder_lrx_did_not_create(tmp_path, finished_run, capsys):
     """--overwrite of a run and export --peft (which replaces its own earlier output)."""
+    from lrx.export import export_peft_adapter
+
     folder = tmp_path / "mine"
     folder.mkdir()
     (folder / "config.yaml").write_text("x: 1\n")
     (folder / "adapter_config.json").write_text("{}")
     (folder / "paper.md").write_text("mine")
     before = snapshot(folder)
-    code, _, err = run_cli(["export", str(finished_run / "adapter"), str(folder), "--peft"], capsys)
-    assert code == 2
-    one_line_error(err, "holds files lrx did not write there")
+    with pytest.raises(LrxError, match="holds files lrx did not write there"):
+        export_peft_adapter(finished_run / "adapter", folder)
     code, _, err = run_cli(["--overwrite", *QUICK, f"logging.output_dir={folder}"], capsys)
     assert code == 2
     one_line_error(err, "deletes nothing there")
     assert snapshot(folder) == before
 
 
-def test_peft_export_replaces_only_its_own_earlier_export(tmp_path, finished_run, capsys):
+def test_peft_export_replaces_only_its_own_earlier_export(tmp_path, finished_run):
+    from lrx.export import export_peft_adapter
+
     out = tmp_path / "peft"
-    assert run_cli(["export", str(finished_run / "adapter"), str(out), "--peft"], capsys)[0] == 0
-    assert run_cli(["export", str(finished_run / "adapter"), str(out), "--peft"], capsys)[0] == 0  # its own: replaced
+    export_peft_adapter(finished_run / "adapter", out)
+    export_peft_adapter(finished_run / "adapter", out)  # its own earlier export: replaced
     (out / "notes.txt").write_text("mine")
-    code, _, err = run_cli(["export", str(finished_run / "adapter"), str(out), "--peft"], capsys)
-    assert code == 2 and (out / "notes.txt").read_text() == "mine"
-    one_line_error(err, "holds files lrx did not write there (notes.txt)")
+    with pytest.raises(LrxError, match=re.escape("holds files lrx did not write there (notes.txt)")):
+        export_peft_adapter(finished_run / "adapter", out)
+    assert (out / "notes.txt").read_text() == "mine"
 
 
-def test_merged_export_of_a_tiny_random_base_is_refused(tmp_path, finished_run, capsys):
-    code, _, err = run_cli(["export", str(finished_run / "adapter"), str(tmp_path / "merged")], capsys)
-    assert code == 2
-    one_line_error(err, "was trained on tiny-llama, a random model that is built at training time and never saved")
+def test_merged_export_of_a_tiny_random_base_is_refused(tmp_path, finished_run):
+    from lrx.export import export_merged
+
+    with pytest.raises(LrxError, match="was trained on tiny-llama, a random model that is built at training time"):
+        export_merged(finished_run / "adapter", tmp_path / "merged")
     assert not (tmp_path / "merged").exists()
 
 
@@ -302,16 +305,17 @@ def test_merged_export_of_a_tiny_random_base_is_refused(tmp_path, finished_run, 
     (lambda c: c["method"].update(r=0), "method settings are invalid (r must be >= 1, got 0)"),
 ])
 @pytest.mark.parametrize("kind", ["merged", "peft"])
-def test_export_of_a_hand_edited_adapter_is_one_line(tmp_path, finished_run, capsys, edit, fragment, kind):
+def test_export_of_a_hand_edited_adapter_is_one_line(tmp_path, finished_run, edit, fragment, kind):
+    from lrx.export import export_merged, export_peft_adapter
+
     adapter = tmp_path / "adapter"
     shutil.copytree(finished_run / "adapter", adapter)
     config = json.loads((adapter / "adapter_config.json").read_text())
     edit(config)
     (adapter / "adapter_config.json").write_text(json.dumps(config))
-    code, _, err = run_cli(["export", str(adapter), str(tmp_path / "out"), *(["--peft"] if kind == "peft" else [])],
-                           capsys)
-    assert code == 2
-    one_line_error(err, fragment)
+    with pytest.raises(LrxError) as e:
+        (export_peft_adapter if kind == "peft" else export_merged)(adapter, tmp_path / "out")
+    assert fragment in str(e.value) and "\n" not in str(e.value)
     assert not (tmp_path / "out").exists()
 
 
@@ -321,43 +325,45 @@ def _peft_sources(tmp_path, n=2):
     return sources(tmp_path, n=n, r=2)  # 2 x 2 columns per module: 3 principal components exist
 
 
-def test_eigenbasis_records_the_k_it_kept(tmp_path, capsys):
+def test_eigenbasis_records_the_k_it_kept(tmp_path):
+    from lrx.eigenbasis import build_basis, format_summary
+
     srcs = _peft_sources(tmp_path)
-    code, out, err = run_cli(["eigenbasis", str(tmp_path / "b"), *map(str, srcs), "--k", "1000"], capsys)
-    assert code == 0, err
+    build_basis(srcs, tmp_path / "b", k=1000)
     meta = json.loads((tmp_path / "b" / "eigenbasis.json").read_text())
     tensors = load_file(str(tmp_path / "b" / "eigenbasis.safetensors"))
     assert meta["k"] == 3 == max(t.shape[1] for k, t in tensors.items() if ".C_" in k)
-    assert meta["k_requested"] == 1000 and "K=3" in out
+    assert meta.get("k_requested") == 1000 and "K=3" in format_summary(meta)
 
 
-def test_eigenbasis_refuses_the_same_adapter_twice(tmp_path, capsys):
+def test_eigenbasis_refuses_the_same_adapter_twice(tmp_path):
+    from lrx.eigenbasis import build_basis
+
     a, b = _peft_sources(tmp_path)
-    code, _, err = run_cli(["eigenbasis", str(tmp_path / "b1"), str(a), str(b), str(a), "--k", "2"], capsys)
-    assert code == 2
-    one_line_error(err, f"adapter {a} is given twice")
+    with pytest.raises(LrxError, match=f"adapter {a} is given twice"):
+        build_basis([a, b, a], tmp_path / "b1", k=2)
     shutil.copytree(a, tmp_path / "copy")
-    code, _, err = run_cli(["eigenbasis", str(tmp_path / "b2"), str(a), str(b), str(tmp_path / "copy"), "--k", "2"],
-                           capsys)
-    assert code == 2
-    one_line_error(err, f"is the same adapter as {a / 'adapter_model.safetensors'}")
+    with pytest.raises(LrxError, match=f"is the same adapter as {a / 'adapter_model.safetensors'}"):
+        build_basis([a, b, tmp_path / "copy"], tmp_path / "b2", k=2)
     assert not (tmp_path / "b1").exists() and not (tmp_path / "b2").exists()
 
 
-def test_eigenbasis_onto_a_file_is_refused(tmp_path, capsys):
+def test_eigenbasis_onto_a_file_is_refused(tmp_path):
+    from lrx.eigenbasis import build_basis
+
     srcs = _peft_sources(tmp_path)
     (tmp_path / "f").write_text("mine")
-    code, _, err = run_cli(["eigenbasis", str(tmp_path / "f"), *map(str, srcs), "--k", "2"], capsys)
-    assert code == 2
-    one_line_error(err, f"OUT={tmp_path / 'f'} is a file; choose a folder")
+    with pytest.raises(LrxError, match=f"OUT={tmp_path / 'f'} is a file; choose a folder"):
+        build_basis(srcs, tmp_path / "f", k=2)
     assert (tmp_path / "f").read_text() == "mine"
 
 
 def test_a_nan_in_a_basis_is_named_at_load(tmp_path):
     from lrx.eigenbasis import load_basis, sha256_file
 
-    srcs = _peft_sources(tmp_path)
-    assert main(["eigenbasis", str(tmp_path / "b"), *map(str, srcs), "--k", "2"]) == 0
+    from lrx.eigenbasis import build_basis
+
+    build_basis(_peft_sources(tmp_path), tmp_path / "b", k=2)
     weights = tmp_path / "b" / "eigenbasis.safetensors"
     tensors = load_file(str(weights))
     tensors["enc.0.v.C_B"][3, 1] = float("nan")
