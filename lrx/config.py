@@ -58,8 +58,9 @@ class DataConfig:
     train_path: str | None = str(QUICKSTART / "train.jsonl")
     """Training file (JSONL for instruct, TSV/CSV otherwise); default: the quick-start instruction set
     shipped in configs/data/quickstart (format=instruct only)."""
-    eval_path: str | None = str(QUICKSTART / "eval.jsonl")
-    """Evaluation file; None = no evaluation; default: the quick-start set's (format=instruct only)."""
+    eval_path: str | None = "auto"
+    """Evaluation file; None = no evaluation; auto = the quick-start's eval set when train_path is the
+    quick-start's, else none."""
     glue_task: str | None = None
     """GLUE task for format=glue: rte, mrpc, cola, sts-b, sst-2, qnli, wnli."""
     text_columns: list[str] = field(default_factory=lambda: ["sentence"])
@@ -85,11 +86,11 @@ class DataConfig:
 
     def __post_init__(self) -> None:
         _require(self.max_length >= 2, "max_length", self.max_length, ">= 2")
-        if self.format != "instruct":  # the quick-start defaults are instruction data
-            if self.train_path == str(QUICKSTART / "train.jsonl"):
-                raise ValueError(f"train_path is not set; format={self.format} needs data.train_path=FILE")
-            if self.eval_path == str(QUICKSTART / "eval.jsonl"):
-                self.eval_path = None
+        quickstart = self.train_path == str(QUICKSTART / "train.jsonl")
+        if quickstart and self.format != "instruct":  # the quick-start defaults are instruction data
+            raise ValueError(f"train_path is not set; format={self.format} needs data.train_path=FILE")
+        if self.eval_path == "auto":
+            self.eval_path = str(QUICKSTART / "eval.jsonl") if quickstart else None
 
 
 @dataclass(kw_only=True)

@@ -407,6 +407,8 @@ def test_defaults_are_the_quick_start_from_any_folder(tmp_path, capsys, monkeypa
     config = load_config(None, [], method="srlora")
     assert config.model.name_or_path == "smollm2-135m"
     assert config.data.train_path == str(QUICKSTART / "train.jsonl")
+    assert config.data.eval_path == str(QUICKSTART / "eval.jsonl")
+    assert load_config(None, ["data.train_path=mine.jsonl"]).data.eval_path is None  # not the quick-start's eval
     code, _, err = run_cli(["--method", "srlora", "model.name_or_path=tiny-llama", "data.max_train_samples=48",
                             "data.max_length=64", "train.max_steps=5", "logging.progress=false",
                             "logging.tensorboard=false", "data.eval_path=none"], capsys)
