@@ -388,16 +388,17 @@ def test_lrx_command_dispatches_subcommands(tmp_path, capsys):
     assert code == 0 and (tmp_path / "run" / "summary.json").is_file(), err
 
 
-def test_module_entry_point_and_console_scripts():
-    import subprocess
-    import sys
+def test_module_entry_point_and_console_scripts(capsys, monkeypatch):
+    import runpy
     import tomllib
 
     scripts = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"]
     assert scripts["lrx"] == "lrx.cli:main" and scripts["lrx-train"] == "lrx.cli:train_main"
-    out = subprocess.run([sys.executable, "-m", "lrx", "export", "--help"], capture_output=True, text=True,
-                         cwd=REPO, check=True).stdout
-    assert "--peft" in out and "usage: lrx export" in out
+    monkeypatch.setattr("sys.argv", ["lrx", "export", "--help"])
+    with pytest.raises(SystemExit) as e:  # python -m lrx export --help
+        runpy.run_module("lrx", run_name="__main__")
+    out = capsys.readouterr().out
+    assert e.value.code == 0 and "--peft" in out and "usage: lrx export" in out
 
 
 def test_defaults_are_the_quick_start_from_any_folder(tmp_path, capsys, monkeypatch):
