@@ -62,15 +62,18 @@ def check_writable(path: Path, key: str) -> None:
         raise LrxError(f"{key}={path}: no permission to write in {existing}; choose a folder you can write")
 
 
-def _foreign_entries(path: Path, owned: tuple[str, ...]) -> list[str]:
-    """Entries of ``path`` whose names lrx would write but which no lrx marker claims."""
+def _present(path: Path, owned: tuple[str, ...]) -> list[str]:
+    """The entries of ``path`` that have names lrx writes."""
     return sorted(name for name in owned if (path / name).exists() or (path / name).is_symlink())
 
 
 def holds_run(path: Path) -> bool:
+    """Whether ``path`` holds a run: lrx's marker, or any entry a run writes."""
     path = Path(path)
-    return path.is_dir() and (read_marker(path) is not None and read_marker(path).get("kind") == "run"
-                              or bool(_foreign_entries(path, RUN_ENTRIES)))
+    if not path.is_dir():
+        return False
+    marker = read_marker(path)
+    return (marker is not None and marker.get("kind") == "run") or bool(_present(path, RUN_ENTRIES))
 
 
 def checkpoint_run(checkpoint: Path) -> Path:
@@ -106,7 +109,7 @@ def check_run_dir(path: str | Path, overwrite: bool, resume: Path | None = None)
         raise LrxError(f"{path} already holds a run; pass --overwrite to replace it or set logging.output_dir=NEW_DIR")
     marker = read_marker(path)
     if marker is None or marker.get("kind") != "run":
-        found = _foreign_entries(path, RUN_ENTRIES)
+        found = _present(path, RUN_ENTRIES)
         raise LrxError(
             f"--overwrite: {path} holds {', '.join(found)} but no {MARKER} marker, so lrx did not write it and "
             f"deletes nothing there; remove those entries yourself or set logging.output_dir=NEW_DIR"
