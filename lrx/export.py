@@ -19,7 +19,6 @@ checkpoint folder (``RUN/checkpoints/step-N``): its ``adapter/`` is used.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import shutil

@@ -23,7 +23,7 @@ from lrx.adapter import SavedAdapter, export_peft_from_adapter, save_adapter, tr
 from lrx.config import RunConfig, save_config
 from lrx.data import build_datasets, prompt_add_special_tokens, render_prompt
 from lrx.distributed import build_backend
-from lrx.errors import ConfigError, LrxError
+from lrx.errors import ConfigError
 from lrx.methods import adapted_layers, build_method
 from lrx.models import absolute_path, check_positions, load_model, load_tokenizer, safetensors_files
 from lrx.rundir import check_run_dir, claim_run_dir

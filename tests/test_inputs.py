@@ -359,9 +359,7 @@ def test_eigenbasis_onto_a_file_is_refused(tmp_path):
 
 
 def test_a_nan_in_a_basis_is_named_at_load(tmp_path):
-    from lrx.eigenbasis import load_basis, sha256_file
-
-    from lrx.eigenbasis import build_basis
+    from lrx.eigenbasis import build_basis, load_basis, sha256_file
 
     build_basis(_peft_sources(tmp_path), tmp_path / "b", k=2)
     weights = tmp_path / "b" / "eigenbasis.safetensors"
@@ -435,7 +433,7 @@ def test_paths_in_an_adapter_resolve_from_its_folder(tmp_path, capsys, monkeypat
     work = tmp_path / "work"
     work.mkdir()
     tiny_model("bert", vocab=30522).save_pretrained(work / "base")
-    data = write_table(work / "t.tsv")
+    write_table(work / "t.tsv")
     monkeypatch.chdir(work)  # trained with paths relative to the working directory
     assert main(["model.name_or_path=base", "model.tokenizer=minilm-l6", "data.format=table", "data.train_path=t.tsv",
                  "method.target_modules=[query,value]", "train.max_steps=1", "logging.progress=false",
