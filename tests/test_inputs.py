@@ -131,6 +131,17 @@ def test_output_dir_under_a_file(tmp_path, capsys):
     one_line_error(err, f"lies under the file {tmp_path / 'f'}")
 
 
+def test_output_dir_without_write_permission(tmp_path, capsys, monkeypatch):
+    import os
+
+    real = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode, **k: False if str(p) == str(tmp_path) else real(p, mode, **k))
+    code, _, err = run_cli([*QUICK, f"logging.output_dir={tmp_path / 'run'}"], capsys)  # tests run as root
+    assert code == 2
+    one_line_error(err, f"no permission to write in {tmp_path}")
+    assert not (tmp_path / "run").exists()
+
+
 def test_a_short_srlora_run_writes_nothing(tmp_path, capsys):
     code, _, err = run_cli(["--method", "srlora", *QUICK, f"logging.output_dir={tmp_path / 'run'}"], capsys)
     assert code == 2
