@@ -369,6 +369,8 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     """Read a YAML run config; ConfigError for a missing, binary or malformed file and for a
     key given twice."""
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"--config {path} is a folder; pass a YAML file (e.g. {path}/lora.yaml, see configs/)")
     if not path.is_file():
         raise ConfigError(f"config file {path} not found; pass an existing file to --config (see configs/)")
     try:

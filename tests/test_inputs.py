@@ -79,6 +79,9 @@ def test_resume_into_a_new_folder_branches_the_run(tmp_path, finished_run, capsy
 
 
 def test_overwrite_deletes_only_what_lrx_wrote(tmp_path, finished_run, capsys):
+    from lrx.rundir import MARKER, RUN_ENTRIES
+
+    assert {p.name for p in finished_run.iterdir()} - {MARKER} <= set(RUN_ENTRIES)  # the marker names all
     run = copy_run(finished_run, tmp_path / "run")
     (run / "notes.txt").write_text("mine")
     (run / "data").mkdir()
@@ -197,6 +200,12 @@ def test_duplicate_yaml_keys_name_the_line(tmp_path, text, fragment):
     with pytest.raises(ConfigError) as e:
         load_config(path)
     assert f"{path} {fragment}" in str(e.value)
+
+
+def test_a_folder_as_config_is_one_line(tmp_path, capsys):
+    code, _, err = run_cli(["--config", str(tmp_path)], capsys)
+    assert code == 2
+    one_line_error(err, f"--config {tmp_path} is a folder; pass a YAML file")
 
 
 def test_binary_config_file_is_one_line(tmp_path, capsys):
