@@ -13,6 +13,8 @@ import dataclasses
 import functools
 import inspect
 import logging
+import math
+import re
 import textwrap
 import types
 import typing
@@ -26,6 +28,10 @@ from lrx.errors import ConfigError
 from lrx.methods import MethodConfig, get_method_class, without_retired_keys
 
 log = logging.getLogger(__name__)
+
+# The quick-start instruction set, found from the package (not the working directory), so that
+# `python launch/train.py --method srlora` trains as typed from any folder.
+QUICKSTART = Path(__file__).resolve().parents[1] / "configs" / "data" / "quickstart"
 
 
 @dataclass(kw_only=True)
@@ -49,10 +55,12 @@ class ModelConfig:
 class DataConfig:
     format: Literal["instruct", "glue", "table"] = "instruct"
     """instruct: JSONL prompt/response or chat messages; glue: a GLUE TSV; table: any CSV/TSV."""
-    train_path: str | None = None
-    """Training file (JSONL for instruct, TSV/CSV otherwise)."""
-    eval_path: str | None = None
-    """Evaluation file; None = no evaluation."""
+    train_path: str | None = str(QUICKSTART / "train.jsonl")
+    """Training file (JSONL for instruct, TSV/CSV otherwise); default: the quick-start instruction set
+    shipped in configs/data/quickstart (format=instruct only)."""
+    eval_path: str | None = "auto"
+    """Evaluation file; None = no evaluation; auto = the quick-start's eval set when train_path is the
+    quick-start's, else none."""
     glue_task: str | None = None
     """GLUE task for format=glue: rte, mrpc, cola, sts-b, sst-2, qnli, wnli."""
     text_columns: list[str] = field(default_factory=lambda: ["sentence"])
@@ -75,6 +83,14 @@ class DataConfig:
     """Use only the first N training rows (quick runs)."""
     max_eval_samples: int | None = None
     """Use only the first N evaluation rows."""
+
+    def __post_init__(self) -> None:
+        _require(self.max_length >= 2, "max_length", self.max_length, ">= 2")
+        quickstart = self.train_path == str(QUICKSTART / "train.jsonl")
+        if quickstart and self.format != "instruct":  # the quick-start defaults are instruction data
+            raise ValueError(f"train_path is not set; format={self.format} needs data.train_path=FILE")
+        if self.eval_path == "auto":
+            self.eval_path = str(QUICKSTART / "eval.jsonl") if quickstart else None
 
 
 @dataclass(kw_only=True)
@@ -129,6 +145,23 @@ class TrainConfig:
     resume: str | None = None
     """Resume from a checkpoint: auto = the newest complete one in output_dir (or start fresh), or a folder."""
 
+    def __post_init__(self) -> None:
+        # Every numeric key in one place (NaN and infinities are refused for all floats in _coerce).
+        _require(self.lr > 0, "lr", self.lr, "> 0 (e.g. 2e-4)")
+        _require(self.weight_decay >= 0, "weight_decay", self.weight_decay, ">= 0")
+        _require(len(self.adam_betas) == 2 and all(0 <= b < 1 for b in self.adam_betas), "adam_betas",
+                 self.adam_betas, "two values in [0, 1), e.g. [0.9, 0.999]")
+        _require(self.epochs > 0, "epochs", self.epochs, "> 0")
+        _require(self.max_steps >= 0, "max_steps", self.max_steps, ">= 0 (0 = derived from epochs)")
+        for name in ("batch_size", "grad_accum", "log_every", "eval_batch_size", "max_new_tokens", "keep_checkpoints"):
+            _require(getattr(self, name) >= 1, name, getattr(self, name), ">= 1")
+        for name in ("warmup_steps", "eval_every", "save_every"):
+            _require(getattr(self, name) >= 0, name, getattr(self, name), ">= 0 (0 = off)")
+        _require(0 <= self.warmup_ratio <= 1, "warmup_ratio", self.warmup_ratio, "in [0, 1]")
+        _require(self.max_grad_norm >= 0, "max_grad_norm", self.max_grad_norm, ">= 0 (0 = no clipping)")
+        _require(re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device) is not None, "device", self.device,
+                 "auto, cpu, cuda or cuda:N")
+
 
 @dataclass(kw_only=True)
 class DistributedConfig:
@@ -143,7 +176,7 @@ class LoggingConfig:
     output_dir: str = "runs/quickstart"
     """Run directory: resolved config, metrics.jsonl, TensorBoard events, adapter."""
     overwrite: bool = False
-    """Replace an existing run in output_dir (otherwise refused)."""
+    """Replace a run lrx wrote in output_dir (otherwise refused); only the entries lrx wrote are deleted."""
     tensorboard: bool = True
     """Write TensorBoard event files under output_dir/tb."""
     progress: bool = True
@@ -159,9 +192,22 @@ class RunConfig:
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
+    def __post_init__(self) -> None:
+        # alpha / r scales every method's adapter: 0 trains nothing (B A stays exactly 0 for
+        # methods that start B at 0), a negative value makes PiSSA's sqrt(S / scale) NaN.
+        alpha = getattr(self.method, "alpha", 1.0)
+        if not alpha > 0:
+            raise ConfigError(f"method.alpha must be > 0 (the adapter scale is alpha / r), got {alpha}")
+
     def to_dict(self) -> dict[str, Any]:
         """Plain nested dict (YAML-serialisable) of the resolved config."""
         return dataclasses.asdict(self)
+
+
+def _require(ok: bool, key: str, value: Any, want: str) -> None:
+    """``__post_init__`` check: ValueError (a one-line ConfigError in ``build_section``)."""
+    if not ok:
+        raise ValueError(f"{key} must be {want}, got {value!r}")
 
 
 SECTIONS: dict[str, type] = {
@@ -246,9 +292,12 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if isinstance(value, bool):
             raise bad
         try:
-            return float(value)
+            number = float(value)
         except (TypeError, ValueError):
             raise bad from None
+        if not math.isfinite(number):
+            raise ConfigError(f"{key}: expected a finite number, got {value!r}")
+        return number
     if tp is str:
         if isinstance(value, (dict, list)):
             raise bad
@@ -276,7 +325,9 @@ def build_section(cls: type, values: dict[str, Any], section: str) -> Any:
     try:
         return cls(**kwargs)
     except (ValueError, TypeError) as e:  # raised by __post_init__ validation
-        raise ConfigError(f"{section}: {e}") from None
+        text = str(e)
+        joined = f"{section}.{text}" if text.split(" ", 1)[0] in names else f"{section}: {text}"
+        raise ConfigError(joined) from None
 
 
 def parse_overrides(overrides: list[str]) -> dict[str, dict[str, str]]:
@@ -296,13 +347,42 @@ def parse_overrides(overrides: list[str]) -> dict[str, dict[str, str]]:
     return tree
 
 
+class _DuplicateKey(Exception):
+    pass
+
+
+class UniqueKeyLoader(yaml.SafeLoader):
+    """SafeLoader that refuses a key given twice in one mapping (YAML itself keeps the last)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            line = key_node.start_mark.line + 1
+            if isinstance(key, typing.Hashable) and key in seen:
+                raise _DuplicateKey(f"line {line}: key '{key}' is given twice (first at line {seen[key]}); keep one")
+            seen[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+
 def read_yaml(path: str | Path) -> dict[str, Any]:
-    """Read a YAML run config; ConfigError for a missing file or malformed YAML."""
+    """Read a YAML run config; ConfigError for a missing, binary or malformed file and for a
+    key given twice."""
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"--config {path} is a folder; pass a YAML file (e.g. {path}/lora.yaml, see configs/)")
     if not path.is_file():
         raise ConfigError(f"config file {path} not found; pass an existing file to --config (see configs/)")
     try:
-        raw = yaml.safe_load(path.read_text())
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise ConfigError(f"config file {path} is not a UTF-8 text file; pass a YAML file to --config") from None
+    except OSError as e:
+        raise ConfigError(f"config file {path} cannot be read ({e.strerror}); pass a readable YAML file") from None
+    try:
+        raw = yaml.load(text, Loader=UniqueKeyLoader)
+    except _DuplicateKey as e:
+        raise ConfigError(f"{path} {e}") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark else ""

@@ -29,6 +29,7 @@ from safetensors.torch import save_file
 
 from lrx.errors import LrxError
 from lrx.fileio import pickle_files, read_json, read_safetensors
+from lrx.rundir import check_writable
 
 log = logging.getLogger(__name__)
 
@@ -168,7 +169,22 @@ def build_basis(
         raise LrxError("no source adapters given")
     if k < 1 or augment < 0:
         raise LrxError(f"K must be >= 1 and P >= 0 (got K={k}, P={augment})")
+    out = Path(out)
+    check_writable(out, "OUT")
+    seen: dict[Path, str] = {}
+    for s in sources:
+        real = Path(s).resolve()
+        if real in seen:
+            raise LrxError(f"adapter {s} is given twice (also as {seen[real]}); each source adapter counts once")
+        seen[real] = str(s)
     adapters = [SourceAdapter.open(s) for s in sources]
+    digests = {}
+    for a in adapters:
+        digest = sha256_file(a.weights)
+        if digest in digests:
+            raise LrxError(f"{a.weights} is the same adapter as {digests[digest]} (same sha256); each source "
+                           "adapter counts once")
+        digests[digest] = a.weights
     ref = adapters[0]
     for a in adapters[1:]:
         base_a, base_r = a.config.get("base_model_name_or_path"), ref.config.get("base_model_name_or_path")
@@ -187,17 +203,18 @@ def build_basis(
     tensors: dict[str, torch.Tensor] = {}
     summary: dict[str, dict[str, list[float]]] = {}
     shapes = {}
+    kept: list[int] = []  # principal components actually kept, per module and matrix
     for index, module in enumerate(sorted(ref.modules)):
         As, Bs = zip(*(a.read(module) for a in adapters))  # one module of every adapter at a time
         for part, cols in (("A", As), ("B", Bs)):
             C, evr = principal_basis(torch.cat(cols, dim=1), k, augment, seed + 2 * index + (part == "B"),
                                      f"{module}.{part}")
+            kept.append(len(evr))
             tensors[f"{module}.C_{part}"] = C.float().contiguous()
             tensors[f"{module}.evr_{part}"] = evr.float().contiguous()
             kind = module.rsplit(".", 1)[-1]
             summary.setdefault(kind, {}).setdefault(part, []).append(float(evr.sum()))
         shapes[module] = {"in": ref.modules[module][0][1], "out": ref.modules[module][1][0]}
-    out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     tmp = out / (BASIS_WEIGHTS + ".tmp")
     # One metadata key only: safetensors writes the metadata map in no fixed order, and the
@@ -206,7 +223,8 @@ def build_basis(
     tmp.replace(out / BASIS_WEIGHTS)
     meta = {
         "format": "lrx-eigenbasis",
-        "k": k,
+        "k": max(kept),  # what the tensors hold: fewer than asked when the sources have fewer columns
+        "k_requested": k,
         "augment": augment,
         "seed": seed,
         "sha256": sha256_file(out / BASIS_WEIGHTS),
@@ -246,30 +264,8 @@ def load_basis(path: str | Path, expected_sha256: str | None = None) -> tuple[di
     if expected_sha256 and digest != expected_sha256:
         raise LrxError(f"{weights}: this basis (sha256 {digest[:16]}) is not the one the adapter was trained on "
                        f"({expected_sha256[:16]}); point method.basis at the original basis")
-    return meta, read_safetensors(weights)
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``python tools/build_eigenbasis.py OUT ADAPTER [ADAPTER ...] --k K [--augment P]``."""
-    import argparse
-    import sys
-
-    parser = argparse.ArgumentParser(
-        prog="tools/build_eigenbasis.py",
-        description="Build an EigenLoRAx principal basis from peft LoRA adapters (safetensors only).",
-    )
-    parser.add_argument("out", help="output folder for eigenbasis.safetensors + eigenbasis.json")
-    parser.add_argument("adapters", nargs="+", help="peft LoRA adapter folders (e.g. runs/*/adapter_peft)")
-    parser.add_argument("--k", type=int, default=32, help="principal components per module and matrix type")
-    parser.add_argument("--augment", type=int, default=0, help="P random orthonormal vectors to append")
-    parser.add_argument("--seed", type=int, default=0, help="augmentation seed")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
-    try:
-        meta = build_basis(args.adapters, args.out, k=args.k, augment=args.augment, seed=args.seed)
-    except LrxError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(format_summary(meta))
-    print(f"wrote {Path(args.out) / BASIS_WEIGHTS} and {BASIS_META}")
-    return 0
+    tensors = read_safetensors(weights)
+    for key, t in tensors.items():  # a NaN here would surface as a NaN loss blamed on train.lr
+        if t.is_floating_point() and not torch.isfinite(t).all():
+            raise LrxError(f"{weights}: {key} contains NaN or Inf; the basis is broken, rebuild it with lrx eigenbasis")
+    return meta, tensors

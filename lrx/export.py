@@ -1,6 +1,6 @@
 """Merged export: ``W0 + edits + scale * B A`` written as a plain transformers checkpoint.
 
-    python tools/export_merged.py runs/my-run/adapter OUT [--dtype bfloat16]
+    lrx export runs/my-run/adapter OUT [--dtype bfloat16]      (or python tools/export_merged.py ...)
 
 Loads the base model the adapter names (or ``--base``), restores the adapter exactly
 (``lrx.adapter.load_adapter``), folds every adapted layer into its base weight in fp32,
@@ -19,25 +19,26 @@ checkpoint folder (``RUN/checkpoints/step-N``): its ``adapter/`` is used.
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import shutil
-import sys
 from pathlib import Path
 
 import torch
 from huggingface_hub import split_torch_state_dict_into_shards
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
 from lrx.adapter import (
-    WEIGHTS_NAME, export_peft_from_adapter, layer_from_adapter, load_adapter, method_of, read_adapter_config,
+    CONFIG_NAME, WEIGHTS_NAME, export_peft_from_adapter, layer_from_adapter, load_adapter, method_of,
+    read_adapter_config,
 )
 from lrx.errors import LrxError
 from lrx.fileio import WeightFiles, read_safetensors
-from lrx.methods import adapted_layers
-from lrx.models import load_model, load_tokenizer
+from lrx.methods import adapted_layers, get_method_class
+from lrx.models import SHORT_NAMES, TINY_NAMES, load_model, load_tokenizer
+from lrx.rundir import PEFT_ENTRIES, check_output_dir, write_marker
 
 log = logging.getLogger(__name__)
 
@@ -75,11 +76,17 @@ def export_merged(adapter_dir: str | Path, out: str | Path, *, base: str | None 
     out = Path(out)
     if (out / "config.json").exists():
         raise LrxError(f"{out} already holds a model; choose another output folder")
+    check_output_dir(out, "OUT")  # not a file, writable, empty: nothing there is overwritten
     adapter_dir = adapter_folder(adapter_dir)
-    config = read_adapter_config(adapter_dir)
+    config = checked_adapter_config(adapter_dir, resolve=("tokenizer", "method.basis") if base else
+                                    ("base_model", "tokenizer", "method.basis"))
     name = base or config.get("base_model")
     if not name:
         raise LrxError(f"{adapter_dir}: no base model recorded; pass --base")
+    if name in TINY_NAMES:
+        raise LrxError(f"{adapter_dir} was trained on {name}, a random model that is built at training time and "
+                       "never saved: a merged export would add the adapter to other random weights; export the "
+                       "adapter alone with --peft, or train on a saved model folder")
     gguf = None if base else config.get("gguf_file")
     tokenizer = load_tokenizer(config.get("tokenizer") or name, None if config.get("tokenizer") else gguf)
     files = sorted(Path(name).glob("*.safetensors")) if Path(name).is_dir() and not gguf else []
@@ -109,8 +116,83 @@ def adapter_folder(path: str | Path) -> Path:
 
 def export_peft_adapter(adapter_dir: str | Path, out: str | Path) -> Path:
     """Write an lrx adapter (or checkpoint) as a standard peft LoRA adapter of exact rank;
-    needs no base model (``lrx.adapter.export_peft_from_adapter``)."""
-    return export_peft_from_adapter(adapter_folder(adapter_dir), out)
+    needs no base model (``lrx.adapter.export_peft_from_adapter``).
+
+    ``out`` must be new, empty, or a peft export this function wrote (then it is replaced).
+
+    Raises:
+        LrxError: missing/corrupt adapter; ``out`` is a file or holds anything else.
+    """
+    check_output_dir(out, "OUT", kind="peft")
+    adapter_dir = adapter_folder(adapter_dir)
+    checked_adapter_config(adapter_dir)
+    path = export_peft_from_adapter(adapter_dir, out)
+    write_marker(path, "peft", PEFT_ENTRIES)
+    return path
+
+
+def recorded_path(value: str, json_file: Path, key: str) -> str:
+    """A model, tokenizer or basis path recorded in an lrx JSON file: short model names as they
+    are; a relative path is resolved from the folder holding the JSON (then, for files written
+    before paths were recorded absolute, from the working directory).
+
+    Raises:
+        LrxError: the path exists in neither place; the message names the JSON file.
+    """
+    if value in SHORT_NAMES or value in TINY_NAMES or Path(value).is_absolute():
+        if Path(value).is_absolute() and not Path(value).exists():
+            raise LrxError(f"{json_file}: {key} {value} not found; pass --base (or restore the folder)")
+        return value
+    beside = json_file.parent / value
+    if beside.exists():
+        return str(beside)
+    if Path(value).exists():
+        return value
+    raise LrxError(f"{json_file}: {key} {value!r} not found (looked beside the file, in {json_file.parent}, and "
+                   "in the working directory); pass --base or run from the folder the run was started in")
+
+
+def checked_adapter_config(adapter_dir: Path, resolve: tuple[str, ...] = ()) -> dict:
+    """The adapter's config, checked for what an export reads (a hand-edited file fails here,
+    in one line naming it, instead of deep inside the export), with the paths named in
+    ``resolve`` (``base_model``, ``tokenizer``, ``method.basis``) resolved by ``recorded_path``.
+
+    Raises:
+        LrxError: naming the file and the key.
+    """
+    config = read_adapter_config(adapter_dir)
+    file = adapter_dir / CONFIG_NAME
+    method_cfg, modules = config.get("method"), config.get("adapted_modules")
+    if not isinstance(method_cfg, dict) or not isinstance(method_cfg.get("name"), str):
+        raise LrxError(f"{file}: 'method' must be a mapping with a 'name'; re-export the adapter (was it edited?)")
+    if not isinstance(modules, list) or not modules or not all(isinstance(m, str) for m in modules):
+        raise LrxError(f"{file}: 'adapted_modules' must be a non-empty list of module names; re-export the adapter")
+    if not isinstance(config.get("saved_modules") or [], list):
+        raise LrxError(f"{file}: 'saved_modules' must be a list; re-export the adapter")
+    for key in ("base_model", "gguf_file", "tokenizer"):
+        if config.get(key) is not None and not isinstance(config[key], str):
+            raise LrxError(f"{file}: '{key}' must be a string or null; re-export the adapter")
+    for key in ("base_model", "tokenizer"):
+        if key in resolve and config.get(key):
+            config[key] = recorded_path(config[key], file, key)
+    if "method.basis" in resolve and isinstance(method_cfg.get("basis"), str) and method_cfg["basis"]:
+        method_cfg["basis"] = recorded_path(method_cfg["basis"], file, "method.basis")
+    try:
+        get_method_class(method_cfg["name"]).config_cls(**method_cfg)
+    except (TypeError, ValueError, LrxError) as e:
+        raise LrxError(f"{file}: method settings are invalid ({str(e).splitlines()[0]}); re-export the adapter") from None
+    weights = adapter_dir / WEIGHTS_NAME
+    if weights.is_file():  # a missing file is named (with any pickle found) by read_safetensors
+        try:
+            with safe_open(str(weights), framework="pt") as f:
+                keys = set(f.keys())
+        except (SafetensorError, OSError) as e:
+            raise LrxError(f"{weights} is not a valid safetensors file ({e}); it may be truncated or corrupt") from None
+        missing = [m for m in modules if f"{m}.edit_U" not in keys]
+        if missing:
+            raise LrxError(f"{file} names modules {missing[:3]} that {weights} has no tensors for; "
+                           "re-export the adapter")
+    return config
 
 
 @torch.no_grad()
@@ -163,29 +245,3 @@ def stream_merged(adapter_dir: Path, config: dict, files: list[Path], out: Path,
         shutil.copy(base_dir / "generation_config.json", out)
     log.info("streamed %d merged layers into %s (%d shards)", len(modules), out, len(plan.filename_to_tensors))
     return True
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="tools/export_merged.py", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("adapter", help="lrx adapter folder (runs/NAME/adapter) or checkpoint (runs/NAME/checkpoints/step-N)")
-    parser.add_argument("out", help="output folder for the merged transformers checkpoint")
-    parser.add_argument("--peft", action="store_true",
-                        help="write the total change as a standard peft LoRA adapter (exact rank) instead; no base needed")
-    parser.add_argument("--base", help="base model (default: the one recorded in the adapter)")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    parser.add_argument("--max-shard-size", default="2GB")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
-    try:
-        if args.peft:
-            path = export_peft_adapter(args.adapter, args.out)
-            print(f"wrote {path} (open with peft's PeftModel.from_pretrained)")
-            return 0
-        path = export_merged(args.adapter, args.out, base=args.base, dtype=args.dtype,
-                             max_shard_size=args.max_shard_size)
-    except LrxError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(f"wrote {path} (open with transformers' from_pretrained)")
-    return 0

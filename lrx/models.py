@@ -139,6 +139,53 @@ def safetensors_files(name_or_path: str, gguf_file: str | None = None) -> list[P
     return [] if source.gguf_file else sorted(Path(source.path).glob("*.safetensors"))
 
 
+def absolute_path(name_or_path: str | None) -> str | None:
+    """A local model or tokenizer folder as an absolute path (to record in files lrx writes);
+    short names and None as they are."""
+    if name_or_path is None or name_or_path in SHORT_NAMES or name_or_path in TINY_NAMES:
+        return name_or_path
+    path = Path(name_or_path).expanduser()
+    return str(path.resolve()) if path.exists() else name_or_path
+
+
+def check_weight_files(folder: Path) -> None:
+    """Refuse a model folder whose weights are pickles (never unpickled: they can run code) and
+    safetensors files that are truncated or corrupt, each in one line.
+
+    Raises:
+        ModelError: naming the file and the fix.
+    """
+    from safetensors import SafetensorError, safe_open
+
+    from lrx.fileio import pickle_files
+
+    files = sorted(Path(folder).glob("*.safetensors"))
+    if not files:
+        pickles = pickle_files(folder)
+        if pickles:
+            raise ModelError(f"{Path(folder) / pickles[0]}: pickle weight files are refused (they can run code when "
+                             "loaded); convert the model to safetensors (save_pretrained(..., safe_serialization=True))")
+    for file in files:  # safe_open reads the header and checks that it covers the whole file
+        try:
+            with safe_open(str(file), framework="pt"):
+                pass
+        except (SafetensorError, OSError) as e:
+            raise ModelError(f"{file} is not a valid safetensors file ({str(e).splitlines()[0]}); it may be truncated "
+                             "or corrupt: copy or save the model again") from None
+
+
+def check_positions(config: PretrainedConfig, max_length: int) -> None:
+    """Refuse ``data.max_length`` beyond the positions the model has.
+
+    Raises:
+        ModelError: naming both numbers and the fix.
+    """
+    positions = getattr(config, "max_position_embeddings", None)
+    if isinstance(positions, int) and max_length > positions:
+        raise ModelError(f"data.max_length={max_length} is longer than the model's {positions} positions "
+                         f"(max_position_embeddings); set data.max_length={positions} or less")
+
+
 def load_model(
     name_or_path: str,
     *,
@@ -181,6 +228,8 @@ def load_model(
         with _empty(meta):
             return auto.from_config(config, dtype=torch_dtype)
     source = resolve_source(name_or_path, gguf_file)
+    if not source.gguf_file:
+        check_weight_files(source.path)
     kwargs = {"gguf_file": source.gguf_file} if source.gguf_file else {}
     try:
         config = AutoConfig.from_pretrained(source.path, **kwargs, **head)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -25,34 +24,16 @@ from lrx.checkpoint import CheckpointManager
 from lrx.config import RunConfig, save_config
 from lrx.data import build_datasets, prompt_add_special_tokens, render_prompt
 from lrx.distributed import ModelSpec, build_backend
-from lrx.errors import ConfigError, LrxError
+from lrx.errors import ConfigError
 from lrx.fileio import WeightFiles
 from lrx.methods import build_method
-from lrx.models import load_model, load_tokenizer, resolve_task, safetensors_files
+from lrx.models import absolute_path, check_positions, load_model, load_tokenizer, resolve_task, safetensors_files
+from lrx.rundir import check_run_dir, claim_run_dir
 from lrx.trainer import Trainer
 
 log = logging.getLogger(__name__)
 
-RUN_MARKER = "config.yaml"  # a folder holding this file holds a run
-
-
-def prepare_run_dir(path: str | Path, overwrite: bool) -> Path:
-    """Refuse to reuse a folder that holds a run unless ``overwrite``; then empty it.
-
-    Raises:
-        LrxError: the folder holds a run and ``overwrite`` is False, or it is not a folder.
-    """
-    path = Path(path)
-    if path.exists() and not path.is_dir():
-        raise LrxError(f"logging.output_dir={path} is a file; choose a folder")
-    if (path / RUN_MARKER).exists():
-        if not overwrite:
-            raise LrxError(
-                f"{path} already holds a run; pass --overwrite to replace it or set logging.output_dir=NEW_DIR"
-            )
-        shutil.rmtree(path)
-    path.mkdir(parents=True, exist_ok=True)
-    return path
+RUN_MARKER = "config.yaml"  # the resolved config, written first
 
 
 def model_spec(config: RunConfig, task: str, num_labels: int, tokenizer) -> ModelSpec:
@@ -126,8 +107,7 @@ def run(config: RunConfig, callbacks=()) -> dict[str, Any]:
     run_dir = Path(config.logging.output_dir)
     checkpoints = CheckpointManager(run_dir, keep=config.train.keep_checkpoints)
     resume = checkpoints.open(config.train.resume, config.to_dict())  # before any slow loading
-    if resume is None and (run_dir / RUN_MARKER).exists() and not config.logging.overwrite:
-        prepare_run_dir(run_dir, overwrite=False)  # raises before any slow loading
+    check_run_dir(run_dir, config.logging.overwrite, resume)  # raises before any slow loading; writes nothing
     if not config.logging.progress:
         datasets.disable_progress_bars()
     backend = build_backend(config.distributed.backend, config.train.device, bf16=config.train.bf16,
@@ -142,7 +122,7 @@ def _run(config: RunConfig, backend, checkpoints: CheckpointManager, t0: float, 
     run_dir = Path(config.logging.output_dir)
     mc = config.model
     tokenizer = load_tokenizer(mc.tokenizer or mc.name_or_path, None if mc.tokenizer else mc.gguf_file)
-    data = build_datasets(config.data, tokenizer, seed=config.train.seed)
+    data = build_datasets(config.data, tokenizer, seed=config.train.seed, main_process_first=backend.main_first)
     task = resolve_task(mc.task, data.task)
     method = build_method(config.method)
     saved = checkpoints.saved_adapter()  # resuming: each layer is restored while its base is whole
@@ -152,7 +132,9 @@ def _run(config: RunConfig, backend, checkpoints: CheckpointManager, t0: float, 
     trainable, total = count_parameters(model)
     log.info("%s: adapted %d linear layers; trainable %s of %s parameters (%.3f%%)",
              method.name, len(method.layers), f"{trainable:,}", f"{total:,}", 100 * trainable / total)
-    meta = {"base_model": mc.name_or_path, "gguf_file": mc.gguf_file, "tokenizer": mc.tokenizer, "task": task,
+    check_positions(model.config, config.data.max_length)
+    meta = {"base_model": absolute_path(mc.name_or_path), "gguf_file": mc.gguf_file,  # readable from any folder
+            "tokenizer": absolute_path(mc.tokenizer), "task": task,
             "num_labels": data.num_labels, "label_names": data.label_names}
     checkpoints.meta = meta
     trainer = Trainer(
@@ -162,12 +144,10 @@ def _run(config: RunConfig, backend, checkpoints: CheckpointManager, t0: float, 
     method.check_schedule(trainer.total_steps)
     if saved is not None:
         checkpoints.restore(trainer, saved)
-    # Everything is checked: only now is the run folder written (replaced with --overwrite).
+    # Everything is checked: only now is the run folder written (an old run replaced with --overwrite).
     if backend.is_main:
-        if saved is None:
-            run_dir = prepare_run_dir(run_dir, config.logging.overwrite)
-        else:
-            checkpoints.rewind_logs()
+        run_dir = claim_run_dir(run_dir, config.logging.overwrite, checkpoints.path)
+        checkpoints.rewind_logs()
         save_config(config, run_dir / RUN_MARKER)
     backend.barrier()
     evals = trainer.fit()

@@ -22,6 +22,18 @@ from typing import Literal
 
 import torch
 
+from lrx.errors import ConfigError
+
+
+class RankError(ConfigError, ValueError):
+    """More principal directions asked of a weight than it has: a setting (the method's rank or
+    pool size) the model's layers cannot take, so a one-line user error."""
+
+    def __init__(self, k: int, rows: int, cols: int):
+        super().__init__(f"the method asks for {k} principal directions of a {rows} x {cols} weight, which has at "
+                         f"most {min(rows, cols)}; lower method.r (or method.r_target) so that it fits every "
+                         "adapted layer")
+
 AllReduce = Callable[[torch.Tensor], torch.Tensor]
 
 
@@ -65,7 +77,7 @@ def randomized_svd_rows(
     n_in = W_rows.shape[1]
     n_rows = W_rows.shape[0] if n_rows is None else n_rows
     if not 1 <= k <= min(n_rows, n_in):
-        raise ValueError(f"cannot take {k} singular triplets of a {n_rows} x {n_in} matrix")
+        raise RankError(k, n_rows, n_in)
     q = min(k + oversample, n_rows, n_in)
     W = W_rows.detach().float()
     gen = torch.Generator(device="cpu").manual_seed(seed)
@@ -110,7 +122,7 @@ def top_singular(
     if method != "exact":
         raise ValueError(f"unknown SVD method {method!r}; use exact or randomized")
     if not 1 <= k <= min(W.shape):
-        raise ValueError(f"cannot take {k} singular triplets of a {tuple(W.shape)} matrix")
+        raise RankError(k, *W.shape)
     U, S, Vh = torch.linalg.svd(W.detach().float(), full_matrices=False)
     U, V = fix_signs(U[:, :k].contiguous(), Vh[:k].t().contiguous())
     return U, S[:k], V

@@ -56,6 +56,19 @@ class ShardedBatches(torch.utils.data.Sampler):
             yield perm[start : min(start + self.batch_size, self.n)]
 
 
+def planned_steps(tc, n_examples: int, world_size: int = 1) -> int:
+    """Optimizer steps a run takes on ``n_examples`` training rows (``Trainer.total_steps``),
+    known before the trainer exists so a schedule is checked before anything is written.
+
+    Raises:
+        LrxError: not one batch of training data.
+    """
+    batches = len(ShardedBatches(n_examples, tc.batch_size, tc.seed, 0, world_size))
+    if batches == 0:
+        raise LrxError("the training set is empty; check data.train_path and data.max_train_samples")
+    return tc.max_steps or math.ceil(max(1, batches // tc.grad_accum) * tc.epochs)
+
+
 class MetricsLog:
     """Append-only JSONL metrics file plus optional TensorBoard scalars (main process only)."""
 
@@ -179,7 +192,7 @@ class Trainer:
         if len(self.train_loader) == 0:
             raise LrxError("the training set is empty; check data.train_path and data.max_train_samples")
         self.steps_per_epoch = max(1, len(self.train_loader) // tc.grad_accum)
-        self.total_steps = tc.max_steps or math.ceil(self.steps_per_epoch * tc.epochs)
+        self.total_steps = planned_steps(tc, len(train_data), world)
         warmup = tc.warmup_steps or math.ceil(tc.warmup_ratio * self.total_steps)
         self.params = list(method.trainable_parameters(model))
         self.optimizer = torch.optim.AdamW(

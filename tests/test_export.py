@@ -107,9 +107,7 @@ def test_peft_export_from_a_checkpoint_folder(tmp_path, base_dir, capsys):
                  "train.lr=1e-2", "logging.progress=false", f"logging.output_dir={tmp_path / 'run'}", *EXTRA["srlora"]])
     assert code == 0, capsys.readouterr().err
     ckpt = tmp_path / "run" / "checkpoints" / "step-00000008"
-    from lrx.export import main as export_main
-
-    assert export_main([str(ckpt), str(tmp_path / "peft"), "--peft"]) == 0
+    assert main(["export", str(ckpt), str(tmp_path / "peft"), "--peft"]) == 0
     peft_model = PeftModel.from_pretrained(AutoModelForSequenceClassification.from_pretrained(base_dir), tmp_path / "peft").eval()
     trained = AutoModelForSequenceClassification.from_pretrained(base_dir).eval()
     load_adapter(ckpt / "adapter", trained)

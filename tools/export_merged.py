@@ -1,4 +1,5 @@
-"""Export an lrx adapter merged into its base as a plain transformers checkpoint: see lrx/export.py.
+"""Export an lrx adapter merged into its base as a plain transformers checkpoint (``lrx export``):
+see lrx/export.py and --help.
 
     python tools/export_merged.py runs/smollm2-lora/adapter runs/smollm2-lora/merged --dtype bfloat16
 """
@@ -8,7 +9,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from lrx.export import main  # noqa: E402
+from lrx.cli import export_main  # noqa: E402
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(export_main())

@@ -11,6 +11,7 @@ what it needs of them comes as the ``LayerSetup`` callbacks.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -120,6 +121,10 @@ class Backend(Protocol):
 
     def barrier(self) -> None:
         """Wait for every process."""
+
+    def main_first(self) -> contextlib.AbstractContextManager:
+        """A context the main process runs first while the others wait, then the others (e.g.
+        tokenising into a shared cache once)."""
 
     def gather(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Whole copies of (possibly sharded) parameters, on every process (collective; only
@@ -245,6 +250,14 @@ class MultiProcess:
 
         dist.barrier()
 
+    @contextlib.contextmanager
+    def main_first(self):
+        if not self.is_main:
+            self.barrier()
+        yield
+        if self.is_main:
+            self.barrier()
+
     def close(self) -> None:
         import torch.distributed as dist
 
@@ -311,6 +324,9 @@ class SingleDevice(TorchSteps):
 
     def barrier(self) -> None:
         pass
+
+    def main_first(self) -> contextlib.AbstractContextManager:
+        return contextlib.nullcontext()
 
     def close(self) -> None:
         pass

@@ -97,6 +97,22 @@ class ZeRO3(MultiProcess):
         except ImportError:
             raise ConfigError("distributed.backend=zero3 needs deepspeed: pip install deepspeed") from None
         self.deepspeed = deepspeed
+        path = Path(ds_config) if ds_config else DEFAULT_CONFIG  # read before joining: a bad file is one line
+        if not path.is_file():
+            raise ConfigError(f"DeepSpeed config {path} not found; set distributed.deepspeed_config")
+        try:
+            self.ds_config = json.loads(path.read_text(encoding="utf-8"))
+        except (ValueError, UnicodeDecodeError) as e:
+            where = f" at line {e.lineno}" if isinstance(e, json.JSONDecodeError) else ""
+            raise ConfigError(f"DeepSpeed config {path} is not valid JSON{where}; fix it or set "
+                              "distributed.deepspeed_config to a JSON file") from None
+        if not isinstance(self.ds_config, dict):
+            raise ConfigError(f"DeepSpeed config {path} must be a JSON object ({{...}}); fix it")
+        # Without a launcher's environment DeepSpeed falls back to MPI discovery (an mpi4py traceback).
+        unset = [v for v in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT") if v not in os.environ]
+        if unset:
+            raise ConfigError(f"distributed.backend=zero3 needs a launcher ({', '.join(unset)} not set); run "
+                              "deepspeed --num_gpus N launch/train.py ... (or torchrun), or set distributed.backend=auto")
         if not use_cuda:
             without_shm_allreduce()
         try:
@@ -105,10 +121,6 @@ class ZeRO3(MultiProcess):
             raise ConfigError(f"zero3 cannot join the process group ({str(e).splitlines()[0]}); launch with "
                               "deepspeed --num_gpus N launch/train.py ... or torchrun") from None
         self._bind(use_cuda)
-        path = Path(ds_config) if ds_config else DEFAULT_CONFIG
-        if not path.is_file():
-            raise ConfigError(f"DeepSpeed config {path} not found; set distributed.deepspeed_config")
-        self.ds_config = json.loads(path.read_text())
         self.bf16 = use_cuda and bf16
         self.engine = None
         self.micro = 0
