@@ -87,8 +87,8 @@ class DataConfig:
     def __post_init__(self) -> None:
         _require(self.max_length >= 2, "max_length", self.max_length, ">= 2")
         quickstart = self.train_path == str(QUICKSTART / "train.jsonl")
-        if quickstart and self.format != "instruct":  # the quick-start defaults are instruction data
-            raise ValueError(f"train_path is not set; format={self.format} needs data.train_path=FILE")
+        if quickstart and self.format != "instruct":  # the quick-start set is instruction data: no default here
+            self.train_path, quickstart = None, False  # building the data says what to set
         if self.eval_path == "auto":
             self.eval_path = str(QUICKSTART / "eval.jsonl") if quickstart else None
 

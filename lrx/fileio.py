@@ -56,9 +56,13 @@ class WeightFiles:
         self._open = safe_open
         self.where: dict[str, Path] = {}
         for file in files:
-            with safe_open(str(file), framework="pt") as f:
-                for key in f.keys():
-                    self.where[key] = file
+            try:
+                with safe_open(str(file), framework="pt") as f:
+                    for key in f.keys():
+                        self.where[key] = file
+            except (SafetensorError, OSError) as e:
+                raise LrxError(f"{file} is not a valid safetensors file ({str(e).splitlines()[0]}); it may be "
+                               "truncated or corrupt: copy or save the model again") from None
 
     def __contains__(self, key: str) -> bool:
         return key in self.where
