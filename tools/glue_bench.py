@@ -8,7 +8,9 @@ epochs; ``--jobs`` runs several at once (useful on a GPU, which one small model 
         --tasks rte mrpc stsb cola --seeds 0 1 2 --jobs 3 --out runs/glue_bench
 
 Prints a table (mean +- sample sd over seeds of the task's main dev metric, after the last
-epoch) and writes ``results.json`` with every run's summary into ``--out``.
+epoch) and writes ``results.json`` with every run's summary into ``--out``. For learning rates
+picked per method on a held-out validation split, dev curves against steps and the EigenLoRAx
+leave-one-out, see its successor ``tools/glue_study.py``.
 """
 
 from __future__ import annotations
