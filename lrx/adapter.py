@@ -26,7 +26,14 @@ import lrx
 from lrx.errors import LrxError
 from lrx.fileio import atomic_dir, read_json, read_safetensors
 from lrx.methods import (
-    AdaptedLinear, LocalShards, Method, MethodConfig, adapted_layers, build_method, get_method_class, without_retired_keys,
+    AdaptedLinear,
+    LocalShards,
+    Method,
+    MethodConfig,
+    adapted_layers,
+    build_method,
+    get_method_class,
+    without_retired_keys,
 )
 
 ADAPTER_FORMAT = "lrx-adapter"

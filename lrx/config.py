@@ -452,7 +452,7 @@ def describe_options() -> str:
 
     lines = []
 
-    def add(section: str, cls: type, skip: set[str] = set()) -> None:
+    def add(section: str, cls: type, skip: frozenset[str] = frozenset()) -> None:
         hints = typing.get_type_hints(cls)
         helps = field_help(cls)
         for f in dataclasses.fields(cls):

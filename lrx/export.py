@@ -31,7 +31,12 @@ from safetensors.torch import save_file
 from torch import nn
 
 from lrx.adapter import (
-    CONFIG_NAME, WEIGHTS_NAME, export_peft_from_adapter, layer_from_adapter, load_adapter, method_of,
+    CONFIG_NAME,
+    WEIGHTS_NAME,
+    export_peft_from_adapter,
+    layer_from_adapter,
+    load_adapter,
+    method_of,
     read_adapter_config,
 )
 from lrx.errors import LrxError

@@ -52,7 +52,7 @@ def plan(config: RunConfig, world_size: int | None = None) -> str:
     compute_dtype = torch.bfloat16 if tc.bf16 and tc.device != "cpu" else None
     offload = not mcfg.folds(getattr(torch, config.model.dtype)) and mcfg.offloads_edit_log(compute_dtype)
     state = sum(method.state_bytes(layer, shard, 2 if offload else 4) for _, layer in layers)
-    host_log = 4 * (method.edit_rank_bound() or 0) * sum(l.in_features + l.out_features for _, l in layers) if offload else 0
+    host_log = 4 * (method.edit_rank_bound() or 0) * sum(lay.in_features + lay.out_features for _, lay in layers) if offload else 0
     # Trainable parameters are fp32, with fp32 gradients and two fp32 Adam moments: 16 bytes.
     rows = [
         ("base weights (frozen)", base_bytes / shard),

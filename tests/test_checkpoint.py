@@ -85,7 +85,7 @@ def test_killed_run_resumes_exactly(tmp_path, backend, nproc):
     assert done and max(done) == kill - kill % 2 and max(done) >= 4
     resumed = run(argv(data, tmp_path / "run", "train.save_every=2", "--resume", "auto", batch=batch), nproc, backend)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert f"resumed from" in resumed.stderr
+    assert "resumed from" in resumed.stderr
     straight = {"fsdp2": "loaded block by block from 1 safetensors files", "zero3": "parameters were built partitioned"}
     assert straight[backend] in resumed.stderr + resumed.stdout
     assert losses(tmp_path / "run") == pytest.approx(losses(tmp_path / "full"), abs=1e-6)
@@ -97,7 +97,7 @@ def test_killed_run_resumes_exactly(tmp_path, backend, nproc):
 
 @pytest.mark.parametrize("first, then", [(("fsdp2", 2), ("single", 1)), (("single", 1), ("zero3", 2))],
                          ids=["2-to-1", "1-to-2"])
-def test_resume_on_another_world_size(tmp_path, reference, first, then):
+def test_resume_on_another_world_size(tmp_path, reference, first, then):  # noqa: F811 (the fixture)
     data = table(tmp_path / "t.tsv")
     ref = reference("world-size", lambda d: run(args(table(d / "t.tsv"), d / "ref"))) / "ref"
     (b1, n1), (b2, n2) = first, then

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from lrx.config import DataConfig
 from lrx.data import (
     IGNORE_INDEX,
     build_datasets,
@@ -17,7 +18,6 @@ from lrx.data import (
     prompt_add_special_tokens,
     render_prompt,
 )
-from lrx.config import DataConfig
 from lrx.errors import DataError
 
 GLUE_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "glue"

@@ -163,7 +163,7 @@ def test_only_loadings_train_with_2kr_parameters(bert_basis):
     assert layers
     meta, _ = load_basis(bert_basis)
     k = meta["k"] + meta["augment"]
-    for name, layer in layers.items():
+    for layer in layers.values():
         assert set(layer.adapter_params()) == {"alpha_A", "alpha_B"}
         assert sum(p.numel() for p in layer.adapter_params().values()) == 2 * k * 4
         assert not layer.C_A.requires_grad and "C_A" in dict(layer.named_buffers())
@@ -202,7 +202,7 @@ def test_project_init_reproduces_an_adapter_in_the_basis_span(bert_basis, tmp_pa
     cfg["lora_alpha"] = 2 * cfg["r"]  # peft scale 2: project must account for it
     (tmp_path / "src" / "adapter_config.json").write_text(json.dumps(cfg))
     _, projected, _ = eigen(bert_basis, "method.init=project", f"method.project_from={tmp_path / 'src'}")
-    for (name, a), (_, b) in zip(adapted_layers(model), adapted_layers(projected)):
+    for (_, a), (_, b) in zip(adapted_layers(model), adapted_layers(projected)):
         torch.testing.assert_close(b.adapter_weight(), 2 * a.adapter_weight(), rtol=1e-4, atol=1e-6)
 
 

@@ -408,6 +408,7 @@ def test_lrx_command_dispatches_subcommands(tmp_path, capsys):
 
 def test_module_entry_point_and_console_scripts(capsys, monkeypatch):
     import runpy
+
     import tomllib
 
     scripts = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"]

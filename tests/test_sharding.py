@@ -96,7 +96,7 @@ def test_per_shard_svd_matches_single_process_and_float64(world):
         return randomized_svd_rows(W[start:end].float(), 8, all_reduce=group.all_reduce, n_rows=W.shape[0], seed=3)
 
     results = group.run(rank_fn)
-    for U_k, S, V in results[1:]:  # replicated parts are bit-identical on every rank
+    for _, S, V in results[1:]:  # replicated parts are bit-identical on every rank
         assert torch.equal(S, results[0][1]) and torch.equal(V, results[0][2])
     U = torch.cat([r[0] for r in results])
     U1, S1, V1 = top_singular(W.float(), 8, method="randomized", seed=3)

@@ -242,7 +242,7 @@ def check_offloaded_edit_log(device):
     # Bitwise on CPU; a GPU's attention backward may add atomics in any order, so close there.
     same = torch.equal if device == "cpu" else lambda a, b: torch.allclose(a.cpu(), b.cpu(), rtol=1e-3, atol=1e-5)
     assert method.events_done == 4 and same(torch.tensor(losses), torch.tensor(plain_losses))
-    for (name, layer), (_, ref) in zip(adapted_layers(model), adapted_layers(plain_model)):
+    for (_, layer), (_, ref) in zip(adapted_layers(model), adapted_layers(plain_model)):
         assert layer.host_log is not None and ref.host_log is None and not layer.fold_edits
         assert layer.edit_U.dtype == torch.bfloat16 and layer.edit_U.device.type == device
         assert layer.edit_rank == ref.edit_rank == 4 + 4 * 4

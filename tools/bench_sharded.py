@@ -44,9 +44,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig  # noqa: E402
-
 from accelerate import init_empty_weights  # noqa: E402
+from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig  # noqa: E402
 
 from lrx.build import Adapters  # noqa: E402
 from lrx.config import load_config  # noqa: E402
@@ -256,7 +255,7 @@ def one_run(args, backend, spec: str) -> dict:
     ref = REFERENCES.get((backend.name, ckpt))
     if ref and backend.world_size == 2 and args.model_config != "tiny":
         result["peft_reference_tokens_per_s_per_gpu"] = ref
-    del runner, model, optimizer, scheduler, params, method
+    runner = model = optimizer = scheduler = params = method = None  # free the GPU for the next run
     if backend.name == "zero3":
         backend.engine = None
     gc.collect()

@@ -1,10 +1,10 @@
 """GLUE benchmark: train methods x tasks x seeds with launch/train.py and tabulate dev metrics.
 
 Every run is a separate ``launch/train.py`` process (the same path users take) with the
-settings of ``configs/minilm/rte.yaml`` (the peft reference in DESIGN.md) and the task's
+settings of ``configs/minilm/rte.yaml`` (the peft reference in docs/ARCHITECTURE.md) and the task's
 epochs; ``--jobs`` runs several at once (useful on a GPU, which one small model leaves idle).
 
-    python tools/glue_bench.py --glue-dir ../shared/data/glue --methods lora pissa \\
+    python tools/glue_bench.py --glue-dir GLUE_DIR --methods lora pissa \\
         --tasks rte mrpc stsb cola --seeds 0 1 2 --jobs 3 --out runs/glue_bench
 
 Prints a table (mean +- sample sd over seeds of the task's main dev metric, after the last
@@ -27,7 +27,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 
-# task: (folder, epochs, main metric) as in DESIGN.md's reference table.
+# task: (folder, epochs, main metric) as in the reference table of docs/ARCHITECTURE.md.
 TASKS = {
     "rte": ("RTE", 20, "accuracy"),
     "mrpc": ("MRPC", 10, "f1"),
@@ -35,7 +35,7 @@ TASKS = {
     "cola": ("CoLA", 10, "matthews"),
     "wnli": ("WNLI", 10, "accuracy"),
 }
-REFERENCE = {  # peft 0.21 LoRA, DESIGN.md (H100, seeds 0-2): mean, sd
+REFERENCE = {  # peft 0.21 LoRA, docs/ARCHITECTURE.md (H100, seeds 0-2): mean, sd
     "rte": (60.7, 2.7), "mrpc": (86.2, 1.2), "stsb": (84.9, 0.5), "cola": (27.2, 0.9),
 }
 

@@ -1,7 +1,7 @@
 """GLUE study: per-method learning rates picked on a held-out validation split, dev over seeds,
 convergence curves and the EigenLoRAx leave-one-out with a richer basis (issue 19).
 
-    python tools/glue_study.py run --glue-dir ../shared/data/glue --work runs/glue-study \\
+    python tools/glue_study.py run --glue-dir GLUE_DIR --work runs/glue-study \\
         --results runs/glue-study-runs.jsonl --jobs 14 --deadline 560 model.name_or_path=minilm-l6 train.device=cuda
     python tools/glue_study.py report --results runs/glue-study-runs.jsonl --json benchmarks/glue-study.json \\
         --plot benchmarks/glue-study-convergence.png
@@ -424,7 +424,7 @@ class Study:
                       f"{len(running)} running, t={time.time() - t_start:.0f} s)", flush=True)
             self.try_bases()
             if time.time() > deadline:
-                for key, (proc, run, cmd, t0, log) in running.items():
+                for key, (proc, *_) in running.items():
                     proc.kill()
                     print(f"[{key}] killed at the deadline", flush=True)
                 for out, (proc, *_) in self.basis_jobs.items():

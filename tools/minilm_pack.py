@@ -3,7 +3,7 @@
 all-MiniLM-L6-v2's ``model.safetensors`` is 90.9 MB in fp32, most of it the 30,522 x 384
 word embedding. A GLUE run looks up only the rows of tokens that occur in its data, so
 
-    python tools/minilm_pack.py pack OUT_FILE --glue-dir ../shared/data/glue
+    python tools/minilm_pack.py pack OUT_FILE --glue-dir GLUE_DIR
 
 keeps every tensor whole except the word embedding, of which it keeps the rows of the
 tokens found in the GLUE files (train and dev of every task folder there, plus the special

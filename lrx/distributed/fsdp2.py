@@ -20,8 +20,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.tensor import DTensor
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor
 
 from lrx.distributed import LayerSetup, ModelSpec, MultiProcess, TorchSteps, build_whole
 from lrx.errors import ConfigError

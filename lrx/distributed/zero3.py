@@ -25,8 +25,16 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from lrx.distributed import (
+    MOMENTS,
+    LayerSetup,
+    ModelSpec,
+    MultiProcess,
+    RowBlockWeights,
+    build_whole,
+    check_whole_shape,
+)
 from lrx.errors import ConfigError, LrxError
-from lrx.distributed import MOMENTS, LayerSetup, ModelSpec, MultiProcess, RowBlockWeights, build_whole, check_whole_shape
 from lrx.methods import PieceShards
 
 log = logging.getLogger(__name__)
@@ -150,7 +158,7 @@ class ZeRO3(MultiProcess):
             return model.to(self.device)
         log.info("zero3: %d of %d parameters were built partitioned", partitioned, len(list(model.parameters())))
         for module in model.modules():  # built partitioned: move only what zero.Init did not place
-            for key, t in list(module._parameters.items()) + list(module._buffers.items()):
+            for t in list(module._parameters.values()) + list(module._buffers.values()):
                 if t is not None and not hasattr(t, "ds_id") and t.device != self.device:
                     t.data = t.data.to(self.device)
         return model

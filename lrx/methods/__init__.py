@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from lrx.errors import ConfigError
 from lrx.methods.base import EditingConfig, Method, MethodConfig, adapted_layers, find_targets, without_retired_keys
-from lrx.methods.seam import LocalShards, LocalWeights, PieceShards, Shards, WeightAccess
 from lrx.methods.layer import AdaptedLinear
+from lrx.methods.seam import LocalShards, LocalWeights, PieceShards, Shards, WeightAccess
 
 _REGISTRY: dict[str, type[Method]] = {}
 

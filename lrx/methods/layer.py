@@ -7,10 +7,11 @@ residual, SRLoRA's fused pairs), recorded as fp32 factors ``edit_U @ edit_V`` so
 ``fold_edits`` they are either added into ``base.weight`` in place (exact enough for fp32
 bases) or applied beside the adapter as a low-rank product (needed for bf16 and quantized
 bases, where a small in-place add loses most of the update: one bf16 add keeps 29 % of a
-1e-3-relative update and 3 % of a 1e-4 one, ``tools/bench_fusion.py``; docs/ARCHITECTURE.md). When the forward runs in bf16 on a GPU, ``offload_edit_log`` keeps the exact fp32
-log in host memory and only its bf16 copy on the device: training is bit-identical (the fp32
-log was cast to bf16 for every product anyway) and the log takes half the GPU memory. Pair k
-is column k of ``lora_B`` with row k of ``lora_A``.
+1e-3-relative update and 3 % of a 1e-4 one, ``tools/bench_fusion.py``). When the forward
+runs in bf16 on a GPU, ``offload_edit_log`` keeps the exact fp32 log in host memory and only
+its bf16 copy on the device: training is bit-identical (the fp32 log was cast to bf16 for
+every product anyway) and the log takes half the GPU memory. Pair k is column k of
+``lora_B`` with row k of ``lora_A``.
 """
 
 from __future__ import annotations

@@ -8,6 +8,7 @@ With ``W0 = U S V^T`` (top r triplets) and scale s = alpha / r:
 from __future__ import annotations
 
 from dataclasses import dataclass
+
 import torch
 
 from lrx.methods import register_method
