@@ -55,8 +55,8 @@ def model_spec(config: RunConfig, task: str, num_labels: int, tokenizer) -> Mode
         if config.train.activation_checkpointing:
             enable_activation_checkpointing(model, mc.name_or_path)
 
-    return ModelSpec(construct, reader=WeightFiles(files) if files else None,
-                     source=f"{len(files)} safetensors files", stream=mc.sharded_load, before_sharding=before_sharding)
+    return ModelSpec(construct, reader=WeightFiles(files) if files else None, source=f"{len(files)} safetensors files",
+                     stream=mc.sharded_load, dtype=getattr(torch, mc.dtype), before_sharding=before_sharding)
 
 
 def enable_activation_checkpointing(model: torch.nn.Module, name: str) -> None:

@@ -143,7 +143,7 @@ def one_run(args, backend, spec: str) -> dict:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
 
-    spec = ModelSpec(construct, reader=fill, source="seeded random weights", before_sharding=before_sharding)
+    spec = ModelSpec(construct, reader=fill, source="seeded random weights", dtype=dtype, before_sharding=before_sharding)
     sync(backend)
     t0 = time.perf_counter()
     model = backend.build(spec, Adapters(method, seed=0))  # construct, adapter init (block by block), shard

@@ -65,6 +65,9 @@ class ModelSpec:
     """What ``reader`` reads, for the log."""
     stream: str = "auto"
     """``model.sharded_load``: ``on`` refuses a backend that would load the model whole."""
+    dtype: torch.dtype = torch.float32
+    """The dtype the base is stored in (``model.dtype``): a backend keeps it (ZeRO-3's bf16 engine
+    only for bf16 bases), so edits folded into an fp32 base stay exact."""
     before_sharding: Callable[[nn.Module], None] = lambda model: None
     """Called on the adapted model before it is placed or sharded (activation checkpointing)."""
 

@@ -90,7 +90,8 @@ class ZeRO3(MultiProcess):
 
     Args:
         device: ``auto``, ``cpu`` or ``cuda``.
-        bf16: on GPU, train in bf16 (DeepSpeed's ``bf16.enabled``).
+        bf16: on GPU, DeepSpeed's bf16 engine (``bf16.enabled``) for a bf16 base; an fp32 base stays
+            fp32 (the trainer's autocast still computes in bf16).
         ds_config: DeepSpeed JSON; batch sizes, accumulation and clipping are filled in by lrx.
     """
 
@@ -130,6 +131,7 @@ class ZeRO3(MultiProcess):
                               "deepspeed --num_gpus N launch/train.py ... or torchrun") from None
         self._bind(use_cuda)
         self.bf16 = use_cuda and bf16
+        self.engine_bf16: bool | None = None  # decided by build from the base's dtype
         self.engine = None
         self.micro = 0
 
@@ -142,11 +144,14 @@ class ZeRO3(MultiProcess):
         ``zero.Init``, every parameter partitioned at creation, and loads the checkpoint one
         tensor at a time, so no process holds the whole model; each adapted layer's base is
         then gathered alone while its adapter is initialised (``ZeroWeights.gathered``)."""
+        # DeepSpeed's bf16 engine casts every parameter to bf16: only for a bf16 base, so that an
+        # fp32 base (model.dtype=float32) stays fp32 and edits folded into it stay exact.
+        self.engine_bf16 = self.bf16 and spec.dtype == torch.bfloat16
         if spec.reader is not None:
             from transformers.integrations import HfDeepSpeedConfig
 
             config = {**self.ds_config, "train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1,
-                      "bf16": {"enabled": self.bf16}}
+                      "bf16": {"enabled": self.engine_bf16}}
             config.setdefault("zero_optimization", {})["stage"] = 3
             self._hf_config = HfDeepSpeedConfig(config)  # transformers reads it through a weak reference: keep it
             log.info("zero3: building the model partitioned (zero.Init) and loading it tensor by tensor")
@@ -173,7 +178,7 @@ class ZeRO3(MultiProcess):
             "train_batch_size": micro_batch * grad_accum * self.world_size,
             "gradient_clipping": max_grad_norm,
             "zero_allow_untested_optimizer": True,
-            "bf16": {"enabled": self.bf16},
+            "bf16": {"enabled": self.bf16 if self.engine_bf16 is None else self.engine_bf16},
         }
         config.setdefault("zero_optimization", {})["stage"] = 3
         if self.offloaded and "optimizer" not in config:

@@ -264,7 +264,17 @@ class Method:
         GPU); below fp32 the layers' edit logs move to host memory (``method.edit_log``)."""
         self.shards = shards
         offload = self.config.offloads_edit_log(compute_dtype)
-        for _, layer in adapted_layers(model):
+        checks = isinstance(self.config, EditingConfig) and self.config.fuse == "auto"
+        for name, layer in adapted_layers(model):
+            stored = layer.base.weight.dtype  # as placed: an engine may have cast it
+            if checks and layer.fold_edits and stored != torch.float32:
+                # The fold was chosen for an fp32 weight, but the backend keeps this one in a lower
+                # precision: an in-place add would lose most of every edit (bf16: 71 % of a
+                # 1e-3-relative one), silently.
+                raise ConfigError(
+                    f"{name}: the backend stores this base weight in {str(stored).removeprefix('torch.')}, so edits "
+                    "folded into it would be lossy; keep model.dtype and the engine's dtype the same, or set "
+                    "method.fuse=log (edits applied exactly beside the adapter)")
             layer.shards = shards
             if offload:
                 layer.offload_edit_log(compute_dtype, self.edit_rank_bound())
