@@ -147,30 +147,12 @@ def principal_basis(
     return C, evr
 
 
-def build_basis(
-    sources: list[str | Path], out: str | Path, *, k: int, augment: int = 0, seed: int = 0,
-) -> dict[str, Any]:
-    """Build an EigenLoRAx basis from peft LoRA adapters and write it to ``out``.
-
-    Args:
-        sources: adapter folders (all for the same base model and modules).
-        out: output folder (created; existing basis files are replaced atomically).
-        k: principal components per module and matrix type.
-        augment: P, random orthonormal vectors appended per module and matrix type.
-        seed: augmentation seed (module i uses seed + i).
-
-    Returns:
-        The metadata written to ``eigenbasis.json``.
+def open_sources(sources: list[str | Path]) -> list[SourceAdapter]:
+    """The source adapters, each once, all of one base model and one set of module shapes.
 
     Raises:
-        LrxError: unreadable, inconsistent or broken sources (the message names the file).
+        LrxError: an adapter given twice (by path or content), or sources that do not fit together.
     """
-    if not sources:
-        raise LrxError("no source adapters given")
-    if k < 1 or augment < 0:
-        raise LrxError(f"K must be >= 1 and P >= 0 (got K={k}, P={augment})")
-    out = Path(out)
-    check_writable(out, "OUT")
     seen: dict[Path, str] = {}
     for s in sources:
         real = Path(s).resolve()
@@ -200,6 +182,35 @@ def build_basis(
             if sa[1] != ra[1] or sb[0] != rb[0]:
                 raise LrxError(f"{a.weights}: {module} has shape in={sa[1]}, out={sb[0]} but {ref.weights} has "
                                f"in={ra[1]}, out={rb[0]}; the adapters belong to different base models")
+    return adapters
+
+
+def build_basis(
+    sources: list[str | Path], out: str | Path, *, k: int, augment: int = 0, seed: int = 0,
+) -> dict[str, Any]:
+    """Build an EigenLoRAx basis from peft LoRA adapters and write it to ``out``.
+
+    Args:
+        sources: adapter folders (all for the same base model and modules).
+        out: output folder (created; existing basis files are replaced atomically).
+        k: principal components per module and matrix type.
+        augment: P, random orthonormal vectors appended per module and matrix type.
+        seed: augmentation seed (module i uses seed + i).
+
+    Returns:
+        The metadata written to ``eigenbasis.json``.
+
+    Raises:
+        LrxError: unreadable, inconsistent or broken sources (the message names the file).
+    """
+    if not sources:
+        raise LrxError("no source adapters given")
+    if k < 1 or augment < 0:
+        raise LrxError(f"K must be >= 1 and P >= 0 (got K={k}, P={augment})")
+    out = Path(out)
+    check_writable(out, "OUT")
+    adapters = open_sources(sources)
+    ref = adapters[0]
     tensors: dict[str, torch.Tensor] = {}
     summary: dict[str, dict[str, list[float]]] = {}
     shapes = {}
