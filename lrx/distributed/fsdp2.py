@@ -82,8 +82,8 @@ class FSDP2(TorchSteps, MultiProcess):
         for block in blocks:
             fully_shard(block, mesh=self.mesh, mp_policy=self.mp_policy)
         fully_shard(model, mesh=self.mesh, mp_policy=self.mp_policy)
-        log.info("fsdp2: %d blocks + root sharded over %d processes (%s)", len(blocks), self.world_size,
-                 self.device.type)
+        log.info("fsdp2: %d blocks + root sharded over %d processes (%s)%s", len(blocks), self.world_size,
+                 self.device.type, _ties(model))
         return model
 
     def build(self, spec: ModelSpec, layers: LayerSetup) -> nn.Module:
