@@ -10,8 +10,8 @@ from torch import nn
 from transformers import AutoModelForCausalLM, MixtralConfig
 
 from lrx.cli import main
-from lrx.methods import build_method
 from lrx.config import load_config
+from lrx.methods import build_method
 from tests.conftest import QUICKSTART
 
 
