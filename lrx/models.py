@@ -225,8 +225,7 @@ def load_model(
         for key, value in head.items():
             setattr(config, key, value)
         config.pad_token_id = pad_token_id
-        with _empty(meta):
-            return auto.from_config(config, dtype=torch_dtype)
+        return _from_config(auto, config, torch_dtype, meta)
     source = resolve_source(name_or_path, gguf_file)
     if not source.gguf_file:
         check_weight_files(source.path)
@@ -236,11 +235,21 @@ def load_model(
         if pad_token_id is not None and getattr(config, "pad_token_id", None) is None:
             config.pad_token_id = pad_token_id
         if meta:
-            with _empty(meta):
-                return auto.from_config(config, dtype=torch_dtype)
+            return _from_config(auto, config, torch_dtype, meta)
         model = auto.from_pretrained(source.path, config=config, dtype=torch_dtype, **kwargs)
     except (OSError, ValueError, KeyError) as e:
         raise ModelError(f"cannot load model from {source.path}: {str(e).splitlines()[0]}") from None
+    return model
+
+
+def _from_config(auto, config: PretrainedConfig, dtype: torch.dtype, meta: bool | str) -> PreTrainedModel:
+    """The architecture of ``config`` with fresh (or, ``meta``, no) weights, tied as
+    ``from_pretrained`` ties it: built under ``init_empty_weights`` a model with
+    ``tie_word_embeddings`` gets its own meta ``lm_head.weight``, which a checkpoint of a tied
+    model does not hold (it stores only ``model.embed_tokens.weight``)."""
+    with _empty(meta):
+        model = auto.from_config(config, dtype=dtype)
+    model.tie_weights()  # a no-op for untied models
     return model
 
 

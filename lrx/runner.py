@@ -26,7 +26,7 @@ from lrx.data import build_datasets, prompt_add_special_tokens, render_prompt
 from lrx.distributed import ModelSpec, build_backend
 from lrx.errors import ConfigError
 from lrx.fileio import WeightFiles
-from lrx.methods import build_method
+from lrx.methods import build_method, layer_counts
 from lrx.models import absolute_path, check_positions, load_model, load_tokenizer, resolve_task, safetensors_files
 from lrx.rundir import check_run_dir, claim_run_dir
 from lrx.trainer import Trainer
@@ -130,8 +130,9 @@ def _run(config: RunConfig, backend, checkpoints: CheckpointManager, t0: float, 
     if saved is not None:  # modules_to_save, into their shards
         saved.restore_modules(model, method, backend.load_whole)
     trainable, total = count_parameters(model)
-    log.info("%s: adapted %d linear layers; trainable %s of %s parameters (%.3f%%)",
-             method.name, len(method.layers), f"{trainable:,}", f"{total:,}", 100 * trainable / total)
+    log.info("%s: adapted %d linear layers: %s; trainable %s of %s parameters (%.3f%%)",
+             method.name, len(method.layers), layer_counts(method.layers), f"{trainable:,}", f"{total:,}",
+             100 * trainable / total)
     check_positions(model.config, config.data.max_length)
     meta = {"base_model": absolute_path(mc.name_or_path), "gguf_file": mc.gguf_file,  # readable from any folder
             "tokenizer": absolute_path(mc.tokenizer), "task": task,

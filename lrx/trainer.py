@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 from transformers import get_scheduler
 
 from lrx.config import RunConfig
+from lrx.data import IGNORE_INDEX
 from lrx.errors import LrxError
 from lrx.methods import Method
 from lrx.metrics import compute_metrics
@@ -247,15 +248,16 @@ class Trainer:
                    disable=not (self.cfg.logging.progress and self.is_main))
         batches = self._micro_batches()
         while self.step < self.total_steps:
-            batch = self._to_device(next(batches))
-            with self.autocast:
-                loss = self.model(**batch).loss / tc.grad_accum
-            self.backend.backward(loss)
-            loss_sum += loss.detach()
-            tokens += batch["attention_mask"].sum()
-            self.micro += 1
-            if self.micro % tc.grad_accum:
-                continue
+            step_batches = [self._to_device(next(batches)) for _ in range(tc.grad_accum)]
+            divisor = self._loss_divisor(step_batches)
+            for batch in step_batches:
+                with self.autocast:
+                    share = self._loss_share(batch, divisor)
+                # Backends average gradients over processes: scale the share of the step's loss back up.
+                self.backend.backward(share * self.backend.world_size)
+                loss_sum += share.detach()
+                tokens += batch["attention_mask"].sum()
+                self.micro += 1
             self.method.after_backward(self.module, self.step)
             self.backend.step(self.optimizer, self.scheduler, [p for _, p in self.params], tc.max_grad_norm)
             self.step += 1
@@ -282,14 +284,41 @@ class Trainer:
             plot_history(self.history, evals, self.run_dir / "loss.png")
         return evals
 
+    def _loss_divisor(self, step_batches: list[dict[str, torch.Tensor]]) -> torch.Tensor | float:
+        """What one optimizer step's loss is divided by. Causal LM: its label tokens on all
+        processes and micro-batches, so the loss is the token mean one process computes over the
+        whole global batch (counted before the step's first backward; one small all-reduce per
+        step with several processes). Otherwise: examples are means already,
+        and equal-sized batches make the step's loss the mean of micro-batches and processes."""
+        world = self.backend.world_size
+        if self.task != "causal_lm":
+            return float(len(step_batches) * world)
+        # Counted on the device (the batches are there already): no host sync; a step of prompts only gives 0.
+        count = sum((b["labels"][:, 1:] != IGNORE_INDEX).sum() for b in step_batches)
+        if world > 1:
+            count = self.backend.all_reduce_sum(count)
+        return count.clamp_min(1).float()
+
+    def _loss_share(self, batch: dict[str, torch.Tensor], divisor: torch.Tensor | float) -> torch.Tensor:
+        """This micro-batch's part of the step's loss (the parts of all micro-batches and
+        processes sum to it): causal LM, the sum of its label tokens' cross-entropy (fp32, as
+        transformers computes it) over ``divisor``; otherwise its mean loss over ``divisor``."""
+        if self.task != "causal_lm":
+            return self.model(**batch).loss / divisor
+        labels = batch["labels"]
+        logits = self.model(**{k: v for k, v in batch.items() if k != "labels"}).logits
+        ce = torch.nn.functional.cross_entropy(logits[:, :-1].float().flatten(0, 1), labels[:, 1:].flatten(),
+                                               ignore_index=IGNORE_INDEX, reduction="sum")
+        return ce / divisor
+
     def _log_train(self, loss_sum: torch.Tensor, tokens: torch.Tensor, elapsed: float, bar) -> None:
         """Log the interval's mean loss, learning rate and throughput (the one host sync of
         training), then zero the accumulators."""
         tc = self.cfg.train
         n_steps = tc.log_every if self.step % tc.log_every == 0 else self.step % tc.log_every
-        loss, count = loss_sum, tokens
+        loss, count = loss_sum, tokens  # loss_sum: each step's share of this process (they sum to the step's loss)
         if self.backend.world_size > 1:
-            loss = self.backend.all_reduce_sum(loss_sum) / self.backend.world_size
+            loss = self.backend.all_reduce_sum(loss_sum)
             count = self.backend.all_reduce_sum(tokens)
         record = {
             "loss": loss.item() / n_steps,  # the host waits for the device here only

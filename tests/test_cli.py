@@ -140,3 +140,17 @@ def test_activation_checkpointing_gives_the_same_losses(tmp_path, capsys):
         return [json.loads(x)["loss"] for x in (out / "metrics.jsonl").read_text().splitlines()]
 
     assert run("true") == pytest.approx(run("false"), abs=1e-5)
+
+
+def test_accumulated_micro_batches_give_the_token_mean_of_the_whole_batch(tmp_path, capsys):
+    """Prompt-masked instruction data: 2 micro-batches of 4 examples hold different numbers of
+    label tokens, and the step's loss (and gradient) is still the token mean over all 8, as one
+    batch of 8 gives it."""
+    def run(batch, accum):
+        out = tmp_path / f"b{batch}x{accum}"
+        args = [*TINY_LM, "data.eval_path=none", "train.log_every=1", f"train.batch_size={batch}",
+                f"train.grad_accum={accum}", f"logging.output_dir={out}"]
+        assert run_cli(args, capsys)[0] == 0
+        return [json.loads(x)["loss"] for x in (out / "metrics.jsonl").read_text().splitlines()]
+
+    assert run(4, 2) == pytest.approx(run(8, 1), abs=1e-5)

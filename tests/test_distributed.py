@@ -255,3 +255,81 @@ def test_a_safetensors_base_is_loaded_straight_into_shards(tmp_path, reference, 
                       f"data.train_path={REPO / 'configs' / 'data' / 'quickstart' / 'train.jsonl'}",
                       "model.sharded_load=on", "distributed.backend=single", f"logging.output_dir={tmp_path / 'x'}"], 1)
     assert refused.returncode == 2 and "model.sharded_load=on needs distributed.backend=fsdp2 or zero3" in refused.stderr
+
+
+def tied_args(folder: Path, base: Path, *extra: str) -> list[str]:
+    """train.py arguments of a tiny Llama with tied embeddings saved (in ``base``) as transformers
+    saves it (only ``model.embed_tokens.weight`` in the file), trained on prompt-masked
+    instruction data without packing: the global batches split into processes with unequal
+    label tokens."""
+    from tests.conftest import QUICKSTART, tiny_model
+
+    if not base.is_dir():
+        model = tiny_model("llama", vocab=30522)
+        model.config.tie_word_embeddings = True
+        model.tie_weights()
+        model.save_pretrained(base)
+    return [str(REPO / "launch" / "train.py"), "--method", "lora", f"model.name_or_path={base}",
+            "model.tokenizer=minilm-l6", "data.format=instruct", f"data.train_path={QUICKSTART / 'train.jsonl'}",
+            "data.max_train_samples=32", "data.max_length=48", "method.r=4", "train.max_steps=4", "train.lr=1e-2",
+            "train.log_every=1", "train.eval_at_start=false", "train.save_every=2", "logging.progress=false",
+            "logging.tensorboard=false", f"logging.output_dir={folder}", *extra]
+
+
+@pytest.fixture(scope="module")
+def tied_runs(tmp_path_factory):
+    """The tied model trained once per module by one process and by 2 FSDP2 and 2 ZeRO-3
+    processes (streamed straight into shards), 4 steps with checkpoints at 2 and 4; ``get(key)``
+    is a launch result and its folder; ``get.base`` the model folder."""
+    root, done = tmp_path_factory.mktemp("tied"), {}
+    how = {"single": (1, "python", "train.batch_size=8"), "fsdp2": (2, "torchrun", "train.batch_size=4"),
+           "zero3": (2, "deepspeed", "train.batch_size=4")}
+
+    def get(key: str):
+        if key not in done:
+            nproc, launcher, batch = how[key]
+            done[key] = launch(tied_args(root / key, get.base, batch), nproc, launcher), root / key
+        return done[key]
+
+    get.base = root / "tied-base"
+
+    return get
+
+
+@pytest.mark.parametrize("backend", list(BACKENDS))
+def test_a_tied_model_streams_into_shards(tied_runs, backend):
+    """Tied embeddings (Llama-3.2 1B/3B, Qwen2.5 <= 3B, Gemma): the model built on the meta device
+    is tied as from_pretrained ties it, so lm_head.weight is filled from the embeddings and stays
+    the same parameter once sharded; training matches one process loading it whole."""
+    single, (run, folder) = tied_runs("single")[1], tied_runs(backend)
+    assert run.returncode == 0, run.stderr[-3000:]
+    out = run.stderr + run.stdout
+    expected = {"fsdp2": "loaded block by block from 1 safetensors files and sharded over 2 processes (cpu); "
+                         "tied: model.embed_tokens.weight = lm_head.weight",
+                "zero3": "parameters were built partitioned"}
+    assert expected[backend] in out
+    assert losses(folder) == pytest.approx(losses(single), abs=1e-4)
+
+
+@pytest.mark.parametrize("backend", list(BACKENDS))
+def test_the_loss_is_the_token_mean_over_processes(tied_runs, backend):
+    """Prompt masking without packing: the 2 processes' halves of each global batch hold different
+    numbers of label tokens; the loss (and so the gradient) is still the token mean over the whole
+    global batch, as one process computes it (a mean of per-process means differs by ~4e-4)."""
+    single, (run, folder) = tied_runs("single")[1], tied_runs(backend)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert losses(folder) == pytest.approx(losses(single), abs=1e-5)
+
+
+def test_a_tied_model_resumes_streamed_into_shards(tied_runs, tmp_path):
+    """The FSDP2 run resumed from its step-2 checkpoint into a new folder: the tied base streams
+    into shards again, the adapters are restored while each block is whole, and steps 3-4 give
+    the uninterrupted run's losses."""
+    run, folder = tied_runs("fsdp2")
+    assert run.returncode == 0, run.stderr[-3000:]
+    resumed = launch(tied_args(tmp_path / "resumed", tied_runs.base, "train.batch_size=4", "--resume",
+                               str(folder / "checkpoints" / "step-00000002")), 2)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    out = resumed.stderr + resumed.stdout
+    assert "resumed from" in out and "tied: model.embed_tokens.weight = lm_head.weight" in out
+    assert losses(tmp_path / "resumed") == pytest.approx(losses(folder)[2:], abs=1e-6)

@@ -82,8 +82,8 @@ class FSDP2(TorchSteps, MultiProcess):
         for block in blocks:
             fully_shard(block, mesh=self.mesh, mp_policy=self.mp_policy)
         fully_shard(model, mesh=self.mesh, mp_policy=self.mp_policy)
-        log.info("fsdp2: %d blocks + root sharded over %d processes (%s)", len(blocks), self.world_size,
-                 self.device.type)
+        log.info("fsdp2: %d blocks + root sharded over %d processes (%s)%s", len(blocks), self.world_size,
+                 self.device.type, _ties(model))
         return model
 
     def build(self, spec: ModelSpec, layers: LayerSetup) -> nn.Module:
@@ -127,8 +127,8 @@ class FSDP2(TorchSteps, MultiProcess):
                 if buf is not None and not isinstance(buf, DTensor):
                     module._buffers[key] = buf.to(self.device)
         fully_shard(model, mesh=self.mesh, mp_policy=self.mp_policy)
-        log.info("fsdp2: %d blocks + root loaded block by block from %s and sharded over %d processes (%s)",
-                 len(blocks), source, self.world_size, self.device.type)
+        log.info("fsdp2: %d blocks + root loaded block by block from %s and sharded over %d processes (%s)%s",
+                 len(blocks), source, self.world_size, self.device.type, _ties(model))
         return model
 
     def _materialize(self, root: nn.Module, reader, aliases, done, layers: LayerSetup) -> None:
@@ -152,6 +152,16 @@ class FSDP2(TorchSteps, MultiProcess):
             for key, buf in list(module._buffers.items()):
                 if buf is not None and buf.is_meta:  # buffers made on the meta base (edit logs, bases)
                     module._buffers[key] = torch.zeros(buf.shape, dtype=buf.dtype, device=self.device)
+
+
+def _ties(model: nn.Module) -> str:
+    """``; tied: model.embed_tokens.weight = lm_head.weight`` where the sharded model still
+    shares one parameter between names (tied embeddings, filled once from the files)."""
+    names: dict[int, list[str]] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        names.setdefault(id(param), []).append(name)
+    tied = [" = ".join(group) for group in names.values() if len(group) > 1]
+    return f"; tied: {', '.join(tied)}" if tied else ""
 
 
 class FSDP2Shards(PieceShards):

@@ -8,7 +8,15 @@ through ``get_method_class``.
 from __future__ import annotations
 
 from lrx.errors import ConfigError
-from lrx.methods.base import EditingConfig, Method, MethodConfig, adapted_layers, find_targets, without_retired_keys
+from lrx.methods.base import (
+    EditingConfig,
+    Method,
+    MethodConfig,
+    adapted_layers,
+    find_targets,
+    layer_counts,
+    without_retired_keys,
+)
 from lrx.methods.layer import AdaptedLinear
 from lrx.methods.seam import LocalShards, LocalWeights, PieceShards, Shards, WeightAccess
 
@@ -62,6 +70,7 @@ __all__ = [
     "build_method",
     "find_targets",
     "get_method_class",
+    "layer_counts",
     "register_method",
     "without_retired_keys",
 ]

@@ -11,7 +11,9 @@ inspecting how a backend stores them.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import re
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +25,8 @@ from torch import nn
 from lrx.errors import ConfigError
 from lrx.methods.layer import AdaptedLinear
 from lrx.methods.seam import LocalShards, LocalWeights, Shards, WeightAccess
+
+log = logging.getLogger(__name__)
 
 # Heads that sequence-classification models create fresh (BERT: classifier, Llama: score).
 TASK_HEADS = ("classifier", "score")
@@ -140,6 +144,8 @@ def find_targets(model: nn.Module, patterns: list[str]) -> list[tuple[str, nn.Li
                 "narrow method.target_modules"
             )
         found.append((name, module))
+    if "all-linear" in patterns:
+        _warn_fused_weights(model)
     if not found:
         linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)})
         raise ConfigError(
@@ -147,6 +153,33 @@ def find_targets(model: nn.Module, patterns: list[str]) -> list[tuple[str, nn.Li
             f"are named {linear} (or use all-linear)"
         )
     return found
+
+
+def _warn_fused_weights(model: nn.Module) -> None:
+    """One warning naming the weights ``all-linear`` leaves alone although they are matrices of
+    linear maps: parameters of 3 or more dims outside ``nn.Linear`` modules, such as the fused
+    experts of MoE models (transformers >= 5 stores Mixtral's experts as ``gate_up_proj`` and
+    ``down_proj`` of shape experts x out x in, no ``nn.Linear`` per expert)."""
+    fused: dict[tuple[str, str, tuple[int, ...]], int] = {}
+    for name, module in model.named_modules():
+        if isinstance(module, (nn.Linear, AdaptedLinear)):
+            continue
+        for pname, p in module.named_parameters(recurse=False):
+            if p.ndim >= 3:
+                pattern = re.sub(r"\.\d+\.", ".*.", f"{name}.{pname}")
+                key = (pattern, type(module).__name__, tuple(p.shape))
+                fused[key] = fused.get(key, 0) + 1
+    if fused:
+        what = ", ".join(f"{pattern} ({kind}, {'x'.join(map(str, shape))})"
+                         for (pattern, kind, shape) in fused)
+        log.warning("all-linear: %d fused expert weights (%s) are not linear layers and are not adapted",
+                    sum(fused.values()), what)
+
+
+def layer_counts(names) -> str:
+    """``q_proj 2, k_proj 2, ...``: adapted layers per module type (the last part of the name),
+    in module order."""
+    return ", ".join(f"{kind} {n}" for kind, n in Counter(name.rsplit(".", 1)[-1] for name in names).items())
 
 
 def adapted_layers(model: nn.Module) -> Iterator[tuple[str, AdaptedLinear]]:
