@@ -75,7 +75,7 @@ def save_adapter(path: str | Path, model: nn.Module, method: Method, meta: dict[
         "format_version": 1,
         "lrx_version": lrx.__version__,
         "torch_version": torch.__version__,
-        "method": dataclasses.asdict(method.config),
+        "method": with_absolute_paths(method.config),
         "adapted_modules": [name for name, _ in adapted_layers(model)],
         "saved_modules": method.saved_modules,
         **meta,
@@ -84,6 +84,38 @@ def save_adapter(path: str | Path, model: nn.Module, method: Method, meta: dict[
         save_file(adapter_tensors(model, method, method_state, params), str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
         (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2))
     return path
+
+
+def with_absolute_paths(config: MethodConfig) -> dict[str, Any]:
+    """A method config as a dict, the files it names recorded absolute (readable from any folder)."""
+    values = dataclasses.asdict(config)
+    for key in config.PATH_FIELDS:
+        if values.get(key) and Path(values[key]).exists():
+            values[key] = str(Path(values[key]).resolve())
+    return values
+
+
+def method_config(config: dict[str, Any], json_file: Path) -> MethodConfig:
+    """The method config an adapter JSON records; a relative file it names (an older file) is
+    resolved from the JSON's folder, then from the working directory.
+
+    Raises:
+        LrxError: a file it names exists in neither place (the message names the JSON file).
+    """
+    values = dict(config["method"])
+    cls = get_method_class(values["name"]).config_cls
+    values = without_retired_keys(cls, values)
+    for key in cls.PATH_FIELDS:
+        value = values.get(key)
+        if not value or Path(value).is_absolute() and Path(value).exists():
+            continue
+        beside = json_file.parent / value
+        if not Path(value).is_absolute() and beside.exists():
+            values[key] = str(beside)
+        elif not Path(value).exists():
+            raise LrxError(f"{json_file}: method.{key} {value!r} not found (looked beside the file and in the working "
+                           "directory); restore it or run from the folder the run was started in")
+    return cls(**values)
 
 
 def read_adapter_config(path: str | Path) -> dict[str, Any]:
@@ -109,10 +141,7 @@ def load_adapter(path: str | Path, model: nn.Module) -> Method:
     """
     path = Path(path)
     config = read_adapter_config(path)
-    method_cfg = dict(config["method"])
-    cls = get_method_class(method_cfg["name"]).config_cls
-    method = build_method(cls(**without_retired_keys(cls, method_cfg)))
-    assert isinstance(method.config, MethodConfig)
+    method = build_method(method_config(config, path / CONFIG_NAME))
     names = method.apply(model, init=False)
     if names != config["adapted_modules"]:
         raise LrxError(
@@ -263,11 +292,9 @@ def layer_from_adapter(method: Method, tensors: dict[str, torch.Tensor], module:
     return layer
 
 
-def method_of(config: dict[str, Any]) -> Method:
-    """The method an adapter config names, with what its layers are built on loaded."""
-    method_cfg = dict(config["method"])
-    cls = get_method_class(method_cfg["name"]).config_cls
-    method = build_method(cls(**without_retired_keys(cls, method_cfg)))
+def method_of(config: dict[str, Any], json_file: Path) -> Method:
+    """The method an adapter config names (``json_file``), with what its layers are built on loaded."""
+    method = build_method(method_config(config, json_file))
     method.load_resources()
     return method
 
@@ -278,7 +305,7 @@ def export_peft_from_adapter(adapter_dir: str | Path, path: str | Path) -> Path:
     adapter_dir = Path(adapter_dir)
     config = read_adapter_config(adapter_dir)
     tensors = read_safetensors(adapter_dir / WEIGHTS_NAME)
-    method = method_of(config)
+    method = method_of(config, adapter_dir / CONFIG_NAME)
     factors = {m: method.delta_factors(layer_from_adapter(method, tensors, m)) for m in config["adapted_modules"]}
     saved = {k: v for k, v in tensors.items()
              if any(k.startswith(m + ".") for m in config.get("saved_modules", []))}

@@ -209,7 +209,7 @@ def stream_merged(adapter_dir: Path, config: dict, files: list[Path], out: Path,
         False (nothing written) when the base files lack a weight the adapter changes.
     """
     base = WeightFiles(files)
-    method = method_of(config)  # with what its layers are built on (EigenLoRAx's basis)
+    method = method_of(config, adapter_dir / CONFIG_NAME)  # with what its layers are built on (EigenLoRAx's basis)
     adapter = read_safetensors(adapter_dir / WEIGHTS_NAME)
     modules = config["adapted_modules"]
     saved = {k: v for k, v in adapter.items() if any(k.startswith(m + ".") for m in config.get("saved_modules", []))}

@@ -190,6 +190,36 @@ def test_loadings_only_adapter_references_the_basis(bert_basis, tmp_path):
         load_adapter(tmp_path / "ad", tiny_model("bert"))
 
 
+def test_the_basis_an_adapter_names_is_found_from_any_folder(bert_basis, tmp_path, monkeypatch):
+    """A basis given as a relative path is recorded absolute; one recorded relative (older files)
+    is resolved from the adapter's folder, whatever the working directory."""
+    import shutil
+
+    work = tmp_path / "work"
+    shutil.copytree(bert_basis, work / "basis")
+    monkeypatch.chdir(work)
+    original, model, method = eigen("basis", "method.init=zero_b")
+    with torch.no_grad():
+        for _, layer in adapted_layers(model):
+            layer.alpha_B.normal_(0, 0.1)
+    save_adapter(work / "runs" / "ad", model, method, {})
+    file = work / "runs" / "ad" / "adapter_config.json"
+    assert json.loads(file.read_text())["method"]["basis"] == str(work / "basis")
+    config = json.loads(file.read_text())
+    config["method"]["basis"] = "../../basis"  # relative to the adapter's folder, as an older file may hold
+    file.write_text(json.dumps(config))
+    monkeypatch.chdir(tmp_path)  # elsewhere
+    fresh = copy.deepcopy(original)
+    load_adapter(work / "runs" / "ad", fresh)
+    ids = torch.randint(3, 100, (2, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(input_ids=ids).logits, model(input_ids=ids).logits, rtol=0, atol=0)
+    config["method"]["basis"] = "gone"
+    file.write_text(json.dumps(config))
+    with pytest.raises(LrxError, match="adapter_config.json: method.basis 'gone' not found"):
+        load_adapter(work / "runs" / "ad", copy.deepcopy(original))
+
+
 def test_project_init_reproduces_an_adapter_in_the_basis_span(bert_basis, tmp_path):
     original, model, method = eigen(bert_basis, "method.init=zero_b")
     g = torch.Generator().manual_seed(5)

@@ -49,6 +49,10 @@ class MethodConfig:
     modules_to_save: list[str] | None = None
     """Modules trained in full and saved with the adapter; None = a fresh classification head if present."""
 
+    # Settings that name files (EigenLoRAx's basis): recorded absolute in adapter files and, in
+    # older files, resolved from the adapter's folder.
+    PATH_FIELDS: ClassVar[tuple[str, ...]] = ()
+
     def __post_init__(self) -> None:
         if self.r < 1:
             raise ValueError(f"r must be >= 1, got {self.r}")

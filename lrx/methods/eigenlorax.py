@@ -16,7 +16,7 @@ basis by path and sha256: the compact per-task artifact for serving many tasks o
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch
 from torch import nn
@@ -30,6 +30,8 @@ from lrx.methods.layer import AdaptedLinear
 
 @dataclass(kw_only=True)
 class EigenLoRAxConfig(MethodConfig):
+    PATH_FIELDS: ClassVar[tuple[str, ...]] = ("basis", "project_from")
+
     target_modules: list[str] = field(default_factory=lambda: ["basis"])
     """Linear layers to adapt; the default [basis] takes every module the basis covers."""
     basis: str = ""
