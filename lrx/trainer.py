@@ -250,11 +250,11 @@ class Trainer:
         while self.step < self.total_steps:
             step_batches = [self._to_device(next(batches)) for _ in range(tc.grad_accum)]
             divisor = self._loss_divisor(step_batches)
-            for batch in step_batches:
+            for i, batch in enumerate(step_batches):
                 with self.autocast:
                     share = self._loss_share(batch, divisor)
                 # Backends average gradients over processes: scale the share of the step's loss back up.
-                self.backend.backward(share * self.backend.world_size)
+                self.backend.backward(share * self.backend.world_size, sync=i == len(step_batches) - 1)
                 loss_sum += share.detach()
                 tokens += batch["attention_mask"].sum()
                 self.micro += 1

@@ -109,8 +109,10 @@ class Backend(Protocol):
         Afterwards ``self.optimizer`` and ``self.scheduler`` are the ones that step: those given,
         or (ZeRO-3 with an ``optimizer`` block in its DeepSpeed config) the ones DeepSpeed built."""
 
-    def backward(self, loss: torch.Tensor) -> None:
-        """Backward of one micro-batch's (already accumulation-scaled) loss."""
+    def backward(self, loss: torch.Tensor, sync: bool = True) -> None:
+        """Backward of one micro-batch's (already accumulation-scaled) loss. ``sync``: the step's
+        last micro-batch, whose backward reduces the gradients over processes; the earlier ones
+        may accumulate locally (FSDP2: no reduce-scatter per micro-batch)."""
 
     def step(self, optimizer, scheduler, params: list[torch.Tensor], max_grad_norm: float) -> None:
         """Clip, optimizer step, scheduler step, zero the gradients."""
@@ -210,7 +212,7 @@ class TorchSteps:
         self.optimizer, self.scheduler = optimizer, scheduler
         return model
 
-    def backward(self, loss: torch.Tensor) -> None:
+    def backward(self, loss: torch.Tensor, sync: bool = True) -> None:
         loss.backward()
 
     def step(self, optimizer, scheduler, params: list[torch.Tensor], max_grad_norm: float) -> None:

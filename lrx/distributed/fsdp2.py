@@ -73,6 +73,17 @@ class FSDP2(TorchSteps, MultiProcess):
             if use_cuda and bf16 else MixedPrecisionPolicy()
         )
 
+    def setup(self, model: nn.Module, optimizer, scheduler, **kwargs) -> nn.Module:
+        self._root = model
+        return super().setup(model, optimizer, scheduler, **kwargs)
+
+    def backward(self, loss: torch.Tensor, sync: bool = True) -> None:
+        # Gradient accumulation without a reduce-scatter per micro-batch: until the step's last
+        # micro-batch FSDP2 keeps the (adapter-sized) unsharded gradients and adds to them; the
+        # last backward reduce-scatters their sum once.
+        self._root.set_requires_gradient_sync(sync)
+        loss.backward()
+
     def shards(self) -> FSDP2Shards:
         return FSDP2Shards(self.rank, self.world_size, self.all_reduce_sum)
 

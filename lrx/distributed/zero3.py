@@ -215,7 +215,7 @@ class ZeRO3(MultiProcess):
     def shards(self) -> ZeRO3Shards:
         return ZeRO3Shards(self.rank, self.world_size, self.all_reduce_sum, offloaded=self.offloaded)
 
-    def backward(self, loss: torch.Tensor) -> None:
+    def backward(self, loss: torch.Tensor, sync: bool = True) -> None:
         # The trainer already divided the loss by the accumulation steps.
         self.engine.backward(loss, scale_wrt_gas=False)
         self.micro += 1
