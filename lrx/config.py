@@ -169,6 +169,13 @@ class DistributedConfig:
     """Training backend; auto = zero3 under the deepspeed launcher, fsdp2 under torchrun, else single."""
     deepspeed_config: str | None = None
     """zero3: DeepSpeed JSON (default configs/deepspeed/zero3.json); lrx fills in batch sizes and clipping."""
+    replicate: int = 1
+    """fsdp2: replica groups of a 2-D mesh (HSDP): parameters are sharded within each group of
+    processes/replicate and replicated across the groups; for multi-node jobs, the number of nodes
+    (shard within a node, replicate across nodes). 1 = shard over every process."""
+
+    def __post_init__(self) -> None:
+        _require(self.replicate >= 1, "replicate", self.replicate, ">= 1")
 
 
 @dataclass(kw_only=True)

@@ -45,7 +45,8 @@ def plan(config: RunConfig, world_size: int | None = None) -> str:
     base = sum(p.numel() for p in model.parameters()) - trainable
     base_bytes = sum(p.numel() * p.element_size() for p in model.parameters() if not p.requires_grad)
     layers = list(adapted_layers(model))
-    shard = 1 if backend == "single" else world
+    # FSDP2 as HSDP shards within each of distributed.replicate groups of processes.
+    shard = 1 if backend == "single" else world // config.distributed.replicate if backend == "fsdp2" else world
     # Unfolded edit logs (bf16 bases) keep only a bf16 copy on a GPU training in bf16 (as the
     # trainer decides it; a plan assumes a GPU unless train.device=cpu).
     tc, mcfg = config.train, config.method

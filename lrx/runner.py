@@ -111,7 +111,8 @@ def run(config: RunConfig, callbacks=()) -> dict[str, Any]:
     if not config.logging.progress:
         datasets.disable_progress_bars()
     backend = build_backend(config.distributed.backend, config.train.device, bf16=config.train.bf16,
-                            deepspeed_config=config.distributed.deepspeed_config)
+                            deepspeed_config=config.distributed.deepspeed_config,
+                            replicate=config.distributed.replicate)
     try:
         return _run(config, backend, checkpoints, t0, callbacks)
     finally:

@@ -45,8 +45,9 @@ def main() -> None:
     args = [a for a in sys.argv[1:] if not a.startswith("--local_rank")]  # the deepspeed launcher adds it
     name, out, rest = args[0], args[1], args[2:]
     fuse = "log" if "log" in rest else "fold"
-    ds_config = next((a for a in rest if a != "log"), None)
-    backend = build_backend(name, "cpu", deepspeed_config=ds_config)
+    replicate = 2 if "hsdp" in rest else 1  # FSDP2 on a 2-D mesh: 2 replicas x world/2 shards
+    ds_config = next((a for a in rest if a not in ("log", "hsdp")), None)
+    backend = build_backend(name, "cpu", deepspeed_config=ds_config, replicate=replicate)
     rank, world = backend.rank, backend.world_size
     model = uneven_llama()
     cfg = load_config(None, ["method.r=4", "method.target_modules=[all-linear]", "method.interval=3",
@@ -102,6 +103,7 @@ def main() -> None:
         gathered = [mine_sums]
     report["per_rank"] = gathered
     report["world_size"] = world
+    report["mesh"] = list(backend.mesh.shape) if hasattr(backend, "mesh") else None
     if backend.is_main:
         Path(out).write_text(json.dumps(report))
     backend.close()

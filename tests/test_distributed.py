@@ -196,7 +196,8 @@ def srlora_report(tmp_path, backend: str, nproc: int, *extra: str) -> dict:
 
 @pytest.mark.parametrize("backend, nproc, extra", [
     ("fsdp2", 2, ()), ("zero3", 2, ()), ("zero3", 2, ("no-persist", "log")), ("fsdp2", 4, ("log",)),
-], ids=["fsdp2", "zero3", "zero3-partitioned-adapters-log", "fsdp2-4proc-log"])
+    ("fsdp2", 4, ("hsdp",)),
+], ids=["fsdp2", "zero3", "zero3-partitioned-adapters-log", "fsdp2-4proc-log", "hsdp-2x2"])
 def test_sharded_srlora_events_are_shard_local_and_identical_everywhere(tmp_path, reference, backend, nproc, extra):
     """Uneven shapes (255 MLP rows, ZeRO-3 ranges splitting rows): sharded SRLoRA equals one
     process, keeps the function at each event, and all ranks agree bit for bit; with edits
@@ -210,6 +211,8 @@ def test_sharded_srlora_events_are_shard_local_and_identical_everywhere(tmp_path
     single = json.loads((reference(f"dist-srlora{'-log' * bool(log)}", lambda d: launch(
         [str(REPO / "tests" / "dist_srlora.py"), "single", str(d / "single.json"), *log], 1)) / "single.json").read_text())
     sharded = srlora_report(tmp_path, backend, nproc, *extra)
+    if "hsdp" in extra:  # 2 replicas, each sharded over 2 processes: pieces are summed per replica
+        assert sharded["mesh"] == [2, 2]
     assert len(sharded["events"]) == 3  # events at steps 3, 6, 9
     assert sharded["events"] == single["events"]
     assert max(sharded["invariance"]) < 1e-6 and max(single["invariance"]) < 1e-6

@@ -249,6 +249,8 @@ def test_unsafe_or_broken_model_folders(tmp_path, capsys, damage, fragment):
     (None, "distributed.backend=zero3 needs a launcher"),
     ("{not json", "is not valid JSON at line 1"),
     ("[1, 2]", "must be a JSON object"),
+    ('{"zero_optimization": {"stage": 3, "zero_hpz_partition_size": 8}}', "hierarchical partitioning (zero_hpz_partition_size=8)"),
+    ('{"zero_optimization": {"stage": 3, "mics_shard_size": 8}}', "hierarchical partitioning (mics_shard_size=8)"),
 ])
 def test_zero3_bad_setups_are_one_line(tmp_path, capsys, monkeypatch, ds_config, fragment):
     for var in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "LOCAL_RANK"):
@@ -261,6 +263,13 @@ def test_zero3_bad_setups_are_one_line(tmp_path, capsys, monkeypatch, ds_config,
                             f"logging.output_dir={tmp_path / 'run'}"], capsys)
     assert code == 2
     one_line_error(err, fragment)
+    assert not (tmp_path / "run").exists()
+
+
+def test_hsdp_replicas_must_divide_the_processes_and_need_fsdp2(tmp_path, capsys):
+    code, _, err = run_cli([*QUICK, "distributed.replicate=2", f"logging.output_dir={tmp_path / 'run'}"], capsys)
+    assert code == 2
+    one_line_error(err, "distributed.replicate=2 (HSDP) is for distributed.backend=fsdp2, not single")
     assert not (tmp_path / "run").exists()
 
 

@@ -60,6 +60,8 @@ def test_two_nodes_train_together_through_the_template(tmp_path, template):
     assert all(p.returncode == 0 for p in nodes), "\n".join(log[-1500:] for log in logs)
     summary = json.loads((out / "summary.json").read_text())
     assert summary["world_size"] == 2 and summary["steps"] == 4
+    if template == "torchrun":  # several nodes: shard within a node, replicate across nodes
+        assert "HSDP: 2 replicas x 1 shards" in logs[0], logs[0][-2000:]
 
 
 def test_dry_run_of_an_8b_shaped_config_is_quick():

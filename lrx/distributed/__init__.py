@@ -350,10 +350,15 @@ def backend_name(name: str, world: int) -> str:
     return name
 
 
-def build_backend(name: str, device: str = "auto", bf16: bool = True, deepspeed_config: str | None = None) -> Backend:
-    """The backend for ``distributed.backend`` (``backend_name``)."""
+def build_backend(name: str, device: str = "auto", bf16: bool = True, deepspeed_config: str | None = None,
+                  replicate: int = 1) -> Backend:
+    """The backend for ``distributed.backend`` (``backend_name``); ``replicate``: FSDP2's replica
+    groups (HSDP)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     name = backend_name(name, world)
+    if replicate != 1 and name != "fsdp2":
+        raise ConfigError(f"distributed.replicate={replicate} (HSDP) is for distributed.backend=fsdp2, not {name}; "
+                          "set distributed.replicate=1")
     if name == "single":
         if world > 1:
             raise ConfigError(f"distributed.backend=single but {world} processes were launched; "
@@ -362,7 +367,7 @@ def build_backend(name: str, device: str = "auto", bf16: bool = True, deepspeed_
     if name == "fsdp2":
         from lrx.distributed.fsdp2 import FSDP2
 
-        return FSDP2(device, bf16=bf16)
+        return FSDP2(device, bf16=bf16, replicate=replicate)
     if name == "zero3":
         from lrx.distributed.zero3 import ZeRO3
 

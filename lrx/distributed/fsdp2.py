@@ -23,7 +23,7 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
-from lrx.distributed import LayerSetup, ModelSpec, MultiProcess, TorchSteps, build_whole
+from lrx.distributed import LayerSetup, ModelSpec, MultiProcess, RowBlockWeights, TorchSteps, build_whole
 from lrx.errors import ConfigError
 from lrx.methods import PieceShards
 from lrx.sharding import fsdp_row_range
@@ -56,7 +56,7 @@ class FSDP2(TorchSteps, MultiProcess):
 
     name = "fsdp2"
 
-    def __init__(self, device: str = "auto", bf16: bool = True):
+    def __init__(self, device: str = "auto", bf16: bool = True, replicate: int = 1):
         use_cuda = torch.cuda.is_available() if device == "auto" else device.startswith("cuda")
         if not dist.is_initialized():
             try:
@@ -67,7 +67,17 @@ class FSDP2(TorchSteps, MultiProcess):
                     "torchrun --nproc_per_node N launch/train.py ... (it sets RANK, WORLD_SIZE, MASTER_ADDR/PORT)"
                 ) from None
         self._bind(use_cuda)
-        self.mesh = init_device_mesh(self.device.type, (self.world_size,))
+        if replicate < 1 or self.world_size % replicate:
+            raise ConfigError(f"distributed.replicate={replicate} does not divide the {self.world_size} processes into "
+                              "equal groups; use a divisor (the number of nodes for multi-node jobs) or 1")
+        if replicate == 1:
+            self.mesh = init_device_mesh(self.device.type, (self.world_size,))
+            self.shard_rank, self.shard_size, self.shard_group = self.rank, self.world_size, None
+        else:  # HSDP: shard within each group, replicate across the groups (torchtitan's dp_replicate x dp_shard)
+            self.mesh = init_device_mesh(self.device.type, (replicate, self.world_size // replicate),
+                                         mesh_dim_names=("replicate", "shard"))
+            self.shard_rank, self.shard_size = self.mesh["shard"].get_local_rank(), self.world_size // replicate
+            self.shard_group = self.mesh.get_group("shard")
         self.mp_policy = (
             MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
             if use_cuda and bf16 else MixedPrecisionPolicy()
@@ -84,8 +94,22 @@ class FSDP2(TorchSteps, MultiProcess):
         self._root.set_requires_gradient_sync(sync)
         loss.backward()
 
+    def _mesh_text(self) -> str:
+        replicate = self.world_size // self.shard_size
+        return f"; HSDP: {replicate} replicas x {self.shard_size} shards" if replicate > 1 else ""
+
+    def shard_sum(self, t: torch.Tensor) -> torch.Tensor:
+        """Sum over the processes that share this one's replica of the parameters (its shard
+        group; every process without HSDP): pieces summed this way give the whole tensor once,
+        the same on every replica."""
+        dist.all_reduce(t, group=self.shard_group)
+        return t
+
+    def weights(self):
+        return RowBlockWeights(self.shard_rank, self.shard_size, self.shard_sum, self.device)
+
     def shards(self) -> FSDP2Shards:
-        return FSDP2Shards(self.rank, self.world_size, self.all_reduce_sum)
+        return FSDP2Shards(self.shard_rank, self.shard_size, self.shard_sum)
 
     def prepare(self, model: nn.Module) -> nn.Module:
         model.to(self.device)
@@ -93,8 +117,8 @@ class FSDP2(TorchSteps, MultiProcess):
         for block in blocks:
             fully_shard(block, mesh=self.mesh, mp_policy=self.mp_policy)
         fully_shard(model, mesh=self.mesh, mp_policy=self.mp_policy)
-        log.info("fsdp2: %d blocks + root sharded over %d processes (%s)%s", len(blocks), self.world_size,
-                 self.device.type, _ties(model))
+        log.info("fsdp2: %d blocks + root sharded over %d processes (%s)%s%s", len(blocks), self.world_size,
+                 self.device.type, self._mesh_text(), _ties(model))
         return model
 
     def build(self, spec: ModelSpec, layers: LayerSetup) -> nn.Module:

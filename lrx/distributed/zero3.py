@@ -117,6 +117,14 @@ class ZeRO3(MultiProcess):
                               "distributed.deepspeed_config to a JSON file") from None
         if not isinstance(self.ds_config, dict):
             raise ConfigError(f"DeepSpeed config {path} must be a JSON object ({{...}}); fix it")
+        zero = self.ds_config.get("zero_optimization") or {}
+        hierarchical = {k: zero[k] for k in ("zero_hpz_partition_size", "mics_shard_size") if zero.get(k, 0) not in (0, 1, -1)}
+        if hierarchical:
+            # lrx's shard-local events address each parameter's flat partition over all processes;
+            # hpZ's secondary partitions and MiCS's sub-groups lay parameters out otherwise.
+            raise ConfigError(f"DeepSpeed config {path}: hierarchical partitioning ({', '.join(f'{k}={v}' for k, v in hierarchical.items())}) "
+                              "is not supported by lrx's shard-local edits; remove it, or use distributed.backend=fsdp2 "
+                              "with distributed.replicate=NODES for multi-node jobs")
         # Without a launcher's environment DeepSpeed falls back to MPI discovery (an mpi4py traceback).
         unset = [v for v in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT") if v not in os.environ]
         if unset:
