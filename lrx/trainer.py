@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
@@ -68,6 +69,29 @@ def planned_steps(tc, n_examples: int, world_size: int = 1) -> int:
     if batches == 0:
         raise LrxError("the training set is empty; check data.train_path and data.max_train_samples")
     return tc.max_steps or math.ceil(max(1, batches // tc.grad_accum) * tc.epochs)
+
+
+class EvalShard(torch.utils.data.Sampler):
+    """This process's part of the evaluation set: a contiguous block of ``ceil(n / world)``
+    examples, in batches; every process runs the same number of batches (sharded forwards are
+    collective), the last ones padded with repeats of the block's first example, which
+    ``real`` leaves out of the metrics."""
+
+    def __init__(self, n: int, batch_size: int, rank: int = 0, world_size: int = 1):
+        self.n, self.block = n, math.ceil(n / world_size)
+        self.start = min(rank * self.block, n)
+        self.end = min(self.start + self.block, n)
+        self.batches = []
+        for first in range(0, self.block, batch_size):
+            real = list(range(self.start + first, min(self.start + first + batch_size, self.end)))
+            pad = min(batch_size, self.block - first) - len(real)
+            self.batches.append((real + [min(self.start, n - 1)] * pad, len(real)))
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __iter__(self):
+        return (indices for indices, _ in self.batches)
 
 
 class MetricsLog:
@@ -185,11 +209,10 @@ class Trainer:
         rank, world = backend.rank, backend.world_size
         self.sampler = ShardedBatches(len(train_data), tc.batch_size, tc.seed, rank, world)
         self.train_loader = DataLoader(train_data, batch_sampler=self.sampler, collate_fn=collate_fn)
-        self.eval_loader = (
-            DataLoader(eval_data, batch_size=tc.eval_batch_size, shuffle=False, collate_fn=collate_fn)
-            if eval_data is not None and len(eval_data)
-            else None
-        )
+        self.eval_loader = None
+        if eval_data is not None and len(eval_data):
+            self.eval_shard = EvalShard(len(eval_data), tc.eval_batch_size, rank, world)
+            self.eval_loader = DataLoader(eval_data, batch_sampler=self.eval_shard, collate_fn=collate_fn)
         if len(self.train_loader) == 0:
             raise LrxError("the training set is empty; check data.train_path and data.max_train_samples")
         self.steps_per_epoch = max(1, len(self.train_loader) // tc.grad_accum)
@@ -311,6 +334,15 @@ class Trainer:
                                                ignore_index=IGNORE_INDEX, reduction="sum")
         return ce / divisor
 
+    def _gather_eval(self, local: torch.Tensor) -> torch.Tensor:
+        """The whole evaluation set's values from each process's block (x + 0 == x: exact)."""
+        if self.backend.world_size == 1:
+            return local
+        shard = self.eval_shard
+        whole = torch.zeros(shard.n, dtype=torch.float64, device=local.device)
+        whole[shard.start : shard.end] = local.double()
+        return self.backend.all_reduce_sum(whole).to(local.dtype)
+
     def _log_train(self, loss_sum: torch.Tensor, tokens: torch.Tensor, elapsed: float, bar) -> None:
         """Log the interval's mean loss, learning rate and throughput (the one host sync of
         training), then zero the accumulators."""
@@ -341,33 +373,42 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
-        """Evaluation loss and task metrics on the eval set; logged and returned."""
+        """Evaluation loss and task metrics on the eval set, each process evaluating its block
+        (``EvalShard``); logged and returned, identical on every process and equal to one
+        process's (sums of losses are all-reduced; predictions are gathered whole before the
+        metrics, which are not means of per-process values: F1, Matthews, Pearson)."""
         if self.eval_loader is None:
             return {}
         self.model.eval()
-        loss_sum = torch.zeros((), device=self.device, dtype=torch.float64)
-        weight = torch.zeros((), device=self.device, dtype=torch.float64)
+        sums = torch.zeros(2, device=self.device, dtype=torch.float64)  # loss sum, its weight
         preds, labels = [], []
-        for batch in self.eval_loader:
+        for batch, (_, real) in zip(self.eval_loader, self.eval_shard.batches):
             batch = self._to_device(batch)
             with self.autocast:
-                out = self.model(**batch)
-            if self.task == "causal_lm":
-                # HF returns the mean over label tokens; weight it to get a token-level mean.
-                n = (batch["labels"][:, 1:] != -100).sum()
-            else:
-                n = torch.tensor(batch["labels"].shape[0], device=self.device)
-                logits = out.logits.float()
-                preds.append(logits.squeeze(-1) if self.task == "regression" else logits.argmax(-1))
-                labels.append(batch["labels"])
-            loss_sum += out.loss.double() * n
-            weight += n
-        record = {"eval_loss": (loss_sum / weight.clamp_min(1)).item()}
+                logits = self.model(**{k: v for k, v in batch.items() if k != "labels"}).logits.float()[:real]
+            target = batch["labels"][:real]
+            if self.task == "causal_lm":  # a token-level mean over the label tokens
+                sums[0] += F.cross_entropy(logits[:, :-1].flatten(0, 1), target[:, 1:].flatten(),
+                                           ignore_index=IGNORE_INDEX, reduction="sum").double()
+                sums[1] += (target[:, 1:] != IGNORE_INDEX).sum()
+                continue
+            pred = logits.squeeze(-1) if self.task == "regression" else logits.argmax(-1)
+            loss = F.mse_loss(pred, target.to(pred.dtype), reduction="sum") if self.task == "regression" else \
+                F.cross_entropy(logits, target, reduction="sum")
+            sums += torch.stack([loss.double(), torch.tensor(real, dtype=torch.float64, device=self.device)])
+            preds.append(pred)
+            labels.append(target)
+        if self.backend.world_size > 1:
+            sums = self.backend.all_reduce_sum(sums)
+        record = {"eval_loss": (sums[0] / sums[1].clamp_min(1)).item()}
         if self.task == "causal_lm":
             record["perplexity"] = math.exp(min(record["eval_loss"], 50.0))
         else:
-            record.update(compute_metrics(self.metric_names, torch.cat(preds).cpu(), torch.cat(labels).cpu()))
+            pred, label = (self._gather_eval(torch.cat(t)) for t in (preds, labels))
+            record.update(compute_metrics(self.metric_names, pred.cpu(), label.cpu()))
         self.metrics.write("eval", self.step, record)
         if self.is_main:
-            log.info("eval at step %d: %s", self.step, ", ".join(f"{k} {v:.4f}" for k, v in record.items()))
+            split = f" ({self.eval_shard.block} of {self.eval_shard.n} examples on each of {self.backend.world_size} " \
+                "processes)" if self.backend.world_size > 1 else ""
+            log.info("eval at step %d%s: %s", self.step, split, ", ".join(f"{k} {v:.4f}" for k, v in record.items()))
         return {"step": self.step, **record}

@@ -124,6 +124,11 @@ def test_sharded_run_matches_single_process(tmp_path, reference, method, backend
         assert diff <= atol, (key, diff)
     summary = json.loads((tmp_path / backend / "summary.json").read_text())
     assert summary["world_size"] == 2
+    # Evaluation is split (each process its half) and reduces to the one-process metrics.
+    assert "(32 of 64 examples on each of 2 processes)" in sharded.stderr + sharded.stdout
+    reference_eval = json.loads((single / "summary.json").read_text())["eval"]
+    assert summary["eval"]["eval_loss"] == pytest.approx(reference_eval["eval_loss"], abs=1e-5)
+    assert summary["eval"]["accuracy"] == reference_eval["accuracy"]
     if method == "srlora":  # 4 events at steps 2, 4, 6, 8; the same pairs chosen
         events = [(d / "method_events.jsonl").read_text().splitlines() for d in (single, tmp_path / backend)]
         assert len(events[0]) == 4 * 6  # 6 adapted layers
