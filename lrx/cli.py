@@ -11,9 +11,11 @@ nothing already saved is touched.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import sys
+import typing
 from pathlib import Path
 
 from lrx.errors import LrxError
@@ -35,7 +37,6 @@ COMMANDS = {
 
 
 def build_parser(prog: str = "launch/train.py") -> argparse.ArgumentParser:
-    from lrx.config import describe_options
     from lrx.methods import available_methods
 
     parser = argparse.ArgumentParser(
@@ -187,3 +188,36 @@ def print_summary(summary: dict) -> None:
         print("   sample completion: " + summary["sample_completion"].replace("\n", "\n                      "))
     d = summary["run_dir"]
     print(f"   outputs: {d}/ (config.yaml, metrics.jsonl, tb/, summary.json, adapter/, adapter_peft/)")
+
+
+def describe_options() -> str:
+    """Every config key with type, default and help, for ``--help``."""
+    from lrx.config import SECTIONS, field_help, type_name
+    from lrx.methods import MethodConfig, available_methods, get_method_class
+
+    lines = []
+
+    def add(section: str, cls: type, skip: frozenset[str] = frozenset()) -> None:
+        hints = typing.get_type_hints(cls)
+        helps = field_help(cls)
+        for f in dataclasses.fields(cls):
+            if f.name in skip:
+                continue
+            default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+            lines.append(f"  {section}.{f.name} ({type_name(hints[f.name])}, default {default!r})")
+            lines.append(f"      {helps.get(f.name, '')}")
+
+    for section, cls in SECTIONS.items():
+        if section != "method":
+            lines.append(f"[{section}]")
+            add(section, cls)
+    lines.append("[method] common to all methods")
+    add("method", MethodConfig)
+    base = {f.name for f in dataclasses.fields(MethodConfig)}
+    for name in available_methods():
+        cls = get_method_class(name).config_cls
+        extra = {f.name for f in dataclasses.fields(cls)} - base
+        if extra:
+            lines.append(f"[method] only for --method {name}")
+            add("method", cls, skip=base)
+    return "\n".join(lines)

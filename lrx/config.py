@@ -247,7 +247,7 @@ def field_help(cls: type) -> dict[str, str]:
     return docs
 
 
-def _type_name(tp: Any) -> str:
+def type_name(tp: Any) -> str:
     if typing.get_origin(tp) is Literal:
         return "{" + ",".join(map(str, typing.get_args(tp))) + "}"
     if isinstance(tp, type):
@@ -258,7 +258,7 @@ def _type_name(tp: Any) -> str:
 def _coerce(value: Any, tp: Any, key: str) -> Any:
     """Convert a YAML or CLI value to the annotated type ``tp`` or raise ConfigError."""
     origin, args = typing.get_origin(tp), typing.get_args(tp)
-    bad = ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
+    bad = ConfigError(f"{key}: expected {type_name(tp)}, got {value!r}")
     if origin in (typing.Union, types.UnionType):
         if value is None or (isinstance(value, str) and value.lower() in ("none", "null", "~")):
             if type(None) in args:
@@ -451,35 +451,3 @@ def load_config(
 def save_config(config: RunConfig, path: str | Path) -> None:
     """Write the resolved config as YAML (re-loadable with ``--config``)."""
     Path(path).write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
-
-
-def describe_options() -> str:
-    """Every config key with type, default and help, for ``--help``."""
-    from lrx.methods import available_methods
-
-    lines = []
-
-    def add(section: str, cls: type, skip: frozenset[str] = frozenset()) -> None:
-        hints = typing.get_type_hints(cls)
-        helps = field_help(cls)
-        for f in dataclasses.fields(cls):
-            if f.name in skip:
-                continue
-            default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
-            lines.append(f"  {section}.{f.name} ({_type_name(hints[f.name])}, default {default!r})")
-            lines.append(f"      {helps.get(f.name, '')}")
-
-    for section, cls in SECTIONS.items():
-        if section != "method":
-            lines.append(f"[{section}]")
-            add(section, cls)
-    lines.append("[method] common to all methods")
-    add("method", MethodConfig)
-    base = {f.name for f in dataclasses.fields(MethodConfig)}
-    for name in available_methods():
-        cls = get_method_class(name).config_cls
-        extra = {f.name for f in dataclasses.fields(cls)} - base
-        if extra:
-            lines.append(f"[method] only for --method {name}")
-            add("method", cls, skip=base)
-    return "\n".join(lines)

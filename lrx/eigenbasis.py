@@ -185,6 +185,17 @@ def open_sources(sources: list[str | Path]) -> list[SourceAdapter]:
     return adapters
 
 
+def _write_weights(out: Path, tensors: dict[str, torch.Tensor]) -> str:
+    """Write the basis tensors (replacing an earlier file in one rename); returns their sha256."""
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = out / (BASIS_WEIGHTS + ".tmp")
+    # One metadata key only: safetensors writes the metadata map in no fixed order, and the
+    # file must be byte-identical across builds (its sha256 names the basis).
+    save_file(tensors, str(tmp), metadata={"format": "pt"})
+    tmp.replace(out / BASIS_WEIGHTS)
+    return sha256_file(out / BASIS_WEIGHTS)
+
+
 def build_basis(
     sources: list[str | Path], out: str | Path, *, k: int, augment: int = 0, seed: int = 0,
 ) -> dict[str, Any]:
@@ -226,19 +237,13 @@ def build_basis(
             kind = module.rsplit(".", 1)[-1]
             summary.setdefault(kind, {}).setdefault(part, []).append(float(evr.sum()))
         shapes[module] = {"in": ref.modules[module][0][1], "out": ref.modules[module][1][0]}
-    out.mkdir(parents=True, exist_ok=True)
-    tmp = out / (BASIS_WEIGHTS + ".tmp")
-    # One metadata key only: safetensors writes the metadata map in no fixed order, and the
-    # file must be byte-identical across builds (its sha256 names the basis).
-    save_file(tensors, str(tmp), metadata={"format": "pt"})
-    tmp.replace(out / BASIS_WEIGHTS)
     meta = {
         "format": "lrx-eigenbasis",
         "k": max(kept),  # what the tensors hold: fewer than asked when the sources have fewer columns
         "k_requested": k,
         "augment": augment,
         "seed": seed,
-        "sha256": sha256_file(out / BASIS_WEIGHTS),
+        "sha256": _write_weights(out, tensors),
         "base_model": ref.config.get("base_model_name_or_path"),
         "target_modules": sorted(ref.modules),
         "shapes": shapes,

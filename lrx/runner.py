@@ -88,6 +88,15 @@ def sample_generation(model, tokenizer, prompt: str, max_new_tokens: int, device
     return tokenizer.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True).strip()
 
 
+def adapter_meta(config: RunConfig, task: str, data) -> dict[str, Any]:
+    """What adapter files record besides the method: the base (absolute: readable from any
+    folder), tokenizer, head and labels."""
+    mc = config.model
+    return {"base_model": absolute_path(mc.name_or_path), "gguf_file": mc.gguf_file,
+            "tokenizer": absolute_path(mc.tokenizer), "task": task, "num_labels": data.num_labels,
+            "label_names": data.label_names}
+
+
 def save_outputs(run_dir: Path, model, method, backend, meta: dict[str, Any]) -> None:
     """The trained adapter (lrx format and peft export). Collectives when sharded (every
     process takes them): the method state and the trained tensors, gathered whole; then one
@@ -135,9 +144,7 @@ def _run(config: RunConfig, backend, checkpoints: CheckpointManager, t0: float, 
              method.name, len(method.layers), layer_counts(method.layers), f"{trainable:,}", f"{total:,}",
              100 * trainable / total)
     check_positions(model.config, config.data.max_length)
-    meta = {"base_model": absolute_path(mc.name_or_path), "gguf_file": mc.gguf_file,  # readable from any folder
-            "tokenizer": absolute_path(mc.tokenizer), "task": task,
-            "num_labels": data.num_labels, "label_names": data.label_names}
+    meta = adapter_meta(config, task, data)
     checkpoints.meta = meta
     trainer = Trainer(
         config, model, method, data.train, data.eval, data.collate_fn, data.task, data.metric_names,
