@@ -24,7 +24,7 @@ from torch import nn
 
 import lrx
 from lrx.errors import LrxError
-from lrx.fileio import atomic_dir, read_json, read_safetensors
+from lrx.fileio import atomic_dir, read_json, read_safetensors, recorded_path
 from lrx.methods import (
     AdaptedLinear,
     LocalShards,
@@ -95,9 +95,10 @@ def with_absolute_paths(config: MethodConfig) -> dict[str, Any]:
     return values
 
 
-def method_config(config: dict[str, Any], json_file: Path) -> MethodConfig:
-    """The method config an adapter JSON records; a relative file it names (an older file) is
-    resolved from the JSON's folder, then from the working directory.
+def method_values(config: dict[str, Any], json_file: Path) -> dict[str, Any]:
+    """The method settings an adapter JSON records, ready for its config class: keys retired
+    since it was written dropped, and a relative file it names (an older file) resolved from
+    the JSON's folder, then from the working directory.
 
     Raises:
         LrxError: a file it names exists in neither place (the message names the JSON file).
@@ -106,16 +107,15 @@ def method_config(config: dict[str, Any], json_file: Path) -> MethodConfig:
     cls = get_method_class(values["name"]).config_cls
     values = without_retired_keys(cls, values)
     for key in cls.PATH_FIELDS:
-        value = values.get(key)
-        if not value or Path(value).is_absolute() and Path(value).exists():
-            continue
-        beside = json_file.parent / value
-        if not Path(value).is_absolute() and beside.exists():
-            values[key] = str(beside)
-        elif not Path(value).exists():
-            raise LrxError(f"{json_file}: method.{key} {value!r} not found (looked beside the file and in the working "
-                           "directory); restore it or run from the folder the run was started in")
-    return cls(**values)
+        if isinstance(values.get(key), str) and values[key]:
+            values[key] = recorded_path(values[key], json_file, f"method.{key}",
+                                        "restore it or run from the folder the run was started in")
+    return values
+
+
+def method_config(config: dict[str, Any], json_file: Path) -> MethodConfig:
+    """The method config an adapter JSON records (``method_values``)."""
+    return get_method_class(config["method"]["name"]).config_cls(**method_values(config, json_file))
 
 
 def read_adapter_config(path: str | Path) -> dict[str, Any]:

@@ -37,10 +37,11 @@ from lrx.adapter import (
     layer_from_adapter,
     load_adapter,
     method_of,
+    method_values,
     read_adapter_config,
 )
 from lrx.errors import LrxError
-from lrx.fileio import WeightFiles, read_safetensors
+from lrx.fileio import WeightFiles, read_safetensors, recorded_path
 from lrx.methods import adapted_layers, get_method_class
 from lrx.models import SHORT_NAMES, TINY_NAMES, load_model, load_tokenizer
 from lrx.rundir import PEFT_ENTRIES, check_output_dir, write_marker
@@ -83,8 +84,7 @@ def export_merged(adapter_dir: str | Path, out: str | Path, *, base: str | None 
         raise LrxError(f"{out} already holds a model; choose another output folder")
     check_output_dir(out, "OUT")  # not a file, writable, empty: nothing there is overwritten
     adapter_dir = adapter_folder(adapter_dir)
-    config = checked_adapter_config(adapter_dir, resolve=("tokenizer", "method.basis") if base else
-                                    ("base_model", "tokenizer", "method.basis"))
+    config = checked_adapter_config(adapter_dir, resolve=("tokenizer",) if base else ("base_model", "tokenizer"))
     name = base or config.get("base_model")
     if not name:
         raise LrxError(f"{adapter_dir}: no base model recorded; pass --base")
@@ -136,31 +136,19 @@ def export_peft_adapter(adapter_dir: str | Path, out: str | Path) -> Path:
     return path
 
 
-def recorded_path(value: str, json_file: Path, key: str) -> str:
-    """A model, tokenizer or basis path recorded in an lrx JSON file: short model names as they
-    are; a relative path is resolved from the folder holding the JSON (then, for files written
-    before paths were recorded absolute, from the working directory).
-
-    Raises:
-        LrxError: the path exists in neither place; the message names the JSON file.
-    """
-    if value in SHORT_NAMES or value in TINY_NAMES or Path(value).is_absolute():
-        if Path(value).is_absolute() and not Path(value).exists():
-            raise LrxError(f"{json_file}: {key} {value} not found; pass --base (or restore the folder)")
+def model_path(value: str, json_file: Path, key: str) -> str:
+    """A model or tokenizer recorded in an adapter JSON: a short name as it is, else a path
+    (``fileio.recorded_path``)."""
+    if value in SHORT_NAMES or value in TINY_NAMES:
         return value
-    beside = json_file.parent / value
-    if beside.exists():
-        return str(beside)
-    if Path(value).exists():
-        return value
-    raise LrxError(f"{json_file}: {key} {value!r} not found (looked beside the file, in {json_file.parent}, and "
-                   "in the working directory); pass --base or run from the folder the run was started in")
+    return recorded_path(value, json_file, key, "pass --base or run from the folder the run was started in")
 
 
 def checked_adapter_config(adapter_dir: Path, resolve: tuple[str, ...] = ()) -> dict:
     """The adapter's config, checked for what an export reads (a hand-edited file fails here,
     in one line naming it, instead of deep inside the export), with the paths named in
-    ``resolve`` (``base_model``, ``tokenizer``, ``method.basis``) resolved by ``recorded_path``.
+    ``resolve`` (``base_model``, ``tokenizer``) resolved by ``model_path``; the files the method
+    settings name are checked by ``adapter.method_config``.
 
     Raises:
         LrxError: naming the file and the key.
@@ -179,12 +167,15 @@ def checked_adapter_config(adapter_dir: Path, resolve: tuple[str, ...] = ()) -> 
             raise LrxError(f"{file}: '{key}' must be a string or null; re-export the adapter")
     for key in ("base_model", "tokenizer"):
         if key in resolve and config.get(key):
-            config[key] = recorded_path(config[key], file, key)
-    if "method.basis" in resolve and isinstance(method_cfg.get("basis"), str) and method_cfg["basis"]:
-        method_cfg["basis"] = recorded_path(method_cfg["basis"], file, "method.basis")
+            config[key] = model_path(config[key], file, key)
     try:
-        get_method_class(method_cfg["name"]).config_cls(**method_cfg)
-    except (TypeError, ValueError, LrxError) as e:
+        cls = get_method_class(method_cfg["name"]).config_cls
+    except LrxError as e:
+        raise LrxError(f"{file}: method settings are invalid ({str(e).splitlines()[0]}); re-export the adapter") from None
+    values = method_values(config, file)  # retired keys dropped (older files), the files it names found
+    try:
+        cls(**values)
+    except (TypeError, ValueError) as e:
         raise LrxError(f"{file}: method settings are invalid ({str(e).splitlines()[0]}); re-export the adapter") from None
     weights = adapter_dir / WEIGHTS_NAME
     if weights.is_file():  # a missing file is named (with any pickle found) by read_safetensors

@@ -114,3 +114,25 @@ def atomic_dir(final: Path):
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     swap_in(tmp, final)
+
+
+def recorded_path(value: str, json_file: Path, key: str, fix: str) -> str:
+    """A file or folder named in an lrx JSON file: an absolute path as it is, a relative one
+    from the folder holding the JSON, then (files written before paths were recorded absolute)
+    from the working directory.
+
+    Raises:
+        LrxError: the path exists in none of these places; the message names the JSON file and ``fix``.
+    """
+    if Path(value).is_absolute():
+        if not Path(value).exists():
+            raise LrxError(f"{json_file}: {key} {value} not found; {fix}")
+        return value
+    beside = Path(json_file).parent / value
+    if beside.exists():
+        return str(beside)
+    if Path(value).exists():
+        return value
+    raise LrxError(f"{json_file}: {key} {value!r} not found (looked beside the file, in {Path(json_file).parent}, "
+                   f"and in the working directory); {fix}")
+

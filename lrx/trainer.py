@@ -71,6 +71,17 @@ def planned_steps(tc, n_examples: int, world_size: int = 1) -> int:
     return tc.max_steps or math.ceil(max(1, batches // tc.grad_accum) * tc.epochs)
 
 
+def label_tokens(labels: torch.Tensor) -> torch.Tensor:
+    """The tokens a causal LM is scored on: every label but the first, unless masked."""
+    return (labels[:, 1:] != IGNORE_INDEX).sum()
+
+
+def token_ce_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """The summed next-token cross-entropy over ``label_tokens`` (fp32, as transformers computes it)."""
+    return F.cross_entropy(logits[:, :-1].float().flatten(0, 1), labels[:, 1:].flatten(),
+                           ignore_index=IGNORE_INDEX, reduction="sum")
+
+
 class EvalShard(torch.utils.data.Sampler):
     """This process's part of the evaluation set: a contiguous block of ``ceil(n / world)``
     examples, in batches; every process runs the same number of batches (sharded forwards are
@@ -317,7 +328,7 @@ class Trainer:
         if self.task != "causal_lm":
             return float(len(step_batches) * world)
         # Counted on the device (the batches are there already): no host sync; a step of prompts only gives 0.
-        count = sum((b["labels"][:, 1:] != IGNORE_INDEX).sum() for b in step_batches)
+        count = sum(label_tokens(b["labels"]) for b in step_batches)
         if world > 1:
             count = self.backend.all_reduce_sum(count)
         return count.clamp_min(1).float()
@@ -328,11 +339,8 @@ class Trainer:
         transformers computes it) over ``divisor``; otherwise its mean loss over ``divisor``."""
         if self.task != "causal_lm":
             return self.model(**batch).loss / divisor
-        labels = batch["labels"]
         logits = self.model(**{k: v for k, v in batch.items() if k != "labels"}).logits
-        ce = torch.nn.functional.cross_entropy(logits[:, :-1].float().flatten(0, 1), labels[:, 1:].flatten(),
-                                               ignore_index=IGNORE_INDEX, reduction="sum")
-        return ce / divisor
+        return token_ce_sum(logits, batch["labels"]) / divisor
 
     def _gather_eval(self, local: torch.Tensor) -> torch.Tensor:
         """The whole evaluation set's values from each process's block (x + 0 == x: exact)."""
@@ -388,9 +396,8 @@ class Trainer:
                 logits = self.model(**{k: v for k, v in batch.items() if k != "labels"}).logits.float()[:real]
             target = batch["labels"][:real]
             if self.task == "causal_lm":  # a token-level mean over the label tokens
-                sums[0] += F.cross_entropy(logits[:, :-1].flatten(0, 1), target[:, 1:].flatten(),
-                                           ignore_index=IGNORE_INDEX, reduction="sum").double()
-                sums[1] += (target[:, 1:] != IGNORE_INDEX).sum()
+                sums[0] += token_ce_sum(logits, target).double()
+                sums[1] += label_tokens(target)
                 continue
             pred = logits.squeeze(-1) if self.task == "regression" else logits.argmax(-1)
             loss = F.mse_loss(pred, target.to(pred.dtype), reduction="sum") if self.task == "regression" else \

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from lrx.adapter import export_peft, load_adapter, save_adapter
 from lrx.config import load_config
 from lrx.eigenbasis import build_basis
+from lrx.export import checked_adapter_config
 from lrx.methods import EditingConfig, LocalShards, adapted_layers, available_methods, build_method, get_method_class
 from tests.conftest import tiny_model
 
@@ -188,6 +189,7 @@ def test_adapters_written_when_every_method_had_fuse_still_load(method_name, tmp
     torch.testing.assert_close(logits(fresh, inputs()), logits(model, inputs()), rtol=0, atol=0)
     run_config = load_config(None, ["method.fuse=auto", "method.edit_log=auto"], method=method_name)
     assert not hasattr(run_config.method, "fuse")
+    checked_adapter_config(tmp_path / "adapter")  # and the export's check of the file accepts it
 
 
 @pytest.mark.parametrize("method_name,kind", [(m, k) for m in available_methods() for k in ("llama", "bert")])

@@ -96,10 +96,14 @@ class Shards(Protocol):
         process's piece (and on whole copies the backend keeps beside it)."""
 
     def write_masked(self, params: list[torch.Tensor], values: torch.Tensor, mask: torch.Tensor,
-                     optimizer=None, reset_state: tuple[str, ...] = ()) -> None:
+                     optimizer=None, reset_state: tuple[str, ...] = ()) -> list[torch.Tensor]:
         """For parameters of one shape and span: where ``mask`` (G x numel, bool) is set, write
         ``values`` (G x numel, whole and flat) into every live copy of each parameter, and zero
-        the optimizer states named in ``reset_state`` (e.g. Adam's ``exp_avg``) there."""
+        the optimizer states named in ``reset_state`` (e.g. Adam's ``exp_avg``) there.
+
+        Returns:
+            Per parameter, this process's piece of ``~mask`` as floats (1 kept, 0 written), to
+            reset the caller's own per-element state the same way."""
 
     def row_block(self, n_rows: int) -> tuple[int, int]:
         """Rows ``[first, end)`` of a row-split method tensor (SRLoRA's pool U) this process keeps."""
@@ -168,7 +172,7 @@ class PieceShards:
 
     @torch.no_grad()
     def write_masked(self, params: list[torch.Tensor], values: torch.Tensor, mask: torch.Tensor,
-                     optimizer=None, reset_state: tuple[str, ...] = ()) -> None:
+                     optimizer=None, reset_state: tuple[str, ...] = ()) -> list[torch.Tensor]:
         start, end = self.span(params[0])
         n = end - start
         copies = [self._copies(p) for p in params]
@@ -190,6 +194,7 @@ class PieceShards:
                     factors.append(keep[g] if t.device == keep[g].device else keep[g].to(t.device))
         if targets:
             torch._foreach_mul_(targets, factors)
+        return list(keep)
 
 
 class LocalShards(PieceShards):

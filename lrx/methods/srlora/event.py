@@ -92,9 +92,7 @@ def swap_slots(names: list[str], layers: dict, idx: torch.Tensor, B_new: torch.T
         mask.scatter_(dim, where, True)
         full, mask = full.view(len(names), -1), mask.view(len(names), -1)
         params = [getattr(layer, f"lora_{key}") for layer in group]
-        shards.write_masked(params, full, mask, optimizer, moments)
-        start, end = shards.span(params[0])
-        keep = (~mask[:, start:end]).float().unbind(0)
+        keep = shards.write_masked(params, full, mask, optimizer, moments)
         targets, factors = [], []
         for g, name in enumerate(names):
             for t, k in importance.reset(name, key, keep[g]):
