@@ -109,8 +109,16 @@ class TrainConfig:
     """Micro-batch size (sequences per forward pass)."""
     grad_accum: int = 1
     """Micro-batches accumulated per optimizer step."""
-    schedule: Literal["linear", "cosine", "constant"] = "linear"
-    """Learning-rate decay after warm-up."""
+    schedule: Literal["linear", "cosine", "constant", "plateau"] = "linear"
+    """Learning-rate decay after warm-up; plateau = ReduceLROnPlateau: constant, multiplied by plateau_factor
+    whenever plateau_metric has not improved for more than plateau_patience evaluations (needs data.eval_path)."""
+    plateau_metric: str = "eval_loss"
+    """schedule=plateau: what it watches after each evaluation: eval_loss or perplexity (lower is better) or a
+    task metric (accuracy, f1, pearson, matthews ...: higher is better)."""
+    plateau_factor: float = 0.1
+    """schedule=plateau: multiplies the learning rate at each reduction."""
+    plateau_patience: int = 2
+    """schedule=plateau: evaluations without improvement (by more than 1e-4 relative) tolerated before a reduction."""
     warmup_ratio: float = 0.0
     """Warm-up length as a share of all optimizer steps."""
     warmup_steps: int = 0
@@ -158,6 +166,8 @@ class TrainConfig:
         for name in ("warmup_steps", "eval_every", "save_every"):
             _require(getattr(self, name) >= 0, name, getattr(self, name), ">= 0 (0 = off)")
         _require(0 <= self.warmup_ratio <= 1, "warmup_ratio", self.warmup_ratio, "in [0, 1]")
+        _require(0 < self.plateau_factor < 1, "plateau_factor", self.plateau_factor, "in (0, 1), e.g. 0.1")
+        _require(self.plateau_patience >= 0, "plateau_patience", self.plateau_patience, ">= 0")
         _require(self.max_grad_norm >= 0, "max_grad_norm", self.max_grad_norm, ">= 0 (0 = no clipping)")
         _require(re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device) is not None, "device", self.device,
                  "auto, cpu, cuda or cuda:N")
@@ -205,6 +215,9 @@ class RunConfig:
         alpha = getattr(self.method, "alpha", 1.0)
         if not alpha > 0:
             raise ConfigError(f"method.alpha must be > 0 (the adapter scale is alpha / r), got {alpha}")
+        if self.train.schedule == "plateau" and not self.data.eval_path:
+            raise ConfigError("train.schedule=plateau lowers the learning rate on evaluation results and this run has "
+                              "no evaluation: set data.eval_path, or another train.schedule (linear, cosine, constant)")
 
     def to_dict(self) -> dict[str, Any]:
         """Plain nested dict (YAML-serialisable) of the resolved config."""

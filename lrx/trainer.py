@@ -1,4 +1,4 @@
-"""The training loop: AdamW, warm-up + decay, accumulation, clipping, periodic eval, logging.
+"""The training loop: AdamW, warm-up + decay (or ReduceLROnPlateau), accumulation, clipping, periodic eval, logging.
 
 The trainer knows nothing about method names: it calls the method's hooks (after the
 gradients of a step are complete, after the optimizer step) and trains whatever
@@ -178,6 +178,40 @@ def _decay_groups(params: list[tuple[str, nn.Parameter]], weight_decay: float) -
     return [g for g in groups if g["params"]]
 
 
+class Plateau:
+    """The learning-rate factor of ``train.schedule=plateau``, as the lambda of a ``LambdaLR``:
+    linear warm-up, then ``scale``, which ``observe`` multiplies by ``factor`` once the watched
+    value has not improved for more than ``patience`` evaluations (torch's ``ReduceLROnPlateau``
+    rule, relative threshold 1e-4, no cooldown). A callable object, not a function: a
+    ``LambdaLR``'s state then holds it (``scale``, ``best``, ``bad``), so a checkpoint's scheduler
+    state resumes it, and ZeRO-3's rebuilt ``LambdaLR`` shares it."""
+
+    THRESHOLD = 1e-4
+
+    def __init__(self, warmup: int, factor: float, patience: int, lower_is_better: bool):
+        self.warmup, self.factor, self.patience, self.lower = warmup, factor, patience, lower_is_better
+        self.scale = 1.0
+        self.best: float | None = None  # None until the first evaluation (JSON-safe, unlike infinity)
+        self.bad = 0  # evaluations since the last improvement
+
+    def __call__(self, step: int) -> float:
+        return (step / max(1, self.warmup) if step < self.warmup else 1.0) * self.scale
+
+    def observe(self, value: float) -> bool:
+        """Take one evaluation's value; True when it lowers the learning rate."""
+        better = self.best is None or (value < self.best * (1 - self.THRESHOLD) if self.lower
+                                       else value > self.best * (1 + self.THRESHOLD))
+        if better:
+            self.best, self.bad = value, 0
+            return False
+        self.bad += 1
+        if self.bad <= self.patience:
+            return False
+        self.scale *= self.factor
+        self.bad = 0
+        return True
+
+
 class Trainer:
     """The training loop for every backend (one device, FSDP2, ZeRO-3).
 
@@ -233,9 +267,13 @@ class Trainer:
         self.optimizer = torch.optim.AdamW(
             _decay_groups(self.params, tc.weight_decay), lr=tc.lr, betas=tuple(tc.adam_betas)
         )
-        self.scheduler = get_scheduler(
-            tc.schedule, self.optimizer, num_warmup_steps=warmup, num_training_steps=self.total_steps
-        )
+        self.plateau = self._plateau(tc, warmup, task, metric_names) if tc.schedule == "plateau" else None
+        if self.plateau is not None:
+            self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self.plateau)
+        else:
+            self.scheduler = get_scheduler(
+                tc.schedule, self.optimizer, num_warmup_steps=warmup, num_training_steps=self.total_steps
+            )
         self.module = model  # the adapted model itself: what method hooks see
         self.model = backend.setup(model, self.optimizer, self.scheduler, micro_batch=tc.batch_size,
                                    grad_accum=tc.grad_accum, max_grad_norm=tc.max_grad_norm)  # what runs batches
@@ -251,6 +289,32 @@ class Trainer:
         self.history: list[dict[str, float]] = []
         self.checkpoints, self.callbacks = checkpoints, list(callbacks)
         self.resumed = False
+
+    def _plateau(self, tc, warmup: int, task: str, metric_names: list[str]) -> Plateau:
+        """The plateau schedule's factor, once the run is known to evaluate what it watches."""
+        if self.eval_loader is None:
+            raise LrxError("train.schedule=plateau lowers the learning rate on evaluation results and the "
+                           "evaluation set is empty; check data.eval_path and data.max_eval_samples")
+        watchable = ["eval_loss", *(["perplexity"] if task == "causal_lm" else metric_names)]
+        if tc.plateau_metric not in watchable:
+            raise LrxError(f"train.plateau_metric={tc.plateau_metric} is not computed by this run's evaluation; "
+                           f"choose one of {', '.join(watchable)}")
+        return Plateau(warmup, tc.plateau_factor, tc.plateau_patience, tc.plateau_metric in ("eval_loss", "perplexity"))
+
+    def _observe(self, record: dict[str, float]) -> None:
+        """After an evaluation: the plateau schedule takes its value and, when it lowers the
+        learning rate, the optimizer gets the new rate at once (and ``get_last_lr`` reports it,
+        which is what a checkpoint resumes with)."""
+        if self.plateau is None or not self.plateau.observe(record[self.cfg.train.plateau_metric]):
+            return
+        lrs = [base * self.plateau(self.scheduler.last_epoch) for base in self.scheduler.base_lrs]
+        for group, lr in zip(self.optimizer.param_groups, lrs):
+            group["lr"] = lr
+        self.scheduler._last_lr = lrs  # what LRScheduler.step sets; no public setter
+        if self.is_main:
+            log.info("step %d: %s %.4g has not improved on %.4g for %d evaluations; learning rate x %g -> %.3g",
+                     self.step, self.cfg.train.plateau_metric, record[self.cfg.train.plateau_metric],
+                     self.plateau.best, self.plateau.patience + 1, self.plateau.factor, lrs[0])
 
     def _to_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
@@ -305,6 +369,7 @@ class Trainer:
             if self.eval_loader is not None and (self.step % eval_every == 0 or self.step == self.total_steps):
                 if not evals or evals[-1]["step"] != self.step:
                     evals.append(self.evaluate())
+                    self._observe(evals[-1])
                     self.model.train()
             if self.checkpoints is not None and (self.step == self.total_steps or
                                                  (tc.save_every and self.step % tc.save_every == 0)):
