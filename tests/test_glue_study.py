@@ -59,6 +59,11 @@ def _args(**kw):
         "max_train": None,
         "only": None,
         "overrides": [],
+        "bracket": False,
+        "lr_ladder": gs.LADDER,
+        "eigen_train": ["train.schedule=plateau", "train.plateau_factor=0.5", "train.plateau_patience=3"],
+        "eigen_val": True,
+        "val_points": 30,
     }
     base.update(kw)
     return argparse.Namespace(**base)
@@ -72,7 +77,9 @@ def _study(tmp_path, **kw):
 
 
 def _done(study, key, value, **extra):
-    study.results[key] = {"key": key, "value": value, **extra}
+    """A record of ``key`` as ``run`` writes it, with the settings it would run with now."""
+    over = study.by_key[key].resolved(study) if key in study.by_key else None
+    study.results[key] = {"key": key, "value": value, "overrides": over or [], **extra}
 
 
 def test_plan_counts_steps_and_picks_on_validation(tmp_path):
@@ -125,9 +132,9 @@ def test_sources_are_retrained_when_their_adapters_are_gone(tmp_path):
     assert {r.key for r in study.pending()} == {"eigen/rte/eigenlorax/official/s0", "eigen/mrpc/eigenlorax/official/s0"}
 
 
-def _rec(key, value, history, train_loss=None, params=73728, steps=100, label="lr=0.0005"):
+def _rec(key, value, history, train_loss=None, params=73728, steps=100, label="lr=0.0005", setting=None):
     phase, task, method = key.split("/")[:3]
-    rec = {"key": key, "phase": phase, "task": task, "method": method, "label": label,
+    rec = {"key": key, "phase": phase, "task": task, "method": method, "label": label, "setting": setting or label,
            "seed": int(key.rsplit("/s", 1)[1]), "value": value, "eval_loss": 0.5, "steps": steps,
            "trainable_parameters": params + 770, "adapter_parameters": params,
            "history": [[s, v, 0.6] for s, v in history]}
@@ -144,8 +151,10 @@ def test_report_steps_to_target_and_eigen_ratio(tmp_path):
         _rec("sweep/rte/srlora/rt=24,g=0.5,lr=0.0001/s0", 61.0, [(100, 61.0)], label="rt=24,g=0.5,lr=0.0001"),
         _rec("final/rte/lora/s0", 60.0, [(50, 55.0), (100, 60.0)], tl),
         _rec("final/rte/lora/s1", 62.0, [(50, 57.0), (100, 62.0)], tl),
-        _rec("final/rte/srlora/s0", 63.0, [(50, 61.5), (100, 63.0)], tl, label="picked"),
-        _rec("final/rte/srlora/s1", 61.0, [(50, 60.0), (100, 61.0)], tl, label="picked"),
+        _rec("final/rte/srlora/s0", 63.0, [(50, 61.5), (100, 63.0)], tl, label="picked", setting="rt=24,g=0.5,lr=0.0001"),
+        _rec("final/rte/srlora/s1", 61.0, [(50, 60.0), (100, 61.0)], tl, label="picked", setting="rt=24,g=0.5,lr=0.0001"),
+        # a final recorded at an earlier pick (superseded, left out)
+        _rec("final/rte/srlora/s2", 99.0, [(50, 99.0), (100, 99.0)], tl, label="picked", setting="rt=24,g=0.5,lr=0.001"),
         _rec("eigen/rte/eigenlorax/official/s0", 58.9, [(150, 50.0), (300, 58.9)], tl, params=12288, steps=300,
              label="official:K=32,P=32,r=8,lr=0.005,wd=0.1"),
         {"key": "sweep/rte/pissa/lr=0.0005/s0", "error": "boom"},
@@ -191,3 +200,87 @@ def test_minilm_pack_roundtrip_is_exact_and_marks_dropped_rows(tmp_path):
     assert np.array_equal(emb[[0, 3, 5]], tensors[minilm_pack.EMBEDDING][[0, 3, 5]])
     assert np.isnan(emb[[1, 2, 4, 6, 7, 8, 9]]).all()
     assert (tmp_path / "out" / "config.json").read_text() == '{"model_type": "bert"}'
+
+
+def test_bracket_step_walks_the_ladder_outward_from_an_edge():
+    ladder = gs.LADDER
+    assert gs.bracket_step([1e-4, 2e-4, 5e-4, 1e-3], 1e-4, ladder) == 5e-5
+    assert gs.bracket_step([1e-4, 2e-4, 5e-4, 1e-3], 1e-3, ladder) == 2e-3
+    assert gs.bracket_step([1e-4, 2e-4, 5e-4, 1e-3], 5e-4, ladder) is None
+    assert gs.bracket_step([1e-3, 1e-2], 1e-2, ladder) is None  # the ladder ends there
+    assert gs.split_label("rt=16,g=0.25,lr=0.001") == ("rt=16,g=0.25", 1e-3)
+    assert gs.split_label("lr=5e-05") == ("", 5e-5)
+
+
+def test_sweeps_are_extended_until_the_pick_is_bracketed_and_finals_wait(tmp_path):
+    study = _study(tmp_path, tasks=["rte"], methods=["lora", "srlora"], bracket=True, eigen_configs=[])
+    final = study.by_key["final/rte/lora/s0"]
+    _done(study, "sweep/rte/lora/lr=0.0001/s0", 60.0)
+    _done(study, "sweep/rte/lora/lr=0.0005/s0", 62.0)
+    assert study.extend_sweeps() == ["sweep/rte/lora/lr=0.001/s0"]  # the best, 5e-4, was the top edge
+    assert not final.ready(study) and final.resolved(study) is None
+    _done(study, "sweep/rte/lora/lr=0.001/s0", 61.0)
+    assert study.extend_sweeps() == [] and final.ready(study)
+    assert final.resolved(study) == ["train.epochs=20", "train.lr=0.0005"]
+    # srlora: only the best setting's lrs are extended, downward here
+    for key, value in [("rt=24,g=0.5,lr=0.0001", 64.0), ("rt=24,g=0.5,lr=0.0005", 61.0),
+                       ("rt=16,g=0.25,lr=0.0001", 60.0), ("rt=16,g=0.25,lr=0.0005", 63.0)]:
+        _done(study, f"sweep/rte/srlora/{key}/s0", value)
+    assert study.extend_sweeps() == ["sweep/rte/srlora/rt=24,g=0.5,lr=5e-05/s0"]
+    added = study.by_key["sweep/rte/srlora/rt=24,g=0.5,lr=5e-05/s0"]
+    assert added.overrides == ["method.r_target=24", "method.gamma=0.5", "train.lr=5e-05"]
+    assert not study.sweep_done("rte", "srlora")
+
+
+def test_a_final_recorded_at_another_pick_is_run_again(tmp_path):
+    study = _study(tmp_path, tasks=["rte"], methods=["lora"], eigen_configs=[])
+    _done(study, "sweep/rte/lora/lr=0.0001/s0", 60.0)
+    _done(study, "sweep/rte/lora/lr=0.0005/s0", 62.0)
+    _done(study, "final/rte/lora/s0", 61.0)
+    assert study.done("final/rte/lora/s0")
+    _done(study, "sweep/rte/lora/lr=0.0001/s0", 63.0)  # the pick moves to 1e-4
+    assert not study.done("final/rte/lora/s0")
+    assert "final/rte/lora/s0" in {r.key for r in study.pending()}
+    old = {"key": "final/rte/lora/s0", "method": "srlora", "overrides": ["train.epochs=20", "method.r_target=16",
+                                                                           "method.gamma=0.25", "train.lr=0.001"]}
+    assert gs.record_setting(old) == "rt=16,g=0.25,lr=0.001"  # records from before 'setting' was kept
+
+
+def test_eigen_runs_watch_validation_and_evaluate_dev_beside(tmp_path):
+    study = _study(tmp_path)
+    run = study.by_key["eigen/rte/eigenlorax/official/s0"]
+    assert run.split == "val+dev"
+    cmd = study.command(run)
+    assert cmd[1].endswith("tools/glue_study.py") and cmd[2:4] == ["train", "--dev"] and cmd[4].endswith("RTE/dev.tsv")
+    assert cmd[cmd.index("--dev-every") + 1] == str(math.ceil(run.steps(study) / 20))
+    assert any(c.startswith("data.eval_path=") and c.endswith("splits/RTE/val.tsv") for c in cmd)
+    assert f"train.eval_every={math.ceil(run.steps(study) / 30)}" in cmd
+    for o in ("train.schedule=plateau", "train.plateau_metric=accuracy", "train.plateau_patience=3", "train.lr=0.005",
+              "train.weight_decay=0.1", "method.r=8"):
+        assert o in cmd
+    # an EigenLoRAx record of the linear-schedule recipe is not this run's
+    study.results[run.key] = {"key": run.key, "value": 55.0, "overrides": [o for o in run.resolved(study)
+                                                                             if "plateau" not in o]}
+    assert not study.done(run.key)
+
+
+def test_train_with_dev_logs_dev_beside_and_trains_the_same(tmp_path):
+    from tests.test_distributed import table
+
+    data, dev = table(tmp_path / "t.tsv", rows=32), table(tmp_path / "dev.tsv", rows=24)
+    base = ["--method", "lora", "model.name_or_path=tiny-bert", "data.format=table", f"data.train_path={data}",
+            f"data.eval_path={data}", "method.target_modules=[query,value]", "method.r=4", "train.max_steps=6",
+            "train.lr=1e-2", "train.log_every=1", "train.eval_every=2", "train.eval_at_start=false",
+            "train.schedule=plateau", "train.plateau_patience=0", "logging.progress=false", "logging.tensorboard=false"]
+    assert gs.main(["train", "--dev", str(dev), "--dev-every", "4", *base, f"logging.output_dir={tmp_path / 'a'}"]) == 0
+    from lrx.cli import main
+
+    assert main([*base, f"logging.output_dir={tmp_path / 'b'}"]) == 0
+    got = [json.loads(x) for x in (tmp_path / "a" / gs.DEV_METRICS).read_text().splitlines()]
+    assert [r["step"] for r in got] == [4, 6] and all(r["split"] == "eval" and "accuracy" in r for r in got)
+
+    def logged(run):
+        return [(r["split"], r["step"], r.get("loss"), r.get("lr"), r.get("eval_loss"))
+                for r in map(json.loads, (tmp_path / run / "metrics.jsonl").read_text().splitlines())]
+
+    assert logged("a") == logged("b")  # dev changes nothing the run sees

@@ -49,6 +49,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+DEV_METRICS = "dev_metrics.jsonl"  # what `train --dev` writes into the run folder
 sys.path.insert(0, str(REPO))
 
 from tools.glue_bench import TASKS
@@ -118,9 +119,41 @@ class Run:
         n = study.train_rows(self.task)
         return math.ceil(math.ceil(n / BATCH) * self.epochs)
 
+    def resolved(self, study: Study) -> list[str] | None:
+        """What this run's command sets that depends on the results so far (the picked setting),
+        with its epochs; None while that is not known (the sweep it needs is not done)."""
+        if not isinstance(self.overrides, list) and not self.ready(study) and self.phase in ("final", "source"):
+            return None
+        over = self.overrides if isinstance(self.overrides, list) else self.overrides(study)
+        return [f"train.epochs={self.epochs}", *over]
+
 
 def fmt_lr(lr: float) -> str:
     return f"{lr:g}"
+
+
+LADDER = [2e-5, 5e-5, 1e-4, 2e-4, 5e-4, 1e-3, 2e-3, 3e-3, 5e-3, 1e-2]
+
+
+def split_label(label: str) -> tuple[str, float]:
+    """(the setting without its lr, the lr): 'rt=16,g=0.25,lr=0.001' -> ('rt=16,g=0.25', 0.001)."""
+    head, _, lr = label.rpartition("lr=")
+    return head.rstrip(","), float(lr)
+
+
+def bracket_step(tried: list[float], best: float, ladder: list[float]) -> float | None:
+    """The next lr to try so that ``best`` has a tried neighbour on both sides: the ladder's
+    value below (above) the lowest (highest) tried lr when ``best`` is that edge; None when it
+    is bracketed already or the ladder ends there."""
+    if best == min(tried):
+        lower = [x for x in ladder if x < best * (1 - 1e-9)]
+        if lower:
+            return max(lower)
+    if best == max(tried):
+        higher = [x for x in ladder if x > best * (1 + 1e-9)]
+        if higher:
+            return min(higher)
+    return None
 
 
 def sweep_settings(method: str, lrs: list[float], srlora: list[tuple[int, float]]) -> list[tuple[str, list[str]]]:
@@ -153,6 +186,7 @@ def parse_eigen(spec: str) -> EigenConfig:
 
 class Study:
     def __init__(self, args):
+        self.extended: set[str] = set()
         self.args = args
         self.work = Path(args.work)
         self.splits = self.work / "splits"
@@ -183,10 +217,59 @@ class Study:
 
     # results
     def done(self, key: str) -> bool:
-        return key in self.results and "value" in self.results[key]
+        """A record of this run with its current settings (a final recorded at another pick, or
+        an EigenLoRAx run of another recipe, is not done)."""
+        rec = self.results.get(key)
+        if rec is None or "value" not in rec:
+            return False
+        run = self.by_key.get(key)
+        if run is None:
+            return True
+        want = run.resolved(self)
+        return want is not None and set(want) <= set(rec.get("overrides", []))
 
     def sweep_done(self, task: str, method: str) -> bool:
-        return all(self.done(r.key) for r in self.runs if r.phase == "sweep" and r.task == task and r.method == method)
+        """Every sweep run of ``method`` on ``task`` done, and its pick bracketed (or at the
+        ladder's end)."""
+        runs = [r for r in self.runs if r.phase == "sweep" and r.task == task and r.method == method]
+        return all(self.done(r.key) for r in runs) and not self.bracket_runs(task, method)
+
+    def bracket_runs(self, task: str, method: str) -> list[Run]:
+        """Sweep runs to add for ``method`` on ``task``: once its sweep so far is done, the next
+        lr beyond its best setting's lr where that is the edge of the lrs tried with that
+        setting (``--bracket``)."""
+        if not self.args.bracket:
+            return []
+        runs = [r for r in self.runs if r.phase == "sweep" and r.task == task and r.method == method]
+        if not runs or not all(self.done(r.key) for r in runs):
+            return []
+        best, _ = self.picked(task, method)
+        head, lr = split_label(best)
+        tried = sorted({split_label(r.label)[1] for r in runs if split_label(r.label)[0] == head})
+        nxt = bracket_step(tried, lr, self.args.lr_ladder)
+        if nxt is None:
+            return []
+        template = next(r for r in runs if r.label == best)
+        label = f"{head},lr={fmt_lr(nxt)}" if head else f"lr={fmt_lr(nxt)}"
+        over = [o for o in template.overrides if not o.startswith("train.lr=")] + [f"train.lr={nxt!r}"]
+        return [dataclasses.replace(template, key=f"sweep/{task}/{method}/{label}/s{seed}", label=label, seed=seed,
+                                    overrides=over) for seed in self.args.sweep_seeds]
+
+    def extend_sweeps(self) -> list[str]:
+        """Add the bracketing sweep runs that the results so far call for, to a fixed point
+        (results of earlier calls add theirs at once); returns the keys added."""
+        added = []
+        while True:
+            new = [r for task in self.args.tasks for method in self.args.methods
+                   for r in self.bracket_runs(task, method) if r.key not in self.by_key]
+            if not new:
+                return added
+            for r in new:
+                self.runs.append(r)
+                self.by_key[r.key] = r
+                if not self.args.only or any(fnmatch.fnmatch(r.key, p) for p in self.args.only):
+                    self.allowed.add(r.key)
+                added.append(r.key)
 
     def picked(self, task: str, method: str) -> tuple[str, list[str]]:
         """(label, overrides) of the sweep setting with the best mean validation metric."""
@@ -202,6 +285,14 @@ class Study:
     def picked_lr(self, task: str) -> str:
         label, _ = self.picked(task, "lora")
         return label.split("lr=")[1]
+
+    def setting(self, run: Run) -> str:
+        """The setting a run trained with: a final's pick, a source's lr and rank, else its label."""
+        if run.phase == "final":
+            return self.picked(run.task, run.method)[0]
+        if run.phase == "source" and run.task != SOURCE_TASK:
+            return f"{run.label},lr={self.picked_lr(run.task)}"
+        return run.label
 
     def adapter(self, key: str) -> Path:
         run = self.by_key[key]
@@ -263,36 +354,44 @@ class Study:
                     epochs = (a.epochs or TASKS[held][1]) * a.eigen_epoch_factor
                     for seed in a.eigen_seeds:
                         def over(s, held=held, cfg=cfg):
+                            plateau = [f"train.plateau_metric={TASKS[held][2]}", *s.args.eigen_train] \
+                                if any(o == "train.schedule=plateau" for o in s.args.eigen_train) else s.args.eigen_train
                             return [f"method.basis={s.basis_dir(held, cfg)}", f"method.r={cfg.r}",
-                                    f"train.lr={cfg.lr!r}", f"train.weight_decay={cfg.weight_decay!r}"]
+                                    f"train.lr={cfg.lr!r}", f"train.weight_decay={cfg.weight_decay!r}", *plateau]
 
                         def ready(s, held=held, cfg=cfg):
                             return str(s.basis_dir(held, cfg)) in s.bases_built
 
                         runs.append(Run(f"eigen/{held}/eigenlorax/{cfg.name}/s{seed}", "eigen", held, "eigenlorax",
                                         f"{cfg.name}:K={cfg.k},P={cfg.augment},r={cfg.r},lr={fmt_lr(cfg.lr)},"
-                                        f"wd={cfg.weight_decay:g}", seed, "dev", epochs, over, ready,
-                                        priority=1 + index))
+                                        f"wd={cfg.weight_decay:g}", seed, "val+dev" if a.eigen_val else "dev", epochs,
+                                        over, ready, priority=1 if seed == a.eigen_seeds[0] else 2 + index))
         # --only limits what is launched; the plan keeps every run for the dependencies.
         self.allowed = {r.key for r in runs if not a.only or any(fnmatch.fnmatch(r.key, p) for p in a.only)}
         self.runs = runs
         self.by_key = {r.key: r for r in runs}
+        self.extend_sweeps()
 
     def command(self, run: Run) -> list[str]:
         a = self.args
         overrides = run.overrides if isinstance(run.overrides, list) else run.overrides(self)
         total = run.steps(self)
         eval_every = max(1, math.ceil(total / a.eval_points)) if run.split == "dev" else 0
+        entry = [sys.executable, str(REPO / "launch" / "train.py")]
+        if run.split == "val+dev":  # plateau on val; dev evaluated beside it, never seen by training
+            eval_every = max(1, math.ceil(total / a.val_points))
+            entry = [sys.executable, str(REPO / "tools" / "glue_study.py"), "train", "--dev",
+                     str(self.eval_path(run.task, "dev")), "--dev-every", str(max(1, math.ceil(total / a.eval_points)))]
         if run.phase == "source":
             eval_every = 10**9  # only at the end
         data = []
         if a.max_train:
             data = [f"data.max_train_samples={a.max_train}", f"data.max_eval_samples={a.max_train}"]
         return [
-            sys.executable, str(REPO / "launch" / "train.py"), "--config", str(REPO / a.config),
+            *entry, "--config", str(REPO / a.config),
             "--method", run.method, "--overwrite",
             f"data.glue_task={run.task}", f"data.train_path={self.train_path(run.task)}",
-            f"data.eval_path={self.eval_path(run.task, run.split)}",
+            f"data.eval_path={self.eval_path(run.task, 'val' if run.split == 'val+dev' else run.split)}",
             f"train.epochs={run.epochs}", f"train.seed={run.seed}", f"train.eval_every={eval_every}",
             "train.eval_at_start=false", "logging.progress=false", "logging.tensorboard=false",
             f"logging.output_dir={self.run_dir(run)}", *data, *a.overrides, *overrides,
@@ -313,11 +412,19 @@ class Study:
         lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
         train = [[r["step"], round(r["loss"], 5)] for r in lines if r["split"] == "train"]
         evals = [r for r in lines if r["split"] == "eval"]
+        last = summary["eval"]
+        extra = {}
+        if run.split == "val+dev":
+            extra["val_value"] = 100 * last[metric]
+            extra["val_history"] = [[e["step"], round(100 * e[metric], 3), round(e["eval_loss"], 5)] for e in evals]
+            extra["lr"] = [[r["step"], r["lr"]] for r in lines if r["split"] == "train"]
+            evals = [json.loads(x) for x in (out / DEV_METRICS).read_text().splitlines()]
+            last = evals[-1]
         rec = {
             "key": run.key, "phase": run.phase, "task": run.task, "method": run.method, "label": run.label,
-            "seed": run.seed, "split": run.split, "metric": metric,
-            "value": 100 * summary["eval"][metric],
-            "eval_loss": summary["eval"]["eval_loss"],
+            "setting": self.setting(run), "seed": run.seed, "split": run.split, "metric": metric,
+            "value": 100 * last[metric],
+            "eval_loss": last["eval_loss"], **extra,
             "overrides": [c for c in cmd[cmd.index("--overwrite") + 1:] if not c.startswith(("logging.", "data."))],
             "steps": summary["steps"], "trainable_parameters": summary["trainable_parameters"],
             "adapter_parameters": adapter_parameters(out / "adapter" / "adapter_model.safetensors"),
@@ -377,6 +484,14 @@ class Study:
                 srcs = [k for k in self.sources(held) if k in self.by_key]
                 if not srcs or not all(self.done(k) and self.has_adapter(k) for k in srcs):
                     continue
+                earlier = self.bases_on_disk.get(str(out))
+                if earlier and earlier.get("sources") == srcs and earlier.get("k") == cfg.k and \
+                        earlier.get("augment") == cfg.augment and (out / "eigenbasis.json").is_file() and \
+                        all(self.adapter(k).stat().st_mtime < (out / "eigenbasis.json").stat().st_mtime for k in srcs):
+                    self.basis_meta[str(out)] = earlier  # built by an earlier call from these very adapters
+                    self.bases_built.add(str(out))
+                    print(f"[basis] {out.name}: kept from an earlier call", flush=True)
+                    continue
                 cmd = [sys.executable, str(REPO / "tools" / "build_eigenbasis.py"), str(out),
                        *[str(self.adapter(k)) for k in srcs], "--k", str(cfg.k), "--augment", str(cfg.augment)]
                 self.basis_jobs[str(out)] = (subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
@@ -388,7 +503,11 @@ class Study:
         deadline = t_start + a.deadline if a.deadline else float("inf")
         results_path = Path(a.results)
         self.load_results(results_path)
+        for added in self.extend_sweeps():
+            print(f"[bracket] {added}", flush=True)
         self.basis_meta: dict[str, dict] = {}
+        bases = self.work / "bases.json"
+        self.bases_on_disk = json.loads(bases.read_text()) if bases.is_file() else {}
         running: dict[str, tuple[subprocess.Popen, Run, list[str], float, object]] = {}
         env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"}
         rates: list[float] = []
@@ -422,6 +541,8 @@ class Study:
                     Path(a.mirror).write_text(results_path.read_text())
                 print(f"[{key}] {rec['metric']} {rec['value']:.2f} steps {rec['steps']} ({wall:.0f} s, "
                       f"{len(running)} running, t={time.time() - t_start:.0f} s)", flush=True)
+                for added in self.extend_sweeps():
+                    print(f"[bracket] {added}", flush=True)
             self.try_bases()
             if time.time() > deadline:
                 for key, (proc, *_) in running.items():
@@ -479,6 +600,68 @@ def adapter_parameters(file: Path) -> int:
     return n
 
 
+# ---- train with dev beside the run's own evaluation -------------------------------------------
+
+
+def train_with_dev(argv: list[str]) -> int:
+    """``launch/train.py ARGS`` that also evaluates ``--dev`` every ``--dev-every`` steps and at
+    the end, into ``RUN/dev_metrics.jsonl``. The run's own evaluation set (the validation
+    split) is what a plateau schedule watches; dev is evaluated after the step's evaluation,
+    logging and checkpoint, under no_grad, and changes nothing the training sees."""
+    dev = Path(argv[argv.index("--dev") + 1])
+    every = int(argv[argv.index("--dev-every") + 1])
+    for flag in ("--dev", "--dev-every"):
+        at = argv.index(flag)
+        del argv[at : at + 2]
+    from lrx import cli, runner
+    from lrx.data import build_datasets
+    from lrx.models import load_tokenizer
+    from lrx.trainer import EvalShard, MetricsLog
+
+    state: dict = {}
+
+    def evaluate_dev(trainer) -> None:
+        if trainer.step % every and trainer.step != trainer.total_steps:
+            return
+        if not state:
+            if not trainer.resumed:
+                (trainer.run_dir / DEV_METRICS).unlink(missing_ok=True)  # --overwrite keeps files lrx did not write
+            cfg = trainer.cfg
+            mc = cfg.model
+            tok = load_tokenizer(mc.tokenizer or mc.name_or_path, None if mc.tokenizer else mc.gguf_file)
+            data = build_datasets(dataclasses.replace(cfg.data, train_path=str(dev), eval_path=str(dev),
+                                                      max_train_samples=None), tok)
+            shard = EvalShard(len(data.eval), cfg.train.eval_batch_size, trainer.backend.rank,
+                              trainer.backend.world_size)
+            loader = torch_loader(data.eval, shard, data.collate_fn)
+            log = MetricsLog(trainer.run_dir, tensorboard=False, enabled=trainer.is_main)
+            log.path = trainer.run_dir / DEV_METRICS
+            state.update(loader=loader, shard=shard, log=log)
+        own = trainer.eval_loader, trainer.eval_shard, trainer.metrics
+        trainer.eval_loader, trainer.eval_shard, trainer.metrics = state["loader"], state["shard"], state["log"]
+        try:
+            trainer.evaluate()
+        finally:
+            trainer.eval_loader, trainer.eval_shard, trainer.metrics = own
+            trainer.model.train()
+
+    class DevTrainer(runner.Trainer):
+        def __init__(self, *args, callbacks=(), **kwargs):
+            super().__init__(*args, callbacks=[*callbacks, evaluate_dev], **kwargs)
+
+    plain, runner.Trainer = runner.Trainer, DevTrainer
+    try:
+        return cli.main(argv)
+    finally:
+        runner.Trainer = plain
+
+
+def torch_loader(dataset, sampler, collate_fn):
+    from torch.utils.data import DataLoader
+
+    return DataLoader(dataset, batch_sampler=sampler, collate_fn=collate_fn)
+
+
 # ---- report -----------------------------------------------------------------------------------
 
 
@@ -503,6 +686,24 @@ def first_reaching(steps: list[int], values: list[float], target: float) -> int 
     return next((s for s, v in zip(steps, values) if v >= target), None)
 
 
+def record_setting(rec: dict) -> str:
+    """The setting a final trained with (records before ``setting`` was kept: from its overrides)."""
+    if "setting" in rec:
+        return rec["setting"]
+    over = dict(o.split("=", 1) for o in rec.get("overrides", []) if "=" in o)
+    lr = f"lr={fmt_lr(float(over['train.lr']))}"
+    if rec["method"] == "srlora":
+        return f"rt={over['method.r_target']},g={float(over['method.gamma']):g},{lr}"
+    return lr
+
+
+def bracketed(labels: dict[str, list[float]], best: str) -> bool:
+    """Whether ``best``'s lr has a tried lr below and above it with the same other settings."""
+    head, lr = split_label(best)
+    tried = [split_label(lab)[1] for lab in labels if split_label(lab)[0] == head]
+    return min(tried) < lr < max(tried)
+
+
 def build_report(results: list[dict], bases: dict | None = None) -> dict:
     ok = [r for r in results if "value" in r]
     tasks = [t for t in STUDY_TASKS if any(r["task"] == t for r in ok)]
@@ -517,9 +718,10 @@ def build_report(results: list[dict], bases: dict | None = None) -> dict:
         for method, labels in entry["sweep"].items():
             picked[method] = max(labels, key=lambda lab: statistics.mean(labels[lab]))
         entry["picked"] = picked
+        entry["bracketed"] = {m: bracketed(entry["sweep"][m], lab) for m, lab in picked.items()}
         finals = {}
-        for r in ok:
-            if r["task"] == task and r["phase"] == "final":
+        for r in ok:  # only the finals trained at the current pick
+            if r["task"] == task and r["phase"] == "final" and record_setting(r) == picked.get(r["method"]):
                 finals.setdefault(r["method"], []).append(r)
         lora_final = None
         if "lora" in finals:
@@ -561,7 +763,14 @@ def build_report(results: list[dict], bases: dict | None = None) -> dict:
             item = {"setting": recs[0]["label"], "seeds": [r["seed"] for r in recs], "dev": values, "mean": mean,
                     "sd": sd, "adapter_parameters": recs[0]["adapter_parameters"],
                     "trainable_parameters": recs[0]["trainable_parameters"], "total_steps": recs[0]["steps"],
+                    "schedule": next((o.split("=", 1)[1] for o in recs[0].get("overrides", [])
+                                      if o.startswith("train.schedule=")), "linear"),
                     "curve": {"steps": steps, "dev_mean": dev}}
+            if all("val_value" in r for r in recs):
+                item["val"] = [r["val_value"] for r in recs]
+                item["lr_reductions"] = [sum(b[1] < a[1] * (1 - 1e-9) for a, b in zip(r["lr"], r["lr"][1:]))
+                                         for r in recs]  # the warm-up only raises it
+                item["final_lr"] = [r["lr"][-1][1] for r in recs]
             if "lora" in entry["final"]:
                 lf = entry["final"]["lora"]
                 item["lora_mean"] = lf["mean"]
@@ -691,6 +900,8 @@ def plot(report: dict, path: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="cmd", required=True)
+    sub.add_parser("train", help="launch/train.py ARGS with dev evaluated beside the run's own evaluation: "
+                                 "train --dev DEV_TSV --dev-every N ARGS...", add_help=False)
     r = sub.add_parser("run", help="train what is not in --results yet")
     r.add_argument("--glue-dir", required=True)
     r.add_argument("--work", default="runs/glue-study")
@@ -707,6 +918,17 @@ def main(argv: list[str] | None = None) -> int:
                    help="name:K:P:r:lr:weight_decay; none = no EigenLoRAx part")
     r.add_argument("--eigen-seeds", nargs="+", type=int, default=[0, 1, 2])
     r.add_argument("--eigen-epoch-factor", type=float, default=3.0)
+    r.add_argument("--eigen-train", nargs="*", default=["train.schedule=plateau", "train.plateau_factor=0.5",
+                                                         "train.plateau_patience=3"],
+                   help="train.* overrides of the EigenLoRAx runs; with train.schedule=plateau the plateau watches "
+                        "the task's metric on the validation split")
+    r.add_argument("--eigen-val", action=argparse.BooleanOptionalAction, default=True,
+                   help="EigenLoRAx runs evaluate on the validation split (what a plateau schedule watches) and on "
+                        "dev beside it (the reported numbers, never seen by training)")
+    r.add_argument("--val-points", type=int, default=30, help="validation evaluations per EigenLoRAx run")
+    r.add_argument("--bracket", action=argparse.BooleanOptionalAction, default=True,
+                   help="extend a method's sweep along --lr-ladder until its best lr is not the edge of those tried")
+    r.add_argument("--lr-ladder", nargs="+", type=float, default=LADDER)
     r.add_argument("--source-ranks", nargs="*", type=int, default=[4, 16], help="extra LoRA ranks per task (seed 0)")
     r.add_argument("--wnli-ranks", nargs="*", type=int, default=[4, 16], help="extra LoRA ranks on WNLI (seed 0)")
     r.add_argument("--wnli-sources", action=argparse.BooleanOptionalAction, default=True)
@@ -731,6 +953,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", default=None)
     p.add_argument("--plot", default=None)
     p.add_argument("--meta", default=None, help="JSON merged into the report's 'setup'")
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["train"]:
+        return train_with_dev(argv[1:])
     args = parser.parse_args(argv)
 
     if args.cmd == "report":
@@ -773,10 +998,11 @@ def main(argv: list[str] | None = None) -> int:
     (study.work / "splits.json").write_text(json.dumps(study.split_info, indent=1))
     study.build_plan()
     if args.dry_run:
-        for run in (r for r in study.runs if r.key in study.allowed):
-            print(f"{run.key}  steps {run.steps(study)}")
         study.load_results(Path(args.results))
+        study.extend_sweeps()
         todo = study.pending()
+        for run in (r for r in study.runs if r.key in study.allowed):
+            print(f"{run.key}  steps {run.steps(study)}{'' if study.done(run.key) else '  (to run)'}")
         print(f"{len(study.allowed)} runs, {sum(r.steps(study) for r in study.runs if r.key in study.allowed):,} steps; "
               f"not done yet: {len(todo)} runs, {sum(r.steps(study) for r in todo):,} steps")
         return 0

@@ -8,7 +8,8 @@ set -uo pipefail
 deadline=$1; shift
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 t0=$(date +%s)
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 3
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+    --find-links .whl datasets dill multiprocess || exit 3  # .whl holds multiprocess for several Pythons
 export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1
 python3 tools/minilm_pack.py unpack .carry/minilm.pack /tmp/minilm || exit 4
 mkdir -p /tmp/glue && tar xJf .carry/glue.tar.xz -C /tmp/glue || exit 5
