@@ -51,6 +51,7 @@ def _args(**kw):
         "eigen_seeds": [0],
         "eigen_epoch_factor": 3.0,
         "source_ranks": [4],
+        "source_seeds": None,
         "wnli_ranks": [4],
         "wnli_sources": True,
         "wnli_seeds": [0],

@@ -329,7 +329,8 @@ class Study:
                         return s.sweep_done(task, method)
 
                     runs.append(Run(f"final/{task}/{method}/s{seed}", "final", task, method, "picked", seed, "dev",
-                                    epochs, over, ready, keep=(method == "lora" and bool(a.eigen_configs)),
+                                    epochs, over, ready, keep=(method == "lora" and bool(a.eigen_configs) and
+                                                               (a.source_seeds is None or seed in a.source_seeds)),
                                     priority=0 if method == "lora" and a.eigen_configs else 1))
         if a.eigen_configs:
             for task in tasks:
@@ -929,6 +930,8 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--bracket", action=argparse.BooleanOptionalAction, default=True,
                    help="extend a method's sweep along --lr-ladder until its best lr is not the edge of those tried")
     r.add_argument("--lr-ladder", nargs="+", type=float, default=LADDER)
+    r.add_argument("--source-seeds", nargs="+", type=int, default=None,
+                   help="seeds of the lora finals that are basis sources (default: every final seed)")
     r.add_argument("--source-ranks", nargs="*", type=int, default=[4, 16], help="extra LoRA ranks per task (seed 0)")
     r.add_argument("--wnli-ranks", nargs="*", type=int, default=[4, 16], help="extra LoRA ranks on WNLI (seed 0)")
     r.add_argument("--wnli-sources", action=argparse.BooleanOptionalAction, default=True)
