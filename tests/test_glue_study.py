@@ -156,8 +156,10 @@ def test_report_steps_to_target_and_eigen_ratio(tmp_path):
         _rec("final/rte/srlora/s1", 61.0, [(50, 60.0), (100, 61.0)], tl, label="picked", setting="rt=24,g=0.5,lr=0.0001"),
         # a final recorded at an earlier pick (superseded, left out)
         _rec("final/rte/srlora/s2", 99.0, [(50, 99.0), (100, 99.0)], tl, label="picked", setting="rt=24,g=0.5,lr=0.001"),
-        _rec("eigen/rte/eigenlorax/official/s0", 58.9, [(150, 50.0), (300, 58.9)], tl, params=12288, steps=300,
-             label="official:K=32,P=32,r=8,lr=0.005,wd=0.1"),
+        {**_rec("eigen/rte/eigenlorax/official/s0", 58.9, [(150, 50.0), (300, 58.9)], tl, params=12288, steps=300,
+                label="official:K=32,P=32,r=8,lr=0.005,wd=0.1"),
+         "overrides": ["train.lr=0.005", "train.schedule=plateau"], "val_value": 57.0,
+         "lr": [[10, 2.5e-3], [20, 5e-3], [100, 5e-3], [200, 2.5e-3], [300, 1.25e-3]]},
         {"key": "sweep/rte/pissa/lr=0.0005/s0", "error": "boom"},
     ]
     report = gs.build_report(results)
@@ -171,6 +173,11 @@ def test_report_steps_to_target_and_eigen_ratio(tmp_path):
     eig = report["eigenlorax"]["rte"]["official"]
     assert eig["ratio"] == pytest.approx(58.9 / 61.0) and eig["parameter_share"] == pytest.approx(1 / 6)
     assert eig["steps_to_lora_final"] is None
+    assert eig["schedule"] == "plateau" and eig["val"] == [57.0]
+    assert eig["lr_reductions"] == [2] and eig["final_lr"] == [1.25e-3]  # the warm-up's rises are not reductions
+    assert report["tasks"]["rte"]["bracketed"] == {"lora": False, "srlora": False}
+    assert "final/rte/srlora/s2" not in {s for s in map(str, rte["final"]["srlora"]["seeds"])} and \
+        rte["final"]["srlora"]["seeds"] == [0, 1]
     text = gs.markdown(report)
     assert "| RTE (accuracy) | 61.0 +- 1.4 [2] | 62.0 +- 1.4 [2] |" in text and "0.966" in text
     gs.plot(report, tmp_path / "curves.png")
