@@ -15,13 +15,20 @@ background):
 1. **Split**: each task's ``train.tsv`` -> ``<work>/splits/<TASK>/{train,val}.tsv``, a seeded
    10 % validation split (``--val-fraction``, ``--split-seed``), lines copied verbatim.
 2. **Sweep** (train on the 90 %, evaluate on val): lora and pissa at each ``--sweep-lrs``,
-   srlora at each lr and each ``--srlora-settings`` (r_target/gamma), seeds ``--sweep-seeds``.
+   srlora at each lr and each ``--srlora-settings`` (r_target/gamma), seeds ``--sweep-seeds``;
+   with ``--bracket`` a method whose best lr is the lowest (highest) tried with its other
+   settings gets the next lower (higher) lr of ``--lr-ladder``, until it is bracketed.
 3. **Final**: each method at its best mean validation metric, seeds ``--final-seeds``, trained
    on the same 90 % and evaluated on dev every ``total_steps / --eval-points`` steps (curves).
 4. **EigenLoRAx**: source LoRA adapters (the lora finals of every task, LoRA at each
    ``--source-ranks`` at lora's picked lr, LoRA on WNLI), for each held-out task a basis from the other tasks'
    sources (``tools/build_eigenbasis.py``) per ``--eigen-configs``, and eigenlorax on the held-out
-   task (``--eigen-seeds``, ``--eigen-epoch-factor`` x the task's epochs, eval on dev).
+   task (``--eigen-seeds``, ``--eigen-epoch-factor`` x the task's epochs, ``--eigen-train``:
+   by default ReduceLROnPlateau watching the task metric on val, ``--val-points`` evaluations;
+   dev evaluated beside it by ``glue_study.py train --dev``, which training never sees).
+
+A run counts as done only when its record holds its current settings (a final recorded at an
+earlier pick, or an EigenLoRAx run of another recipe, runs again).
 
 Every finished run appends one compact JSON line to ``--results`` (and rewrites
 ``--mirror``); a later ``run`` with the same file skips what is there, so the study resumes
