@@ -28,6 +28,7 @@ from lrx.errors import ConfigError
 from lrx.fileio import WeightFiles
 from lrx.methods import build_method, layer_counts
 from lrx.models import absolute_path, check_positions, load_model, load_tokenizer, resolve_task, safetensors_files
+from lrx.quant import Quantizer, QuantSettings, bitsandbytes
 from lrx.rundir import check_run_dir, claim_run_dir
 from lrx.trainer import Trainer
 
@@ -94,7 +95,12 @@ def adapter_meta(config: RunConfig, task: str, data) -> dict[str, Any]:
     mc = config.model
     return {"base_model": absolute_path(mc.name_or_path), "gguf_file": mc.gguf_file,
             "tokenizer": absolute_path(mc.tokenizer), "task": task, "num_labels": data.num_labels,
-            "label_names": data.label_names}
+            "label_names": data.label_names, "model_dtype": mc.dtype,
+            "quantize": quant_settings(config).to_dict() if mc.quantize != "none" else None}
+
+
+def quant_settings(config: RunConfig) -> QuantSettings:
+    return QuantSettings(config.model.quantize, config.model.double_quant)
 
 
 def save_outputs(run_dir: Path, model, method, backend, meta: dict[str, Any]) -> None:
@@ -119,6 +125,8 @@ def run(config: RunConfig, callbacks=()) -> dict[str, Any]:
     check_run_dir(run_dir, config.logging.overwrite, resume)  # raises before any slow loading; writes nothing
     if not config.logging.progress:
         datasets.disable_progress_bars()
+    if config.model.quantize != "none":
+        bitsandbytes(config.train.device if config.train.device != "auto" else None)  # installed, with a backend
     backend = build_backend(config.distributed.backend, config.train.device, bf16=config.train.bf16,
                             deepspeed_config=config.distributed.deepspeed_config,
                             replicate=config.distributed.replicate)
@@ -136,7 +144,9 @@ def _run(config: RunConfig, backend, checkpoints: CheckpointManager, t0: float, 
     task = resolve_task(mc.task, data.task)
     method = build_method(config.method)
     saved = checkpoints.saved_adapter()  # resuming: each layer is restored while its base is whole
-    model = backend.build(model_spec(config, task, data.num_labels, tokenizer), Adapters(method, config.train.seed, saved))
+    quantizer = Quantizer(quant_settings(config), backend.device) if mc.quantize != "none" else None
+    adapters = Adapters(method, config.train.seed, saved, quantizer)
+    model = backend.build(model_spec(config, task, data.num_labels, tokenizer), adapters)
     if saved is not None:  # modules_to_save, into their shards
         saved.restore_modules(model, method, backend.load_whole)
     trainable, total = count_parameters(model)

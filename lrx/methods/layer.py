@@ -122,6 +122,10 @@ class AdaptedLinear(nn.Module):
         # Where the base's pieces live (``lrx.methods.seam.Shards``), set by Method.attach once
         # the model is placed: edits then fold into this process's piece of the base only.
         self.shards: Shards = LocalShards()
+        # Log columns the base itself contains although edits are not folded: a quantized base
+        # was quantized from W0 plus the edits made until then (``quantize_base``, QPiSSA).
+        self.baked = 0
+        self._pending: tuple[torch.Tensor, torch.Tensor, list[int]] | None = None
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         out_features, in_features = base.out_features, base.in_features  # weight.shape is empty under zero.Init
         device = base.weight.device
@@ -165,10 +169,20 @@ class AdaptedLinear(nn.Module):
     def edit_rank(self) -> int:
         return self.edit_U.shape[1]
 
+    @property
+    def quantized(self) -> bool:
+        """Whether the base is stored quantized (``lrx.quant.QuantizedLinear``)."""
+        return getattr(self.base, "quantized", False)
+
+    @property
+    def live_rank(self) -> int:
+        """Rank of the log the forward applies beside the base (0 when edits are folded)."""
+        return 0 if self.fold_edits else self.edit_rank - self.baked
+
     def extra_repr(self) -> str:
         return (
             f"in={self.in_features}, out={self.out_features}, r={self.r}, scale={self.scale:g}, "
-            f"edit_rank={self.edit_rank}, fold_edits={self.fold_edits}"
+            f"edit_rank={self.edit_rank}, fold_edits={self.fold_edits}" + (f", baked={self.baked}" if self.baked else "")
         )
 
     # ---- forward ------------------------------------------------------------------------
@@ -180,7 +194,8 @@ class AdaptedLinear(nn.Module):
         A, B = self.lora_A, self.lora_B  # computed once: subclasses may derive them
         if x.dtype != A.dtype and not torch.is_autocast_enabled(x.device.type):
             x = x.to(A.dtype)
-        if self.edit_rank and not self.fold_edits:
+        if self.live_rank:
+            k = self.baked  # the log's first k columns are inside a quantized base
             if isinstance(self.dropout, nn.Identity):
                 # Adapter and edit log as one low-rank product: x is read once (these thin
                 # matmuls are memory-bound, so two products cost nearly twice one).
@@ -188,13 +203,13 @@ class AdaptedLinear(nn.Module):
                     else A.dtype
                 with torch.autocast(x.device.type, enabled=False):
                     x, A, B = x.to(dtype), A.to(dtype), (B * self.scale).to(dtype)
-                    V, U = self.edit_V.to(dtype), self.edit_U.to(dtype)
+                    V, U = self.edit_V[k:].to(dtype), self.edit_U[:, k:].to(dtype)
                     if self.log_product == "cat" or (self.log_product == "auto" and x.is_cuda):
                         delta = (x @ torch.cat([A, V]).t()) @ torch.cat([B, U], dim=1).t()
                     else:
                         delta = LowRankWithFrozenTail.apply(x, A, B, V, U)
                 return y + delta.to(y.dtype)
-            U, V = self.edit_U.to(x.dtype), self.edit_V.to(x.dtype)  # an offloaded log's copy is bf16
+            U, V = self.edit_U[:, k:].to(x.dtype), self.edit_V[k:].to(x.dtype)  # an offloaded log's copy is bf16
             delta = (self.dropout(x) @ A.t()) @ B.t() * self.scale + (x @ V.t()) @ U.t()
         else:
             delta = (self.dropout(x) @ A.t()) @ B.t() * self.scale
@@ -249,22 +264,58 @@ class AdaptedLinear(nn.Module):
         return self.edit_U, self.edit_V
 
     @torch.no_grad()
-    def set_edit_log(self, U: torch.Tensor, V: torch.Tensor, sizes: torch.Tensor) -> None:
+    def set_edit_log(self, U: torch.Tensor, V: torch.Tensor, sizes: torch.Tensor, baked: int | None = None) -> None:
         """Replace an empty log with a saved one and replay it onto a pristine base (W0).
 
         Edits are folded one segment at a time in their original order so that a resumed
-        fp32 base is bit-identical to the one that was trained.
+        fp32 base is bit-identical to the one that was trained. ``baked``: the log of a layer
+        whose base was quantized after its first ``baked`` columns; only those are replayed
+        now, the rest once ``quantize_base`` has quantized the base as training did.
         """
         if self.edit_rank:
             raise RuntimeError("set_edit_log needs a layer whose base is still W0 (empty edit log)")
-        start = 0
-        for k in sizes.tolist():
+        sizes = [int(k) for k in sizes.tolist()]
+        if sum(sizes) != U.shape[1]:
+            raise ValueError(f"edit log sizes sum to {sum(sizes)} but the factors have rank {U.shape[1]}")
+        start, cut = 0, len(sizes)
+        if baked is not None:
+            ends = [sum(sizes[: i + 1]) for i in range(len(sizes))]
+            if baked and baked not in ends:
+                raise ValueError(f"edit log: {baked} baked columns do not end a recorded edit (sizes {sizes})")
+            cut = ends.index(baked) + 1 if baked else 0
+        for k in sizes[:cut]:
             self.add_edit(U[:, start : start + k], V[start : start + k])
             start += k
-        if start != U.shape[1]:
-            raise ValueError(f"edit log sizes sum to {start} but the factors have rank {U.shape[1]}")
+        if cut < len(sizes):
+            self._pending = (U[:, start:], V[start:], sizes[cut:])
+
+    @torch.no_grad()
+    def quantize_base(self, quantize) -> None:
+        """Replace the full-precision base by ``quantize(base, weight)``, a quantized copy of
+        ``weight`` = the base plus the edits made so far (PiSSA's residual is quantized, not W0:
+        QPiSSA's smaller quantization error). From now on edits stay in the exact log beside the
+        base (it cannot take them losslessly) and the forward skips the ``baked`` columns the
+        base already contains. A log restored with ``set_edit_log(..., baked=k)`` gets its
+        later edits back here."""
+        if self.quantized:
+            raise RuntimeError("quantize_base: the base is already quantized")
+        weight = self.base.weight.detach().float()
+        if not self.fold_edits and self.edit_rank:
+            U, V = self._edit_factors_here()
+            weight = weight + U.to(weight.device) @ V.to(weight.device)
+        self.base = quantize(self.base, weight)
+        self.base.requires_grad_(False)
+        self.baked, self.fold_edits = self.edit_rank, False
+        if self._pending is not None:
+            (U, V, sizes), self._pending = self._pending, None
+            start = 0
+            for k in sizes:
+                self.add_edit(U[:, start : start + k], V[start : start + k])
+                start += k
 
     def _fold(self, U: torch.Tensor, V: torch.Tensor, sign: float) -> None:
+        if self.quantized:
+            raise RuntimeError("a quantized base cannot take edits in place; they stay in the edit log")
         self.shards.add_product(self.base.weight, U, V, sign)  # this process's piece of the base only
 
     # ---- weights ------------------------------------------------------------------------
@@ -311,13 +362,17 @@ class AdaptedLinear(nn.Module):
 
     @torch.no_grad()
     def merged_weight(self) -> torch.Tensor:
-        """The weight ``merge`` makes, computed in fp32 (out x in): the base plus what ``merge``
-        adds, rounded to a lower-precision base dtype once by the caller."""
+        """The weight ``merge`` makes, computed in fp32 (out x in): the base (dequantized when
+        quantized) plus what ``merge`` adds, rounded to a lower-precision dtype once by the caller."""
         B, A = self._unfolded_factors()
-        return self.base.weight.detach().float() + B.to(self.base.weight.device) @ A.to(self.base.weight.device)
+        base = self.base.dequantize() if self.quantized else self.base.weight.detach().float()
+        return base + B.to(base.device) @ A.to(base.device)
 
     def _unfolded_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """What ``merge`` adds to the base: the adapter, and the edit log unless already folded."""
-        if self.edit_rank and not self.fold_edits:
-            return self.delta_factors()
-        return self.lora_B.detach() * self.scale, self.lora_A.detach()
+        """What ``merge`` adds to the base: the adapter, and the part of the edit log the base
+        does not contain (none when folded; after the ``baked`` columns of a quantized base)."""
+        B, A = self.lora_B.detach() * self.scale, self.lora_A.detach()
+        if not self.live_rank:
+            return B, A
+        U, V = self._edit_factors_here()
+        return torch.cat([U[:, self.baked :], B], dim=1), torch.cat([V[self.baked :], A], dim=0)

@@ -46,8 +46,8 @@ class WeightAccess(Protocol):
         """Sum ``t`` over processes in place and return it (identity on one process)."""
 
     def gathered(self, layer) -> contextlib.AbstractContextManager:
-        """Context in which ``layer``'s base weight is whole on every process and changes made
-        to it are kept (ZeRO-3 models built partitioned under ``zero.Init``)."""
+        """Context in which ``layer``'s base weight (or a plain linear's weight) is whole on every
+        process and changes made to it are kept (ZeRO-3 models built partitioned under ``zero.Init``)."""
 
 
 class LocalWeights:
