@@ -186,6 +186,11 @@ def checked_adapter_config(adapter_dir: Path, resolve: tuple[str, ...] = ()) -> 
     for key in ("base_model", "gguf_file", "tokenizer"):
         if config.get(key) is not None and not isinstance(config[key], str):
             raise LrxError(f"{file}: '{key}' must be a string or null; re-export the adapter")
+    quant = config.get("quantize")
+    if quant is not None and (not isinstance(quant, dict) or quant.get("kind") not in ("nf4", "fp4", "int8")):
+        raise LrxError(f"{file}: 'quantize' must be null or a mapping with kind nf4, fp4 or int8; re-export the adapter")
+    if config.get("model_dtype", "float32") not in ("float32", "bfloat16", None):
+        raise LrxError(f"{file}: 'model_dtype' must be float32 or bfloat16; re-export the adapter")
     for key in ("base_model", "tokenizer"):
         if key in resolve and config.get(key):
             config[key] = model_path(config[key], file, key)

@@ -96,11 +96,11 @@ class _Dequantized(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
+        tensors = ctx.saved_tensors  # unpacked once (activation checkpointing allows no more)
         grad_x = None
         if ctx.needs_input_grad[0]:
-            weight = ctx.module.dequantize(ctx.dtype, ctx.saved_tensors)
-            grad_x = grad.to(ctx.dtype) @ weight
-        return (grad_x, None, None, *([None] * len(ctx.saved_tensors)))
+            grad_x = grad.to(ctx.dtype) @ ctx.module.dequantize(ctx.dtype, tensors)
+        return (grad_x, None, None, *([None] * len(tensors)))
 
 
 class QuantizedLinear(nn.Module):

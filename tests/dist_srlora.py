@@ -3,7 +3,8 @@ SRLoRA on a small Llama with uneven shapes (255 MLP rows; ZeRO-3 ranges that spl
 
 argv: backend (single, fsdp2, zero3), output JSON, then optionally ``log`` (edits applied
 from the edit log beside the adapter, ``method.fuse=log``, instead of folded into the fp32
-base) and a DeepSpeed config. Every rank
+base), ``nf4`` (the base quantized as ``model.quantize=nf4`` builds it, through ``Adapters``),
+and a DeepSpeed config. Every rank
 takes checksums of what must be identical everywhere (pool S and V, pair scores, chosen
 pairs, edit log); rank 0 writes them all-gathered, with the losses and, for every event,
 the relative change of the logits across it (must be ~0: events preserve the function).
@@ -46,7 +47,7 @@ def main() -> None:
     name, out, rest = args[0], args[1], args[2:]
     fuse = "log" if "log" in rest else "fold"
     replicate = 2 if "hsdp" in rest else 1  # FSDP2 on a 2-D mesh: 2 replicas x world/2 shards
-    ds_config = next((a for a in rest if a not in ("log", "hsdp")), None)
+    ds_config = next((a for a in rest if a not in ("log", "hsdp", "nf4")), None)
     backend = build_backend(name, "cpu", deepspeed_config=ds_config, replicate=replicate)
     rank, world = backend.rank, backend.world_size
     model = uneven_llama()
@@ -54,7 +55,15 @@ def main() -> None:
                              f"method.fuse={fuse}"], method="srlora").method
     method = build_method(cfg)
     torch.manual_seed(0)
-    method.apply(model, backend.weights())
+    if "nf4" in rest:
+        from lrx.build import Adapters
+        from lrx.quant import Quantizer, QuantSettings
+
+        adapters = Adapters(method, 0, None, Quantizer(QuantSettings("nf4")))
+        adapters.wrap(model)
+        adapters.init(model, backend.weights())
+    else:
+        method.apply(model, backend.weights())
     model = backend.prepare(model)
     params = [p for _, p in method.trainable_parameters(model)]
     optimizer = torch.optim.AdamW(params, lr=1e-2)
@@ -102,6 +111,12 @@ def main() -> None:
     else:
         gathered = [mine_sums]
     report["per_rank"] = gathered
+    # The share of the quantized codes this process holds (a DTensor's rows, a ZeRO-3 partition).
+    codes = [m.weight for m in model.modules() if type(m).__name__ == "QuantizedLinear"]
+    if codes:
+        local = sum(c.to_local().numel() if hasattr(c, "to_local") else c.ds_tensor.numel() if hasattr(c, "ds_tensor")
+                    else c.numel() for c in codes)
+        report["codes_share"] = local / sum(c.ds_numel if hasattr(c, "ds_numel") else c.numel() for c in codes)
     report["world_size"] = world
     report["mesh"] = list(backend.mesh.shape) if hasattr(backend, "mesh") else None
     if backend.is_main:

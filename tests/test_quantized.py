@@ -26,8 +26,9 @@ from lrx.errors import ConfigError
 from lrx.export import export_merged, merge_into_linears
 from lrx.methods import LocalShards, LocalWeights, adapted_layers, available_methods, build_method
 from lrx.quant import QuantizedLinear, Quantizer, QuantSettings, bitsandbytes
-from tests.conftest import tiny_model
+from tests.conftest import REPO, tiny_model
 from tests.test_conformance import inputs, logits, method_overrides, perturb, rel
+from tests.test_distributed import launch, reference, srlora_report  # noqa: F401 (a fixture)
 from tests.test_srlora import batches, make_optimizer, train_steps
 from tools import bench_fusion
 
@@ -289,3 +290,56 @@ def test_dry_run_counts_the_quantized_bytes(capsys):
     bf16, nf4 = base_gib(), base_gib("model.quantize=nf4")
     # Embeddings and the head stay bf16 (1.96 GiB of bf16's 7.48 per process); the linears take a quarter.
     assert 0.3 * bf16 < nf4 < 0.4 * bf16
+
+
+# ---- sharded: parity and resume (gloo) --------------------------------------------------------
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("backend", ["fsdp2", "zero3"])
+def test_sharded_srlora_on_nf4_equals_one_process(tmp_path, reference, backend):  # noqa: F811 (the fixture)
+    """SRLoRA (3 events) on an nf4 base quantized while built: 2 processes equal one process
+    (losses, event choices, function kept at each event), every rank agrees bit for bit, and
+    each process holds only its share of the codes."""
+    single = json.loads((reference("dist-srlora-nf4", lambda d: launch(
+        [str(REPO / "tests" / "dist_srlora.py"), "single", str(d / "single.json"), "log", "nf4"], 1))
+        / "single.json").read_text())
+    sharded = srlora_report(tmp_path, backend, 2, "log", "nf4")
+    assert len(sharded["events"]) == 3 and sharded["events"] == single["events"]
+    assert max(sharded["invariance"]) < 1e-6
+    assert sharded["losses"] == pytest.approx(single["losses"], abs=1e-4)
+    first, other = sharded["per_rank"]
+    assert other == first
+    assert single["codes_share"] == 1.0 and sharded["codes_share"] <= 0.51
+
+
+@pytest.mark.distributed
+def test_killed_nf4_run_resumes_exactly(tmp_path):
+    """SRLoRA on an nf4 base streamed into 2 FSDP2 processes (quantized block by block, activation
+    checkpointing on), killed
+    with SIGKILL after an event and resumed: the same losses, events and adapter as the
+    uninterrupted run (checkpoints hold no base: it is re-quantized from W0 and the log)."""
+    import functools
+    import random
+
+    from lrx import checkpoint
+    from tests.test_checkpoint import adapter, args, assert_same_adapter, killed_at, run
+    from tests.test_distributed import losses, table
+
+    data = table(tmp_path / "t.tsv")
+    tiny_model("bert", vocab=30522).save_pretrained(tmp_path / "base")
+    argv = functools.partial(args, base=tmp_path / "base", batch=4)
+    extra = ("train.save_every=2", "model.quantize=nf4", "train.activation_checkpointing=true")
+    kill = random.Random().randint(5, 10)
+    full = run(argv(data, tmp_path / "full", *extra), 2, "fsdp2")
+    assert full.returncode == 0, full.stderr[-3000:]
+    assert "loaded block by block" in full.stderr + full.stdout
+    killed = run(killed_at(kill, argv(data, tmp_path / "run", *extra)), 2, "fsdp2")
+    assert killed.returncode != 0, f"the run was not killed at step {kill}"
+    assert max(int(p.name.split("-")[1]) for p in checkpoint.checkpoint_dirs(tmp_path / "run")) >= 4
+    resumed = run(argv(data, tmp_path / "run", *extra, "--resume", "auto"), 2, "fsdp2")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed from" in resumed.stderr
+    assert losses(tmp_path / "run") == pytest.approx(losses(tmp_path / "full"), abs=1e-6)
+    assert_same_adapter(adapter(tmp_path / "run"), adapter(tmp_path / "full"), atol=1e-6)
+    assert any(k.endswith(".edit_baked") for k in adapter(tmp_path / "full"))
