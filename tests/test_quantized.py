@@ -206,7 +206,7 @@ def test_srlora_events_on_nf4_keep_the_output_and_never_touch_the_codes():
         assert layer.baked == 4 and layer.live_rank == 4 * (2 + 2)  # the events' edits, beside the base
 
 
-@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("kind", [*KINDS, "fp4"])
 @pytest.mark.parametrize("relative_update", [1e-2, 1e-4])
 def test_fusion_fidelity_bound_on_a_quantized_base(kind, relative_update):
     """10 events on a 512 x 512 quantized layer: the edits applied equal the intended ones and
