@@ -5,7 +5,9 @@ A backend calls ``wrap`` on the model it constructed (whole, or on the meta devi
 transformer block at a time when it streams), and asks ``file_key`` / ``created`` how the
 wrapped model's parameters relate to the base's files. ``Adapters`` answers for a method
 and, when a run resumes, for its saved adapter: each adapted layer is then restored (adapter
-tensors, edit log replayed onto W0) instead of initialised, while its base is whole.
+tensors, edit log replayed onto W0) instead of initialised, while its base is whole. Either
+way the method then places the layer's log (``Method.place_log``: under FSDP2 as parameters
+that are sharded by rows with the base).
 """
 
 from __future__ import annotations
@@ -51,6 +53,7 @@ class Adapters:
             else:  # a restored log is replayed onto the base only where it is folded
                 with weights.gathered(module) if module.fold_edits else contextlib.nullcontext():
                     self.saved.restore_layer(name, module)
+            self.method.place_log(module, weights)  # FSDP2: the log's rows are split with the base
 
     def file_key(self, name: str) -> str:
         """Adapted layers hold the original linear as ``.base``: drop that part of the name."""
