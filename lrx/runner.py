@@ -143,9 +143,11 @@ def _run(config: RunConfig, backend, checkpoints: CheckpointManager, t0: float, 
     if saved is not None:  # modules_to_save, into their shards
         saved.restore_modules(model, method, backend.load_whole)
     trainable, total = count_parameters(model)
-    log.info("%s: adapted %d linear layers: %s; trainable %s of %s parameters (%.3f%%)",
+    row_logs = sum(layer.row_log is not None for layer in method.layers.values())
+    log.info("%s: adapted %d linear layers: %s; trainable %s of %s parameters (%.3f%%)%s",
              method.name, len(method.layers), layer_counts(method.layers), f"{trainable:,}", f"{total:,}",
-             100 * trainable / total)
+             100 * trainable / total,
+             f"; edit logs of {row_logs} layers split by rows over the processes" if row_logs else "")
     check_positions(model.config, config.data.max_length)
     meta = adapter_meta(config, task, data)
     checkpoints.meta = meta
