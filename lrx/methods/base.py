@@ -88,7 +88,8 @@ class EditingConfig(MethodConfig):
     """Where the exact fp32 log of unfolded edits lives: device, or (auto) in pinned host memory when
     the forward runs in bf16 on a GPU, with only its bf16 copy on the device: the same training,
     half the log's GPU memory, for 4 bytes x log rank x (in + out) of host memory per adapted
-    layer and process (--dry-run prints the total)."""
+    layer and process (--dry-run prints the total). Under FSDP2 over several processes neither: each
+    process holds its rows of the fp32 log on the device (row-sharded with the base)."""
 
     svd: Literal["exact", "randomized"] = "exact"
     """SVD of the base weight: exact, or randomized (seeded subspace iteration; fast on large matrices)."""

@@ -10,8 +10,10 @@ bases, where a small in-place add loses most of the update: one bf16 add keeps 2
 1e-3-relative update and 3 % of a 1e-4 one, ``tools/bench_fusion.py``). When the forward
 runs in bf16 on a GPU, ``offload_edit_log`` keeps the exact fp32 log in host memory and only
 its bf16 copy on the device: training is bit-identical (the fp32 log was cast to bf16 for
-every product anyway) and the log takes half the GPU memory. Pair k is column k of
-``lora_B`` with row k of ``lora_A``.
+every product anyway) and the log takes half the GPU memory. Under FSDP2 over several
+processes ``hold_log_rows`` makes it a ``RowLog`` instead: frozen fp32 parameters of fixed
+rank that FSDP2 splits by rows with the base, so each process holds its share. Pair k is
+column k of ``lora_B`` with row k of ``lora_A``.
 """
 
 from __future__ import annotations

@@ -9,7 +9,9 @@ and each backend implements these verbs for its layout:
 - ``Shards`` (training, once the model is placed): this process's piece of a parameter and of
   its gradient, "add this low-rank product to my piece of the base", "write these values into
   these slots of A/B and reset their optimizer moments, wherever they live", a small
-  all-reduce, and which rows of a row-split method tensor (SRLoRA's pool) this process keeps.
+  all-reduce, which rows of a row-split method tensor (SRLoRA's pool) this process keeps,
+  which rows of a parameter are its whole piece (``row_piece``), and "write these columns into
+  my rows" of a frozen method tensor (a row-sharded edit log, ``write_columns``).
 
 A *piece* is this process's flat range ``[start, end)`` of the row-major flattened parameter
 (``span``): FSDP2's block of rows, ZeRO-3's partition, or the whole tensor on one process.
