@@ -108,8 +108,6 @@ class RowLog:
     (``AdaptedLinear.edit_factors`` with a backend's ``gather``).
     """
 
-    PARAMS = ("edit_U", "edit_Vt")
-
     def __init__(self, capacity: int, rank: int):
         self.capacity, self.rank = capacity, rank
 
@@ -251,8 +249,7 @@ class AdaptedLinear(nn.Module):
                     else A.dtype
                 with torch.autocast(x.device.type, enabled=False):
                     x, A, B = x.to(dtype), A.to(dtype), (B * self.scale).to(dtype)
-                    U, V = self._log_views()
-                    V, U = V.to(dtype), U.to(dtype)
+                    U, V = (t.to(dtype) for t in self._log_views())
                     if self.log_product == "cat" or (self.log_product == "auto" and x.is_cuda):
                         delta = (x @ torch.cat([A, V]).t()) @ torch.cat([B, U], dim=1).t()
                     else:
