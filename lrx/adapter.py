@@ -41,27 +41,42 @@ WEIGHTS_NAME = "adapter_model.safetensors"
 CONFIG_NAME = "adapter_config.json"
 
 
+def edit_logs(model: nn.Module, gather=None, keep: bool = True) -> dict[str, torch.Tensor]:
+    """Every adapted layer's edit log, whole and on the CPU, as ``{name}.edit_U``, ``.edit_V`` and
+    ``.edit_sizes``. ``gather`` is the backend's: with row-sharded logs (FSDP2) a collective,
+    layer by layer (one layer's log is whole on the device at a time), so every process calls
+    this; those that write nothing pass ``keep=False`` and get nothing."""
+    out: dict[str, torch.Tensor] = {}
+    for name, layer in adapted_layers(model):
+        U, V = layer.edit_factors(gather)
+        if keep:
+            out[f"{name}.edit_U"], out[f"{name}.edit_V"] = U.detach().cpu(), V.detach().cpu()
+            out[f"{name}.edit_sizes"] = torch.tensor(layer.edit_sizes, dtype=torch.long)
+            if layer.quantized:  # the log's first columns are inside the quantized base
+                out[f"{name}.edit_baked"] = torch.tensor(layer.baked, dtype=torch.long)
+    return out
+
+
 def adapter_tensors(model: nn.Module, method: Method, method_state: dict | None = None,
-                    params: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+                    params: dict[str, torch.Tensor] | None = None,
+                    logs: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
     """Everything training changed, as a flat dict of contiguous CPU tensors.
 
-    ``method_state`` is ``method.state_dict()`` and ``params`` the trained tensors
-    (``method.trainable_parameters``) gathered whole when the caller took them already (both are collectives in sharded runs, so every
-    process takes them and only one writes)."""
+    ``method_state`` is ``method.state_dict()``, ``params`` the trained tensors
+    (``method.trainable_parameters``) and ``logs`` the edit logs (``edit_logs``), gathered whole
+    when the caller took them already (all are collectives in sharded runs, so every process
+    takes them and only one writes)."""
     out: dict[str, torch.Tensor] = dict(params) if params is not None else {
         k: p.detach() for k, p in method.trainable_parameters(model)}
-    for name, layer in adapted_layers(model):
-        out[f"{name}.edit_U"], out[f"{name}.edit_V"] = layer.edit_factors()
-        out[f"{name}.edit_sizes"] = torch.tensor(layer.edit_sizes, dtype=torch.long)
-        if layer.quantized:  # the log's first columns are inside the quantized base
-            out[f"{name}.edit_baked"] = torch.tensor(layer.baked, dtype=torch.long)
+    out.update(edit_logs(model) if logs is None else logs)
     for key, value in (method.state_dict() if method_state is None else method_state).items():
         out[f"method_state.{key}"] = value
     return {k: v.detach().to("cpu").contiguous() for k, v in out.items()}
 
 
 def save_adapter(path: str | Path, model: nn.Module, method: Method, meta: dict[str, Any],
-                 method_state: dict | None = None, params: dict[str, torch.Tensor] | None = None) -> Path:
+                 method_state: dict | None = None, params: dict[str, torch.Tensor] | None = None,
+                 logs: dict[str, torch.Tensor] | None = None) -> Path:
     """Write an lrx adapter folder atomically.
 
     Args:
@@ -69,7 +84,7 @@ def save_adapter(path: str | Path, model: nn.Module, method: Method, meta: dict[
         model: the adapted model.
         method: the method that adapted it.
         meta: extra JSON-serialisable fields (base model name, task, num_labels ...).
-        method_state, params: already gathered state and tensors (see ``adapter_tensors``).
+        method_state, params, logs: already gathered state and tensors (see ``adapter_tensors``).
     """
     path = Path(path)
     config = {
@@ -83,7 +98,8 @@ def save_adapter(path: str | Path, model: nn.Module, method: Method, meta: dict[
         **meta,
     }
     with atomic_dir(path) as tmp:
-        save_file(adapter_tensors(model, method, method_state, params), str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
+        save_file(adapter_tensors(model, method, method_state, params, logs), str(tmp / WEIGHTS_NAME),
+                  metadata={"format": "pt"})
         (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2))
     return path
 

@@ -9,6 +9,8 @@ tensors, edit log replayed onto W0) instead of initialised, while its base is wh
 ``model.quantize`` the same call quantizes the linears of that part right after (adapted
 layers from their base plus the edits of their init, ``AdaptedLinear.quantize_base``): the
 base is quantized one part at a time, never held whole in full precision once loaded.
+Either way the method then places each layer's log (``Method.place_log``: under FSDP2 as
+parameters that are sharded by rows with the base).
 """
 
 from __future__ import annotations
@@ -47,10 +49,12 @@ class Adapters:
             self.quantizer.plan(model, self.method.saved_modules)
 
     def init(self, root: nn.Module, weights: WeightAccess) -> None:
+        fresh = []
         for module in root.modules():
             if not isinstance(module, AdaptedLinear) or id(module) in self._done:
                 continue
             self._done.add(id(module))
+            fresh.append(module)
             index, name = self.method.locate(module)
             module.restore_buffers()  # data buffers (EigenLoRAx's bases) of a layer built on meta
             if self.saved is None:
@@ -59,8 +63,10 @@ class Adapters:
             else:  # a restored log is replayed onto the base only where it is folded
                 with weights.gathered(module) if module.fold_edits else contextlib.nullcontext():
                     self.saved.restore_layer(name, module)
-        if self.quantizer is not None:
+        if self.quantizer is not None:  # from the base plus the init's edits, while the log is whole
             self.quantizer.apply(root, weights.gathered)
+        for module in fresh:
+            self.method.place_log(module, weights)  # FSDP2: the log's rows are split with the base
 
     def file_key(self, name: str) -> str:
         """Adapted layers hold the original linear as ``.base``: drop that part of the name."""

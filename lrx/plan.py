@@ -3,7 +3,9 @@
 No weights are read and nothing is allocated: the model is constructed from its config under
 ``torch.device("meta")`` and wrapped by the method without initialisation, so an 8B-shaped
 plan takes seconds on a CPU. The memory estimate counts parameters, gradients, Adam moments
-and method state per process; activations are not estimated.
+and method state per process (with the edit log, row-sharded under FSDP2), and the pinned
+host memory of an offloaded edit log; activations and the blocks FSDP2 all-gathers for a
+forward are not estimated.
 """
 
 from __future__ import annotations
@@ -48,13 +50,15 @@ def plan(config: RunConfig, world_size: int | None = None) -> str:
     # FSDP2 as HSDP shards within each of distributed.replicate groups of processes.
     shard = 1 if backend == "single" else world // config.distributed.replicate if backend == "fsdp2" else world
     base_bytes, stats_bytes = _base_bytes(model, config, method)
-    # Unfolded edit logs (bf16 bases) keep only a bf16 copy on a GPU training in bf16 (as the
-    # trainer decides it; a plan assumes a GPU unless train.device=cpu).
+    # FSDP2 over several processes splits edit logs by rows with the base (Method.place_log), in
+    # fp32 on the device. Otherwise unfolded logs (bf16 bases) keep only a bf16 copy on a GPU
+    # training in bf16 (as the trainer decides it; a plan assumes a GPU unless train.device=cpu).
     tc, mcfg = config.train, config.method
+    row_log = backend == "fsdp2" and shard > 1 and bool(method.edit_rank_bound())
     compute_dtype = torch.bfloat16 if tc.bf16 and tc.device != "cpu" else None
     logged = config.model.quantize != "none" or not mcfg.folds(getattr(torch, config.model.dtype))  # a quantized base takes no folds
-    offload = logged and mcfg.offloads_edit_log(compute_dtype)
-    state = sum(method.state_bytes(layer, shard, 2 if offload else 4) for _, layer in layers)
+    offload = not row_log and logged and mcfg.offloads_edit_log(compute_dtype)
+    state = sum(method.state_bytes(layer, shard, 2 if offload else 4, shard if row_log else 1) for _, layer in layers)
     host_log = 4 * (method.edit_rank_bound() or 0) * sum(lay.in_features + lay.out_features for _, lay in layers) if offload else 0
     # Trainable parameters are fp32, with fp32 gradients and two fp32 Adam moments: 16 bytes.
     rows = [
@@ -80,6 +84,9 @@ def plan(config: RunConfig, world_size: int | None = None) -> str:
     if host_log:
         lines.append(f"  host memory per process: exact fp32 edit log {host_log / GIB:.2f} GiB (pinned; "
                      "method.edit_log=device keeps it on the GPU instead)")
+    elif row_log:
+        lines.append(f"  host memory per process: none (the exact fp32 edit log is in method state, its rows "
+                     f"split over the {shard} processes of a shard group with the base)")
     lines.append(f"  run directory: {Path(config.logging.output_dir)}")
     return "\n".join(lines)
 

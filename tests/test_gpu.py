@@ -54,6 +54,23 @@ def test_offloaded_edit_log_on_gpu():
     check_offloaded_edit_log("cuda")
 
 
+def test_a_row_sharded_edit_log_trains_as_the_offloaded_one_under_fsdp2_mixed_precision(tmp_path):
+    """FSDP2 with bf16 mixed precision all-gathers the row-sharded fp32 log in bf16, as the
+    offloaded log's bf16 copy was: the same losses through all 4 events, the same fp32 log saved."""
+    from tests.test_distributed import launch
+
+    out = tmp_path / "report.json"
+    run = launch(["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={torch.cuda.device_count()}",
+                  str(REPO / "tests" / "dist_row_log.py"), str(out)], 1)
+    assert run.returncode == 0, run.stderr[-3000:]
+    report = json.loads(out.read_text())
+    plain, rows = report["replicated"], report["rows"]
+    assert plain["events"] == rows["events"] == 4 and rows["row_logs"] == 14 and plain["row_logs"] == 0
+    assert rows["log_dtype"] == "torch.float32" and rows["edit_rank"] == plain["edit_rank"] == 4 + 4 * 4
+    assert rows["losses"] == plain["losses"]
+    assert rows["log_sums"] == plain["log_sums"]
+
+
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
 def test_zero3_with_deepspeeds_fused_adam_matches_one_gpu_and_resumes_exactly(tmp_path, monkeypatch):
     """A DeepSpeed config naming {"type": "AdamW"} gets DeepSpeed's FusedAdam on GPUs (built over

@@ -333,6 +333,9 @@ class ZeRO3Shards(PieceShards):
             out.append(self._fp32(p).view(-1))
         return out
 
+    def row_piece(self, p: torch.Tensor) -> tuple[int, int] | None:
+        return None  # flat partitions split rows (and small parameters keep whole replicas)
+
     def _replicas(self, p: torch.Tensor) -> list[torch.Tensor]:
         # Parameters under stage3_param_persistence_threshold stay gathered between steps
         # (adapters of an 8B model are); forward reads that copy, not the partition.
