@@ -41,25 +41,42 @@ WEIGHTS_NAME = "adapter_model.safetensors"
 CONFIG_NAME = "adapter_config.json"
 
 
+def edit_logs(model: nn.Module, gather=None, keep: bool = True) -> dict[str, torch.Tensor]:
+    """Every adapted layer's edit log, whole and on the CPU, as ``{name}.edit_U``, ``.edit_V`` and
+    ``.edit_sizes``. ``gather`` is the backend's: with row-sharded logs (FSDP2) a collective,
+    layer by layer (one layer's log is whole on the device at a time), so every process calls
+    this; those that write nothing pass ``keep=False`` and get nothing."""
+    out: dict[str, torch.Tensor] = {}
+    for name, layer in adapted_layers(model):
+        U, V = layer.edit_factors(gather)
+        if keep:
+            out[f"{name}.edit_U"], out[f"{name}.edit_V"] = U.detach().cpu(), V.detach().cpu()
+            out[f"{name}.edit_sizes"] = torch.tensor(layer.edit_sizes, dtype=torch.long)
+            if layer.quantized:  # the log's first columns are inside the quantized base
+                out[f"{name}.edit_baked"] = torch.tensor(layer.baked, dtype=torch.long)
+    return out
+
+
 def adapter_tensors(model: nn.Module, method: Method, method_state: dict | None = None,
-                    params: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+                    params: dict[str, torch.Tensor] | None = None,
+                    logs: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
     """Everything training changed, as a flat dict of contiguous CPU tensors.
 
-    ``method_state`` is ``method.state_dict()`` and ``params`` the trained tensors
-    (``method.trainable_parameters``) gathered whole when the caller took them already (both are collectives in sharded runs, so every
-    process takes them and only one writes)."""
+    ``method_state`` is ``method.state_dict()``, ``params`` the trained tensors
+    (``method.trainable_parameters``) and ``logs`` the edit logs (``edit_logs``), gathered whole
+    when the caller took them already (all are collectives in sharded runs, so every process
+    takes them and only one writes)."""
     out: dict[str, torch.Tensor] = dict(params) if params is not None else {
         k: p.detach() for k, p in method.trainable_parameters(model)}
-    for name, layer in adapted_layers(model):
-        out[f"{name}.edit_U"], out[f"{name}.edit_V"] = layer.edit_factors()
-        out[f"{name}.edit_sizes"] = torch.tensor(layer.edit_sizes, dtype=torch.long)
+    out.update(edit_logs(model) if logs is None else logs)
     for key, value in (method.state_dict() if method_state is None else method_state).items():
         out[f"method_state.{key}"] = value
     return {k: v.detach().to("cpu").contiguous() for k, v in out.items()}
 
 
 def save_adapter(path: str | Path, model: nn.Module, method: Method, meta: dict[str, Any],
-                 method_state: dict | None = None, params: dict[str, torch.Tensor] | None = None) -> Path:
+                 method_state: dict | None = None, params: dict[str, torch.Tensor] | None = None,
+                 logs: dict[str, torch.Tensor] | None = None) -> Path:
     """Write an lrx adapter folder atomically.
 
     Args:
@@ -67,7 +84,7 @@ def save_adapter(path: str | Path, model: nn.Module, method: Method, meta: dict[
         model: the adapted model.
         method: the method that adapted it.
         meta: extra JSON-serialisable fields (base model name, task, num_labels ...).
-        method_state, params: already gathered state and tensors (see ``adapter_tensors``).
+        method_state, params, logs: already gathered state and tensors (see ``adapter_tensors``).
     """
     path = Path(path)
     config = {
@@ -81,7 +98,8 @@ def save_adapter(path: str | Path, model: nn.Module, method: Method, meta: dict[
         **meta,
     }
     with atomic_dir(path) as tmp:
-        save_file(adapter_tensors(model, method, method_state, params), str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
+        save_file(adapter_tensors(model, method, method_state, params, logs), str(tmp / WEIGHTS_NAME),
+                  metadata={"format": "pt"})
         (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2))
     return path
 
@@ -148,14 +166,28 @@ def load_adapter(path: str | Path, model: nn.Module) -> Method:
             f"{path}: adapter was trained on modules {config['adapted_modules'][:3]}..., this model has "
             f"{names[:3]}...; load it onto the base model it was trained from ({config.get('base_model')})"
         )
-    restore_adapter(path, model, method)
+    restore_adapter(path, model, method, quantizer_of(config, model, method))
     return method
 
 
-def restore_adapter(path: str | Path, model: nn.Module, method: Method) -> None:
+def quantizer_of(config: dict[str, Any], model: nn.Module, method: Method):
+    """The ``Quantizer`` of an adapter trained on a quantized base (config key ``quantize``),
+    planned on ``model`` as the run planned it; None for a full-precision base."""
+    if not config.get("quantize"):
+        return None
+    from lrx.quant import Quantizer, QuantSettings
+
+    quantizer = Quantizer(QuantSettings.from_dict(config["quantize"]))
+    quantizer.plan(model, method.saved_modules)
+    return quantizer
+
+
+def restore_adapter(path: str | Path, model: nn.Module, method: Method, quantizer=None) -> None:
     """Load an lrx adapter's tensors into a model that ``method`` adapted with ``init=False``:
     adapter tensors, the edit log (replayed onto W0), modules_to_save and the method state
-    (the method is attached for one process).
+    (the method is attached for one process). An adapter trained on a quantized base needs
+    its ``quantizer`` (``lrx.quant.Quantizer``, planned on ``model``): the base is quantized
+    as in training, after the edits of the layers' init.
 
     Raises:
         LrxError: missing/corrupt files, or tensors made for another model (names/shapes).
@@ -164,6 +196,8 @@ def restore_adapter(path: str | Path, model: nn.Module, method: Method) -> None:
     with torch.no_grad():
         for name, layer in adapted_layers(model):
             saved.restore_layer(name, layer)
+        if quantizer is not None:
+            quantizer.apply(model)
     saved.restore_modules(model, method)
     method.attach(model, LocalShards())  # one process: the model is whole
     saved.restore_method_state(method)
@@ -198,7 +232,8 @@ class SavedAdapter:
                 )
             param.copy_(value)
         U, V, sizes = self.take(f"{name}.edit_U"), self.take(f"{name}.edit_V"), self.take(f"{name}.edit_sizes")
-        layer.set_edit_log(U, V, sizes)
+        baked = self.tensors.pop(f"{name}.edit_baked", None)  # trained on a quantized base
+        layer.set_edit_log(U, V, sizes, None if baked is None else int(baked))
 
     @torch.no_grad()
     def restore_modules(self, model: nn.Module, method: Method, load=None) -> None:
@@ -280,15 +315,25 @@ def write_peft(path: str | Path, factors: dict[str, tuple[torch.Tensor, torch.Te
 
 
 @torch.no_grad()
-def layer_from_adapter(method: Method, tensors: dict[str, torch.Tensor], module: str) -> AdaptedLinear:
-    """A standalone copy of one adapted layer rebuilt from adapter tensors (its base weight is
-    allocated but not read): enough for ``method.delta_factors``, one layer of memory."""
+def layer_from_adapter(method: Method, tensors: dict[str, torch.Tensor], module: str,
+                       weight: torch.Tensor | None = None, bias: torch.Tensor | None = None) -> AdaptedLinear:
+    """A standalone copy of one adapted layer rebuilt from adapter tensors: enough for
+    ``method.delta_factors``, one layer of memory. Without ``weight`` its base is allocated but
+    not read; with the base ``weight`` (W0, and ``bias``) the log is replayed onto it as in
+    training, up to the columns a quantized base baked in (``quantize_base`` then replays the rest)."""
     out_f, in_f = tensors[f"{module}.edit_U"].shape[0], tensors[f"{module}.edit_V"].shape[1]
-    linear = nn.Linear(in_f, out_f, bias=False, device="meta").to_empty(device="cpu")
-    layer = method.make_layer(module, linear, fold_edits=False)
+    linear = nn.Linear(in_f, out_f, bias=bias is not None, device="meta").to_empty(device="cpu")
+    if weight is not None:
+        linear = linear.to(weight.dtype)
+        linear.weight.copy_(weight)
+        if bias is not None:
+            linear.bias.copy_(bias)
+    layer = method.make_layer(module, linear, fold_edits=weight is not None and method.config.folds(weight.dtype))
     for attr, param in layer.adapter_params().items():
         param.copy_(tensors[f"{module}.{attr}"])
-    layer.set_edit_log(tensors[f"{module}.edit_U"], tensors[f"{module}.edit_V"], tensors[f"{module}.edit_sizes"])
+    baked = tensors.get(f"{module}.edit_baked") if weight is not None else None
+    layer.set_edit_log(tensors[f"{module}.edit_U"], tensors[f"{module}.edit_V"], tensors[f"{module}.edit_sizes"],
+                       None if baked is None else int(baked))
     return layer
 
 

@@ -5,7 +5,12 @@ A backend calls ``wrap`` on the model it constructed (whole, or on the meta devi
 transformer block at a time when it streams), and asks ``file_key`` / ``created`` how the
 wrapped model's parameters relate to the base's files. ``Adapters`` answers for a method
 and, when a run resumes, for its saved adapter: each adapted layer is then restored (adapter
-tensors, edit log replayed onto W0) instead of initialised, while its base is whole.
+tensors, edit log replayed onto W0) instead of initialised, while its base is whole. With
+``model.quantize`` the same call quantizes the linears of that part right after (adapted
+layers from their base plus the edits of their init, ``AdaptedLinear.quantize_base``): the
+base is quantized one part at a time, never held whole in full precision once loaded.
+Either way the method then places each layer's log (``Method.place_log``: under FSDP2 as
+parameters that are sharded by rows with the base).
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from torch import nn
 
 from lrx.adapter import SavedAdapter
 from lrx.methods import AdaptedLinear, Method, WeightAccess
+from lrx.quant import Quantizer
 
 
 class Adapters:
@@ -26,10 +32,12 @@ class Adapters:
         method: the method that adapts the model.
         seed: adapter initialisation is seeded (every process gets the same adapters).
         saved: the adapter to restore instead of initialising (a resumed run), or None.
+        quantizer: quantizes the base's linears (``model.quantize``), or None.
     """
 
-    def __init__(self, method: Method, seed: int, saved: SavedAdapter | None = None):
-        self.method, self.seed, self.saved = method, seed, saved
+    def __init__(self, method: Method, seed: int, saved: SavedAdapter | None = None,
+                 quantizer: Quantizer | None = None):
+        self.method, self.seed, self.saved, self.quantizer = method, seed, saved, quantizer
         self._done: set[int] = set()
         self._created: set[int] = set()
 
@@ -37,12 +45,16 @@ class Adapters:
         torch.manual_seed(self.seed)
         self.method.wrap(model)
         self._created = {id(p) for layer in self.method.layers.values() for p in layer.adapter_params().values()}
+        if self.quantizer is not None:
+            self.quantizer.plan(model, self.method.saved_modules)
 
     def init(self, root: nn.Module, weights: WeightAccess) -> None:
+        fresh = []
         for module in root.modules():
             if not isinstance(module, AdaptedLinear) or id(module) in self._done:
                 continue
             self._done.add(id(module))
+            fresh.append(module)
             index, name = self.method.locate(module)
             module.restore_buffers()  # data buffers (EigenLoRAx's bases) of a layer built on meta
             if self.saved is None:
@@ -51,6 +63,10 @@ class Adapters:
             else:  # a restored log is replayed onto the base only where it is folded
                 with weights.gathered(module) if module.fold_edits else contextlib.nullcontext():
                     self.saved.restore_layer(name, module)
+        if self.quantizer is not None:  # from the base plus the init's edits, while the log is whole
+            self.quantizer.apply(root, weights.gathered)
+        for module in fresh:
+            self.method.place_log(module, weights)  # FSDP2: the log's rows are split with the base
 
     def file_key(self, name: str) -> str:
         """Adapted layers hold the original linear as ``.base``: drop that part of the name."""

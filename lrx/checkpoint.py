@@ -40,7 +40,7 @@ import transformers
 from safetensors.torch import save_file
 
 import lrx
-from lrx.adapter import WEIGHTS_NAME, SavedAdapter, save_adapter
+from lrx.adapter import WEIGHTS_NAME, SavedAdapter, edit_logs, save_adapter
 from lrx.errors import LrxError
 from lrx.fileio import fsync_tree, read_json, read_safetensors, swap_in
 
@@ -167,6 +167,7 @@ def save_checkpoint(run_dir: Path, step: int, *, backend, model, method, progres
     final = root / f"step-{step:08d}"
     tmp = root / f".{final.name}.tmp"
     method_state = method.state_dict()  # collective
+    logs = edit_logs(model, backend.gather, keep=backend.is_main)  # collective where logs are row-sharded
     error = None
     try:
         if backend.is_main:
@@ -178,7 +179,7 @@ def save_checkpoint(run_dir: Path, step: int, *, backend, model, method, progres
             rng["cuda"] = torch.cuda.get_rng_state(backend.device)
         save_file(rng, str(tmp / f"rng-rank{backend.rank}.safetensors"))
         if backend.is_main:
-            save_adapter(tmp / "adapter", model, method, meta, method_state, params)
+            save_adapter(tmp / "adapter", model, method, meta, method_state, params, logs)
             save_file({k: v.detach().cpu().contiguous() for k, v in optimizer_state.items()}, str(tmp / OPTIMIZER),
                       metadata={"format": "pt"})
             state = {**dataclasses.asdict(progress), "world_size": backend.world_size,

@@ -49,6 +49,11 @@ class ModelConfig:
     sharded_load: Literal["auto", "on", "off"] = "auto"
     """Load the base straight into shards, never whole on a process (FSDP2: from the meta device one
     block at a time; ZeRO-3: under zero.Init); auto = when the base is a folder of safetensors files."""
+    quantize: Literal["none", "nf4", "fp4", "int8"] = "none"
+    """Store the frozen linear layers quantized with bitsandbytes (QLoRA: nf4); output heads and
+    modules_to_save stay in model.dtype. PiSSA/SRLoRA quantize their residual; later edits stay exact."""
+    double_quant: bool = True
+    """4-bit: quantize the per-block scales too (QLoRA's double quantization, ~0.4 bits per weight less)."""
 
 
 @dataclass(kw_only=True)
@@ -218,6 +223,9 @@ class RunConfig:
         if self.train.schedule == "plateau" and not self.data.eval_path:
             raise ConfigError("train.schedule=plateau lowers the learning rate on evaluation results and this run has "
                               "no evaluation: set data.eval_path, or another train.schedule (linear, cosine, constant)")
+        if self.model.quantize != "none" and getattr(self.method, "fuse", None) == "fold":
+            raise ConfigError(f"method.fuse=fold cannot fold edits into a {self.model.quantize} base (each fold would be "
+                              "rounded away); set method.fuse=auto (edits stay exact in the log beside it)")
 
     def to_dict(self) -> dict[str, Any]:
         """Plain nested dict (YAML-serialisable) of the resolved config."""

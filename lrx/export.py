@@ -44,6 +44,7 @@ from lrx.errors import LrxError
 from lrx.fileio import WeightFiles, read_safetensors, recorded_path
 from lrx.methods import adapted_layers, get_method_class
 from lrx.models import SHORT_NAMES, TINY_NAMES, load_model, load_tokenizer
+from lrx.quant import QuantizedLinear, Quantizer, QuantSettings, is_quantized
 from lrx.rundir import PEFT_ENTRIES, check_output_dir, write_marker
 
 log = logging.getLogger(__name__)
@@ -51,18 +52,36 @@ log = logging.getLogger(__name__)
 
 @torch.no_grad()
 def merge_into_linears(model: nn.Module) -> int:
-    """Fold every adapted layer (edits and adapter) into its base in fp32 and unwrap it.
+    """Fold every adapted layer (edits and adapter) into its base in fp32 and unwrap it; a
+    quantized base (and every other quantized linear) becomes a plain ``nn.Linear`` holding
+    its dequantized weight plus the change.
 
     Returns:
         The number of layers merged.
     """
     layers = list(adapted_layers(model))
     for name, layer in layers:
-        base = layer.base
-        base.weight.copy_(layer.merged_weight().to(base.weight.dtype))  # one rounding, from fp32
+        weight = layer.merged_weight()
+        base = layer.base if not layer.quantized else plain_linear(layer.base)
+        base.weight.copy_(weight.to(base.weight.dtype))  # one rounding, from fp32
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, child, base)
+    for parent in list(model.modules()):
+        for child, module in list(parent.named_children()):
+            if is_quantized(module):
+                linear = plain_linear(module)
+                linear.weight.copy_(module.dequantize())
+                setattr(parent, child, linear)
     return len(layers)
+
+
+def plain_linear(module: nn.Module) -> nn.Linear:
+    """An fp32 ``nn.Linear`` of a quantized layer's shape and bias (weight to be filled)."""
+    linear = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None,
+                       device=module.weight.device)
+    if module.bias is not None:
+        linear.bias.copy_(module.bias)
+    return linear
 
 
 def export_merged(adapter_dir: str | Path, out: str | Path, *, base: str | None = None,
@@ -99,8 +118,10 @@ def export_merged(adapter_dir: str | Path, out: str | Path, *, base: str | None 
         tokenizer.save_pretrained(out)
         return out
     task = config.get("task", "causal_lm")
+    # A quantized run quantized W0 as model.dtype held it: load it so to quantize it the same way.
+    dtype_in = config.get("model_dtype") or "float32" if config.get("quantize") else "float32"
     model = load_model(name, task=task, num_labels=max(config.get("num_labels") or 2, 1), gguf_file=gguf,
-                       vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id)
+                       vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id, dtype=dtype_in)
     load_adapter(adapter_dir, model)
     n = merge_into_linears(model)
     model.to(DTYPES[dtype])
@@ -165,6 +186,11 @@ def checked_adapter_config(adapter_dir: Path, resolve: tuple[str, ...] = ()) -> 
     for key in ("base_model", "gguf_file", "tokenizer"):
         if config.get(key) is not None and not isinstance(config[key], str):
             raise LrxError(f"{file}: '{key}' must be a string or null; re-export the adapter")
+    quant = config.get("quantize")
+    if quant is not None and (not isinstance(quant, dict) or quant.get("kind") not in ("nf4", "fp4", "int8")):
+        raise LrxError(f"{file}: 'quantize' must be null or a mapping with kind nf4, fp4 or int8; re-export the adapter")
+    if config.get("model_dtype", "float32") not in ("float32", "bfloat16", None):
+        raise LrxError(f"{file}: 'model_dtype' must be float32 or bfloat16; re-export the adapter")
     for key in ("base_model", "tokenizer"):
         if key in resolve and config.get(key):
             config[key] = model_path(config[key], file, key)
@@ -191,6 +217,17 @@ def checked_adapter_config(adapter_dir: Path, resolve: tuple[str, ...] = ()) -> 
     return config
 
 
+def quantized_keys(config: dict, method, folder: Path) -> set[str]:
+    """The weight keys of the linears a quantized run kept quantized: planned on the model
+    built on the meta device (nothing read), as the run planned them."""
+    model = load_model(str(folder), task=config.get("task", "causal_lm"), num_labels=max(config.get("num_labels") or 2, 1),
+                       meta=True)
+    method.wrap(model)
+    quantizer = Quantizer(QuantSettings.from_dict(config["quantize"]))
+    quantizer.plan(model, method.saved_modules)
+    return {f"{name.removesuffix('.base')}.weight" for name in quantizer.targets.values()}
+
+
 @torch.no_grad()
 def stream_merged(adapter_dir: Path, config: dict, files: list[Path], out: Path, *, dtype: str,
                   max_shard_size: str) -> bool:
@@ -209,7 +246,15 @@ def stream_merged(adapter_dir: Path, config: dict, files: list[Path], out: Path,
         log.info("base files lack %s...; exporting through the whole model instead", missing[:2])
         return False
 
-    def merged_weight(module: str, weight: torch.Tensor) -> torch.Tensor:
+    quantized = quantized_keys(config, method, files[0].parent) if config.get("quantize") else set()
+    quantizer = Quantizer(QuantSettings.from_dict(config["quantize"])) if quantized else None
+    dtype_in = getattr(torch, config.get("model_dtype") or "float32")
+
+    def merged_weight(module: str, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        if f"{module}.weight" in quantized:  # as training made it: W0 + init edits quantized, then the rest
+            layer = layer_from_adapter(method, adapter, module, weight.to(dtype_in), bias)
+            layer.quantize_base(quantizer)
+            return layer.merged_weight()
         B, A = method.delta_factors(layer_from_adapter(method, adapter, module))  # one layer
         return weight.float() + B @ A
 
@@ -226,7 +271,10 @@ def stream_merged(adapter_dir: Path, config: dict, files: list[Path], out: Path,
             else:
                 value = base.get(key)
                 if key in adapted:
-                    value = merged_weight(adapted[key], value)
+                    bias = f"{adapted[key]}.bias"
+                    value = merged_weight(adapted[key], value, base.get(bias) if bias in base else None)
+                elif key in quantized:  # a frozen linear the run kept quantized: its dequantized weight
+                    value = QuantizedLinear.of(nn.Linear(1, 1, bias=False), value.to(dtype_in), quantizer.settings).dequantize()
             tensors[key] = value.to(dt if value.is_floating_point() else value.dtype).contiguous()
         save_file(tensors, str(out / shard), metadata={"format": "pt"})
         del tensors

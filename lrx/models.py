@@ -186,6 +186,27 @@ def check_positions(config: PretrainedConfig, max_length: int) -> None:
                          f"(max_position_embeddings); set data.max_length={positions} or less")
 
 
+def check_not_prequantized(config: PretrainedConfig, path: Path) -> None:
+    """Refuse a checkpoint stored quantized (bitsandbytes, GPTQ, AWQ ...: a ``quantization_config``
+    in config.json), in one line: lrx trains on full-precision weights, or quantizes them itself
+    while loading (``model.quantize``). GGUF files are dequantized by transformers when read and
+    are fine.
+
+    Raises:
+        ModelError: naming the checkpoint's quantization and the fix.
+    """
+    qc = getattr(config, "quantization_config", None)
+    if not qc:
+        return
+    qc = qc if isinstance(qc, dict) else qc.to_dict()
+    kind = qc.get("quant_method", "unknown")
+    if kind == "bitsandbytes":
+        kind = f"bitsandbytes {qc.get('bnb_4bit_quant_type', 'nf4') if qc.get('load_in_4bit') else 'int8'}"
+    raise ModelError(f"{path} is stored quantized ({kind}); lrx quantizes while it loads, from full-precision "
+                     "weights: point model.name_or_path at the full-precision checkpoint and set model.quantize "
+                     "(nf4, fp4 or int8)")
+
+
 def load_model(
     name_or_path: str,
     *,
@@ -232,6 +253,7 @@ def load_model(
     kwargs = {"gguf_file": source.gguf_file} if source.gguf_file else {}
     try:
         config = AutoConfig.from_pretrained(source.path, **kwargs, **head)
+        check_not_prequantized(config, source.path)
         if pad_token_id is not None and getattr(config, "pad_token_id", None) is None:
             config.pad_token_id = pad_token_id
         if meta:

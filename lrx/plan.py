@@ -3,7 +3,9 @@
 No weights are read and nothing is allocated: the model is constructed from its config under
 ``torch.device("meta")`` and wrapped by the method without initialisation, so an 8B-shaped
 plan takes seconds on a CPU. The memory estimate counts parameters, gradients, Adam moments
-and method state per process; activations are not estimated.
+and method state per process (with the edit log, row-sharded under FSDP2), and the pinned
+host memory of an offloaded edit log; activations and the blocks FSDP2 all-gathers for a
+forward are not estimated.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from lrx.config import RunConfig
 from lrx.distributed import backend_name
 from lrx.methods import adapted_layers, build_method
 from lrx.models import load_model, resolve_task
+from lrx.quant import QuantSettings, quantized_linears
 
 GIB = 2**30
 
@@ -43,27 +46,32 @@ def plan(config: RunConfig, world_size: int | None = None) -> str:
     method.wrap(model)
     trainable = sum(p.numel() for _, p in method.trainable_parameters(model))
     base = sum(p.numel() for p in model.parameters()) - trainable
-    base_bytes = sum(p.numel() * p.element_size() for p in model.parameters() if not p.requires_grad)
     layers = list(adapted_layers(model))
     # FSDP2 as HSDP shards within each of distributed.replicate groups of processes.
     shard = 1 if backend == "single" else world // config.distributed.replicate if backend == "fsdp2" else world
-    # Unfolded edit logs (bf16 bases) keep only a bf16 copy on a GPU training in bf16 (as the
-    # trainer decides it; a plan assumes a GPU unless train.device=cpu).
+    base_bytes, stats_bytes = _base_bytes(model, config, method)
+    # FSDP2 over several processes splits edit logs by rows with the base (Method.place_log), in
+    # fp32 on the device. Otherwise unfolded logs (bf16 bases) keep only a bf16 copy on a GPU
+    # training in bf16 (as the trainer decides it; a plan assumes a GPU unless train.device=cpu).
     tc, mcfg = config.train, config.method
+    row_log = backend == "fsdp2" and shard > 1 and bool(method.edit_rank_bound())
     compute_dtype = torch.bfloat16 if tc.bf16 and tc.device != "cpu" else None
-    offload = not mcfg.folds(getattr(torch, config.model.dtype)) and mcfg.offloads_edit_log(compute_dtype)
-    state = sum(method.state_bytes(layer, shard, 2 if offload else 4) for _, layer in layers)
+    logged = config.model.quantize != "none" or not mcfg.folds(getattr(torch, config.model.dtype))  # a quantized base takes no folds
+    offload = not row_log and logged and mcfg.offloads_edit_log(compute_dtype)
+    state = sum(method.state_bytes(layer, shard, 2 if offload else 4, shard if row_log else 1) for _, layer in layers)
     host_log = 4 * (method.edit_rank_bound() or 0) * sum(lay.in_features + lay.out_features for _, lay in layers) if offload else 0
     # Trainable parameters are fp32, with fp32 gradients and two fp32 Adam moments: 16 bytes.
     rows = [
         ("base weights (frozen)", base_bytes / shard),
+        *([(f"{config.model.quantize} statistics (whole)", stats_bytes)] if stats_bytes else []),
         ("adapters (fp32)", 4 * trainable / shard),
         ("adapter gradients (fp32)", 4 * trainable / shard),
         ("Adam moments (2 x fp32)", 8 * trainable / shard),
         ("method state (peak, est.)", state),
     ]
+    quantized = f", {config.model.quantize} base" if config.model.quantize != "none" else ""
     lines = [
-        f"plan: {config.model.name_or_path} ({config.model.dtype}), method {method.name}, backend {backend}, "
+        f"plan: {config.model.name_or_path} ({config.model.dtype}{quantized}), method {method.name}, backend {backend}, "
         f"world size {world}",
         f"  parameters: base {base:,}, trainable {trainable:,} ({100 * trainable / max(base, 1):.3f} %), "
         f"adapted linear layers {len(layers)}",
@@ -76,5 +84,24 @@ def plan(config: RunConfig, world_size: int | None = None) -> str:
     if host_log:
         lines.append(f"  host memory per process: exact fp32 edit log {host_log / GIB:.2f} GiB (pinned; "
                      "method.edit_log=device keeps it on the GPU instead)")
+    elif row_log:
+        lines.append(f"  host memory per process: none (the exact fp32 edit log is in method state, its rows "
+                     f"split over the {shard} processes of a shard group with the base)")
     lines.append(f"  run directory: {Path(config.logging.output_dir)}")
     return "\n".join(lines)
+
+
+def _base_bytes(model, config: RunConfig, method) -> tuple[int, int]:
+    """Bytes of the frozen base: ``(sharded, whole)``. Linears ``model.quantize`` stores
+    quantized count their codes (sharded) and statistics (kept whole on every process)."""
+    frozen = {id(p): p for p in model.parameters() if not p.requires_grad}
+    stats = 0
+    if config.model.quantize != "none":
+        settings = QuantSettings(config.model.quantize, config.model.double_quant)
+        linears = dict(model.named_modules())
+        for name in quantized_linears(model, method.saved_modules).values():
+            weight = linears[name].weight
+            frozen.pop(id(weight), None)
+            stats += settings.stat_bytes(*weight.shape)
+            frozen[id(weight)] = torch.empty(settings.code_bytes(*weight.shape), dtype=torch.uint8, device="meta")
+    return sum(p.numel() * p.element_size() for p in frozen.values()), stats

@@ -18,7 +18,7 @@ from typing import Any
 import datasets
 import torch
 
-from lrx.adapter import export_peft_from_adapter, save_adapter
+from lrx.adapter import edit_logs, export_peft_from_adapter, save_adapter
 from lrx.build import Adapters
 from lrx.checkpoint import CheckpointManager
 from lrx.config import RunConfig, save_config
@@ -26,8 +26,9 @@ from lrx.data import build_datasets, prompt_add_special_tokens, render_prompt
 from lrx.distributed import ModelSpec, build_backend
 from lrx.errors import ConfigError
 from lrx.fileio import WeightFiles
-from lrx.methods import build_method, layer_counts
+from lrx.methods import adapted_layers, build_method, layer_counts
 from lrx.models import absolute_path, check_positions, load_model, load_tokenizer, resolve_task, safetensors_files
+from lrx.quant import Quantizer, QuantSettings, bitsandbytes
 from lrx.rundir import check_run_dir, claim_run_dir
 from lrx.trainer import Trainer
 
@@ -71,8 +72,10 @@ def enable_activation_checkpointing(model: torch.nn.Module, name: str) -> None:
 
 
 def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    return trainable, sum(p.numel() for p in model.parameters())
+    """Trainable and all parameters, without the frozen ones that hold row-sharded edit logs."""
+    logs = {id(t) for _, layer in adapted_layers(model) for t in layer.edit_log_storage()}
+    params = [p for p in model.parameters() if id(p) not in logs]
+    return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
 
 
 @torch.no_grad()
@@ -94,7 +97,12 @@ def adapter_meta(config: RunConfig, task: str, data) -> dict[str, Any]:
     mc = config.model
     return {"base_model": absolute_path(mc.name_or_path), "gguf_file": mc.gguf_file,
             "tokenizer": absolute_path(mc.tokenizer), "task": task, "num_labels": data.num_labels,
-            "label_names": data.label_names}
+            "label_names": data.label_names, "model_dtype": mc.dtype,
+            "quantize": quant_settings(config).to_dict() if mc.quantize != "none" else None}
+
+
+def quant_settings(config: RunConfig) -> QuantSettings:
+    return QuantSettings(config.model.quantize, config.model.double_quant)
 
 
 def save_outputs(run_dir: Path, model, method, backend, meta: dict[str, Any]) -> None:
@@ -103,8 +111,9 @@ def save_outputs(run_dir: Path, model, method, backend, meta: dict[str, Any]) ->
     process writes."""
     method_state = method.state_dict()
     params = backend.gather(dict(method.trainable_parameters(model)))
+    logs = edit_logs(model, backend.gather, keep=backend.is_main)
     if backend.is_main:
-        save_adapter(run_dir / "adapter", model, method, meta, method_state, params)
+        save_adapter(run_dir / "adapter", model, method, meta, method_state, params, logs)
         export_peft_from_adapter(run_dir / "adapter", run_dir / "adapter_peft")
     backend.barrier()
 
@@ -119,6 +128,8 @@ def run(config: RunConfig, callbacks=()) -> dict[str, Any]:
     check_run_dir(run_dir, config.logging.overwrite, resume)  # raises before any slow loading; writes nothing
     if not config.logging.progress:
         datasets.disable_progress_bars()
+    if config.model.quantize != "none":
+        bitsandbytes(config.train.device if config.train.device != "auto" else None)  # installed, with a backend
     backend = build_backend(config.distributed.backend, config.train.device, bf16=config.train.bf16,
                             deepspeed_config=config.distributed.deepspeed_config,
                             replicate=config.distributed.replicate)
@@ -136,13 +147,17 @@ def _run(config: RunConfig, backend, checkpoints: CheckpointManager, t0: float, 
     task = resolve_task(mc.task, data.task)
     method = build_method(config.method)
     saved = checkpoints.saved_adapter()  # resuming: each layer is restored while its base is whole
-    model = backend.build(model_spec(config, task, data.num_labels, tokenizer), Adapters(method, config.train.seed, saved))
+    quantizer = Quantizer(quant_settings(config), backend.device) if mc.quantize != "none" else None
+    adapters = Adapters(method, config.train.seed, saved, quantizer)
+    model = backend.build(model_spec(config, task, data.num_labels, tokenizer), adapters)
     if saved is not None:  # modules_to_save, into their shards
         saved.restore_modules(model, method, backend.load_whole)
     trainable, total = count_parameters(model)
-    log.info("%s: adapted %d linear layers: %s; trainable %s of %s parameters (%.3f%%)",
+    row_logs = sum(layer.row_log is not None for layer in method.layers.values())
+    log.info("%s: adapted %d linear layers: %s; trainable %s of %s parameters (%.3f%%)%s",
              method.name, len(method.layers), layer_counts(method.layers), f"{trainable:,}", f"{total:,}",
-             100 * trainable / total)
+             100 * trainable / total,
+             f"; edit logs of {row_logs} layers split by rows over the processes" if row_logs else "")
     check_positions(model.config, config.data.max_length)
     meta = adapter_meta(config, task, data)
     checkpoints.meta = meta

@@ -429,6 +429,7 @@ class Trainer:
             "loss": loss.item() / n_steps,  # the host waits for the device here only
             "lr": self.scheduler.get_last_lr()[0],
             "tokens_per_s": count.item() / max(elapsed, 1e-9),
+            "step_s": elapsed / n_steps,
         }
         if not math.isfinite(record["loss"]):
             raise LrxError(

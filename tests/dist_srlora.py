@@ -3,10 +3,13 @@ SRLoRA on a small Llama with uneven shapes (255 MLP rows; ZeRO-3 ranges that spl
 
 argv: backend (single, fsdp2, zero3), output JSON, then optionally ``log`` (edits applied
 from the edit log beside the adapter, ``method.fuse=log``, instead of folded into the fp32
-base) and a DeepSpeed config. Every rank
+base), ``nf4`` (the base quantized as ``model.quantize=nf4`` builds it, through ``Adapters``),
+and a DeepSpeed config. Every rank
 takes checksums of what must be identical everywhere (pool S and V, pair scores, chosen
-pairs, edit log); rank 0 writes them all-gathered, with the losses and, for every event,
-the relative change of the logits across it (must be ~0: events preserve the function).
+pairs, the edit log gathered whole); rank 0 writes them all-gathered, with the losses and,
+for every event, the relative change of the logits across it (must be ~0: events preserve
+the function) and how many numbers it all-reduced; and per rank the bytes of edit log it
+holds (FSDP2: its rows only).
 """
 
 import json
@@ -46,7 +49,7 @@ def main() -> None:
     name, out, rest = args[0], args[1], args[2:]
     fuse = "log" if "log" in rest else "fold"
     replicate = 2 if "hsdp" in rest else 1  # FSDP2 on a 2-D mesh: 2 replicas x world/2 shards
-    ds_config = next((a for a in rest if a not in ("log", "hsdp")), None)
+    ds_config = next((a for a in rest if a not in ("log", "hsdp", "nf4")), None)
     backend = build_backend(name, "cpu", deepspeed_config=ds_config, replicate=replicate)
     rank, world = backend.rank, backend.world_size
     model = uneven_llama()
@@ -54,18 +57,30 @@ def main() -> None:
                              f"method.fuse={fuse}"], method="srlora").method
     method = build_method(cfg)
     torch.manual_seed(0)
-    method.apply(model, backend.weights())
+    if "nf4" in rest:
+        from lrx.build import Adapters
+        from lrx.quant import Quantizer, QuantSettings
+
+        adapters = Adapters(method, 0, None, Quantizer(QuantSettings("nf4")))
+        adapters.wrap(model)
+        adapters.init(model, backend.weights())
+    else:
+        method.apply(model, backend.weights())
     model = backend.prepare(model)
     params = [p for _, p in method.trainable_parameters(model)]
     optimizer = torch.optim.AdamW(params, lr=1e-2)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
     run = backend.setup(model, optimizer, scheduler, micro_batch=GLOBAL_BATCH // world, grad_accum=1, max_grad_norm=0.0)
-    method.attach(model, backend.shards())
+    shards = backend.shards()
+    reduced = []  # numbers all-reduced by the method's collectives (counted per event)
+    inner = shards.all_reduce
+    shards.all_reduce = lambda t: (reduced.append(t.numel()), inner(t))[1]
+    method.attach(model, shards)
     method.on_train_start(model, optimizer, STEPS)
     data = torch.randint(0, 96, (STEPS, GLOBAL_BATCH, SEQ), generator=torch.Generator().manual_seed(1))
     probe = torch.randint(0, 96, (2, SEQ), generator=torch.Generator().manual_seed(2))
     mine = slice(rank * GLOBAL_BATCH // world, (rank + 1) * GLOBAL_BATCH // world)
-    report = {"losses": [], "invariance": [], "events": []}
+    report = {"losses": [], "invariance": [], "events": [], "event_all_reduce": []}
 
     def logits() -> torch.Tensor:
         return run(input_ids=probe).logits.detach().double()  # with grad enabled: FSDP2 reshards after
@@ -79,7 +94,9 @@ def main() -> None:
         report["losses"].append(backend.all_reduce_sum(loss.detach().clone()).item() / world)
         if step + 1 == (method.events_done + 1) * method.interval and method.events_done < cfg.n_events:
             before = logits()
+            reduced.clear()
             records = method.after_optimizer_step(model, optimizer, step + 1)
+            report["event_all_reduce"].append(sum(reduced))
             after = logits()
             report["invariance"].append(((after - before).norm() / before.norm()).item())
             report["events"].append([[r["layer"], r["fused_pairs"]] for r in records])
@@ -88,20 +105,44 @@ def main() -> None:
         pool = method.pool[lname]
         mine_sums[f"{lname}.pool_S"] = checksum(pool["S"])
         mine_sums[f"{lname}.pool_V"] = checksum(pool["V"])
-        mine_sums[f"{lname}.edit_U"] = checksum(layer.edit_U)
-        mine_sums[f"{lname}.edit_V"] = checksum(layer.edit_V)
+        # Gathered where the log is row-sharded (older lrx, whose logs were all replicated, took no gather).
+        U, V = layer.edit_factors(backend.gather) if getattr(layer, "row_log", None) else layer.edit_factors()
+        mine_sums[f"{lname}.edit_U"] = checksum(U)
+        mine_sums[f"{lname}.edit_V"] = checksum(V)
     scores = method.all_pair_scores()
     for lname, s in scores.items():
         mine_sums[f"{lname}.scores"] = checksum(s)
     mine_sums["chosen"] = [float(x) for ev in report["events"] for _, ids in ev for x in ids]
     state = method.state_dict()
     report["state"] = {k: checksum(v) for k, v in state.items() if k.startswith(("stats.", "pool."))}
+    layers = list(adapted_layers(model))
+    cap = method.edit_rank_bound()
+    report["log_bytes_at_capacity"] = sum(4 * cap * (lay.out_features + lay.in_features) for _, lay in layers)
+    report["log_bytes_bound"] = {  # the most one of S processes holds with the log's rows split
+        s: sum(4 * cap * (-(-lay.out_features // s) + -(-lay.in_features // s)) for _, lay in layers) for s in (1, 2, 4)}
+    report["fused_A_numbers"] = sum(cfg.swap * lay.in_features for _, lay in layers)
+    report["n_layers"], report["r"] = len(layers), cfg.r
+    held = 0  # the bytes of edit log this process keeps: its piece of every tensor named edit_*
+    for _, lay in layers:
+        for key, t in [*lay.named_buffers(recurse=False), *lay.named_parameters(recurse=False)]:
+            if key.startswith("edit_"):
+                local = t.to_local() if hasattr(t, "to_local") else t
+                held += local.numel() * local.element_size()
     if world > 1:
         gathered = [None] * world
         dist.all_gather_object(gathered, mine_sums)
+        report["log_bytes_held"] = [None] * world
+        dist.all_gather_object(report["log_bytes_held"], held)
     else:
         gathered = [mine_sums]
+        report["log_bytes_held"] = [held]
     report["per_rank"] = gathered
+    # The share of the quantized codes this process holds (a DTensor's rows, a ZeRO-3 partition).
+    codes = [m.weight for m in model.modules() if type(m).__name__ == "QuantizedLinear"]
+    if codes:
+        local = sum(c.to_local().numel() if hasattr(c, "to_local") else c.ds_tensor.numel() if hasattr(c, "ds_tensor")
+                    else c.numel() for c in codes)
+        report["codes_share"] = local / sum(c.ds_numel if hasattr(c, "ds_numel") else c.numel() for c in codes)
     report["world_size"] = world
     report["mesh"] = list(backend.mesh.shape) if hasattr(backend, "mesh") else None
     if backend.is_main:

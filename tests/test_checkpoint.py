@@ -95,17 +95,22 @@ def test_killed_run_resumes_exactly(tmp_path, backend, nproc):
         [json.loads(x)["fused_pairs"] for x in events[1].splitlines()]
 
 
-@pytest.mark.parametrize("first, then", [(("fsdp2", 2), ("single", 1)), (("single", 1), ("zero3", 2))],
-                         ids=["2-to-1", "1-to-2"])
-def test_resume_on_another_world_size(tmp_path, reference, first, then):  # noqa: F811 (the fixture)
+@pytest.mark.parametrize("first, then, extra", [(("fsdp2", 2), ("single", 1), ()), (("single", 1), ("zero3", 2), ()),
+                                                (("single", 1), ("fsdp2", 2), ("method.fuse=log",))],
+                         ids=["2-to-1", "1-to-2", "1-to-2-fsdp2-log"])
+def test_resume_on_another_world_size(tmp_path, reference, first, then, extra):  # noqa: F811 (the fixture)
+    """A checkpoint resumes on another number of processes (its edit log replayed, under FSDP2
+    then split by rows; folded into the base, or with method.fuse=log beside the adapter) to the
+    uninterrupted run's losses and adapter."""
     data = table(tmp_path / "t.tsv")
-    ref = reference("world-size", lambda d: run(args(table(d / "t.tsv"), d / "ref"))) / "ref"
+    ref = reference(f"world-size{'-'.join(extra)}", lambda d: run(args(table(d / "t.tsv"), d / "ref", *extra))) / "ref"
     (b1, n1), (b2, n2) = first, then
-    a = run(args(data, tmp_path / "run", "train.save_every=6", batch=8 // n1), n1, b1)
+    a = run(args(data, tmp_path / "run", "train.save_every=6", *extra, batch=8 // n1), n1, b1)
     assert a.returncode == 0, a.stderr[-3000:]
     ckpt = tmp_path / "run" / "checkpoints" / "step-00000006"
-    b = run(args(data, tmp_path / "run", "train.save_every=6", "--resume", str(ckpt), batch=8 // n2), n2, b2)
+    b = run(args(data, tmp_path / "run", "train.save_every=6", "--resume", str(ckpt), *extra, batch=8 // n2), n2, b2)
     assert b.returncode == 0, b.stderr[-3000:]
+    assert ("edit logs of 6 layers split by rows" in b.stderr) == (b2 == "fsdp2")
     assert losses(tmp_path / "run") == pytest.approx(losses(ref), abs=1e-4)
     assert_same_adapter(adapter(tmp_path / "run"), adapter(ref), atol=1e-4)
 

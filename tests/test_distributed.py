@@ -206,7 +206,8 @@ def srlora_report(tmp_path, backend: str, nproc: int, *extra: str) -> dict:
 def test_sharded_srlora_events_are_shard_local_and_identical_everywhere(tmp_path, reference, backend, nproc, extra):
     """Uneven shapes (255 MLP rows, ZeRO-3 ranges splitting rows): sharded SRLoRA equals one
     process, keeps the function at each event, and all ranks agree bit for bit; with edits
-    folded into the fp32 base, or (log) applied from the replicated edit log beside the adapter."""
+    folded into the fp32 base, or (log) applied from the edit log beside the adapter, whose
+    rows FSDP2 splits over the processes (ZeRO-3: replicated)."""
     log = ("log",) if "log" in extra else ()
     if "no-persist" in extra:  # every parameter partitioned (no gathered copies kept between steps)
         config = json.loads((REPO / "configs" / "deepspeed" / "zero3.json").read_text())
@@ -226,10 +227,29 @@ def test_sharded_srlora_events_are_shard_local_and_identical_everywhere(tmp_path
     assert len(others) == nproc - 1
     for other in others:  # pool S/V, scores, chosen pairs, edit log: bit-identical on every rank
         assert other == first
-    # Pool and statistics agree with one process's up to the rounding of the per-block SVD
-    # (the random test matrices have close singular values, which that rounding mixes a little).
+    # Pool, statistics and the edit log (gathered whole) agree with one process's up to the
+    # rounding of the per-block SVD (the random test matrices have close singular values, which
+    # that rounding mixes a little).
     for key, value in single["state"].items():
         assert sharded["state"][key] == pytest.approx(value, rel=1e-3, abs=1e-4), key
+    logs = [k for k in single["per_rank"][0] if ".edit_" in k]
+    assert len(logs) == 2 * 14  # U and V of 14 layers
+    for key in logs:
+        assert first[key] == pytest.approx(single["per_rank"][0][key], rel=1e-3, abs=1e-4), key
+    held, whole = sharded["log_bytes_held"], sharded["log_bytes_at_capacity"]
+    if backend == "fsdp2":
+        # Each process keeps its block of the log's rows (U's, and V's columns), each row once per
+        # replica: the log's memory per process falls with the shard count.
+        shard = nproc // (2 if "hsdp" in extra else 1)
+        assert sum(held) == nproc // shard * whole
+        assert max(held) <= sharded["log_bytes_bound"][str(shard)] < whole
+        # Every process has its own rows of B, the pool's U and the log: an event all-reduces only
+        # the fused rows of A, besides the pair scores and (folded) the fusion errors.
+        n = sharded["n_layers"]
+        expected = n * sharded["r"] + sharded["fused_A_numbers"] + (0 if log else 2 * n)
+        assert sharded["event_all_reduce"] == [expected] * 3
+    else:  # ZeRO-3 keeps the log whole on every process
+        assert len(set(held)) == 1
 
 
 @pytest.mark.parametrize("backend, method", [("fsdp2", "srlora"), ("zero3", "srlora")])

@@ -54,6 +54,24 @@ def test_offloaded_edit_log_on_gpu():
     check_offloaded_edit_log("cuda")
 
 
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs (one process keeps the log whole)")
+def test_a_row_sharded_edit_log_trains_as_the_offloaded_one_under_fsdp2_mixed_precision(tmp_path):
+    """FSDP2 with bf16 mixed precision all-gathers the row-sharded fp32 log in bf16, as the
+    offloaded log's bf16 copy was: the same losses through all 4 events, the same fp32 log saved."""
+    from tests.test_distributed import launch
+
+    out = tmp_path / "report.json"
+    run = launch(["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={torch.cuda.device_count()}",
+                  str(REPO / "tests" / "dist_row_log.py"), str(out)], 1)
+    assert run.returncode == 0, run.stderr[-3000:]
+    report = json.loads(out.read_text())
+    plain, rows = report["replicated"], report["rows"]
+    assert plain["events"] == rows["events"] == 4 and rows["row_logs"] == 14 and plain["row_logs"] == 0
+    assert rows["log_dtype"] == "torch.float32" and rows["edit_rank"] == plain["edit_rank"] == 4 + 4 * 4
+    assert rows["losses"] == plain["losses"]
+    assert rows["log_sums"] == plain["log_sums"]
+
+
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
 def test_zero3_with_deepspeeds_fused_adam_matches_one_gpu_and_resumes_exactly(tmp_path, monkeypatch):
     """A DeepSpeed config naming {"type": "AdamW"} gets DeepSpeed's FusedAdam on GPUs (built over
@@ -89,3 +107,39 @@ def test_zero3_with_deepspeeds_fused_adam_matches_one_gpu_and_resumes_exactly(tm
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert losses(tmp_path / "run") == pytest.approx(losses(tmp_path / "full"), abs=1e-6)
     assert_same_adapter(adapter(tmp_path / "run"), adapter(tmp_path / "full"), atol=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["nf4", "int8"])
+def test_quantized_linear_on_gpu_matches_its_cpu_codes_and_dequantized_weight(kind):
+    """bitsandbytes' CUDA kernels quantize to the same codes as its CPU backend (what a CPU
+    export dequantizes), and the bf16 autocast forward and backward compute with that weight."""
+    from lrx.quant import QuantizedLinear, QuantSettings
+
+    torch.manual_seed(0)
+    linear = nn.Linear(256, 128)
+    cpu = QuantizedLinear.of(linear, linear.weight, QuantSettings(kind))
+    gpu = QuantizedLinear.of(linear, linear.weight, QuantSettings(kind), device=torch.device("cuda"))
+    assert torch.equal(gpu.weight.cpu(), cpu.weight)
+    assert torch.allclose(gpu.dequantize().cpu(), cpu.dequantize(), rtol=0, atol=1e-6)
+    x = torch.randn(4, 256, device="cuda", requires_grad=True)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        y = gpu(x)
+    assert y.dtype == torch.bfloat16
+    ref = x.double() @ gpu.dequantize().double().t() + linear.bias.double().cuda()
+    assert ((y.double() - ref).norm() / ref.norm()).item() < 2e-2
+    y.float().sum().backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all()
+
+
+@pytest.mark.parametrize("method", ["lora", "srlora"])
+def test_qlora_training_run_on_gpu(tmp_path, capsys, method):
+    out = tmp_path / "run"
+    code = main(["--method", method, *TINY_LM, "train.max_steps=10", "train.device=cuda", "train.bf16=true",
+                 "model.quantize=nf4", "method.r=4", "method.r_target=8" if method == "srlora" else "method.r=4",
+                 f"logging.output_dir={out}"])
+    assert code == 0, capsys.readouterr().err
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["eval"]["eval_loss"] < summary["eval_history"][0]["eval_loss"]
+    if method == "srlora":
+        events = [json.loads(x) for x in (out / "method_events.jsonl").read_text().splitlines()]
+        assert events and max(e["fusion_error"] for e in events) == 0.0  # kept exactly in the log

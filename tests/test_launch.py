@@ -74,5 +74,24 @@ def test_dry_run_of_an_8b_shaped_config_is_quick():
     # r=16 on the 7 projections of 32 layers: 32 * 16 * (8192 + 5120 + 5120 + 8192 + 3 * 18432).
     assert "trainable 41,943,040" in out and "adapted linear layers 224" in out
     assert "base weights (frozen)" in out and "GiB" in out
-    # bf16 base on GPUs: the exact edit log (rank 2 r_target - r = 80 at the end) is on the host.
-    assert f"exact fp32 edit log {4 * 80 * 2_621_440 / 2**30:.2f} GiB" in out
+    # FSDP2 over 8 processes: the exact fp32 edit log (rank 2 r_target - r = 80) is split by rows
+    # on the devices, nothing of it in host memory.
+    assert "host memory per process: none (the exact fp32 edit log is in method state, its rows split over the 8 " \
+        "processes" in out
+
+
+def test_the_plan_splits_the_edit_log_over_fsdp2_processes():
+    """Per process, method state (pool, statistics, edit log) falls with FSDP2's shard count and
+    no pinned host memory is planned; one process keeps the log in host memory (bf16 on the GPU)."""
+    from lrx.config import load_config
+    from lrx.plan import plan
+
+    config = load_config(REPO / "configs" / "llama3-8b" / "srlora.yaml", [])
+    text = {n: plan(config, world_size=n) for n in (1, 2, 8)}
+    state = {n: float(t.split("method state (peak, est.)")[1].split("GiB")[0]) for n, t in text.items()}
+    assert f"exact fp32 edit log {4 * 80 * 2_621_440 / 2**30:.2f} GiB (pinned" in text[1]
+    for n in (2, 8):
+        assert f"host memory per process: none (the exact fp32 edit log is in method state, its rows split over the " \
+            f"{n} processes" in text[n]
+    # 8 shards: the log is 4 B x 80 x (out/8 + in/8) per layer = 0.10 GiB, the pool's whole V 0.16 GiB.
+    assert state[8] < state[2] / 2 and state[8] == pytest.approx(0.31, abs=0.005)

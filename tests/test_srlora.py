@@ -268,6 +268,32 @@ def test_offloaded_edit_log_trains_bit_identically_in_bf16():
     check_offloaded_edit_log("cpu")
 
 
+@pytest.mark.parametrize("fuse", ["fold", "log"])
+def test_a_row_sharded_edit_log_trains_like_the_replicated_one(fuse):
+    """A log held as fixed-capacity parameters (as FSDP2 shards it; here one process holds every
+    row) trains bit for bit as the growing buffers do, saves the same adapter, and refuses an
+    edit past its capacity."""
+    runs = []
+    for rows in (False, True):
+        method, model = srlora([f"method.fuse={fuse}", "method.interval=3"])
+        if rows:
+            for _, layer in adapted_layers(model):
+                layer.hold_log_rows(method.edit_rank_bound())
+            method.attach(model, LocalShards())
+        optimizer = make_optimizer(method, model)
+        method.on_train_start(model, optimizer, total_steps=15)
+        runs.append((train_steps(method, model, optimizer, batches(15)), adapter_tensors(model, method), model))
+    (plain_losses, plain, _), (losses, saved, model) = runs
+    assert losses == plain_losses and saved.keys() == plain.keys()
+    for key, value in plain.items():
+        assert torch.equal(saved[key], value), key
+    layer = next(layer for _, layer in adapted_layers(model))
+    assert layer.row_log is not None and tuple(layer.edit_U.shape) == (layer.out_features, 4 + 2 * (12 - 4))
+    assert layer.edit_rank == 4 + 4 * 4 and not layer.edit_U.requires_grad
+    with pytest.raises(RuntimeError, match="holds rank 20"):  # full after the 4 events
+        layer.add_edit(torch.zeros(layer.out_features, 5), torch.zeros(5, layer.in_features))
+
+
 def test_state_bytes_is_the_most_held_at_any_point_of_the_schedule():
     """The plan's estimate (--dry-run) equals the largest pool + statistics + edit log a layer
     actually holds, before the first event and after each (the pool shrinks, the log grows,

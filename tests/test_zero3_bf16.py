@@ -47,10 +47,14 @@ def eval_loss(model, config) -> float:
     return total / weight
 
 
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "bfloat16-nf4"])
 def test_srlora_events_stay_lossless_under_zero3s_bf16_engine(tmp_path, dtype):
+    """fp32 bases fold exactly, bf16 and nf4 bases (whose codes the bf16 engine leaves as
+    integers and whose statistics it leaves fp32) keep their edits in the log."""
     out = tmp_path / "run"
-    argv = [str(REPO / "tests" / "zero3_bf16_engine.py"), *ARGS, f"model.dtype={dtype}", f"logging.output_dir={out}"]
+    dtype, _, quantize = dtype.partition("-")
+    argv = [str(REPO / "tests" / "zero3_bf16_engine.py"), *ARGS, f"model.dtype={dtype}", f"logging.output_dir={out}",
+            f"model.quantize={quantize or 'none'}"]
     run = launch(argv, 2, "deepspeed")
     assert run.returncode == 0, run.stderr[-3000:]
     events = [json.loads(x) for x in (out / "method_events.jsonl").read_text().splitlines()]

@@ -23,9 +23,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lrx.config import load_config  # noqa: E402
 from lrx.methods import LocalShards, adapted_layers, build_method  # noqa: E402
+from lrx.quant import Quantizer, QuantSettings  # noqa: E402
 
 
-def run(dtype: torch.dtype, fuse: str, relative_update: float, events: int, d: int, r: int) -> dict:
+def run(dtype: torch.dtype, fuse: str, relative_update: float, events: int, d: int, r: int,
+        quantize: str = "none") -> dict:
+    """One row; ``quantize`` (nf4, fp4, int8): the base is quantized after the PiSSA init, as
+    ``model.quantize`` does, and W0 is then the dequantized base training starts from."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(d, d, bias=False))
     with torch.no_grad():
@@ -37,13 +41,23 @@ def run(dtype: torch.dtype, fuse: str, relative_update: float, events: int, d: i
                              f"method.fuse={fuse}", "method.svd=randomized"], method="srlora").method
     method = build_method(cfg)
     method.apply(model)
-    method.attach(model, LocalShards())
     layer = dict(adapted_layers(model))["0"]
+    if quantize != "none":
+        quantizer = Quantizer(QuantSettings(quantize))
+        quantizer.plan(model, [])
+        quantizer.apply(model)
+        W0 = layer.base.dequantize().double()  # the quantized residual: what training starts from
+        codes = layer.base.weight.detach().clone()
+    method.attach(model, LocalShards())
     g = torch.Generator().manual_seed(1)
     net = torch.zeros(d, d, dtype=torch.float64)
 
     def adapter64() -> torch.Tensor:  # s * B @ A in float64: the reference must not round
         return (layer.lora_B.detach().double() @ layer.lora_A.detach().double()) * layer.scale
+
+    # The effective weight training starts from is W0 (the PiSSA pairs cancel their residual
+    # edit), or on a quantized base the dequantized residual plus the initial pairs.
+    start = adapter64() if quantize != "none" else 0
 
     for step in range(1, events + 1):
         with torch.no_grad():
@@ -56,13 +70,17 @@ def run(dtype: torch.dtype, fuse: str, relative_update: float, events: int, d: i
             value.uniform_(0, 1, generator=g)
         method.recompose(None, step)
     U, V = layer.edit_factors()
+    U, V = U[:, layer.baked :], V[layer.baked :]  # the edits of the events (a quantized base holds the rest)
     intended = U.double() @ V.double()
-    applied = layer.base.weight.double() - W0 + (0 if layer.fold_edits else intended)
-    effective = W0 + applied + adapter64()
+    base_now = layer.base.dequantize() if layer.quantized else layer.base.weight
+    applied = base_now.double() - W0 + (0 if layer.fold_edits else intended)
+    effective = W0 + applied + adapter64() - start
+    if layer.quantized and not torch.equal(layer.base.weight, codes):
+        raise AssertionError("an event changed the quantized base")
     log_bytes = (layer.edit_U.numel() + layer.edit_V.numel()) * 4
     adapter_bytes = (layer.lora_A.numel() + layer.lora_B.numel()) * 4
     return {
-        "dtype": str(dtype).removeprefix("torch."), "fuse": fuse, "mode": "fold" if layer.fold_edits else "log",
+        "dtype": str(dtype).removeprefix("torch.") if quantize == "none" else quantize, "fuse": fuse, "mode": "fold" if layer.fold_edits else "log",
         "relative_update": relative_update,
         "error_vs_total_edit": ((applied - intended).norm() / intended.norm()).item(),
         "error_vs_net_update": ((effective - W0 - net).norm() / net.norm()).item(),
@@ -81,6 +99,8 @@ def main() -> int:
     args = parser.parse_args()
     rows = [run(dtype, fuse, rel, args.events, args.dim, args.r)
             for dtype in (torch.float32, torch.bfloat16) for fuse in ("auto", "fold", "log") for rel in (1e-2, 1e-4)]
+    rows += [run(torch.float32, "auto", rel, args.events, args.dim, args.r, quantize=q)
+             for q in ("nf4", "int8") for rel in (1e-2, 1e-4)]
     lines = ["| base | fuse | mode | update/||W0|| | err vs total edit | err vs net update | edit rank | "
              "log / adapter bytes | extra adapter FLOPs |", "|---|---|---|---|---|---|---|---|---|"]
     for x in rows:

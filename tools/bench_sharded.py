@@ -197,6 +197,7 @@ def one_run(args, backend, spec: str) -> dict:
     stage_done("warmup")
     if method_name == "srlora":  # the whole schedule: every event over all layers, a step after each
         n_events = method.config.n_events
+        row_logs = all(getattr(lay, "row_log", None) is not None for lay in method.layers.values())
         for k in range(1, n_events + 1):
             prof = profiler(backend) if args.profile_event and k == 2 and backend.is_main else None
             sync(backend)
@@ -215,9 +216,11 @@ def one_run(args, backend, spec: str) -> dict:
             stage_done(f"event{k}")
         times = sorted(event[f"event{k}_s"] for k in range(1, n_events + 1))
         event.update({"event_s": times[len(times) // 2], "events": n_events,
-                      # the event factors all-reduced (fp32): fused B and A columns, loaded U rows
+                      # the event factors all-reduced (fp32): fused A rows, and unless every process
+                      # has its own rows of the logs (FSDP2's row-sharded logs), fused B columns and loaded U rows
                       "event_allreduce_bytes": 4 * method.config.swap * sum(
-                          2 * lay.out_features + lay.in_features for lay in method.layers.values()),
+                          lay.in_features + (0 if row_logs else 2 * lay.out_features) for lay in method.layers.values()),
+                      "row_sharded_logs": row_logs,
                       "score_allreduce_bytes": len(method.layers) * method.config.r * 4,
                       "event_layers": len(records), "edit_log_rank": method.layers[next(iter(method.layers))].edit_rank})
     if backend.device.type == "cuda":

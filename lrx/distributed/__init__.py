@@ -277,9 +277,10 @@ class RowBlockWeights(LocalWeights):
     """``WeightAccess`` before sharding: process k reads FSDP2's k-th block of rows of each
     weight; small results are summed over processes on the communication device."""
 
-    def __init__(self, rank: int, world_size: int, all_reduce, device: torch.device):
+    def __init__(self, rank: int, world_size: int, all_reduce, device: torch.device, shards_rows: bool = False):
         self.rank, self.world_size = rank, world_size
         self._all_reduce, self._device = all_reduce, device
+        self.shards_rows = shards_rows and world_size > 1  # FSDP2 over several processes
 
     def row_block(self, layer) -> tuple[torch.Tensor, int]:
         first, end = fsdp_row_range(layer.out_features, self.world_size, self.rank)

@@ -2,8 +2,10 @@
 
 Launched by ``torchrun`` (or any launcher that sets RANK, WORLD_SIZE, MASTER_ADDR/PORT and
 LOCAL_RANK). NCCL on GPUs, gloo on CPU. Parameters, adapters included, are DTensors sharded
-on dim 0 (rank k holds a contiguous block of rows); buffers (edit logs, EigenLoRAx bases)
-are not sharded and stay whole and identical on every rank.
+on dim 0 (rank k holds a contiguous block of rows); so are the edit logs, which the layers
+hold as frozen parameters of fixed rank when ``weights().shards_rows`` says so before
+sharding (``RowLog``); buffers (EigenLoRAx bases) are not sharded and stay whole and
+identical on every rank.
 
 Adapters are initialised before sharding (every rank, same seed, same result; SVDs read one
 block of rows per rank), block by block when the base streams from safetensors files
@@ -106,7 +108,7 @@ class FSDP2(TorchSteps, MultiProcess):
         return t
 
     def weights(self):
-        return RowBlockWeights(self.shard_rank, self.shard_size, self.shard_sum, self.device)
+        return RowBlockWeights(self.shard_rank, self.shard_size, self.shard_sum, self.device, shards_rows=True)
 
     def shards(self) -> FSDP2Shards:
         return FSDP2Shards(self.shard_rank, self.shard_size, self.shard_sum)
@@ -209,6 +211,11 @@ class FSDP2Shards(PieceShards):
 
     def _copies(self, p: torch.Tensor) -> list[torch.Tensor]:
         return [self._local(p)]
+
+    def row_piece(self, p: torch.Tensor) -> tuple[int, int] | None:
+        if not isinstance(p, DTensor):  # a buffer: whole on every process
+            return 0, p.shape[0]
+        return fsdp_row_range(p.shape[0], self.world_size, self.rank)
 
     def local_grad(self, p: torch.Tensor) -> torch.Tensor | None:
         return None if p.grad is None else self._local(p.grad)

@@ -287,18 +287,19 @@ class ZeRO3(MultiProcess):
 
 
 class ZeroWeights(RowBlockWeights):
-    """``WeightAccess`` of a model built under ``zero.Init``: a layer's base weight is gathered
-    while its adapter is initialised; what rank 0 (like every rank) changes in it is kept."""
+    """``WeightAccess`` of a model built under ``zero.Init``: a layer's partitioned parameters
+    (an adapted layer's base weight and bias, or a plain linear's) are gathered while its
+    adapter is initialised or it is quantized; what rank 0 (like every rank) changes is kept."""
 
     def __init__(self, rank, world_size, all_reduce, device, deepspeed):
         super().__init__(rank, world_size, all_reduce, device)
         self._deepspeed = deepspeed
 
     def gathered(self, layer: nn.Module):
-        weight = layer.base.weight
-        if not hasattr(weight, "ds_id"):
+        params = [p for p in layer.parameters() if hasattr(p, "ds_id")]
+        if not params:
             return contextlib.nullcontext()
-        return self._deepspeed.zero.GatheredParameters([weight], modifier_rank=0)
+        return self._deepspeed.zero.GatheredParameters(params, modifier_rank=0)
 
 
 class ZeRO3Shards(PieceShards):
@@ -331,6 +332,9 @@ class ZeRO3Shards(PieceShards):
         if p.requires_grad and hasattr(p, "_z3_optimizer"):
             out.append(self._fp32(p).view(-1))
         return out
+
+    def row_piece(self, p: torch.Tensor) -> tuple[int, int] | None:
+        return None  # flat partitions split rows (and small parameters keep whole replicas)
 
     def _replicas(self, p: torch.Tensor) -> list[torch.Tensor]:
         # Parameters under stage3_param_persistence_threshold stay gathered between steps

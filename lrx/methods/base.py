@@ -88,7 +88,8 @@ class EditingConfig(MethodConfig):
     """Where the exact fp32 log of unfolded edits lives: device, or (auto) in pinned host memory when
     the forward runs in bf16 on a GPU, with only its bf16 copy on the device: the same training,
     half the log's GPU memory, for 4 bytes x log rank x (in + out) of host memory per adapted
-    layer and process (--dry-run prints the total)."""
+    layer and process (--dry-run prints the total). Under FSDP2 over several processes neither: each
+    process holds its rows of the fp32 log on the device (row-sharded with the base)."""
 
     svd: Literal["exact", "randomized"] = "exact"
     """SVD of the base weight: exact, or randomized (seeded subspace iteration; fast on large matrices)."""
@@ -186,6 +187,12 @@ def layer_counts(names) -> str:
     return ", ".join(f"{kind} {n}" for kind, n in Counter(name.rsplit(".", 1)[-1] for name in names).items())
 
 
+def log_rows(layer: AdaptedLinear, shards: int = 1) -> int:
+    """Rows of a layer's edit log (U's out + V's in) one process holds with its rows split over
+    ``shards`` processes (the most any of them holds)."""
+    return -(-layer.out_features // shards) + -(-layer.in_features // shards)
+
+
 def adapted_layers(model: nn.Module) -> Iterator[tuple[str, AdaptedLinear]]:
     """All adapted layers of a model, in module order."""
     for name, module in model.named_modules():
@@ -228,6 +235,7 @@ class Method:
             for index, (name, layer) in enumerate(self.layers.items()):
                 with weights.gathered(layer):
                     self.init_layer(name, index, layer, weights)
+                self.place_log(layer, weights)
         return names
 
     def wrap(self, model: nn.Module) -> list[str]:
@@ -266,6 +274,16 @@ class Method:
         """The adapted layer that replaces ``linear`` (a subclass for other parametrisations)."""
         cfg = self.config
         return AdaptedLinear(linear, cfg.r, cfg.scale, cfg.dropout, fold_edits=fold_edits)
+
+    def place_log(self, layer: AdaptedLinear, weights: WeightAccess) -> None:
+        """Once a layer is initialised or restored, before it is sharded: where the backend will
+        split every parameter by rows (``weights.shards_rows``, FSDP2), hold its edit log as
+        frozen parameters of rank ``edit_rank_bound`` that are split with the base
+        (``AdaptedLinear.hold_log_rows``), so each process keeps its rows only. Methods that
+        bound no rank (or keep no log) keep it whole."""
+        bound = self.edit_rank_bound()
+        if weights.shards_rows and bound:
+            layer.hold_log_rows(bound)
 
     def init_layer(self, name: str, index: int, layer: AdaptedLinear, weights: WeightAccess) -> None:
         """Initialise one adapted layer's A, B (and edits). Default: LoRA (A random, B zero)."""
@@ -353,16 +371,17 @@ class Method:
         if state:
             raise ValueError(f"method {self.name} has no state, got keys {sorted(state)[:5]}")
 
-    def state_bytes(self, layer: AdaptedLinear, world_size: int = 1, log_bytes: int = 4) -> int:
+    def state_bytes(self, layer: AdaptedLinear, world_size: int = 1, log_bytes: int = 4, log_shards: int = 1) -> int:
         """Bytes of method state one adapted layer holds at most during training, per process
-        (for plans), with ``log_bytes`` per edit-log value on the device (2: offloaded, bf16).
+        (for plans), with ``log_bytes`` per edit-log value on the device (2: offloaded, bf16)
+        and the log's rows split over ``log_shards`` processes (a row-sharded log, ``place_log``).
 
         Default: its buffers (bases), plus an edit log of rank ``edit_rank_bound``; methods
         whose state grows otherwise override this.
         """
-        log = {id(layer.edit_U), id(layer.edit_V)}
+        log = {id(t) for t in layer.edit_log_storage()}
         buffers = sum(b.numel() * b.element_size() for b in layer.buffers() if id(b) not in log)
-        return buffers + log_bytes * (self.edit_rank_bound() or 0) * (layer.in_features + layer.out_features)
+        return buffers + log_bytes * (self.edit_rank_bound() or 0) * log_rows(layer, log_shards)
 
     # ---- export -----------------------------------------------------------------------------
 

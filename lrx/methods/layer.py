@@ -10,8 +10,10 @@ bases, where a small in-place add loses most of the update: one bf16 add keeps 2
 1e-3-relative update and 3 % of a 1e-4 one, ``tools/bench_fusion.py``). When the forward
 runs in bf16 on a GPU, ``offload_edit_log`` keeps the exact fp32 log in host memory and only
 its bf16 copy on the device: training is bit-identical (the fp32 log was cast to bf16 for
-every product anyway) and the log takes half the GPU memory. Pair k is column k of
-``lora_B`` with row k of ``lora_A``.
+every product anyway) and the log takes half the GPU memory. Under FSDP2 over several
+processes ``hold_log_rows`` makes it a ``RowLog`` instead: frozen fp32 parameters of fixed
+rank that FSDP2 splits by rows with the base, so each process holds its share. Pair k is
+column k of ``lora_B`` with row k of ``lora_A``.
 """
 
 from __future__ import annotations
@@ -92,6 +94,63 @@ class HostLog:
         return self.Ut[: self.rank].t(), self.V[: self.rank]
 
 
+class RowLog:
+    """An exact fp32 edit log of fixed capacity held as two frozen parameters of its layer, so
+    that a backend that shards every parameter by rows (FSDP2) splits it with the base: each
+    process keeps its rows of ``edit_U`` (out x capacity: the base's rows) and of ``edit_Vt``
+    (V transposed, in x capacity), the forward sees both all-gathered with the block's other
+    parameters (in the compute dtype under mixed precision, the dtype its product runs in
+    anyway) and uses their first ``rank`` columns. A sharded parameter cannot change shape,
+    hence the capacity: the method's ``edit_rank_bound``, known before sharding.
+
+    Edits are written into this process's rows only (``Shards.write_columns``), so the factors
+    an event hands over may be zero outside them; saving gathers the log whole
+    (``AdaptedLinear.edit_factors`` with a backend's ``gather``).
+    """
+
+    def __init__(self, capacity: int, rank: int):
+        self.capacity, self.rank = capacity, rank
+
+    @staticmethod
+    @torch.no_grad()
+    def hold(layer: AdaptedLinear, capacity: int) -> RowLog:
+        """Move ``layer``'s whole log (buffers ``edit_U``, ``edit_V``) into capacity-sized frozen
+        parameters, before the layer is sharded."""
+        U, V = layer.edit_U, layer.edit_V
+        k = U.shape[1]
+        if k > capacity:
+            raise ValueError(f"an edit log of rank {k} does not fit a capacity of {capacity}")
+        Ut = U.new_zeros(layer.out_features, capacity)
+        Vt = V.new_zeros(layer.in_features, capacity)
+        Ut[:, :k], Vt[:, :k] = U, V.t()
+        del layer._buffers["edit_U"], layer._buffers["edit_V"]
+        layer.edit_U = nn.Parameter(Ut, requires_grad=False)
+        layer.edit_Vt = nn.Parameter(Vt, requires_grad=False)
+        return RowLog(capacity, k)
+
+    def append(self, layer: AdaptedLinear, U: torch.Tensor, V: torch.Tensor) -> None:
+        """Write the edits ``U @ V`` (fp32; U: out x k, only this process's rows read) into the
+        next ``k`` columns of this process's rows."""
+        k = V.shape[0]
+        if self.rank + k > self.capacity:
+            raise RuntimeError(f"the row-sharded edit log holds rank {self.capacity} (the method's edit_rank_bound); "
+                               f"an edit of rank {k} at rank {self.rank} does not fit")
+        layer.shards.write_columns(layer.edit_U, self.rank, U)
+        layer.shards.write_columns(layer.edit_Vt, self.rank, V.t())
+        self.rank += k
+
+    def views(self, layer: AdaptedLinear) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(U, V)``, out x rank and rank x in, of the parameters as they are now (whole inside a
+        sharded forward)."""
+        return layer.edit_U[:, : self.rank], layer.edit_Vt[:, : self.rank].t()
+
+    def gathered(self, layer: AdaptedLinear, gather) -> tuple[torch.Tensor, torch.Tensor]:
+        """The whole fp32 ``(U, V)`` through ``gather`` (a backend's: whole copies of sharded
+        parameters, collective)."""
+        whole = gather({"U": layer.edit_U, "Vt": layer.edit_Vt})
+        return whole["U"][:, : self.rank], whole["Vt"][:, : self.rank].t()
+
+
 class AdaptedLinear(nn.Module):
     """A frozen linear layer plus an edit log and a trainable low-rank adapter.
 
@@ -122,6 +181,10 @@ class AdaptedLinear(nn.Module):
         # Where the base's pieces live (``lrx.methods.seam.Shards``), set by Method.attach once
         # the model is placed: edits then fold into this process's piece of the base only.
         self.shards: Shards = LocalShards()
+        # Log columns the base itself contains although edits are not folded: a quantized base
+        # was quantized from W0 plus the edits made until then (``quantize_base``, QPiSSA).
+        self.baked = 0
+        self._pending: tuple[torch.Tensor, torch.Tensor, list[int]] | None = None
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         out_features, in_features = base.out_features, base.in_features  # weight.shape is empty under zero.Init
         device = base.weight.device
@@ -134,6 +197,8 @@ class AdaptedLinear(nn.Module):
         # Set by offload_edit_log: the exact log then lives here, edit_U/edit_V are its
         # compute-dtype copies.
         self.host_log: HostLog | None = None
+        # Set by hold_log_rows (FSDP2): the log is then a pair of frozen parameters split by rows.
+        self.row_log: RowLog | None = None
 
     def _init_adapter(self, r: int, in_features: int, out_features: int, device: torch.device) -> None:
         """Create the trainable tensors; subclasses that parametrise A and B differently override it."""
@@ -163,12 +228,22 @@ class AdaptedLinear(nn.Module):
 
     @property
     def edit_rank(self) -> int:
-        return self.edit_U.shape[1]
+        return self.row_log.rank if self.row_log is not None else self.edit_U.shape[1]
+
+    @property
+    def quantized(self) -> bool:
+        """Whether the base is stored quantized (``lrx.quant.QuantizedLinear``)."""
+        return getattr(self.base, "quantized", False)
+
+    @property
+    def live_rank(self) -> int:
+        """Rank of the log the forward applies beside the base (0 when edits are folded)."""
+        return 0 if self.fold_edits else self.edit_rank - self.baked
 
     def extra_repr(self) -> str:
         return (
             f"in={self.in_features}, out={self.out_features}, r={self.r}, scale={self.scale:g}, "
-            f"edit_rank={self.edit_rank}, fold_edits={self.fold_edits}"
+            f"edit_rank={self.edit_rank}, fold_edits={self.fold_edits}" + (f", baked={self.baked}" if self.baked else "")
         )
 
     # ---- forward ------------------------------------------------------------------------
@@ -180,7 +255,8 @@ class AdaptedLinear(nn.Module):
         A, B = self.lora_A, self.lora_B  # computed once: subclasses may derive them
         if x.dtype != A.dtype and not torch.is_autocast_enabled(x.device.type):
             x = x.to(A.dtype)
-        if self.edit_rank and not self.fold_edits:
+        if self.live_rank:
+            k = self.baked  # the log's first k columns are inside a quantized base
             if isinstance(self.dropout, nn.Identity):
                 # Adapter and edit log as one low-rank product: x is read once (these thin
                 # matmuls are memory-bound, so two products cost nearly twice one).
@@ -188,13 +264,13 @@ class AdaptedLinear(nn.Module):
                     else A.dtype
                 with torch.autocast(x.device.type, enabled=False):
                     x, A, B = x.to(dtype), A.to(dtype), (B * self.scale).to(dtype)
-                    V, U = self.edit_V.to(dtype), self.edit_U.to(dtype)
+                    U, V = (t.to(dtype) for t in self._log_views(k))
                     if self.log_product == "cat" or (self.log_product == "auto" and x.is_cuda):
                         delta = (x @ torch.cat([A, V]).t()) @ torch.cat([B, U], dim=1).t()
                     else:
                         delta = LowRankWithFrozenTail.apply(x, A, B, V, U)
                 return y + delta.to(y.dtype)
-            U, V = self.edit_U.to(x.dtype), self.edit_V.to(x.dtype)  # an offloaded log's copy is bf16
+            U, V = (t.to(x.dtype) for t in self._log_views(k))  # an offloaded log's copy is bf16
             delta = (self.dropout(x) @ A.t()) @ B.t() * self.scale + (x @ V.t()) @ U.t()
         else:
             delta = (self.dropout(x) @ A.t()) @ B.t() * self.scale
@@ -207,16 +283,21 @@ class AdaptedLinear(nn.Module):
         """Record the frozen change ``U @ V`` (out x k, k x in) and apply it to the base.
 
         The change is exact in the log; with ``fold_edits`` it is also added into the base
-        weight (in the base's dtype), otherwise forward applies it from the log.
+        weight (in the base's dtype), otherwise forward applies it from the log. Where the log
+        is row-sharded (``hold_log_rows``) only this process's rows of U are read: they may be
+        zero elsewhere.
         """
         U = U.detach().to(device=self.edit_U.device, dtype=torch.float32)
-        V = V.detach().to(device=self.edit_V.device, dtype=torch.float32)
+        V = V.detach().to(device=self.edit_U.device, dtype=torch.float32)
         if U.shape != (self.out_features, V.shape[0]) or V.shape[1] != self.in_features:
             raise ValueError(f"edit factors {tuple(U.shape)} @ {tuple(V.shape)} do not fit {self.extra_repr()}")
-        if self.host_log is not None:
-            self.host_log.append(U, V)
-        self.edit_U = torch.cat([self.edit_U, U.to(self.edit_U.dtype)], dim=1)
-        self.edit_V = torch.cat([self.edit_V, V.to(self.edit_V.dtype)], dim=0)
+        if self.row_log is not None:
+            self.row_log.append(self, U, V)
+        else:
+            if self.host_log is not None:
+                self.host_log.append(U, V)
+            self.edit_U = torch.cat([self.edit_U, U.to(self.edit_U.dtype)], dim=1)
+            self.edit_V = torch.cat([self.edit_V, V.to(self.edit_V.dtype)], dim=0)
         self.edit_sizes.append(U.shape[1])
         if self.fold_edits:
             self._fold(U, V, sign=1.0)
@@ -234,37 +315,106 @@ class AdaptedLinear(nn.Module):
             capacity: the log's final rank if known (one host allocation); else it holds the
                 current log and doubles when an edit does not fit.
         """
-        if self.fold_edits or self.host_log is not None:
-            return
+        if self.fold_edits or self.host_log is not None or self.row_log is not None:
+            return  # a row-sharded log keeps its fp32 rows on the device: a share of what this saves
         U, V = self.edit_U, self.edit_V
         self.host_log = HostLog(self.out_features, self.in_features, max(capacity or 0, U.shape[1]))
         self.host_log.append(U, V)
         self.edit_U, self.edit_V = U.to(compute_dtype), V.to(compute_dtype)
 
-    def edit_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The exact fp32 edit log ``(U, V)``, out x k and k x in: on the layer's device, or in
-        host memory when it is offloaded."""
+    @torch.no_grad()
+    def hold_log_rows(self, capacity: int) -> None:
+        """Hold the edit log as frozen fp32 parameters of rank ``capacity`` that a backend which
+        shards every parameter by rows splits with the base (``RowLog``); call it before the
+        layer is sharded, once its log is initialised or restored."""
+        if self.row_log is not None:
+            return
+        if self.host_log is not None:
+            raise RuntimeError("an offloaded edit log cannot be row-sharded; hold its rows before attach")
+        self.row_log = RowLog.hold(self, capacity)
+
+    def edit_log_storage(self) -> list[torch.Tensor]:
+        """The tensors on the layer's device that hold its edit log (buffers, or a row-sharded
+        log's parameters)."""
+        if self.row_log is not None:
+            return [self.edit_U, self.edit_Vt]
+        return [self.edit_U, self.edit_V]
+
+    def _log_views(self, start: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(U, V)`` from column ``start`` on, as the forward multiplies them (an offloaded log's
+        compute-dtype copy)."""
+        U, V = self.row_log.views(self) if self.row_log is not None else (self.edit_U, self.edit_V)
+        return U[:, start:], V[start:]
+
+    def edit_factors(self, gather=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The exact fp32 edit log ``(U, V)``, out x k and k x in: on the layer's device, in
+        host memory when it is offloaded, or, row-sharded, made whole by ``gather`` (a
+        backend's ``gather``: a collective, every process calls it; needed with several
+        processes)."""
+        if self.row_log is not None:
+            if gather is None:
+                if self.shards.world_size > 1:
+                    raise RuntimeError("this edit log is sharded by rows; gather it (edit_factors(backend.gather), "
+                                       "a collective)")
+                return self.row_log.views(self)
+            return self.row_log.gathered(self, gather)
         if self.host_log is not None:
             return self.host_log.factors()
         return self.edit_U, self.edit_V
 
     @torch.no_grad()
-    def set_edit_log(self, U: torch.Tensor, V: torch.Tensor, sizes: torch.Tensor) -> None:
+    def set_edit_log(self, U: torch.Tensor, V: torch.Tensor, sizes: torch.Tensor, baked: int | None = None) -> None:
         """Replace an empty log with a saved one and replay it onto a pristine base (W0).
 
         Edits are folded one segment at a time in their original order so that a resumed
-        fp32 base is bit-identical to the one that was trained.
+        fp32 base is bit-identical to the one that was trained. ``baked``: the log of a layer
+        whose base was quantized after its first ``baked`` columns; only those are replayed
+        now, the rest once ``quantize_base`` has quantized the base as training did.
         """
         if self.edit_rank:
             raise RuntimeError("set_edit_log needs a layer whose base is still W0 (empty edit log)")
-        start = 0
-        for k in sizes.tolist():
+        sizes = [int(k) for k in sizes.tolist()]
+        if sum(sizes) != U.shape[1]:
+            raise ValueError(f"edit log sizes sum to {sum(sizes)} but the factors have rank {U.shape[1]}")
+        start, cut = 0, len(sizes)
+        if baked is not None:
+            ends = [sum(sizes[: i + 1]) for i in range(len(sizes))]
+            if baked and baked not in ends:
+                raise ValueError(f"edit log: {baked} baked columns do not end a recorded edit (sizes {sizes})")
+            cut = ends.index(baked) + 1 if baked else 0
+        for k in sizes[:cut]:
             self.add_edit(U[:, start : start + k], V[start : start + k])
             start += k
-        if start != U.shape[1]:
-            raise ValueError(f"edit log sizes sum to {start} but the factors have rank {U.shape[1]}")
+        if cut < len(sizes):
+            self._pending = (U[:, start:], V[start:], sizes[cut:])
+
+    @torch.no_grad()
+    def quantize_base(self, quantize) -> None:
+        """Replace the full-precision base by ``quantize(base, weight)``, a quantized copy of
+        ``weight`` = the base plus the edits made so far (PiSSA's residual is quantized, not W0:
+        QPiSSA's smaller quantization error). From now on edits stay in the exact log beside the
+        base (it cannot take them losslessly) and the forward skips the ``baked`` columns the
+        base already contains. A log restored with ``set_edit_log(..., baked=k)`` gets its
+        later edits back here."""
+        if self.quantized:
+            raise RuntimeError("quantize_base: the base is already quantized")
+        weight = self.base.weight.detach().float()
+        if not self.fold_edits and self.edit_rank:
+            U, V = self._edit_factors_here()
+            weight = weight + U.to(weight.device) @ V.to(weight.device)
+        self.base = quantize(self.base, weight)
+        self.base.requires_grad_(False)
+        self.baked, self.fold_edits = self.edit_rank, False
+        if self._pending is not None:
+            (U, V, sizes), self._pending = self._pending, None
+            start = 0
+            for k in sizes:
+                self.add_edit(U[:, start : start + k], V[start : start + k])
+                start += k
 
     def _fold(self, U: torch.Tensor, V: torch.Tensor, sign: float) -> None:
+        if self.quantized:
+            raise RuntimeError("a quantized base cannot take edits in place; they stay in the edit log")
         self.shards.add_product(self.base.weight, U, V, sign)  # this process's piece of the base only
 
     # ---- weights ------------------------------------------------------------------------
@@ -311,13 +461,17 @@ class AdaptedLinear(nn.Module):
 
     @torch.no_grad()
     def merged_weight(self) -> torch.Tensor:
-        """The weight ``merge`` makes, computed in fp32 (out x in): the base plus what ``merge``
-        adds, rounded to a lower-precision base dtype once by the caller."""
+        """The weight ``merge`` makes, computed in fp32 (out x in): the base (dequantized when
+        quantized) plus what ``merge`` adds, rounded to a lower-precision dtype once by the caller."""
         B, A = self._unfolded_factors()
-        return self.base.weight.detach().float() + B.to(self.base.weight.device) @ A.to(self.base.weight.device)
+        base = self.base.dequantize() if self.quantized else self.base.weight.detach().float()
+        return base + B.to(base.device) @ A.to(base.device)
 
     def _unfolded_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """What ``merge`` adds to the base: the adapter, and the edit log unless already folded."""
-        if self.edit_rank and not self.fold_edits:
-            return self.delta_factors()
-        return self.lora_B.detach() * self.scale, self.lora_A.detach()
+        """What ``merge`` adds to the base: the adapter, and the part of the edit log the base
+        does not contain (none when folded; after the ``baked`` columns of a quantized base)."""
+        B, A = self.lora_B.detach() * self.scale, self.lora_A.detach()
+        if not self.live_rank:
+            return B, A
+        U, V = self._edit_factors_here()
+        return torch.cat([U[:, self.baked :], B], dim=1), torch.cat([V[self.baked :], A], dim=0)

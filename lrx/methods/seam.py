@@ -9,7 +9,9 @@ and each backend implements these verbs for its layout:
 - ``Shards`` (training, once the model is placed): this process's piece of a parameter and of
   its gradient, "add this low-rank product to my piece of the base", "write these values into
   these slots of A/B and reset their optimizer moments, wherever they live", a small
-  all-reduce, and which rows of a row-split method tensor (SRLoRA's pool) this process keeps.
+  all-reduce, which rows of a row-split method tensor (SRLoRA's pool) this process keeps,
+  which rows of a parameter are its whole piece (``row_piece``), and "write these columns into
+  my rows" of a frozen method tensor (a row-sharded edit log, ``write_columns``).
 
 A *piece* is this process's flat range ``[start, end)`` of the row-major flattened parameter
 (``span``): FSDP2's block of rows, ZeRO-3's partition, or the whole tensor on one process.
@@ -34,6 +36,10 @@ class WeightAccess(Protocol):
 
     rank: int
     world_size: int
+    shards_rows: bool
+    """Whether the backend will split every parameter of an adapted layer by rows over several
+    processes, in the blocks ``row_block`` reads (FSDP2): tensors a method registers as the
+    layer's parameters now are then split with its base."""
 
     def full_weight(self, layer) -> torch.Tensor:
         """A full fp32 copy of ``layer``'s current base weight (out x in)."""
@@ -46,8 +52,8 @@ class WeightAccess(Protocol):
         """Sum ``t`` over processes in place and return it (identity on one process)."""
 
     def gathered(self, layer) -> contextlib.AbstractContextManager:
-        """Context in which ``layer``'s base weight is whole on every process and changes made
-        to it are kept (ZeRO-3 models built partitioned under ``zero.Init``)."""
+        """Context in which ``layer``'s base weight (or a plain linear's weight) is whole on every
+        process and changes made to it are kept (ZeRO-3 models built partitioned under ``zero.Init``)."""
 
 
 class LocalWeights:
@@ -55,6 +61,7 @@ class LocalWeights:
 
     rank = 0
     world_size = 1
+    shards_rows = False
 
     def full_weight(self, layer) -> torch.Tensor:
         return layer.base.weight.detach().float()
@@ -108,6 +115,18 @@ class Shards(Protocol):
     def row_block(self, n_rows: int) -> tuple[int, int]:
         """Rows ``[first, end)`` of a row-split method tensor (SRLoRA's pool U) this process keeps."""
 
+    def row_piece(self, p: torch.Tensor) -> tuple[int, int] | None:
+        """Rows ``[first, end)`` of 2-D ``p`` that are this process's piece of it, where that piece
+        is a block of whole rows and the only copy a change must reach (FSDP2's row block; all
+        rows of an unsharded tensor); None where pieces split rows or whole replicas are kept
+        (ZeRO-3). Where it is a block, the verbs on ``p`` read only these rows of the whole
+        values they are given: the other rows may be zeros."""
+
+    def write_columns(self, p: torch.Tensor, col: int, values: torch.Tensor) -> None:
+        """``p[:, col : col + n] = values`` (values: rows x n, all of ``p``'s rows, read only in
+        ``row_piece(p)``) on this process's piece of 2-D ``p`` (a frozen method tensor such as a
+        row-sharded edit log)."""
+
     def all_reduce(self, t: torch.Tensor) -> torch.Tensor:
         """Sum ``t`` over processes in place and return it; every process gets identical values."""
 
@@ -157,6 +176,21 @@ class PieceShards:
 
     def row_block(self, n_rows: int) -> tuple[int, int]:
         return fsdp_row_range(n_rows, self.world_size, self.rank)
+
+    def row_piece(self, p: torch.Tensor) -> tuple[int, int] | None:
+        return (0, p.shape[0]) if not self._replicas(p) else None  # the one-process layout: every row
+
+    @torch.no_grad()
+    def write_columns(self, p: torch.Tensor, col: int, values: torch.Tensor) -> None:
+        rows = self.row_piece(p)
+        if rows is None:
+            raise NotImplementedError("write_columns needs pieces of whole rows (FSDP2, one process), "
+                                      "not pieces that split rows")
+        first, end = rows
+        n_cols, n = p.shape[1], values.shape[1]
+        for piece in self._copies(p):
+            block = piece[: (end - first) * n_cols].view(end - first, n_cols)
+            block[:, col : col + n].copy_(values[first:end])
 
     @torch.no_grad()
     def add_product(self, p: torch.Tensor, U: torch.Tensor, V: torch.Tensor, alpha: float = 1.0) -> None:

@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from lrx.methods import register_method
-from lrx.methods.base import EditingConfig, Method, Shards, WeightAccess
+from lrx.methods.base import EditingConfig, Method, Shards, WeightAccess, log_rows
 from lrx.methods.layer import AdaptedLinear
 from lrx.methods.pissa import principal_init
 from lrx.methods.srlora.event import fuse_and_load, gather_factors, swap_slots
@@ -168,18 +168,21 @@ class SRLoRA(Method):
         cfg = self.config
         return 2 * cfg.r_target - cfg.r  # PiSSA init + 2 r' per event
 
-    def state_bytes(self, layer: AdaptedLinear, world_size: int = 1, log_bytes: int = 4) -> int:
+    def state_bytes(self, layer: AdaptedLinear, world_size: int = 1, log_bytes: int = 4, log_shards: int = 1) -> int:
         """The most SRLoRA holds for one layer between events, per process: the pool (U on own
         rows; S, V whole), the statistics (sharded; freed after the last event) and the edit
-        log (replicated, ``log_bytes`` per value), after event k = 0 .. N. An estimate: the
-        copies an event makes while it runs are not counted."""
+        log (``log_bytes`` per value: replicated and growing by 2 r' per event, or with its rows
+        split over ``log_shards`` > 1 processes at its full rank from the start, ``place_log``),
+        after event k = 0 .. N. An estimate: the copies an event makes while it runs are not
+        counted."""
         cfg = self.config
         out_f, in_f = layer.out_features, layer.in_features
         most = 0
         for k in range(cfg.n_events + 1):
             pool = Pool.bytes_after(cfg.r_target - cfg.r - k * cfg.swap, out_f, in_f, world_size)
             stats = self.importance.bytes(out_f, in_f, world_size) if k < cfg.n_events else 0
-            edit_log = log_bytes * (cfg.r + 2 * k * cfg.swap) * (out_f + in_f)
+            rank = self.edit_rank_bound() if log_shards > 1 else cfg.r + 2 * k * cfg.swap
+            edit_log = log_bytes * rank * log_rows(layer, log_shards)
             most = max(most, pool + stats + edit_log)
         return most
 

@@ -3,8 +3,10 @@
 The r' lowest-scoring pairs of each layer are fused into the base (an edit) and the next r'
 pool directions are loaded into the freed slots PiSSA-style and subtracted from the base (the
 same edit), so the model's output does not change. Only adapter-sized factors cross
-processes (one all-reduce for all groups); each process then edits its own piece of the base
-(or appends the same factors to the replicated edit log) and writes its pieces of A and B.
+processes (one all-reduce for all groups: under FSDP2, whose edit logs are row-sharded, only
+the fused rows of A, as every process has its own rows of B, of the pool's U and of the log);
+each process then edits its own piece of the base (or writes its rows of the edit log, or
+appends the same factors to a replicated one) and writes its pieces of A and B.
 """
 
 from __future__ import annotations
@@ -15,11 +17,23 @@ from lrx.methods.srlora.importance import pair_shape, stacked_rows
 from lrx.sharding import flat_range_of_product
 
 
+def rows_stay_local(group: list, pool_rows: tuple[int, int], shards) -> bool:
+    """Whether every process can apply a group's event from its own rows of U alone: its piece
+    of each B, its rows of the pool's U and of each (row-sharded) edit log are one block of
+    rows (FSDP2), and the verbs read nothing else (``Shards.row_piece``)."""
+    own = shards.row_piece(group[0].lora_B)
+    return own == pool_rows and all(
+        shards.row_piece(g.lora_B) == own and shards.row_piece(g.edit_U) == own for g in group)
+
+
 def gather_factors(groups: list[list[str]], layers: dict, chosen: dict[str, torch.Tensor], pool, shards,
                    r: int, swap: int) -> list[dict]:
-    """Per group, the whole fused pairs ``B_old`` (G x out x swap), ``A_old`` (G x swap x in)
-    and the loaded directions' U rows ``U_new``, assembled on every process from the local
-    pieces by one all-reduce for all groups (x + 0 == x)."""
+    """Per group, the fused pairs ``B_old`` (G x out x swap), ``A_old`` (G x swap x in) and the
+    loaded directions' U rows ``U_new``, assembled on every process from the local pieces by
+    one all-reduce for all groups (x + 0 == x). Where the rows of U stay local
+    (``rows_stay_local``: FSDP2 with row-sharded edit logs, or one process) ``B_old`` and
+    ``U_new`` keep this process's rows only, zeros elsewhere, and only ``A_old`` crosses
+    processes."""
     out, parts = [], []
     for names in groups:
         group = [layers[n] for n in names]
@@ -38,12 +52,14 @@ def gather_factors(groups: list[list[str]], layers: dict, chosen: dict[str, torc
         U_new = U.new_zeros(G, out_f, swap)
         first = pool.first[names[0]]
         U_new[:, first : first + U.shape[1]] = U
-        out.append({"names": names, "idx": idx, "B_old": B_old, "A_old": A_old, "U_new": U_new, "S": S, "V": V})
-        parts += [B_old.reshape(-1), A_old.reshape(-1), U_new.reshape(-1)]
+        factors = {"B_old": B_old, "A_old": A_old, "U_new": U_new}
+        summed = ("A_old",) if rows_stay_local(group, (first, first + U.shape[1]), shards) else tuple(factors)
+        out.append({"names": names, "idx": idx, **factors, "S": S, "V": V, "summed": summed})
+        parts += [factors[key].reshape(-1) for key in summed]
     flat = shards.all_reduce(torch.cat(parts))
     offset = 0
     for group in out:
-        for key in ("B_old", "A_old", "U_new"):
+        for key in group.pop("summed"):
             t = group[key]
             group[key] = flat[offset : offset + t.numel()].view(t.shape)
             offset += t.numel()

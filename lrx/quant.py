@@ -1,0 +1,250 @@
+"""Quantized frozen bases: bitsandbytes nf4, fp4 and int8 weights that every backend can shard.
+
+``model.quantize`` replaces every frozen linear layer of the base (output heads excepted) by a
+``QuantizedLinear`` while the model is built, one layer at a time where its weight is whole
+(the whole model on one process, one block while FSDP2 streams it, one gathered weight under
+ZeRO-3), so no process holds a whole full-precision model after loading it.
+
+Why not ``bnb.nn.Linear4bit``: its ``Params4bit`` keeps the quantization state as attributes
+of the parameter object, which FSDP2 replaces by a DTensor (the state is lost: accelerate
+#3983, axolotl #2992), and on CPUs with AVX512-BF16 its eval forward repacks the weight into
+a layout ``dequantize_4bit`` no longer reads. Here the packed codes are a plain frozen integer
+parameter (FSDP2 and ZeRO-3 shard it and all-gather it bit-exactly: neither casts integer
+tensors to the compute dtype) and the quantization state (absmax, code books, nested
+statistics) are buffers, which neither backend shards or casts: every process keeps what it
+needs to dequantize. The arithmetic is bitsandbytes': ``quantize_4bit`` / ``dequantize_4bit``
+(blocks of 64, the storage of ``load_in_4bit``) and ``int8_vectorwise_quant`` (one absmax per
+row, the storage of ``load_in_8bit``). The forward dequantizes into the compute dtype and
+multiplies; backward dequantizes again rather than keeping the weight (QLoRA's memory).
+int8 is weight-only here: activations are not quantized (no LLM.int8 outlier matmul).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from lrx.errors import ConfigError
+
+QUANT_TYPES = ("none", "nf4", "fp4", "int8")
+BLOCKSIZE = 64  # bitsandbytes' and transformers' default for 4-bit
+
+
+def bitsandbytes(device: torch.device | str | None = None):
+    """The bitsandbytes module, or a one-line ConfigError naming the fix.
+
+    Raises:
+        ConfigError: bitsandbytes is missing, or has no backend for ``device``.
+    """
+    try:
+        import bitsandbytes as bnb
+        import bitsandbytes.functional  # noqa: F401
+    except ImportError as e:
+        raise ConfigError(f"model.quantize needs bitsandbytes >= 0.45 ({e}); pip install 'bitsandbytes>=0.45', "
+                          "or set model.quantize=none") from None
+    version = tuple(int(p) for p in bnb.__version__.split(".")[:2] if p.isdigit())
+    if version < (0, 45):
+        raise ConfigError(f"model.quantize needs bitsandbytes >= 0.45 (its CPU and multi-backend support); "
+                          f"{bnb.__version__} is installed: pip install -U 'bitsandbytes>=0.45'")
+    if device is not None and torch.device(device).type not in ("cpu", "cuda", "xpu"):
+        raise ConfigError(f"bitsandbytes has no backend for {device}; train on cpu or cuda, or set model.quantize=none")
+    return bnb
+
+
+@dataclass(frozen=True)
+class QuantSettings:
+    """How the base is quantized: ``kind`` (nf4, fp4, int8), nested 4-bit statistics
+    (``double_quant``, QLoRA's double quantization) and the 4-bit block size."""
+
+    kind: str
+    double_quant: bool = True
+    blocksize: int = BLOCKSIZE
+
+    def to_dict(self) -> dict:
+        return {"kind": self.kind, "double_quant": self.double_quant, "blocksize": self.blocksize}
+
+    @classmethod
+    def from_dict(cls, values: dict) -> QuantSettings:
+        return cls(str(values["kind"]), bool(values.get("double_quant", True)), int(values.get("blocksize", BLOCKSIZE)))
+
+    def code_bytes(self, out_features: int, in_features: int) -> int:
+        """Bytes of one quantized weight's codes (a parameter: sharded)."""
+        n = out_features * in_features
+        return n if self.kind == "int8" else math.ceil(n / 2)
+
+    def stat_bytes(self, out_features: int, in_features: int) -> int:
+        """Bytes of one quantized weight's statistics (buffers: whole on every process)."""
+        if self.kind == "int8":
+            return 4 * out_features
+        blocks = math.ceil(out_features * in_features / self.blocksize)
+        return blocks + 4 * math.ceil(blocks / 256) if self.double_quant else 4 * blocks
+
+
+class _Dequantized(torch.autograd.Function):
+    """``x @ W.t() + bias`` with W dequantized in forward and again in backward (never kept)."""
+
+    @staticmethod
+    def forward(ctx, x, module, dtype, *tensors):
+        ctx.module, ctx.dtype = module, dtype
+        ctx.save_for_backward(*tensors)
+        weight = module.dequantize(dtype, tensors)
+        bias = module.bias.to(dtype) if module.bias is not None else None
+        return torch.nn.functional.linear(x.to(dtype), weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad):
+        tensors = ctx.saved_tensors  # unpacked once (activation checkpointing allows no more)
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            grad_x = grad.to(ctx.dtype) @ ctx.module.dequantize(ctx.dtype, tensors)
+        return (grad_x, None, None, *([None] * len(tensors)))
+
+
+class QuantizedLinear(nn.Module):
+    """A frozen linear layer stored quantized (see the module doc); ``forward`` computes in the
+    autocast dtype when autocast is on, else in the input's dtype.
+
+    Made with ``QuantizedLinear.of(linear, weight, settings)``; ``dequantize()`` gives the fp32
+    weight it computes with.
+    """
+
+    quantized = True
+
+    def __init__(self, in_features: int, out_features: int, settings: QuantSettings, codes: torch.Tensor,
+                 state: dict[str, torch.Tensor], bias: torch.Tensor | None):
+        super().__init__()
+        self.in_features, self.out_features, self.settings = in_features, out_features, settings
+        self.weight = nn.Parameter(codes, requires_grad=False)
+        self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
+        self._state_keys = list(state)
+        self._qs: tuple | None = None  # (tensors, bitsandbytes QuantState) built from the buffers once
+        for key, value in state.items():
+            self.register_buffer(_buffer_name(key), value)
+
+    @classmethod
+    @torch.no_grad()
+    def of(cls, linear: nn.Module, weight: torch.Tensor, settings: QuantSettings,
+           device: torch.device | None = None) -> QuantizedLinear:
+        """Quantize ``weight`` (the full-precision matrix ``linear`` computes with, out x in) on
+        ``device`` (default: the weight's) into a layer that replaces ``linear``."""
+        bnb = bitsandbytes(device or weight.device)
+        w = weight.detach().to(device or weight.device).float().contiguous()
+        if settings.kind == "int8":
+            # As Int8Params quantizes for load_in_8bit: row-wise absmax of the fp16 weight.
+            codes, scale, _ = bnb.functional.int8_vectorwise_quant(w.half())
+            state = {"SCB": scale.float()}
+        elif settings.kind in ("nf4", "fp4"):
+            codes, qs = bnb.functional.quantize_4bit(w, blocksize=settings.blocksize, quant_type=settings.kind,
+                                                     compress_statistics=settings.double_quant,
+                                                     quant_storage=torch.uint8)
+            state = dict(qs.as_dict(packed=True))
+        else:
+            raise ConfigError(f"model.quantize={settings.kind!r} is not a quantization; use one of {', '.join(QUANT_TYPES)}")
+        bias = getattr(linear, "bias", None)
+        bias = None if bias is None else bias.detach().to(w.device)
+        return cls(w.shape[1], w.shape[0], settings, codes, state, bias)
+
+    def state_tensors(self) -> tuple[torch.Tensor, ...]:
+        """The codes and the statistics, in a fixed order (what ``dequantize`` reads)."""
+        return (self.weight, *(getattr(self, _buffer_name(k)) for k in self._state_keys))
+
+    def dequantize(self, dtype: torch.dtype = torch.float32, tensors: tuple[torch.Tensor, ...] | None = None) -> torch.Tensor:
+        """The weight (out x in) in ``dtype``, as the forward computes with it."""
+        codes, *state = tensors if tensors is not None else self.state_tensors()
+        if self.settings.kind == "int8":
+            (scale,) = state
+            return (codes.float() * (scale.float() / 127.0)[:, None]).to(dtype)
+        import bitsandbytes.functional as bf
+
+        if self._qs is None or any(a is not b for a, b in zip(self._qs[0], state)):
+            self._qs = (tuple(state), bf.QuantState.from_dict(dict(zip(self._state_keys, state)), device=codes.device))
+        return bf.dequantize_4bit(codes, self._qs[1]).to(dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        device = x.device.type
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+        with torch.autocast(device, enabled=False):
+            return _Dequantized.apply(x, self, dtype, *self.state_tensors())
+
+    def extra_repr(self) -> str:
+        dq = ", double_quant" if self.settings.double_quant and self.settings.kind != "int8" else ""
+        return f"in={self.in_features}, out={self.out_features}, {self.settings.kind}{dq}"
+
+
+def _buffer_name(key: str) -> str:
+    return "q_" + key.replace(".", "_")
+
+
+def is_quantized(module: nn.Module) -> bool:
+    return isinstance(module, QuantizedLinear)
+
+
+def base_weight(module: nn.Module) -> torch.Tensor:
+    """The fp32 weight a (possibly quantized) linear computes with."""
+    return module.dequantize() if isinstance(module, QuantizedLinear) else module.weight.detach().float()
+
+
+def quantized_linears(model: nn.Module, skip: list[str]) -> dict[int, str]:
+    """The linear layers ``model.quantize`` stores quantized, by ``id``: every ``nn.Linear``
+    (adapted layers' bases included) except the output heads and the modules in ``skip``
+    (trained in full: ``modules_to_save``), as QLoRA quantizes."""
+    from lrx.methods.base import OUTPUT_HEADS
+
+    def kept(name: str) -> bool:
+        name = name.removesuffix(".base")
+        return any(name == h or name.endswith("." + h) for h in OUTPUT_HEADS) or any(
+            name == m or name.startswith(m + ".") for m in skip)
+
+    return {id(m): n for n, m in model.named_modules() if type(m) is nn.Linear and not kept(n)}
+
+
+class Quantizer:
+    """Quantizes the linears of one model as a backend makes their weights whole.
+
+    Args:
+        settings: the quantization.
+        device: where quantized layers are made (the training device: quantizing an 8B model
+            on a CPU takes minutes).
+    """
+
+    def __init__(self, settings: QuantSettings, device: torch.device | None = None):
+        self.settings, self.device = settings, device
+        self.targets: dict[int, str] = {}
+
+    def plan(self, model: nn.Module, skip: list[str]) -> None:
+        """Choose the layers to quantize (``quantized_linears``) of the wrapped model."""
+        self.targets = quantized_linears(model, skip)
+
+    def __call__(self, linear: nn.Module, weight: torch.Tensor) -> QuantizedLinear:
+        device = self.device if self.device is not None and weight.device.type != "meta" else weight.device
+        return QuantizedLinear.of(linear, weight, self.settings, device)
+
+    def apply(self, root: nn.Module, gathered=None) -> int:
+        """Quantize the planned layers under ``root`` not quantized yet: an adapted layer through
+        its ``quantize_base`` (its base plus the edits of its init), a plain linear replaced.
+        ``gathered(module)``: a context in which the module's weight is whole (ZeRO-3).
+
+        Returns:
+            The number of layers quantized.
+        """
+        done = 0
+        for parent in list(root.modules()):
+            for child, module in list(parent.named_children()):
+                if id(module) not in self.targets or type(module) is not nn.Linear:
+                    continue
+                with gathered(parent if hasattr(parent, "quantize_base") else module) if gathered else _nothing():
+                    if hasattr(parent, "quantize_base"):  # the base of an adapted layer
+                        parent.quantize_base(self)
+                    else:
+                        setattr(parent, child, self(module, module.weight))
+                done += 1
+        return done
+
+
+def _nothing():
+    import contextlib
+
+    return contextlib.nullcontext()
