@@ -79,9 +79,9 @@ def args(data, out, *extra):
 
 
 def records(run_dir, split):
-    """The run's logged records of ``split``, without the throughput (which is timing)."""
+    """The run's logged records of ``split``, without the throughput and step time (which are timing)."""
     lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return [{k: v for k, v in r.items() if k not in ("split", "tokens_per_s")} for r in lines if r["split"] == split]
+    return [{k: v for k, v in r.items() if k not in ("split", "tokens_per_s", "step_s")} for r in lines if r["split"] == split]
 
 
 def test_an_unknown_plateau_metric_lists_the_choices(tmp_path, capsys):
