@@ -109,18 +109,21 @@ def test_zero3_with_deepspeeds_fused_adam_matches_one_gpu_and_resumes_exactly(tm
     assert_same_adapter(adapter(tmp_path / "run"), adapter(tmp_path / "full"), atol=1e-6)
 
 
-@pytest.mark.parametrize("kind", ["nf4", "int8"])
-def test_quantized_linear_on_gpu_matches_its_cpu_codes_and_dequantized_weight(kind):
+@pytest.mark.parametrize("kind,double_quant,tol", [("nf4", True, 1e-4), ("nf4", False, 0.0), ("int8", False, 0.0)])
+def test_quantized_linear_on_gpu_matches_its_cpu_codes_and_dequantized_weight(kind, double_quant, tol):
     """bitsandbytes' CUDA kernels quantize to the same codes as its CPU backend (what a CPU
-    export dequantizes), and the bf16 autocast forward and backward compute with that weight."""
+    export dequantizes), and the bf16 autocast forward and backward compute with that weight.
+    With double quantization the nested block scales differ a little between the backends
+    (measured on an H200: 2.3e-5 of the weight's norm); without it, and for int8, nothing."""
     from lrx.quant import QuantizedLinear, QuantSettings
 
     torch.manual_seed(0)
     linear = nn.Linear(256, 128)
-    cpu = QuantizedLinear.of(linear, linear.weight, QuantSettings(kind))
-    gpu = QuantizedLinear.of(linear, linear.weight, QuantSettings(kind), device=torch.device("cuda"))
+    cpu = QuantizedLinear.of(linear, linear.weight, QuantSettings(kind, double_quant))
+    gpu = QuantizedLinear.of(linear, linear.weight, QuantSettings(kind, double_quant), device=torch.device("cuda"))
     assert torch.equal(gpu.weight.cpu(), cpu.weight)
-    assert torch.allclose(gpu.dequantize().cpu(), cpu.dequantize(), rtol=0, atol=1e-6)
+    W = cpu.dequantize()
+    assert ((gpu.dequantize().cpu() - W).norm() / W.norm()).item() <= tol
     x = torch.randn(4, 256, device="cuda", requires_grad=True)
     with torch.autocast("cuda", dtype=torch.bfloat16):
         y = gpu(x)
