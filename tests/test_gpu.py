@@ -32,15 +32,21 @@ def test_adapted_linear_under_bf16_autocast():
     assert layer.lora_A.grad is not None and layer.lora_A.grad.dtype == torch.float32
 
 
-@pytest.mark.parametrize("method", ["lora", "pissa", "srlora"])
-def test_bf16_training_run_on_gpu(tmp_path, capsys, method):
+@pytest.mark.parametrize("method,quantize", [("lora", "none"), ("pissa", "none"), ("srlora", "none"),
+                                             ("lora", "nf4"), ("srlora", "nf4")])
+def test_bf16_training_run_on_gpu(tmp_path, capsys, method, quantize):
+    """bf16 training on a bf16 base, or on an nf4 base (QLoRA) kept fp32 elsewhere."""
     out = tmp_path / "run"
+    dtype = "bfloat16" if quantize == "none" else "float32"
     code = main(["--method", method, *TINY_LM, "train.max_steps=10", "train.device=cuda", "train.bf16=true",
-                 "model.dtype=bfloat16", "method.r=4", "method.r_target=8" if method == "srlora" else "method.r=4",
-                 f"logging.output_dir={out}"])
+                 f"model.dtype={dtype}", f"model.quantize={quantize}", "method.r=4",
+                 "method.r_target=8" if method == "srlora" else "method.r=4", f"logging.output_dir={out}"])
     assert code == 0, capsys.readouterr().err
     summary = json.loads((out / "summary.json").read_text())
     assert summary["eval"]["eval_loss"] < summary["eval_history"][0]["eval_loss"]
+    if method == "srlora" and quantize != "none":
+        events = [json.loads(x) for x in (out / "method_events.jsonl").read_text().splitlines()]
+        assert events and max(e["fusion_error"] for e in events) == 0.0  # kept exactly in the log
 
 
 def test_srlora_fidelity_on_gpu_bf16_base():
@@ -132,17 +138,3 @@ def test_quantized_linear_on_gpu_matches_its_cpu_codes_and_dequantized_weight(ki
     assert ((y.double() - ref).norm() / ref.norm()).item() < 2e-2
     y.float().sum().backward()
     assert x.grad is not None and torch.isfinite(x.grad).all()
-
-
-@pytest.mark.parametrize("method", ["lora", "srlora"])
-def test_qlora_training_run_on_gpu(tmp_path, capsys, method):
-    out = tmp_path / "run"
-    code = main(["--method", method, *TINY_LM, "train.max_steps=10", "train.device=cuda", "train.bf16=true",
-                 "model.quantize=nf4", "method.r=4", "method.r_target=8" if method == "srlora" else "method.r=4",
-                 f"logging.output_dir={out}"])
-    assert code == 0, capsys.readouterr().err
-    summary = json.loads((out / "summary.json").read_text())
-    assert summary["eval"]["eval_loss"] < summary["eval_history"][0]["eval_loss"]
-    if method == "srlora":
-        events = [json.loads(x) for x in (out / "method_events.jsonl").read_text().splitlines()]
-        assert events and max(e["fusion_error"] for e in events) == 0.0  # kept exactly in the log
