@@ -6,7 +6,8 @@
 Trains an 8B Llama-3-shaped model (random init, built directly on the GPU; seq 2048,
 micro-batch 2, r=16 on all linear layers) for each ``--runs`` entry, ``METHOD:STORAGE:CKPT``:
 METHOD lora or srlora, STORAGE the base weights' dtype (bf16: SRLoRA's edits go to the exact
-fp32 log; fp32: folded into fp32 shards, with bf16 compute through FSDP2's mixed precision),
+fp32 log; fp32: folded into fp32 shards, with bf16 compute through FSDP2's mixed precision;
+nf4 / int8: the bf16 base quantized as ``model.quantize`` does while it is built, QLoRA),
 CKPT ``ckpt`` (activation checkpointing) or ``nockpt``. SRLoRA runs its whole schedule of
 recomposition events (4 with the defaults), one training step after each, between the warm-up
 and the timed steps, so its timed steps run with the full edit log (bf16 storage) and its peak
@@ -52,6 +53,7 @@ from lrx.config import load_config  # noqa: E402
 from lrx.distributed import ModelSpec, build_backend  # noqa: E402
 from lrx.methods import adapted_layers, build_method  # noqa: E402
 from lrx.methods.layer import LOG_PRODUCTS  # noqa: E402
+from lrx.quant import Quantizer, QuantSettings  # noqa: E402
 
 REFERENCES = {  # docs/ARCHITECTURE.md: peft LoRA r=16 on 2x H200, tokens/s per GPU
     ("fsdp2", "ckpt"): 7107, ("fsdp2", "nockpt"): 9953, ("zero3", "ckpt"): 1996, ("zero3", "nockpt"): 2566,
@@ -114,7 +116,8 @@ def time_column(backend) -> str:
 
 def one_run(args, backend, spec: str) -> dict:
     method_name, storage, ckpt = spec.split(":")
-    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[storage]
+    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32, "nf4": torch.bfloat16, "int8": torch.bfloat16}[storage]
+    quantizer = Quantizer(QuantSettings(storage), backend.device) if storage in ("nf4", "int8") else None
     cfg = model_config(args.model_config)
     if backend.device.type == "cuda":
         torch.cuda.empty_cache()
@@ -143,10 +146,10 @@ def one_run(args, backend, spec: str) -> dict:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
 
-    spec = ModelSpec(construct, reader=fill, source="seeded random weights", dtype=dtype, before_sharding=before_sharding)
+    model_spec = ModelSpec(construct, reader=fill, source="seeded random weights", dtype=dtype, before_sharding=before_sharding)
     sync(backend)
     t0 = time.perf_counter()
-    model = backend.build(spec, Adapters(method, seed=0))  # construct, adapter init (block by block), shard
+    model = backend.build(model_spec, Adapters(method, seed=0, quantizer=quantizer))  # construct, init (block by block), shard
     sync(backend)
     init_s = time.perf_counter() - t0
     names = list(method.layers)
