@@ -44,7 +44,7 @@ from lrx.errors import LrxError
 from lrx.fileio import WeightFiles, read_safetensors, recorded_path
 from lrx.methods import adapted_layers, get_method_class
 from lrx.models import SHORT_NAMES, TINY_NAMES, load_model, load_tokenizer
-from lrx.quant import QuantizedLinear, Quantizer, QuantSettings, is_quantized
+from lrx.quant import QuantizedLinear, Quantizer, QuantSettings
 from lrx.rundir import PEFT_ENTRIES, check_output_dir, write_marker
 
 log = logging.getLogger(__name__)
@@ -68,7 +68,7 @@ def merge_into_linears(model: nn.Module) -> int:
         setattr(model.get_submodule(parent) if parent else model, child, base)
     for parent in list(model.modules()):
         for child, module in list(parent.named_children()):
-            if is_quantized(module):
+            if isinstance(module, QuantizedLinear):
                 linear = plain_linear(module)
                 linear.weight.copy_(module.dequantize())
                 setattr(parent, child, linear)
@@ -274,7 +274,7 @@ def stream_merged(adapter_dir: Path, config: dict, files: list[Path], out: Path,
                     bias = f"{adapted[key]}.bias"
                     value = merged_weight(adapted[key], value, base.get(bias) if bias in base else None)
                 elif key in quantized:  # a frozen linear the run kept quantized: its dequantized weight
-                    value = QuantizedLinear.of(nn.Linear(1, 1, bias=False), value.to(dtype_in), quantizer.settings).dequantize()
+                    value = QuantizedLinear.of(value.to(dtype_in), quantizer.settings).dequantize()
             tensors[key] = value.to(dt if value.is_floating_point() else value.dtype).contiguous()
         save_file(tensors, str(out / shard), metadata={"format": "pt"})
         del tensors

@@ -21,6 +21,7 @@ int8 is weight-only here: activations are not quantized (no LLM.int8 outlier mat
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 
@@ -107,7 +108,7 @@ class QuantizedLinear(nn.Module):
     """A frozen linear layer stored quantized (see the module doc); ``forward`` computes in the
     autocast dtype when autocast is on, else in the input's dtype.
 
-    Made with ``QuantizedLinear.of(linear, weight, settings)``; ``dequantize()`` gives the fp32
+    Made with ``QuantizedLinear.of(weight, settings, bias)``; ``dequantize()`` gives the fp32
     weight it computes with.
     """
 
@@ -126,10 +127,10 @@ class QuantizedLinear(nn.Module):
 
     @classmethod
     @torch.no_grad()
-    def of(cls, linear: nn.Module, weight: torch.Tensor, settings: QuantSettings,
+    def of(cls, weight: torch.Tensor, settings: QuantSettings, bias: torch.Tensor | None = None,
            device: torch.device | None = None) -> QuantizedLinear:
-        """Quantize ``weight`` (the full-precision matrix ``linear`` computes with, out x in) on
-        ``device`` (default: the weight's) into a layer that replaces ``linear``."""
+        """Quantize ``weight`` (a full-precision matrix, out x in) on ``device`` (default: the
+        weight's) into a layer computing ``x @ W.t() + bias``."""
         bnb = bitsandbytes(device or weight.device)
         w = weight.detach().to(device or weight.device).float().contiguous()
         if settings.kind == "int8":
@@ -143,7 +144,6 @@ class QuantizedLinear(nn.Module):
             state = dict(qs.as_dict(packed=True))
         else:
             raise ConfigError(f"model.quantize={settings.kind!r} is not a quantization; use one of {', '.join(QUANT_TYPES)}")
-        bias = getattr(linear, "bias", None)
         bias = None if bias is None else bias.detach().to(w.device)
         return cls(w.shape[1], w.shape[0], settings, codes, state, bias)
 
@@ -176,15 +176,6 @@ class QuantizedLinear(nn.Module):
 
 def _buffer_name(key: str) -> str:
     return "q_" + key.replace(".", "_")
-
-
-def is_quantized(module: nn.Module) -> bool:
-    return isinstance(module, QuantizedLinear)
-
-
-def base_weight(module: nn.Module) -> torch.Tensor:
-    """The fp32 weight a (possibly quantized) linear computes with."""
-    return module.dequantize() if isinstance(module, QuantizedLinear) else module.weight.detach().float()
 
 
 def quantized_linears(model: nn.Module, skip: list[str]) -> dict[int, str]:
@@ -220,9 +211,9 @@ class Quantizer:
 
     def __call__(self, linear: nn.Module, weight: torch.Tensor) -> QuantizedLinear:
         device = self.device if self.device is not None and weight.device.type != "meta" else weight.device
-        return QuantizedLinear.of(linear, weight, self.settings, device)
+        return QuantizedLinear.of(weight, self.settings, linear.bias, device)
 
-    def apply(self, root: nn.Module, gathered=None) -> int:
+    def apply(self, root: nn.Module, gathered=lambda module: contextlib.nullcontext()) -> int:
         """Quantize the planned layers under ``root`` not quantized yet: an adapted layer through
         its ``quantize_base`` (its base plus the edits of its init), a plain linear replaced.
         ``gathered(module)``: a context in which the module's weight is whole (ZeRO-3).
@@ -235,16 +226,11 @@ class Quantizer:
             for child, module in list(parent.named_children()):
                 if id(module) not in self.targets or type(module) is not nn.Linear:
                     continue
-                with gathered(parent if hasattr(parent, "quantize_base") else module) if gathered else _nothing():
-                    if hasattr(parent, "quantize_base"):  # the base of an adapted layer
+                adapted = hasattr(parent, "quantize_base")  # the base of an adapted layer
+                with gathered(parent if adapted else module):
+                    if adapted:
                         parent.quantize_base(self)
                     else:
                         setattr(parent, child, self(module, module.weight))
                 done += 1
         return done
-
-
-def _nothing():
-    import contextlib
-
-    return contextlib.nullcontext()

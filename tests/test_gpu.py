@@ -125,8 +125,8 @@ def test_quantized_linear_on_gpu_matches_its_cpu_codes_and_dequantized_weight(ki
 
     torch.manual_seed(0)
     linear = nn.Linear(256, 128)
-    cpu = QuantizedLinear.of(linear, linear.weight, QuantSettings(kind, double_quant))
-    gpu = QuantizedLinear.of(linear, linear.weight, QuantSettings(kind, double_quant), device=torch.device("cuda"))
+    cpu = QuantizedLinear.of(linear.weight, QuantSettings(kind, double_quant), linear.bias)
+    gpu = QuantizedLinear.of(linear.weight, QuantSettings(kind, double_quant), linear.bias, device=torch.device("cuda"))
     assert torch.equal(gpu.weight.cpu(), cpu.weight)
     W = cpu.dequantize()
     assert ((gpu.dequantize().cpu() - W).norm() / W.norm()).item() <= tol

@@ -376,17 +376,23 @@ class AdaptedLinear(nn.Module):
         sizes = [int(k) for k in sizes.tolist()]
         if sum(sizes) != U.shape[1]:
             raise ValueError(f"edit log sizes sum to {sum(sizes)} but the factors have rank {U.shape[1]}")
-        start, cut = 0, len(sizes)
+        cut = len(sizes)
         if baked is not None:
             ends = [sum(sizes[: i + 1]) for i in range(len(sizes))]
             if baked and baked not in ends:
                 raise ValueError(f"edit log: {baked} baked columns do not end a recorded edit (sizes {sizes})")
             cut = ends.index(baked) + 1 if baked else 0
-        for k in sizes[:cut]:
-            self.add_edit(U[:, start : start + k], V[start : start + k])
-            start += k
+        start = self._replay(U, V, sizes[:cut])
         if cut < len(sizes):
             self._pending = (U[:, start:], V[start:], sizes[cut:])
+
+    def _replay(self, U: torch.Tensor, V: torch.Tensor, sizes: list[int]) -> int:
+        """``add_edit`` each recorded edit of ``U @ V`` in order; returns the columns replayed."""
+        start = 0
+        for k in sizes:
+            self.add_edit(U[:, start : start + k], V[start : start + k])
+            start += k
+        return start
 
     @torch.no_grad()
     def quantize_base(self, quantize) -> None:
@@ -407,10 +413,7 @@ class AdaptedLinear(nn.Module):
         self.baked, self.fold_edits = self.edit_rank, False
         if self._pending is not None:
             (U, V, sizes), self._pending = self._pending, None
-            start = 0
-            for k in sizes:
-                self.add_edit(U[:, start : start + k], V[start : start + k])
-                start += k
+            self._replay(U, V, sizes)
 
     def _fold(self, U: torch.Tensor, V: torch.Tensor, sign: float) -> None:
         if self.quantized:
