@@ -1,8 +1,6 @@
 """Run under torchrun by tests/test_distributed.py: are method buffers whole and identical on
 every rank after sharding (argv[3]: fsdp2 or zero3)? Rank 0 writes a JSON report to argv[2]."""
 
-import json
-import os
 import sys
 from pathlib import Path
 
@@ -15,6 +13,7 @@ from lrx.config import load_config  # noqa: E402
 from lrx.distributed import build_backend  # noqa: E402
 from lrx.methods import adapted_layers, build_method  # noqa: E402
 from tests.conftest import tiny_model  # noqa: E402
+from tests.dist_common import finish, run  # noqa: E402
 
 
 def main() -> None:
@@ -42,15 +41,8 @@ def main() -> None:
         report[f"{name}.alpha_A.type"] = (
             "partitioned" if hasattr(alpha, "ds_tensor") and alpha.numel() == 0 else type(alpha).__name__
         )
-    if backend.is_main:
-        Path(out).write_text(json.dumps(report))
-    backend.close()
+    finish(backend, out, report)
 
 
 if __name__ == "__main__":
-    main()
-    # Everything is done and written: skip interpreter finalization, where gloo's threads can
-    # still abort a CPU process ("terminate called without an active exception", SIGABRT).
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    run(main)

@@ -6,8 +6,6 @@ holds its log as row parameters too (one shard). Rank 0 writes both runs' losses
 edit logs' checksums to argv[1]; argv[2] ``cpu`` runs it on CPUs (gloo, no mixed precision).
 """
 
-import json
-import os
 import sys
 from pathlib import Path
 
@@ -20,6 +18,7 @@ from lrx.config import load_config  # noqa: E402
 from lrx.distributed import build_backend  # noqa: E402
 from lrx.methods import adapted_layers, build_method  # noqa: E402
 from tests.conftest import tiny_model  # noqa: E402
+from tests.dist_common import finish, run  # noqa: E402
 
 STEPS, GLOBAL_BATCH, SEQ = 12, 4, 32
 
@@ -64,13 +63,8 @@ def train(backend, rows: bool) -> dict:
 def main() -> None:
     backend = build_backend("fsdp2", sys.argv[2] if len(sys.argv) > 2 else "cuda")
     report = {"world_size": backend.world_size, "replicated": train(backend, False), "rows": train(backend, True)}
-    if backend.is_main:
-        Path(sys.argv[1]).write_text(json.dumps(report))
-    backend.close()
+    finish(backend, sys.argv[1], report)
 
 
 if __name__ == "__main__":
-    main()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    run(main)

@@ -12,8 +12,6 @@ the function) and how many numbers it all-reduced; and per rank the bytes of edi
 holds (FSDP2: its rows only).
 """
 
-import json
-import os
 import sys
 from pathlib import Path
 
@@ -27,6 +25,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig  # noqa: E402
 from lrx.config import load_config  # noqa: E402
 from lrx.distributed import build_backend  # noqa: E402
 from lrx.methods import adapted_layers, build_method  # noqa: E402
+from tests.dist_common import finish, run  # noqa: E402
 
 STEPS, GLOBAL_BATCH, SEQ = 10, 4, 16
 
@@ -145,15 +144,8 @@ def main() -> None:
         report["codes_share"] = local / sum(c.ds_numel if hasattr(c, "ds_numel") else c.numel() for c in codes)
     report["world_size"] = world
     report["mesh"] = list(backend.mesh.shape) if hasattr(backend, "mesh") else None
-    if backend.is_main:
-        Path(out).write_text(json.dumps(report))
-    backend.close()
+    finish(backend, out, report)
 
 
 if __name__ == "__main__":
-    main()
-    # Everything is done and written: skip interpreter finalization, where gloo's threads can
-    # still abort a CPU process ("terminate called without an active exception", SIGABRT).
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    run(main)

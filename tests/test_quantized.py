@@ -29,7 +29,7 @@ from lrx.quant import QuantizedLinear, Quantizer, QuantSettings, bitsandbytes
 from tests.conftest import REPO, tiny_model
 from tests.test_conformance import inputs, logits, method_overrides, perturb, rel
 from tests.test_distributed import launch, reference, srlora_report  # noqa: F401 (a fixture)
-from tests.test_srlora import batches, make_optimizer, train_steps
+from tests.test_srlora import train_checking_every_event
 from tools import bench_fusion
 
 KINDS = ("nf4", "int8")
@@ -183,22 +183,7 @@ def test_peft_export_of_qlora_loads_onto_the_base_users_load(tmp_path):
 def test_srlora_events_on_nf4_keep_the_output_and_never_touch_the_codes():
     _, model, method = quantized("srlora", "nf4", overrides=["method.r_target=12", "method.interval=3"])
     codes = {n: m.weight.clone() for n, m in model.named_modules() if isinstance(m, QuantizedLinear)}
-    optimizer = make_optimizer(method, model)
-    method.on_train_start(model, optimizer, total_steps=15)
-    probe = batches(1, seed=9)[0]
-    seen = []
-
-    def check(step, method, model, optimizer):
-        model.eval()
-        with torch.no_grad():
-            before = model(**probe).logits
-            assert method.after_optimizer_step(model, optimizer, step)
-            after = model(**probe).logits
-        assert rel(after, before) <= 1e-5
-        seen.append(step)
-
-    train_steps(method, model, optimizer, batches(15), on_event=check)
-    assert seen == [3, 6, 9, 12]
+    assert train_checking_every_event(method, model) == [3, 6, 9, 12]
     for name, module in model.named_modules():
         if isinstance(module, QuantizedLinear):
             assert torch.equal(module.weight, codes[name]), name
