@@ -96,8 +96,10 @@ def train_main(argv: list[str] | None = None, prog: str = "launch/train.py") -> 
     args = build_parser(prog).parse_intermixed_args(argv)  # overrides may come before or after flags
     try:
         from lrx.config import load_config
+        from lrx.distributed.torch_compat import check_torch
         from lrx.runner import run
 
+        check_torch()
         overrides = list(args.overrides) + (["logging.overwrite=true"] if args.overwrite else [])
         overrides += [f"train.resume={args.resume}"] if args.resume else []
         config = load_config(args.config, overrides, method=args.method)

@@ -28,7 +28,7 @@ from lrx.errors import ConfigError
 from lrx.fileio import WeightFiles
 from lrx.methods import adapted_layers, build_method, layer_counts
 from lrx.models import absolute_path, check_positions, load_model, load_tokenizer, resolve_task, safetensors_files
-from lrx.quant import Quantizer, QuantSettings, bitsandbytes
+from lrx.quant import QuantizedLinear, Quantizer, QuantSettings, bitsandbytes
 from lrx.rundir import check_run_dir, claim_run_dir
 from lrx.trainer import Trainer
 
@@ -72,10 +72,12 @@ def enable_activation_checkpointing(model: torch.nn.Module, name: str) -> None:
 
 
 def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
-    """Trainable and all parameters, without the frozen ones that hold row-sharded edit logs."""
+    """Trainable and all parameters, without the frozen ones that hold row-sharded edit logs;
+    a quantized layer counts its weights (out x in), not the bytes of its packed codes."""
     logs = {id(t) for _, layer in adapted_layers(model) for t in layer.edit_log_storage()}
+    weights = {id(m.weight): m.out_features * m.in_features for m in model.modules() if isinstance(m, QuantizedLinear)}
     params = [p for p in model.parameters() if id(p) not in logs]
-    return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
+    return sum(p.numel() for p in params if p.requires_grad), sum(weights.get(id(p), p.numel()) for p in params)
 
 
 @torch.no_grad()

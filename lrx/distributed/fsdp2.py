@@ -26,6 +26,7 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
 from lrx.distributed import LayerSetup, ModelSpec, MultiProcess, RowBlockWeights, TorchSteps, build_whole
+from lrx.distributed.torch_compat import allow_integer_parameters
 from lrx.errors import ConfigError
 from lrx.methods import PieceShards
 from lrx.sharding import fsdp_row_range
@@ -60,6 +61,7 @@ class FSDP2(TorchSteps, MultiProcess):
 
     def __init__(self, device: str = "auto", bf16: bool = True, replicate: int = 1):
         use_cuda = torch.cuda.is_available() if device == "auto" else device.startswith("cuda")
+        allow_integer_parameters()  # quantized bases' codes (torch 2.11: see torch_compat)
         if not dist.is_initialized():
             try:
                 dist.init_process_group("nccl" if use_cuda else "gloo")
