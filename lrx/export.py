@@ -249,6 +249,8 @@ def stream_merged(adapter_dir: Path, config: dict, files: list[Path], out: Path,
     quantized = quantized_keys(config, method, files[0].parent) if config.get("quantize") else set()
     quantizer = Quantizer(QuantSettings.from_dict(config["quantize"])) if quantized else None
     dtype_in = getattr(torch, config.get("model_dtype") or "float32")
+    # A quantized run's base as the run held it (``model.dtype``), as the whole-model path loads it.
+    held = dtype_in if quantized else None
 
     def merged_weight(module: str, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         if f"{module}.weight" in quantized:  # as training made it: W0 + init edits quantized, then the rest
@@ -270,6 +272,8 @@ def stream_merged(adapter_dir: Path, config: dict, files: list[Path], out: Path,
                 value = saved[key]
             else:
                 value = base.get(key)
+                if held is not None and value.is_floating_point():
+                    value = value.to(held)
                 if key in adapted:
                     bias = f"{adapted[key]}.bias"
                     value = merged_weight(adapted[key], value, base.get(bias) if bias in base else None)

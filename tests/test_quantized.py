@@ -143,6 +143,24 @@ def test_merged_export_is_the_trained_model_dequantized(method_name, tmp_path):
     assert rel(logits(whole, batch), logits(model, batch)) <= 1e-5
 
 
+def test_merged_export_of_a_bf16_run_from_an_fp32_folder_is_the_trained_model(tmp_path):
+    """A run with model.dtype=bfloat16 held the whole base in bf16 (embeddings and head too)
+    and quantized bf16 W0: the streamed export of an fp32 folder writes that model, not the
+    file's fp32 values beside it (which moved the logits by 2e-3 of their norm)."""
+    from transformers import AutoModelForCausalLM
+
+    fp32 = tiny_model("llama", vocab=30522)
+    fp32.save_pretrained(tmp_path / "base")
+    _, model, method = quantized("srlora", "nf4", base=copy.deepcopy(fp32).to(torch.bfloat16))
+    perturb(model)
+    save_adapter(tmp_path / "adapter", model, method, {**meta("nf4", str(tmp_path / "base")), "tokenizer": "minilm-l6",
+                                                         "model_dtype": "bfloat16"})
+    export_merged(tmp_path / "adapter", tmp_path / "merged")
+    exported = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32).eval()
+    batch = inputs()
+    assert rel(logits(exported, batch), logits(model.float(), batch)) <= 1e-5
+
+
 def test_peft_export_of_qlora_loads_onto_the_base_users_load(tmp_path):
     """A QLoRA (lora on nf4) adapter's peft export on the base loaded the way users load it
     (transformers with BitsAndBytesConfig nf4, double quant): the trained model. A PiSSA-family
