@@ -115,12 +115,14 @@ def test_zero3_with_deepspeeds_fused_adam_matches_one_gpu_and_resumes_exactly(tm
     assert_same_adapter(adapter(tmp_path / "run"), adapter(tmp_path / "full"), atol=1e-6)
 
 
-@pytest.mark.parametrize("kind,double_quant,tol", [("nf4", True, 1e-4), ("nf4", False, 0.0), ("int8", False, 0.0)])
+@pytest.mark.parametrize("kind,double_quant,tol", [("nf4", True, 1e-4), ("nf4", False, 0.0), ("int8", False, 1e-6)])
 def test_quantized_linear_on_gpu_matches_its_cpu_codes_and_dequantized_weight(kind, double_quant, tol):
     """bitsandbytes' CUDA kernels quantize to the same codes as its CPU backend (what a CPU
     export dequantizes), and the bf16 autocast forward and backward compute with that weight.
     With double quantization the nested block scales differ a little between the backends
-    (measured on an H200: 2.3e-5 of the weight's norm); without it, and for int8, nothing."""
+    (measured on an H200: 2.3e-5 of the weight's norm); without it nothing; int8's row scales
+    differ in the last bits (4.6e-8 of the weight's norm on an H100 with torch 2.11, 0 on an
+    H200 with the same bitsandbytes 0.50.2)."""
     from lrx.quant import QuantizedLinear, QuantSettings
 
     torch.manual_seed(0)

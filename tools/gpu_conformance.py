@@ -106,7 +106,8 @@ def max_diff(a: dict, b: dict) -> float:
     return max([(a[k].double() - b[k].double()).abs().max().item() for k in a if a[k].numel()] or [0.0])
 
 
-def run_cell(cell: tuple[str, str, str], out: Path, base: Path, device: str, basis: Path | None) -> dict:
+def run_cell(cell: tuple[str, str, str], out: Path, base: Path, device: str, basis: Path | None,
+             deadline: float = float("inf")) -> dict:
     """Train, kill and resume one cell; the exports' logits are compared later (``check_logits``)."""
     from safetensors.torch import load_file
 
@@ -115,6 +116,8 @@ def run_cell(cell: tuple[str, str, str], out: Path, base: Path, device: str, bas
     log = folder / "log.txt"
     folder.mkdir(parents=True, exist_ok=True)
     row = {"backend": backend, "base": kind, "method": method, "folder": str(folder)}
+    if time.time() > deadline:
+        return {**row, "error": "not run (--deadline-s reached)"}
     t0 = time.time()
     full, cut = folder / "full", folder / "resumed"
     if launch(backend, "launch/train.py", train_args(base, full, backend, kind, method, device, basis), log):
@@ -238,6 +241,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tokenizer", default="minilm-l6", help="tokenizer folder or lrx short name")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--jobs", type=int, default=8)
+    p.add_argument("--deadline-s", type=float, default=float("inf"), help="start no cell after this many seconds")
     a = p.parse_args(argv)
     a.out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
@@ -245,9 +249,9 @@ def main(argv: list[str] | None = None) -> int:
     basis = eigenbasis(a.out, base, a.device) if "eigenlorax" in a.methods else None
     cells = [(b, k, m) for b in a.backends for k in a.bases for m in a.methods]
     with ThreadPoolExecutor(a.jobs) as pool:
-        rows = list(pool.map(lambda c: run_cell(c, a.out, base, a.device, basis), cells))
+        rows = list(pool.map(lambda c: run_cell(c, a.out, base, a.device, basis, t0 + a.deadline_s), cells))
     for row in rows:
-        if "error" not in row:
+        if "error" not in row and time.time() < t0 + a.deadline_s + 60:
             try:
                 check_logits(row, base, a.device)
             except Exception as e:  # reported in the table, never hidden
