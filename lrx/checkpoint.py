@@ -125,15 +125,19 @@ def read_progress(path: Path) -> TrainingProgress:
     return TrainingProgress.from_json(read_json(file, "the checkpoint is corrupt; resume from another one"), file)
 
 
-def check_compatible(path: Path, config: dict[str, Any]) -> TrainingProgress:
-    """The checkpoint's progress, after checking it was made for the same model and method."""
-    from lrx.methods import get_method_class, without_retired_keys
+def check_compatible(path: Path, config: dict[str, Any], built: bool = False) -> TrainingProgress:
+    """The checkpoint's progress, after checking it was made for the same model and method;
+    ``built``: ``config`` is that of the built method, its filled-in settings compared too."""
+    from lrx.methods import get_method_class, unfilled, without_retired_keys
 
     progress = read_progress(path)
     saved = dict(progress.config)
     method = dict(saved.get("method", {}))
     if method.get("name") == config.get("method", {}).get("name"):  # keys retired since it was written
-        method = without_retired_keys(get_method_class(method["name"]).config_cls, method)
+        config_cls = get_method_class(method["name"]).config_cls
+        method = without_retired_keys(config_cls, method)
+        if not built:
+            method = unfilled(config_cls, method, config.get("method", {}))
     saved["method"] = method
     for section in MUST_MATCH:
         if saved.get(section) != config.get(section):
@@ -282,6 +286,12 @@ class CheckpointManager:
         for name in self.LOGS:  # a corrupt line is refused now, not after the slow loading
             kept_lines(self.run_dir / name, self.progress.step)
         return self.path
+
+    def confirm(self, config: dict[str, Any]) -> None:
+        """Check the settings again once the method is built and has filled in its own (a basis's
+        sha256: the same basis file as the checkpoint's run)."""
+        if self.path is not None:
+            check_compatible(self.path, config, built=True)
 
     def saved_adapter(self) -> SavedAdapter | None:
         """The checkpoint's adapter, restored layer by layer while the backend builds the model."""

@@ -148,6 +148,8 @@ def _run(config: RunConfig, backend, checkpoints: CheckpointManager, t0: float, 
     data = build_datasets(config.data, tokenizer, seed=config.train.seed, main_process_first=backend.main_first)
     task = resolve_task(mc.task, data.task)
     method = build_method(config.method)
+    method.load_resources()  # fills in what the method's settings left to it (a basis's sha256)
+    checkpoints.confirm(config.to_dict())
     saved = checkpoints.saved_adapter()  # resuming: each layer is restored while its base is whole
     quantizer = Quantizer(quant_settings(config), backend.device) if mc.quantize != "none" else None
     adapters = Adapters(method, config.train.seed, saved, quantizer)

@@ -280,3 +280,37 @@ def test_rotation_unmarks_a_checkpoint_before_deleting_its_files(saved, tmp_path
     monkeypatch.setattr(shutil, "rmtree", real)
     assert not (oldest / "COMPLETE").exists()  # half deleted: never taken for a complete checkpoint
     assert [p.name for p in checkpoint.checkpoint_dirs(run_dir)] == ["step-00000006", "step-00000008"]
+
+
+def test_an_eigenlorax_run_resumes_and_a_changed_basis_is_refused(tmp_path, capsys):
+    """EigenLoRAx fills in its basis's sha256 and modules when built: a checkpoint recording
+    them resumes with the run's own command line (it was refused as "other method settings"),
+    to the uninterrupted run's losses and adapter; a basis file changed since is refused."""
+    from tests.test_conformance import eigenbasis_for
+
+    basis = Path(eigenbasis_for("bert"))
+    data = table(tmp_path / "t.tsv")
+    argv = [a for a in args(data, tmp_path / "full", "train.save_every=3", "train.max_steps=6")[1:]
+            if not a.startswith("method.target_modules")]
+    argv[argv.index("srlora")] = "eigenlorax"
+    argv.append(f"method.basis={basis}")
+    assert main(argv) == 0
+    shutil.copytree(tmp_path / "full", tmp_path / "cut")
+    shutil.rmtree(tmp_path / "cut" / "checkpoints" / "step-00000006")
+    resume = [a.replace(str(tmp_path / "full"), str(tmp_path / "cut")) for a in argv] + ["--resume", "auto"]
+    assert main(resume) == 0, capsys.readouterr().err
+    assert losses(tmp_path / "cut") == losses(tmp_path / "full")
+    assert_same_adapter(adapter(tmp_path / "cut"), adapter(tmp_path / "full"), atol=0.0)
+
+    changed = tmp_path / "basis"
+    shutil.copytree(basis, changed)
+    weights = changed / "eigenbasis.safetensors"
+    tensors = load_file(str(weights))
+    from safetensors.torch import save_file
+
+    save_file({k: v + 1e-3 for k, v in tensors.items()}, str(weights))
+    shutil.rmtree(tmp_path / "cut" / "checkpoints" / "step-00000006")
+    capsys.readouterr()
+    assert main([a.replace(str(basis), str(changed)) for a in resume]) == 2
+    err = capsys.readouterr().err
+    assert "basis" in err and "differ" in err and len(err.strip().splitlines()) == 1

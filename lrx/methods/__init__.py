@@ -15,6 +15,7 @@ from lrx.methods.base import (
     adapted_layers,
     find_targets,
     layer_counts,
+    unfilled,
     without_retired_keys,
 )
 from lrx.methods.layer import AdaptedLinear
@@ -72,5 +73,6 @@ __all__ = [
     "get_method_class",
     "layer_counts",
     "register_method",
+    "unfilled",
     "without_retired_keys",
 ]

@@ -52,6 +52,10 @@ class MethodConfig:
     # Settings that name files (EigenLoRAx's basis): recorded absolute in adapter files and, in
     # older files, resolved from the adapter's folder.
     PATH_FIELDS: ClassVar[tuple[str, ...]] = ()
+    # Settings the method fills in when it is built, from their defaults (EigenLoRAx: the basis's
+    # sha256 and modules): a checkpoint records them filled; a resumed run has them at the default
+    # until its method is built (``unfilled``).
+    FILLED_WHEN_BUILT: ClassVar[tuple[str, ...]] = ()
 
     def __post_init__(self) -> None:
         if self.r < 1:
@@ -120,6 +124,14 @@ def without_retired_keys(config_cls: type[MethodConfig], values: dict) -> dict:
     where they hold the value every run had (any other value stays, to be refused as unknown)."""
     known = {f.name for f in dataclasses.fields(config_cls)}
     return {k: v for k, v in values.items() if k in known or RETIRED_KEYS.get(k, object()) != v}
+
+
+def unfilled(config_cls: type[MethodConfig], saved: dict, given: dict) -> dict:
+    """``saved`` (a checkpoint's method settings) with the settings ``config_cls`` fills in when
+    built put back to what ``given`` holds, where ``given`` holds their default."""
+    defaults = {f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory()
+                for f in dataclasses.fields(config_cls) if f.name in config_cls.FILLED_WHEN_BUILT}
+    return {**saved, **{k: given[k] for k, v in defaults.items() if k in given and given[k] == v}}
 
 
 def _matches(name: str, pattern: str) -> bool:

@@ -31,6 +31,7 @@ from lrx.methods.layer import AdaptedLinear
 @dataclass(kw_only=True)
 class EigenLoRAxConfig(MethodConfig):
     PATH_FIELDS: ClassVar[tuple[str, ...]] = ("basis", "project_from")
+    FILLED_WHEN_BUILT: ClassVar[tuple[str, ...]] = ("basis_sha256", "target_modules")
 
     target_modules: list[str] = field(default_factory=lambda: ["basis"])
     """Linear layers to adapt; the default [basis] takes every module the basis covers."""
