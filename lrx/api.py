@@ -87,23 +87,25 @@ class Adapter:
                 "task": task, "num_labels": getattr(config, "num_labels", None) if task != "causal_lm" else 0,
                 "label_names": None, "model_dtype": str(dtype).removeprefix("torch."), "quantize": None}
 
-    def save(self, path: str | Path, *, peft: str | Path | None = None, gather=None, is_main: bool = True) -> Path:
+    def save(self, path: str | Path, *, peft: str | Path | None = None) -> Path:
         """Write the adapter in lrx's format (adapter tensors, edit log, method state) and, with
         ``peft``, its total change as a peft LoRA adapter there too (``PeftModel.from_pretrained``).
+        Of a model sharded over several processes (FSDP2, ZeRO-3) every process must call it (the
+        tensors are gathered whole, adapter-sized); the first process writes.
 
         Args:
             path: the lrx adapter folder (written atomically).
             peft: the folder of the peft export, or None for none.
-            gather: whole copies of sharded tensors (``lrx.distributed.found.Placement.gather``);
-                with it every process must call ``save`` (collectives) and ``is_main`` writes.
         Returns:
             ``path``.
         """
-        method = self.method
+        from lrx.distributed.found import find_placement
+
+        method, placement = self.method, find_placement(self.model)
+        is_main = placement.rank == 0
         state = method.state_dict()
-        params = dict(method.trainable_parameters(self.model))
-        params = gather(params) if gather is not None else {k: p.detach() for k, p in params.items()}
-        logs = edit_logs(self.model, gather, keep=is_main)
+        params = placement.gather(dict(method.trainable_parameters(self.model)))
+        logs = edit_logs(self.model, placement.gather, keep=is_main)
         if is_main:
             save_adapter(path, self.model, method, self.meta(), state, params, logs)
             if peft is not None:

@@ -177,7 +177,7 @@ class LrxCallback(TrainerCallback):
 
     def on_save(self, args, state, control, **kwargs):
         folder = Path(args.output_dir) / f"checkpoint-{state.global_step}" / CHECKPOINT_PART
-        self.adapter.save(folder, gather=self.placement.gather, is_main=self._is_main(args))
+        self.adapter.save(folder)
         if self.placement.world_size > 1:
             import torch.distributed as dist
 

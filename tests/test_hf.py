@@ -9,67 +9,30 @@ by the checks; the resumed run continues from that checkpoint.
 from __future__ import annotations
 
 import json
+import os
+import runpy
+import socket
+import subprocess
+import sys
 
 import pytest
 import torch
 from safetensors.torch import load_file
-from transformers import Trainer, TrainingArguments
 
 import lrx
 from lrx.cli import main
-from lrx.config import load_config
-from lrx.data import build_datasets
 from lrx.errors import ConfigError, LrxError
 from lrx.hf import LrxCallback
 from lrx.models import load_tokenizer
-from lrx.runner import model_spec
-from lrx.trainer import ShardedBatches
-from tests.conftest import QUICKSTART
-
-STEPS, BATCH = 6, 4
-METHOD = {"r": 4, "r_target": 8, "gamma": 0.5, "interval": 2, "target_modules": ["q_proj", "v_proj"]}
-SETTINGS = [
-    "model.name_or_path=tiny-llama", "data.format=instruct", f"data.train_path={QUICKSTART / 'train.jsonl'}",
-    "data.max_train_samples=32", "data.max_length=64", f"train.max_steps={STEPS}", f"train.batch_size={BATCH}",
-    "train.log_every=1", "train.lr=1e-3", "train.max_grad_norm=0", "logging.progress=false",
-    "logging.tensorboard=false", "method.r=4", "method.r_target=8", "method.gamma=0.5", "method.interval=2",
-]
-
-
-class Recording(Trainer):
-    """A Trainer that keeps each step's exact loss (its log rounds to 4 digits)."""
-
-    def training_step(self, *args, **kwargs):
-        loss = super().training_step(*args, **kwargs)
-        self.losses.append(loss.item())
-        return loss
-
-
-def hf_trainer(out, resume: bool = False):
-    """The Trainer run of ``SETTINGS``: the same model, adapters, batches and optimizer."""
-    config = load_config(None, SETTINGS, method="srlora")
-    tokenizer = load_tokenizer("tiny-llama")
-    data = build_datasets(config.data, tokenizer, seed=0)
-    model = model_spec(config, "causal_lm", data.num_labels, tokenizer).construct(False)
-    adapter = lrx.wrap(model, "srlora", seed=0, **METHOD)
-    order = [i for batch in ShardedBatches(len(data.train), BATCH, 0) for i in batch][: STEPS * BATCH]
-    args = TrainingArguments(
-        str(out), max_steps=STEPS, per_device_train_batch_size=BATCH, learning_rate=1e-3, lr_scheduler_type="linear",
-        weight_decay=0.0, max_grad_norm=0.0, optim="adamw_torch", train_sampling_strategy="sequential",
-        remove_unused_columns=False, save_strategy="steps", save_steps=3, logging_steps=1, report_to=[],
-        use_cpu=True, seed=0, disable_tqdm=True)
-    trainer = Recording(model=model, args=args, train_dataset=data.train.select(order),
-                        data_collator=data.collate_fn, callbacks=[LrxCallback()])
-    trainer.losses = []
-    trainer.train(resume_from_checkpoint=str(out / "checkpoint-3") if resume else None)
-    return trainer, adapter
+from tests.conftest import QUICKSTART, REPO
+from tests.hf_common import METHOD, SETTINGS, STEPS, base_model, hf_trainer
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("hf")
     assert main(["--method", "srlora", *SETTINGS, f"logging.output_dir={tmp / 'lrx'}"]) == 0
-    trainer, adapter = hf_trainer(tmp / "hf")
+    trainer, adapter, _ = hf_trainer(tmp / "hf")
     adapter.save(tmp / "hf_adapter", peft=tmp / "hf_peft")
     return tmp, trainer, adapter
 
@@ -95,9 +58,7 @@ def test_trainer_with_callback_trains_as_launch_train(runs):
 
 
 def fresh_base():
-    config = load_config(None, SETTINGS, method="srlora")
-    tokenizer = load_tokenizer("tiny-llama")
-    return model_spec(config, "causal_lm", 0, tokenizer).construct(False).eval()
+    return base_model().eval()
 
 
 def test_saved_adapter_reloads_in_lrx_and_in_peft(runs):
@@ -119,7 +80,7 @@ def test_saved_adapter_reloads_in_lrx_and_in_peft(runs):
 
 def test_resume_from_checkpoint_continues_exactly(runs):
     tmp, trainer, adapter = runs
-    resumed, again = hf_trainer(tmp / "hf", resume=True)
+    resumed, again, _ = hf_trainer(tmp / "hf", resume=str(tmp / "hf" / "checkpoint-3"))
     assert resumed.losses == trainer.losses[3:]
     for name, layer in adapter.method.layers.items():
         other = again.method.layers[name]
@@ -149,3 +110,75 @@ def test_misuse_is_one_line(tmp_path):
     with pytest.raises(ConfigError, match="zero_hpz_partition_size=2 .* not supported"):
         check_zero_config({"zero_optimization": {"stage": 3, "zero_hpz_partition_size": 2}})
     assert adapter.model is model
+
+
+def launch(config: str, out) -> list[dict]:
+    """``accelerate launch --num_processes 2`` of ``tests/hf_accelerate.py`` with a config of
+    ``configs/accelerate/``; every rank's report."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    proc = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+                           str(REPO / "configs" / "accelerate" / config), "--num_processes", "2", "--main_process_port",
+                           str(port), str(REPO / "tests" / "hf_accelerate.py"), str(out)],
+                          env=env, cwd=REPO, capture_output=True, text=True, timeout=400)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads((out / "report.json").read_text()), proc.stderr
+
+
+def check_two_processes(report, one_process, tmp) -> None:
+    """Losses within 1e-4 of one process, the rows lrx's sampler gives each rank, identical
+    events on every rank (and the one process's pairs), the saved adapter close to one process's."""
+    _, trainer, _ = one_process
+    assert all(r["rows_as_planned"] for r in report)
+    losses = [sum(step) / len(report) for step in zip(*(r["losses"] for r in report))]  # shares of the token mean
+    assert max(abs(a - b) for a, b in zip(losses, trainer.losses, strict=True)) <= 1e-4
+    assert all(r["events"] == report[0]["events"] for r in report)
+    assert [(e["step"], e["layer"], e["fused_pairs"]) for e in report[0]["events"]] == \
+        [(e["step"], e["layer"], e["fused_pairs"]) for e in records(one_process[0] / "hf" / "method_events.jsonl")]
+    expected = load_file(one_process[0] / "hf_adapter" / "adapter_model.safetensors")
+    got = load_file(tmp / "adapter" / "adapter_model.safetensors")
+    assert sorted(expected) == sorted(got)
+    assert max((expected[k] - got[k]).abs().max().item() for k in expected if expected[k].numel()) <= 1e-4
+
+
+@pytest.mark.distributed
+def test_accelerate_zero3_trains_the_sharded_model_as_one_process(runs, tmp_path):
+    report, _ = launch("zero3.yaml", tmp_path)
+    assert [(r["kind"], r["distributed_type"]) for r in report] == [("zero3", "DistributedType.DEEPSPEED")] * 2
+    check_two_processes(report, runs, tmp_path)
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_accelerate_fsdp2_plugin_without_gpus_is_detected(runs, tmp_path):
+    """accelerate 1.16 applies its FSDP plugin only on GPUs: on CPU processes it runs DDP. The
+    callback finds whole replicas (and says so) instead of passing as FSDP2."""
+    report, stderr = launch("fsdp2.yaml", tmp_path)
+    assert {(r["kind"], r["distributed_type"]) for r in report} == {("replicated", "DistributedType.MULTI_CPU")}
+    assert "accelerate was configured for FSDP or DeepSpeed but the model is not sharded" in stderr
+    check_two_processes(report, runs, tmp_path)
+
+
+def test_trl_example_trains_srlora_and_exports(tmp_path, monkeypatch):
+    """``examples/sft_srlora.py`` (TRL's SFTTrainer) on a tiny Llama saved as transformers saves
+    models: its 4 events on every adapted layer, and its peft export opens as the lrx adapter."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    tokenizer = load_tokenizer("tiny-llama")
+    tokenizer.eos_token = "[SEP]"  # MiniLM's vocabulary has none; SFTTrainer appends one
+    base_model(tokenizer).save_pretrained(tmp_path / "base")
+    tokenizer.save_pretrained(tmp_path / "base")
+    out = tmp_path / "out"
+    monkeypatch.setattr(sys, "argv", ["sft_srlora.py", "--model", str(tmp_path / "base"), "--data",
+                                      str(QUICKSTART / "train.jsonl"), "--output_dir", str(out), "--max_steps", "5"])
+    runpy.run_path(str(REPO / "examples" / "sft_srlora.py"), run_name="__main__")
+    events = records(out / "method_events.jsonl")
+    assert sorted({e["event"] for e in events}) == [1, 2, 3, 4] and len(events) == 4 * 14  # all-linear: 7 x 2 blocks
+    ids = torch.randint(0, 100, (2, 12), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ours = lrx.load(out / "adapter", AutoModelForCausalLM.from_pretrained(tmp_path / "base").eval())
+        peft = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tmp_path / "base"), str(out / "adapter_peft"))
+        assert (peft.eval()(input_ids=ids).logits - ours.model(input_ids=ids).logits).abs().max().item() <= 1e-5
