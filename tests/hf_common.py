@@ -23,7 +23,8 @@ SETTINGS = [
     "model.name_or_path=tiny-llama", "data.format=instruct", f"data.train_path={QUICKSTART / 'train.jsonl'}",
     "data.max_train_samples=32", "data.max_length=64", f"train.max_steps={STEPS}", f"train.batch_size={BATCH}",
     "train.log_every=1", "train.lr=1e-3", "train.max_grad_norm=0", "logging.progress=false",
-    "logging.tensorboard=false", "method.r=4", "method.r_target=8", "method.gamma=0.5", "method.interval=2",
+    "logging.tensorboard=false", "data.max_eval_samples=4", "train.eval_at_start=false",
+    "method.r=4", "method.r_target=8", "method.gamma=0.5", "method.interval=2",
 ]
 
 

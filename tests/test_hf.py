@@ -135,6 +135,7 @@ def check_two_processes(report, one_process, tmp) -> None:
     losses = [sum(step) / len(report) for step in zip(*(r["losses"] for r in report))]  # shares of the token mean
     assert max(abs(a - b) for a, b in zip(losses, trainer.losses, strict=True)) <= 1e-4
     assert all(r["events"] == report[0]["events"] for r in report)
+    assert 0 < max(e["fusion_error"] for e in report[0]["events"]) <= 1e-6  # fp32 base, folded shard by shard
     assert [(e["step"], e["layer"], e["fused_pairs"]) for e in report[0]["events"]] == \
         [(e["step"], e["layer"], e["fused_pairs"]) for e in records(one_process[0] / "hf" / "method_events.jsonl")]
     expected = load_file(one_process[0] / "hf_adapter" / "adapter_model.safetensors")
@@ -173,7 +174,7 @@ def test_trl_example_trains_srlora_and_exports(tmp_path, monkeypatch):
     tokenizer.save_pretrained(tmp_path / "base")
     out = tmp_path / "out"
     monkeypatch.setattr(sys, "argv", ["sft_srlora.py", "--model", str(tmp_path / "base"), "--data",
-                                      str(QUICKSTART / "train.jsonl"), "--output_dir", str(out), "--max_steps", "5"])
+                                      str(QUICKSTART / "train.jsonl"), "--output_dir", str(out), "--max_steps", "5", "--batch_size", "2"])
     runpy.run_path(str(REPO / "examples" / "sft_srlora.py"), run_name="__main__")
     events = records(out / "method_events.jsonl")
     assert sorted({e["event"] for e in events}) == [1, 2, 3, 4] and len(events) == 4 * 14  # all-linear: 7 x 2 blocks
