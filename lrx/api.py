@@ -22,8 +22,9 @@ from torch import nn
 
 from lrx.adapter import edit_logs, export_peft_from_adapter, load_adapter, save_adapter
 from lrx.build import Adapters
+from lrx.distributed.found import find_placement, init_weights
 from lrx.errors import ConfigError, LrxError
-from lrx.methods import LocalWeights, Method, MethodConfig, build_method, get_method_class
+from lrx.methods import Method, MethodConfig, build_method, get_method_class
 
 HANDLE_ATTR = "lrx_adapter"  # the attribute of a wrapped model that holds its Adapter
 
@@ -99,8 +100,6 @@ class Adapter:
         Returns:
             ``path``.
         """
-        from lrx.distributed.found import find_placement
-
         method, placement = self.method, find_placement(self.model)
         is_main = placement.rank == 0
         state = method.state_dict()
@@ -131,7 +130,8 @@ def wrap(model: nn.Module, method: str = "lora", *, seed: int = 0, **settings: A
     initialises it on one device.
 
     Args:
-        model: a ``PreTrainedModel`` (or any module with the target linears), whole on one process.
+        model: a ``PreTrainedModel`` (or any module with the target linears): whole, or built
+            partitioned under DeepSpeed's ``zero.Init`` (then every process calls ``wrap``).
         method: a registered method name (``lrx.methods.available_methods()``).
         seed: seeds the adapters' initialisation (the same on every process).
     Returns:
@@ -144,7 +144,7 @@ def wrap(model: nn.Module, method: str = "lora", *, seed: int = 0, **settings: A
     built = build_method(method_config(method, **settings))
     adapters = Adapters(built, seed)
     adapters.wrap(model)
-    adapters.init(model, LocalWeights())
+    adapters.init(model, init_weights(model))
     return Adapter(model, built)
 
 

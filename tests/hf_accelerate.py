@@ -21,16 +21,20 @@ def main() -> None:
     out = Path(sys.argv[1])
     if os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true":
         without_shm_allreduce()  # DeepSpeed's CPU inference all-reduce leaks /dev/shm (lrx.distributed.zero3)
-    # No accelerate state before the Trainer's arguments make it (a PartialState made first keeps
-    # cpu=False: accelerate then runs no DDP on CPU). The tokenised data is in lrx's cache already.
-    trainer, adapter, callback = hf_trainer(out / "run", rank=int(os.environ["RANK"]), world=int(os.environ["WORLD_SIZE"]),
-                                            save_steps=0)
+    # No accelerate state before the Trainer's arguments make it (with a PartialState made first,
+    # without use_cpu, the Trainer saw one process here). The tokenised data is in lrx's cache already.
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    trainer, adapter, callback = hf_trainer(out / "run", rank=rank, world=world)  # a checkpoint at step 3
     mine = {"losses": trainer.losses, "rows_as_planned": trainer.rows == trainer.expected_rows,
             "events": callback.events, "kind": callback.placement.kind,
             "distributed_type": str(trainer.accelerator.distributed_type)}
-    every = [None] * dist.get_world_size()
-    dist.all_gather_object(every, mine)
     adapter.save(out / "adapter")
+    # Killed after step 3: a fresh model, wrapped again, resumed from the Trainer's checkpoint.
+    resumed, again, _ = hf_trainer(out / "run", rank=rank, world=world, resume=str(out / "run" / "checkpoint-3"))
+    mine["resumed_losses"] = resumed.losses
+    again.save(out / "adapter_resumed")
+    every = [None] * world
+    dist.all_gather_object(every, mine)
     if dist.get_rank() == 0:
         (out / "report.json").write_text(json.dumps(every))
     dist.barrier()

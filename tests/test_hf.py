@@ -129,7 +129,8 @@ def launch(config: str, out) -> list[dict]:
 
 def check_two_processes(report, one_process, tmp) -> None:
     """Losses within 1e-4 of one process, the rows lrx's sampler gives each rank, identical
-    events on every rank (and the one process's pairs), the saved adapter close to one process's."""
+    events on every rank (and the one process's pairs), the saved adapter close to one process's,
+    and a run resumed from its step-3 checkpoint equal to the uninterrupted one."""
     _, trainer, _ = one_process
     assert all(r["rows_as_planned"] for r in report)
     losses = [sum(step) / len(report) for step in zip(*(r["losses"] for r in report))]  # shares of the token mean
@@ -142,6 +143,10 @@ def check_two_processes(report, one_process, tmp) -> None:
     got = load_file(tmp / "adapter" / "adapter_model.safetensors")
     assert sorted(expected) == sorted(got)
     assert max((expected[k] - got[k]).abs().max().item() for k in expected if expected[k].numel()) <= 1e-4
+    # resume_from_checkpoint at step 3 continues as the uninterrupted run
+    assert all(r["resumed_losses"] == pytest.approx(r["losses"][3:], abs=1e-6) for r in report)
+    resumed = load_file(tmp / "adapter_resumed" / "adapter_model.safetensors")
+    assert max((got[k] - resumed[k]).abs().max().item() for k in got if got[k].numel()) <= 1e-6
 
 
 @pytest.mark.distributed

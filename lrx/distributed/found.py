@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from lrx.errors import ConfigError
-from lrx.methods import LocalShards, Shards
+from lrx.methods import LocalShards, LocalWeights, Shards, WeightAccess
 
 
 @dataclass
@@ -64,6 +64,22 @@ def _all_reduce(group=None):
         return t
 
     return reduce
+
+
+def init_weights(model: nn.Module) -> WeightAccess:
+    """How adapters read the base weights of ``model`` while it is wrapped: whole on this
+    process (``LocalWeights``), or, for a model transformers built partitioned under DeepSpeed's
+    ``zero.Init`` (a live ZeRO-3 config when it was made), ZeRO-3's ``ZeroWeights``: each layer
+    gathered alone, each process reading its block of rows (as lrx's ZeRO-3 backend builds)."""
+    if not any(hasattr(p, "ds_id") for p in model.parameters()):
+        return LocalWeights()
+    import deepspeed
+
+    from lrx.distributed.zero3 import ZeroWeights
+
+    rank, world = _world()
+    device = next(model.parameters()).device
+    return ZeroWeights(rank, world, _all_reduce(), device, deepspeed)
 
 
 def find_placement(model: nn.Module) -> Placement:
