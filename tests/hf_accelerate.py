@@ -24,13 +24,15 @@ def main() -> None:
     # No accelerate state before the Trainer's arguments make it (with a PartialState made first,
     # without use_cpu, the Trainer saw one process here). The tokenised data is in lrx's cache already.
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    trainer, adapter, callback = hf_trainer(out / "run", rank=rank, world=world)  # a checkpoint at step 3
+    gpu = os.environ.get("LRX_HF_GPU") == "1"  # the lead's GPU check of the FSDP2 plugin (CPU in the suite)
+    trainer, adapter, callback = hf_trainer(out / "run", rank=rank, world=world, use_cpu=not gpu)  # saves step 3
     mine = {"losses": trainer.losses, "rows_as_planned": trainer.rows == trainer.expected_rows,
             "events": callback.events, "kind": callback.placement.kind,
             "distributed_type": str(trainer.accelerator.distributed_type)}
     adapter.save(out / "adapter")
     # Killed after step 3: a fresh model, wrapped again, resumed from the Trainer's checkpoint.
-    resumed, again, _ = hf_trainer(out / "run", rank=rank, world=world, resume=str(out / "run" / "checkpoint-3"))
+    resumed, again, _ = hf_trainer(out / "run", rank=rank, world=world, resume=str(out / "run" / "checkpoint-3"),
+                                   use_cpu=not gpu)
     mine["resumed_losses"] = resumed.losses
     again.save(out / "adapter_resumed")
     every = [None] * world

@@ -46,7 +46,7 @@ def base_model(tokenizer=None):
 
 
 def hf_trainer(out, resume: str | None = None, rank: int = 0, world: int = 1, main_first=contextlib.nullcontext,
-               save_steps=3):
+               save_steps=3, use_cpu: bool = True):
     """The Trainer run of ``SETTINGS``: the same model, adapters, batches (lrx's order; with
     ``world`` processes accelerate gives process ``rank`` its slice of each step's batch, which
     ``expected_rows`` holds: lrx's ``ShardedBatches``) and optimizer; trained, resumed from ``resume`` if given."""
@@ -62,7 +62,7 @@ def hf_trainer(out, resume: str | None = None, rank: int = 0, world: int = 1, ma
         lr_scheduler_type="linear", weight_decay=0.0, max_grad_norm=0.0, optim="adamw_torch",
         train_sampling_strategy="sequential", remove_unused_columns=False,
         save_strategy="steps" if save_steps else "no", save_steps=save_steps or 500, logging_steps=1, report_to=[],
-        use_cpu=True, seed=0, disable_tqdm=True)
+        use_cpu=use_cpu, seed=0, disable_tqdm=True)
     callback = LrxCallback()
     trainer = Recording(model=model, args=args, train_dataset=data.train.select(order),
                         data_collator=data.collate_fn, callbacks=[callback])
