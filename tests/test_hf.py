@@ -188,3 +188,22 @@ def test_trl_example_trains_srlora_and_exports(tmp_path, monkeypatch):
         ours = lrx.load(out / "adapter", AutoModelForCausalLM.from_pretrained(tmp_path / "base").eval())
         peft = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tmp_path / "base"), str(out / "adapter_peft"))
         assert (peft.eval()(input_ids=ids).logits - ours.model(input_ids=ids).logits).abs().max().item() <= 1e-5
+
+
+def test_fsdp1_is_refused_in_one_line():
+    """A model under FSDP1 (one process, gloo): its FlatParameters mix whole blocks."""
+    import torch.distributed as dist
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    from lrx.distributed.found import find_placement
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    try:
+        model = FullyShardedDataParallel(torch.nn.Sequential(torch.nn.Linear(4, 4)), device_id=torch.device("cpu"))
+        with pytest.raises(ConfigError, match="FSDP1 .* set fsdp_version: 2"):
+            find_placement(model)
+    finally:
+        dist.destroy_process_group()
