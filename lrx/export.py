@@ -3,8 +3,8 @@
     lrx export runs/my-run/adapter OUT [--dtype bfloat16]      (or python tools/export_merged.py ...)
 
 Loads the base model the adapter names (or ``--base``), restores the adapter exactly
-(``lrx.adapter.load_adapter``), folds every adapted layer into its base weight in fp32,
-replaces each ``AdaptedLinear`` by a plain ``nn.Linear`` and saves with
+(``lrx.load``, the Python API), folds every adapted layer into its base weight in fp32 and
+replaces each ``AdaptedLinear`` by a plain ``nn.Linear`` (``Adapter.merge``), and saves with
 ``save_pretrained`` (sharded safetensors + ``model.safetensors.index.json``, config,
 tokenizer). The result opens with ``AutoModelFor*.from_pretrained`` and no lrx or peft.
 
@@ -35,11 +35,11 @@ from lrx.adapter import (
     WEIGHTS_NAME,
     export_peft_from_adapter,
     layer_from_adapter,
-    load_adapter,
     method_of,
     method_values,
     read_adapter_config,
 )
+from lrx.api import load
 from lrx.errors import LrxError
 from lrx.fileio import WeightFiles, read_safetensors, recorded_path
 from lrx.methods import adapted_layers, get_method_class
@@ -122,8 +122,9 @@ def export_merged(adapter_dir: str | Path, out: str | Path, *, base: str | None 
     dtype_in = config.get("model_dtype") or "float32" if config.get("quantize") else "float32"
     model = load_model(name, task=task, num_labels=max(config.get("num_labels") or 2, 1), gguf_file=gguf,
                        vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id, dtype=dtype_in)
-    load_adapter(adapter_dir, model)
-    n = merge_into_linears(model)
+    adapter = load(adapter_dir, model)  # the Python API: lrx export is one of its users
+    n = len(adapter.method.layers)
+    adapter.merge()
     model.to(DTYPES[dtype])
     model.save_pretrained(out, safe_serialization=True, max_shard_size=max_shard_size)
     tokenizer.save_pretrained(out)

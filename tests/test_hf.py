@@ -1,0 +1,209 @@
+"""lrx inside a transformers Trainer: ``lrx.wrap`` + ``lrx.hf.LrxCallback`` trains as
+``launch/train.py`` does, its adapter reloads in lrx and (exported) in peft, a resumed Trainer
+continues exactly, and misuse is one line.
+
+One lrx run and one Trainer run (6 steps, 2 SRLoRA events, a checkpoint at step 3) are shared
+by the checks; the resumed run continues from that checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import runpy
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import lrx
+from lrx.cli import main
+from lrx.errors import ConfigError, LrxError
+from lrx.hf import LrxCallback
+from lrx.models import load_tokenizer
+from tests.conftest import QUICKSTART, REPO
+from tests.hf_common import METHOD, SETTINGS, STEPS, base_model, hf_trainer
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("hf")
+    assert main(["--method", "srlora", *SETTINGS, f"logging.output_dir={tmp / 'lrx'}"]) == 0
+    trainer, adapter, _ = hf_trainer(tmp / "hf")
+    adapter.save(tmp / "hf_adapter", peft=tmp / "hf_peft")
+    return tmp, trainer, adapter
+
+
+def records(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_trainer_with_callback_trains_as_launch_train(runs):
+    tmp, trainer, _ = runs
+    lrx_losses = [r["loss"] for r in records(tmp / "lrx" / "metrics.jsonl") if r["split"] == "train"]
+    assert len(trainer.losses) == STEPS
+    assert max(abs(a - b) for a, b in zip(trainer.losses, lrx_losses)) <= 1e-5
+    theirs, ours = records(tmp / "lrx" / "method_events.jsonl"), records(tmp / "hf" / "method_events.jsonl")
+    assert [r["step"] for r in ours] == [2, 2, 2, 2, 4, 4, 4, 4]  # 2 events x 4 layers
+    for a, b in zip(theirs, ours, strict=True):
+        assert (a["step"], a["layer"], a["fused_pairs"], a["pointer"]) == (b["step"], b["layer"], b["fused_pairs"], b["pointer"])
+        assert a["scores"] == pytest.approx(b["scores"], rel=1e-4, abs=1e-12)
+    expected, got = load_file(tmp / "lrx" / "adapter" / "adapter_model.safetensors"), \
+        load_file(tmp / "hf_adapter" / "adapter_model.safetensors")
+    assert sorted(expected) == sorted(got)
+    assert max((expected[k].double() - got[k].double()).abs().max().item() for k in expected if expected[k].numel()) <= 1e-5
+
+
+def fresh_base():
+    return base_model().eval()
+
+
+def test_saved_adapter_reloads_in_lrx_and_in_peft(runs):
+    from peft import PeftModel
+
+    tmp, _, adapter = runs
+    ids = torch.randint(0, 100, (2, 12), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        trained = adapter.model.eval()(input_ids=ids).logits
+        loaded = lrx.load(tmp / "hf_adapter", fresh_base())
+        assert loaded.method.events_done == 2
+        assert (loaded.model(input_ids=ids).logits - trained).abs().max().item() <= 1e-5
+        peft = PeftModel.from_pretrained(fresh_base(), str(tmp / "hf_peft"))
+        assert (peft(input_ids=ids).logits - trained).abs().max().item() <= 1e-5
+        merged = loaded.merge()
+        assert not any("lora" in n for n, _ in merged.named_parameters())
+        assert (merged(input_ids=ids).logits - trained).abs().max().item() <= 1e-5
+
+
+def test_resume_from_checkpoint_continues_exactly(runs):
+    tmp, trainer, adapter = runs
+    resumed, again, _ = hf_trainer(tmp / "hf", resume=str(tmp / "hf" / "checkpoint-3"))
+    assert resumed.losses == trainer.losses[3:]
+    for name, layer in adapter.method.layers.items():
+        other = again.method.layers[name]
+        assert torch.equal(layer.lora_A, other.lora_A) and torch.equal(layer.lora_B, other.lora_B), name
+        assert torch.equal(layer.base.weight, other.base.weight) and torch.equal(layer.edit_U, other.edit_U), name
+    assert [r["step"] for r in records(tmp / "hf" / "method_events.jsonl")] == [2, 2, 2, 2, 4, 4, 4, 4]
+
+
+def test_misuse_is_one_line(tmp_path):
+    model = fresh_base()
+    with pytest.raises(ConfigError, match="has no setting rank; its settings are .*r_target"):
+        lrx.wrap(model, "srlora", rank=8)
+    adapter = lrx.wrap(model, "srlora", **METHOD)
+    model.train()
+    with pytest.raises(LrxError, match=r"training without its hooks .*callbacks=\[lrx\.hf\.LrxCallback\(\)\]"):
+        model(input_ids=torch.zeros(1, 4, dtype=torch.long))
+    with torch.no_grad():
+        model(input_ids=torch.zeros(1, 4, dtype=torch.long))  # evaluation needs no hooks
+    with pytest.raises(ConfigError, match="already adapted"):
+        lrx.wrap(model, "lora")
+    with pytest.raises(ConfigError, match="was not adapted by lrx"):
+        LrxCallback().on_train_begin(None, None, None, model=fresh_base())
+    with pytest.raises(ConfigError, match="takes the lrx.Adapter"):
+        LrxCallback(model)
+    from lrx.distributed.found import check_zero_config
+
+    with pytest.raises(ConfigError, match="zero_hpz_partition_size=2 .* not supported"):
+        check_zero_config({"zero_optimization": {"stage": 3, "zero_hpz_partition_size": 2}})
+    assert adapter.model is model
+
+
+def launch(config: str, out) -> list[dict]:
+    """``accelerate launch --num_processes 2`` of ``tests/hf_accelerate.py`` with a config of
+    ``configs/accelerate/``; every rank's report."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    proc = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+                           str(REPO / "configs" / "accelerate" / config), "--num_processes", "2", "--main_process_port",
+                           str(port), str(REPO / "tests" / "hf_accelerate.py"), str(out)],
+                          env=env, cwd=REPO, capture_output=True, text=True, timeout=400)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads((out / "report.json").read_text()), proc.stderr
+
+
+def check_two_processes(report, one_process, tmp) -> None:
+    """Losses within 1e-4 of one process, the rows lrx's sampler gives each rank, identical
+    events on every rank (and the one process's pairs), the saved adapter close to one process's,
+    and a run resumed from its step-3 checkpoint equal to the uninterrupted one."""
+    _, trainer, _ = one_process
+    assert all(r["rows_as_planned"] for r in report)
+    losses = [sum(step) / len(report) for step in zip(*(r["losses"] for r in report))]  # shares of the token mean
+    assert max(abs(a - b) for a, b in zip(losses, trainer.losses, strict=True)) <= 1e-4
+    assert all(r["events"] == report[0]["events"] for r in report)
+    assert 0 < max(e["fusion_error"] for e in report[0]["events"]) <= 1e-6  # fp32 base, folded shard by shard
+    assert [(e["step"], e["layer"], e["fused_pairs"]) for e in report[0]["events"]] == \
+        [(e["step"], e["layer"], e["fused_pairs"]) for e in records(one_process[0] / "hf" / "method_events.jsonl")]
+    expected = load_file(one_process[0] / "hf_adapter" / "adapter_model.safetensors")
+    got = load_file(tmp / "adapter" / "adapter_model.safetensors")
+    assert sorted(expected) == sorted(got)
+    assert max((expected[k] - got[k]).abs().max().item() for k in expected if expected[k].numel()) <= 1e-4
+    # resume_from_checkpoint at step 3 continues as the uninterrupted run
+    assert all(r["resumed_losses"] == pytest.approx(r["losses"][3:], abs=1e-6) for r in report)
+    resumed = load_file(tmp / "adapter_resumed" / "adapter_model.safetensors")
+    assert max((got[k] - resumed[k]).abs().max().item() for k in got if got[k].numel()) <= 1e-6
+
+
+@pytest.mark.distributed
+def test_accelerate_zero3_trains_the_sharded_model_as_one_process(runs, tmp_path):
+    report, _ = launch("zero3.yaml", tmp_path)
+    assert [(r["kind"], r["distributed_type"]) for r in report] == [("zero3", "DistributedType.DEEPSPEED")] * 2
+    check_two_processes(report, runs, tmp_path)
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_accelerate_fsdp2_plugin_without_gpus_is_detected(runs, tmp_path):
+    """accelerate 1.16 applies its FSDP plugin only on GPUs: on CPU processes it runs DDP. The
+    callback finds whole replicas (and says so) instead of passing as FSDP2."""
+    report, stderr = launch("fsdp2.yaml", tmp_path)
+    assert {(r["kind"], r["distributed_type"]) for r in report} == {("replicated", "DistributedType.MULTI_CPU")}
+    assert "accelerate was configured for FSDP or DeepSpeed but the model is not sharded" in stderr
+    check_two_processes(report, runs, tmp_path)
+
+
+def test_trl_example_trains_srlora_and_exports(tmp_path, monkeypatch):
+    """``examples/sft_srlora.py`` (TRL's SFTTrainer) on a tiny Llama saved as transformers saves
+    models: its 4 events on every adapted layer, and its peft export opens as the lrx adapter."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    tokenizer = load_tokenizer("tiny-llama")
+    tokenizer.eos_token = "[SEP]"  # MiniLM's vocabulary has none; SFTTrainer appends one
+    base_model(tokenizer).save_pretrained(tmp_path / "base")
+    tokenizer.save_pretrained(tmp_path / "base")
+    out = tmp_path / "out"
+    monkeypatch.setattr(sys, "argv", ["sft_srlora.py", "--model", str(tmp_path / "base"), "--data",
+                                      str(QUICKSTART / "train.jsonl"), "--output_dir", str(out), "--max_steps", "5", "--batch_size", "2"])
+    runpy.run_path(str(REPO / "examples" / "sft_srlora.py"), run_name="__main__")
+    events = records(out / "method_events.jsonl")
+    assert sorted({e["event"] for e in events}) == [1, 2, 3, 4] and len(events) == 4 * 14  # all-linear: 7 x 2 blocks
+    ids = torch.randint(0, 100, (2, 12), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ours = lrx.load(out / "adapter", AutoModelForCausalLM.from_pretrained(tmp_path / "base").eval())
+        peft = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tmp_path / "base"), str(out / "adapter_peft"))
+        assert (peft.eval()(input_ids=ids).logits - ours.model(input_ids=ids).logits).abs().max().item() <= 1e-5
+
+
+def test_fsdp1_is_refused_in_one_line():
+    """A model under FSDP1 (one process, gloo): its FlatParameters mix whole blocks."""
+    import torch.distributed as dist
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    from lrx.distributed.found import find_placement
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    try:
+        model = FullyShardedDataParallel(torch.nn.Sequential(torch.nn.Linear(4, 4)), device_id=torch.device("cpu"))
+        with pytest.raises(ConfigError, match="FSDP1 .* set fsdp_version: 2"):
+            find_placement(model)
+    finally:
+        dist.destroy_process_group()
