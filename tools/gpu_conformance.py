@@ -20,8 +20,8 @@ checkpoints every 2 steps, and checks:
   ``BitsAndBytesConfig`` (nf4) for ``lora`` on nf4; other quantized cells add W0's quantization
   error by design (README) and are reported, not judged.
 
-Cells run ``--jobs`` at a time (tiny models share the GPU); logits are compared in fp32 in this
-process. Prints a table and writes ``conformance.json`` under ``--out``.
+Cells run ``--jobs`` at a time (tiny models share the GPU); exports are written and their logits
+compared (fp32) in this process. Prints a table and writes ``conformance.json`` under ``--out``.
 """
 
 from __future__ import annotations
@@ -108,7 +108,7 @@ def max_diff(a: dict, b: dict) -> float:
 
 def run_cell(cell: tuple[str, str, str], out: Path, base: Path, device: str, basis: Path | None,
              deadline: float = float("inf")) -> dict:
-    """Train, kill and resume one cell; the exports' logits are compared later (``check_logits``)."""
+    """Train, kill and resume one cell, then export it and compare logits (``check_logits``)."""
     from safetensors.torch import load_file
 
     backend, kind, method = cell
@@ -135,10 +135,13 @@ def run_cell(cell: tuple[str, str, str], out: Path, base: Path, device: str, bas
     a, b = ([r["loss"] for r in records(d, "metrics.jsonl") if r["split"] == "train"] for d in (full, cut))
     row["resume_loss_diff"] = max(abs(x - y) for x, y in zip(a, b)) if len(a) == len(b) else float("inf")
     row["resume_adapter_diff"] = max_diff(*(load_file(str(d / "adapter" / "adapter_model.safetensors")) for d in (full, cut)))
-    export = subprocess.run([sys.executable, "-m", "lrx", "export", str(full / "adapter"), str(folder / "merged")],
-                            cwd=REPO, capture_output=True, text=True)
-    if export.returncode:
-        return {**row, "error": "merged export: " + (export.stderr.strip().splitlines() or ["?"])[-1], "seconds": time.time() - t0}
+    from lrx.export import export_merged
+
+    try:
+        export_merged(full / "adapter", folder / "merged")
+        check_logits(row, base, device)
+    except Exception as e:  # reported in the table, never hidden
+        row["error"] = f"exports: {type(e).__name__}: {str(e).splitlines()[0][:160]}"
     row["seconds"] = time.time() - t0
     return row
 
@@ -250,12 +253,6 @@ def main(argv: list[str] | None = None) -> int:
     cells = [(b, k, m) for b in a.backends for k in a.bases for m in a.methods]
     with ThreadPoolExecutor(a.jobs) as pool:
         rows = list(pool.map(lambda c: run_cell(c, a.out, base, a.device, basis, t0 + a.deadline_s), cells))
-    for row in rows:
-        if "error" not in row and time.time() < t0 + a.deadline_s + 60:
-            try:
-                check_logits(row, base, a.device)
-            except Exception as e:  # reported in the table, never hidden
-                row["error"] = f"logits: {type(e).__name__}: {str(e).splitlines()[0][:160]}"
     env = {"torch": torch.__version__, "device": torch.cuda.get_device_name(0) if a.device == "cuda" else "cpu",
            "seconds": round(time.time() - t0)}
     for name in ("transformers", "peft", "bitsandbytes", "deepspeed"):
