@@ -31,6 +31,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -42,6 +43,7 @@ QUICKSTART = REPO / "configs" / "data" / "quickstart"
 LAUNCH = {"single": [], "fsdp2": ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1"],
           "zero3": ["-m", "deepspeed.launcher.runner", "--num_gpus=1"]}
 HELD = torch.bfloat16  # the runs' model.dtype
+ONE_AT_A_TIME = threading.Lock()
 TOL = {"resume": 1e-3, "logits": 1e-3, "fusion": 1e-3}  # bf16 training; logits compared in fp32
 
 
@@ -138,8 +140,9 @@ def run_cell(cell: tuple[str, str, str], out: Path, base: Path, device: str, bas
     from lrx.export import export_merged
 
     try:
-        export_merged(full / "adapter", folder / "merged")
-        check_logits(row, base, device)
+        with ONE_AT_A_TIME:  # from_pretrained(dtype=...) sets torch's default dtype for the whole process
+            export_merged(full / "adapter", folder / "merged")
+            check_logits(row, base, device)
     except Exception as e:  # reported in the table, never hidden
         row["error"] = f"exports: {type(e).__name__}: {str(e).splitlines()[0][:160]}"
     row["seconds"] = time.time() - t0
