@@ -30,6 +30,7 @@ from lrx.methods import adapted_layers, build_method, layer_counts
 from lrx.models import absolute_path, check_positions, load_model, load_tokenizer, resolve_task, safetensors_files
 from lrx.quant import Quantizer, QuantSettings, bitsandbytes
 from lrx.rundir import check_run_dir, claim_run_dir
+from lrx.speed import prepare_for_training
 from lrx.trainer import Trainer
 
 log = logging.getLogger(__name__)
@@ -37,10 +38,10 @@ log = logging.getLogger(__name__)
 RUN_MARKER = "config.yaml"  # the resolved config, written first
 
 
-def model_spec(config: RunConfig, task: str, num_labels: int, tokenizer) -> ModelSpec:
+def model_spec(config: RunConfig, task: str, num_labels: int, tokenizer, device_type: str = "cpu") -> ModelSpec:
     """The model of a run for ``Backend.build``: how to construct it, where its weights can be
     read one tensor at a time (a base stored as safetensors files, ``model.sharded_load``),
-    and activation checkpointing, which must be on before the model is sharded."""
+    and the speed settings (``lrx.speed``), which must be applied before the model is sharded."""
     mc, seed = config.model, config.train.seed
     files = safetensors_files(mc.name_or_path, mc.gguf_file) if mc.sharded_load != "off" else []
     if mc.sharded_load == "on" and not files:
@@ -53,22 +54,10 @@ def model_spec(config: RunConfig, task: str, num_labels: int, tokenizer) -> Mode
                           meta="params" if meta else False)
 
     def before_sharding(model: torch.nn.Module) -> None:
-        if config.train.activation_checkpointing:
-            enable_activation_checkpointing(model, mc.name_or_path)
+        prepare_for_training(model, config.train, task, device_type, mc.name_or_path)
 
     return ModelSpec(construct, reader=WeightFiles(files) if files else None, source=f"{len(files)} safetensors files",
                      stream=mc.sharded_load, dtype=getattr(torch, mc.dtype), before_sharding=before_sharding)
-
-
-def enable_activation_checkpointing(model: torch.nn.Module, name: str) -> None:
-    """HF's non-reentrant activation checkpointing (recompute each block in backward)."""
-    if not getattr(model, "supports_gradient_checkpointing", False):
-        raise ConfigError(f"{name} does not support activation checkpointing; set train.activation_checkpointing=false")
-    kwargs = {"use_reentrant": False}
-    if hasattr(model, "activation_checkpointing_enable"):  # the newer transformers name
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
-    else:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
 def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
@@ -149,7 +138,7 @@ def _run(config: RunConfig, backend, checkpoints: CheckpointManager, t0: float, 
     saved = checkpoints.saved_adapter()  # resuming: each layer is restored while its base is whole
     quantizer = Quantizer(quant_settings(config), backend.device) if mc.quantize != "none" else None
     adapters = Adapters(method, config.train.seed, saved, quantizer)
-    model = backend.build(model_spec(config, task, data.num_labels, tokenizer), adapters)
+    model = backend.build(model_spec(config, task, data.num_labels, tokenizer, backend.device.type), adapters)
     if saved is not None:  # modules_to_save, into their shards
         saved.restore_modules(model, method, backend.load_whole)
     trainable, total = count_parameters(model)

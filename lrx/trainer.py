@@ -23,8 +23,8 @@ from tqdm.auto import tqdm
 from transformers import get_scheduler
 
 from lrx.config import RunConfig
-from lrx.data import IGNORE_INDEX
 from lrx.errors import LrxError
+from lrx.loss import causal_lm_ce_sum, label_tokens, token_ce_sum
 from lrx.methods import Method
 from lrx.metrics import compute_metrics
 
@@ -69,17 +69,6 @@ def planned_steps(tc, n_examples: int, world_size: int = 1) -> int:
     if batches == 0:
         raise LrxError("the training set is empty; check data.train_path and data.max_train_samples")
     return tc.max_steps or math.ceil(max(1, batches // tc.grad_accum) * tc.epochs)
-
-
-def label_tokens(labels: torch.Tensor) -> torch.Tensor:
-    """The tokens a causal LM is scored on: every label but the first, unless masked."""
-    return (labels[:, 1:] != IGNORE_INDEX).sum()
-
-
-def token_ce_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """The summed next-token cross-entropy over ``label_tokens`` (fp32, as transformers computes it)."""
-    return F.cross_entropy(logits[:, :-1].float().flatten(0, 1), labels[:, 1:].flatten(),
-                           ignore_index=IGNORE_INDEX, reduction="sum")
 
 
 class EvalShard(torch.utils.data.Sampler):
@@ -404,8 +393,7 @@ class Trainer:
         transformers computes it) over ``divisor``; otherwise its mean loss over ``divisor``."""
         if self.task != "causal_lm":
             return self.model(**batch).loss / divisor
-        logits = self.model(**{k: v for k, v in batch.items() if k != "labels"}).logits
-        return token_ce_sum(logits, batch["labels"]) / divisor
+        return causal_lm_ce_sum(self.model, self.module, batch) / divisor
 
     def _gather_eval(self, local: torch.Tensor) -> torch.Tensor:
         """The whole evaluation set's values from each process's block (x + 0 == x: exact)."""

@@ -1,0 +1,94 @@
+"""The fast paths of a training step against the plain one: fused linear + cross-entropy,
+compiled blocks, activation checkpointing modes, packing without cross-example attention."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lrx import loss as lrx_loss
+from lrx.config import load_config
+from lrx.data import IGNORE_INDEX
+from lrx.loss import causal_lm_ce_sum, chunked_ce_sum, install_fused_ce, resolve_fused_ce, token_ce_sum
+from lrx.methods import build_method
+from tests.conftest import tiny_model
+
+
+def _labels(n: int, vocab: int, g: torch.Generator) -> torch.Tensor:
+    labels = torch.randint(0, vocab, (n,), generator=g)
+    labels[::3] = IGNORE_INDEX
+    return labels
+
+
+def test_chunked_linear_ce_matches_the_float64_loss_and_gradients():
+    """Loss and the gradients of the hidden states, the head and its bias, chunk by chunk
+    (rows not a multiple of the chunk), against full logits in float64."""
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(37, 16, generator=g, dtype=torch.float64)
+    w = torch.randn(50, 16, generator=g, dtype=torch.float64) * 0.5
+    b = torch.randn(50, generator=g, dtype=torch.float64) * 0.1
+    labels = _labels(37, 50, g)
+    ref_inputs = [t.clone().requires_grad_() for t in (h, w, b)]
+    ref = F.cross_entropy(F.linear(*ref_inputs), labels, ignore_index=IGNORE_INDEX, reduction="sum")
+    ref.backward()
+    inputs = [t.float().requires_grad_() for t in (h, w, b)]
+    out = chunked_ce_sum(*inputs, labels, rows=8)
+    (2.0 * out).backward()  # the backward scales by the incoming gradient
+    assert out.item() == pytest.approx(ref.item(), rel=1e-6)
+    for mine, theirs in zip(inputs, ref_inputs):
+        assert torch.allclose(mine.grad.double(), 2.0 * theirs.grad, rtol=1e-5, atol=1e-6)
+    with torch.no_grad():  # evaluation: the loss alone, no gradients computed
+        assert chunked_ce_sum(*inputs, labels, rows=8).item() == pytest.approx(ref.item(), rel=1e-6)
+
+
+def _adapted_llama(tie: bool):
+    model = tiny_model("llama", vocab=96)
+    if tie:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    cfg = load_config(None, ["method.r=4", "method.target_modules=[all-linear]"], method="lora")
+    method = build_method(cfg.method)
+    method.apply(model)
+    for p in method.layers[next(iter(method.layers))].parameters():  # the adapters start with B = 0:
+        p.data.normal_(0, 0.1) if p.requires_grad else None  # move them so their gradients are not trivial
+    model.lm_head.weight.requires_grad_(not tie)  # a trained head (modules_to_save) where untied
+    return model.train()
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_fused_forward_gives_the_plain_loss_and_gradients(tie, monkeypatch):
+    """The model's fused forward (``ce_labels=``) against its logits, in fp32: the summed loss
+    and the gradients of every trained tensor (adapters, the untied head), several chunks."""
+    monkeypatch.setattr(lrx_loss, "CHUNK_ELEMENTS", 96 * 5)  # 5 rows a chunk
+    model = _adapted_llama(tie)
+    g = torch.Generator().manual_seed(1)
+    batch = {"input_ids": torch.randint(0, 96, (2, 11), generator=g), "attention_mask": torch.ones(2, 11, dtype=torch.long)}
+    batch["attention_mask"][1, 8:] = 0
+    batch["labels"] = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, IGNORE_INDEX)
+    batch["labels"][:, :3] = IGNORE_INDEX
+    trained = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+
+    def loss_and_grads():
+        model.zero_grad()
+        loss = causal_lm_ce_sum(model, model, batch)
+        loss.backward()
+        return loss.item(), {n: p.grad.clone() for n, p in trained}
+
+    plain, plain_grads = loss_and_grads()
+    assert resolve_fused_ce("auto", model, "cpu") == "chunked"
+    install_fused_ce(model, "chunked")
+    fused, fused_grads = loss_and_grads()
+    assert fused == pytest.approx(plain, rel=1e-6)
+    assert len(plain_grads) > 2 and ("lm_head.weight" in fused_grads) != tie
+    for name, grad in plain_grads.items():
+        assert (fused_grads[name] - grad).norm() <= 1e-6 * grad.norm(), name
+    with torch.no_grad():  # without ce_labels: the model's own forward (evaluation, generation)
+        logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits
+    assert token_ce_sum(logits, batch["labels"]).item() == pytest.approx(plain, rel=1e-6)
+
+
+def test_models_with_scaled_logits_keep_them():
+    model = tiny_model("llama", vocab=32)
+    model.config.final_logit_softcapping = 30.0
+    assert resolve_fused_ce("auto", model, "cpu") == "off"
+    assert resolve_fused_ce("off", tiny_model("llama", vocab=32), "cpu") == "off"
