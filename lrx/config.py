@@ -81,7 +81,8 @@ class DataConfig:
     max_length: int = 512
     """Truncate (or pack) sequences to this many tokens."""
     packing: bool = False
-    """format=instruct: concatenate examples into blocks of exactly max_length tokens."""
+    """format=instruct: concatenate examples into blocks of exactly max_length tokens (no padding); each
+    example attends only to itself (per-example position_ids, no attention across examples)."""
     mask_prompt: bool = True
     """format=instruct: compute the loss on response tokens only."""
     max_train_samples: int | None = None

@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 from transformers import get_scheduler
 
 from lrx.config import RunConfig
+from lrx.data.collate import batch_tokens
 from lrx.errors import LrxError
 from lrx.loss import causal_lm_ce_sum, label_tokens, token_ce_sum
 from lrx.methods import Method
@@ -343,7 +344,7 @@ class Trainer:
                 # Backends average gradients over processes: scale the share of the step's loss back up.
                 self.backend.backward(share * self.backend.world_size, sync=i == len(step_batches) - 1)
                 loss_sum += share.detach()
-                tokens += batch["attention_mask"].sum()
+                tokens += batch_tokens(batch)
                 self.micro += 1
             self.method.after_backward(self.module, self.step)
             self.backend.step(self.optimizer, self.scheduler, [p for _, p in self.params], tc.max_grad_norm)

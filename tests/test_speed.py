@@ -8,10 +8,11 @@ import torch
 import torch.nn.functional as F
 
 from lrx import loss as lrx_loss
-from lrx.config import load_config
+from lrx.config import TrainConfig, load_config
 from lrx.data import IGNORE_INDEX
 from lrx.loss import causal_lm_ce_sum, chunked_ce_sum, install_fused_ce, resolve_fused_ce, token_ce_sum
 from lrx.methods import build_method
+from lrx.speed import prepare_for_training
 from tests.conftest import tiny_model
 
 
@@ -92,3 +93,26 @@ def test_models_with_scaled_logits_keep_them():
     model.config.final_logit_softcapping = 30.0
     assert resolve_fused_ce("auto", model, "cpu") == "off"
     assert resolve_fused_ce("off", tiny_model("llama", vocab=32), "cpu") == "off"
+
+
+def test_packed_examples_do_not_attend_to_each_other():
+    """Three examples packed into one row (as the collator gives them: position_ids, no
+    attention mask) give each example's logits as it alone does, in fp32."""
+    import datasets
+
+    from lrx.data import Collator, pack_sequences
+
+    model = tiny_model("llama", vocab=64)
+    prepare_for_training(model, TrainConfig(fused_loss="off"), "causal_lm", "cpu", "tiny")  # no KV cache: masks
+    g = torch.Generator().manual_seed(2)
+    examples = [torch.randint(1, 64, (n,), generator=g).tolist() for n in (5, 7, 4)]
+    ds = datasets.Dataset.from_dict({"input_ids": examples, "labels": examples})
+    row = Collator(0, "causal_lm")(list(pack_sequences(ds, 16)))
+    assert "attention_mask" not in row and row["position_ids"].tolist() == [[0, 1, 2, 3, 4, *range(7), 0, 1, 2, 3]]
+    with torch.no_grad():
+        packed = model(input_ids=row["input_ids"], position_ids=row["position_ids"]).logits[0]
+        start = 0
+        for ex in examples:
+            alone = model(input_ids=torch.tensor([ex])).logits[0]
+            assert torch.allclose(packed[start : start + len(ex)], alone, atol=1e-5, rtol=1e-5)
+            start += len(ex)
