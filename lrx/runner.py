@@ -107,6 +107,21 @@ def save_outputs(run_dir: Path, model, method, backend, meta: dict[str, Any]) ->
     backend.barrier()
 
 
+def throughput(history: list[dict], device: torch.device) -> dict[str, float]:
+    """What the summary says of speed and memory: real (not padding) tokens per second over all
+    processes, the median of the logged intervals (the first one holds compilation and warm-up),
+    and the peak memory: the GPU's (allocated by torch) or, on CPU, the process's resident peak."""
+    rates = sorted(r["tokens_per_s"] for r in history)
+    out = {"tokens_per_s": round(rates[len(rates) // 2], 1) if rates else None}
+    if device.type == "cuda":
+        out["peak_gpu_memory_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
+    else:
+        import resource
+
+        out["peak_host_memory_gib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)
+    return out
+
+
 def run(config: RunConfig, callbacks=()) -> dict[str, Any]:
     """Train one adapter as ``config`` says; returns the summary written to summary.json.
     ``callbacks`` are called with the trainer after every optimizer step."""
@@ -184,8 +199,7 @@ def _run(config: RunConfig, backend, checkpoints: CheckpointManager, t0: float, 
             summary["sample_completion"] = sample_generation(
                 model, tokenizer, config.train.sample_prompt, config.train.max_new_tokens, backend.device
             )
-    if backend.device.type == "cuda":
-        summary["peak_gpu_memory_gib"] = round(torch.cuda.max_memory_allocated(backend.device) / 2**30, 2)
+    summary.update(throughput(trainer.history, backend.device))
     summary["is_main"] = backend.is_main
     summary["world_size"] = backend.world_size
     if backend.is_main:

@@ -21,6 +21,10 @@ from lrx.loss import install_fused_ce, resolve_fused_ce
 
 log = logging.getLogger(__name__)
 
+COMPILE_BACKEND = "inductor"
+"""``torch.compile``'s backend for ``train.compile`` (tests use aot_eager: inductor's CPU code takes
+a minute and a half to compile a tiny model here)."""
+
 
 def _saved_ops() -> set:
     """The ops whose outputs ``selective`` checkpointing keeps (torchtitan's ``_save_list``,
@@ -77,12 +81,12 @@ def apply_checkpointing(model: nn.Module, mode: str, name: str, blocks: list[nn.
                 block.gradient_checkpointing = False
 
 
-def compile_blocks(blocks: list[nn.Module], backend: str = "inductor") -> None:
+def compile_blocks(blocks: list[nn.Module], backend: str | None = None) -> None:
     """``torch.compile`` each transformer block in place (``nn.Module.compile``: names and
     parameters unchanged; the blocks' adapted layers are part of the compiled code). Before
     ``fully_shard``, as torchtitan's ``apply_compile``."""
     for block in blocks:
-        block.compile(backend=backend)
+        block.compile(backend=backend or COMPILE_BACKEND)
 
 
 def prepare_for_training(model: nn.Module, tc, task: str, device_type: str, name: str) -> str:

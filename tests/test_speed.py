@@ -116,3 +116,60 @@ def test_packed_examples_do_not_attend_to_each_other():
             alone = model(input_ids=torch.tensor([ex])).logits[0]
             assert torch.allclose(packed[start : start + len(ex)], alone, atol=1e-5, rtol=1e-5)
             start += len(ex)
+
+
+def _step_grads(model, batch) -> tuple[float, dict[str, torch.Tensor]]:
+    """Two forward/backward passes (the second runs compiled code without recompiling), the
+    loss and the trained tensors' gradients of the last."""
+    for _ in range(2):
+        model.zero_grad()
+        loss = causal_lm_ce_sum(model, model, batch)
+        loss.backward()
+    return loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize("settings", [{"activation_checkpointing": "full"}, {"activation_checkpointing": "selective"},
+                                      {"compile": True, "activation_checkpointing": "every2"}])
+def test_checkpointed_and_compiled_steps_equal_the_plain_step(settings, monkeypatch):
+    """Every checkpointing mode and compiled blocks (aot_eager: the graphs torch.compile
+    captures, without inductor's minute-long CPU compile) against the plain step, in fp32."""
+    import lrx.speed
+
+    monkeypatch.setattr(lrx.speed, "COMPILE_BACKEND", "aot_eager")
+    torch._dynamo.reset()
+    g = torch.Generator().manual_seed(3)
+    batch = {"input_ids": torch.randint(0, 96, (2, 9), generator=g)}
+    batch["labels"] = batch["input_ids"].clone()
+    results = []
+    for tc in (TrainConfig(), TrainConfig(**settings)):
+        model = _adapted_llama(tie=True)
+        prepare_for_training(model, tc, "causal_lm", "cpu", "tiny")
+        results.append(_step_grads(model, batch))
+    (plain, plain_grads), (fast, fast_grads) = results
+    assert fast == pytest.approx(plain, rel=1e-6)
+    for name, grad in plain_grads.items():
+        assert (fast_grads[name] - grad).norm() <= 1e-6 * grad.norm(), name
+    blocks = model.model.layers
+    if settings.get("compile"):
+        assert all(block._compiled_call_impl is not None for block in blocks)
+    mode = settings.get("activation_checkpointing", "none")
+    assert [block.gradient_checkpointing for block in blocks] == {
+        "none": [False, False], "every2": [True, False]}.get(mode, [True, True])
+
+
+def test_a_run_with_every_fast_path_reports_its_speed(tmp_path, capsys):
+    """launch/train.py's path with packing, the chunked loss and selective checkpointing: it
+    trains, and summary.json says tokens/s and peak memory."""
+    import json
+
+    from tests.test_cli import TINY_LM, run_cli
+
+    out = tmp_path / "run"
+    args = [*TINY_LM, "data.packing=true", "train.fused_loss=chunked", "train.activation_checkpointing=selective",
+            "data.eval_path=none", f"logging.output_dir={out}"]
+    assert run_cli(args, capsys)[0] == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["tokens_per_s"] > 0 and summary["peak_host_memory_gib"] > 0
+    assert summary["final_train_loss"] < 20
+    code, _, err = run_cli([*TINY_LM, "train.activation_checkpointing=sometimes"], capsys)
+    assert code == 2 and "train.activation_checkpointing must be one of none, full, selective, every2" in err
