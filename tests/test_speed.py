@@ -173,3 +173,29 @@ def test_a_run_with_every_fast_path_reports_its_speed(tmp_path, capsys):
     assert summary["final_train_loss"] < 20
     code, _, err = run_cli([*TINY_LM, "train.activation_checkpointing=sometimes"], capsys)
     assert code == 2 and "train.activation_checkpointing must be one of none, full, selective, every2" in err
+
+
+def test_throughput_benchmark_runs_lrx_and_peft_and_writes_its_rows(tmp_path):
+    """tools/bench_throughput.py on a tiny shape on CPU: each variant in its own process, the
+    JSON rows the README table is made from, and a bad variant refused in one line."""
+    import json
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    out = tmp_path / "rows.json"
+    tool = str(REPO / "tools" / "bench_throughput.py")
+    cmd = [sys.executable, tool, "--model-config", "tiny", "--device", "cpu", "--seq", "32", "--warmup", "1",
+           "--steps", "1", "--variants", "lrx:lora:none:full:fused_loss=chunked", "peft:lora:none:none", "--out", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    rows = json.loads(out.read_text())
+    assert [(r["impl"], r["checkpointing"]) for r in rows] == [("lrx", "full"), ("peft", "none")]
+    for row in rows:
+        assert row["tok_s"] > 0 and len(row["repeats_tok_s"]) == 2 and row["peak_gib"] > 0 and row["card"] == "cpu"
+    assert rows[0]["settings"] == {"fused_loss": "chunked"}
+    table = subprocess.run([sys.executable, tool, "--table", str(out)], capture_output=True, text=True).stdout
+    assert "| lrx | lora | none | full | fused_loss=chunked |" in table
+    bad = subprocess.run([sys.executable, tool, "--variants", "lrx:lora:int3:full"], capture_output=True, text=True)
+    assert bad.returncode == 2 and "bad variant 'lrx:lora:int3:full'" in bad.stderr

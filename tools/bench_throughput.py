@@ -51,15 +51,20 @@ CPU_VARIANTS = ["peft:lora:none:full", "lrx:lora:none:full", "lrx:lora:none:none
 PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
+def refuse(message: str) -> None:
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
 def parse_variant(text: str) -> dict:
     """``IMPL:METHOD:QUANTIZE:CHECKPOINTING[:KEY=VALUE,...]`` as a dict; exits (2) on a bad one."""
     parts = text.split(":")
     if len(parts) not in (4, 5) or parts[0] not in ("lrx", "peft", "peft+liger") or parts[2] not in ("none", "nf4"):
-        sys.exit(f"bad variant {text!r}: write IMPL:METHOD:QUANTIZE:CHECKPOINTING[:KEY=VALUE,...], IMPL lrx, peft or "
+        refuse(f"bad variant {text!r}: write IMPL:METHOD:QUANTIZE:CHECKPOINTING[:KEY=VALUE,...], IMPL lrx, peft or "
                  "peft+liger, QUANTIZE none or nf4, e.g. lrx:lora:none:full:compile=true")
-    extra = dict(kv.split("=", 1) for kv in parts[4].split(",")) if len(parts) == 5 else {}
+    extra = dict(kv.split("=", 1) for kv in parts[4].split(",") if "=" in kv) if len(parts) == 5 else {}
     if parts[0] != "lrx" and (parts[1] != "lora" or parts[3] not in ("none", "full") or extra):
-        sys.exit(f"bad variant {text!r}: the peft baselines train lora with checkpointing none or full, no settings")
+        refuse(f"bad variant {text!r}: the peft baselines train lora with checkpointing none or full, no settings")
     return {"impl": parts[0], "method": parts[1], "quantize": parts[2], "checkpointing": parts[3], "settings": extra}
 
 
@@ -91,7 +96,6 @@ def run_all(args) -> list[dict]:
     """Each variant in its own subprocess; a failed or timed-out one gets a row saying so."""
     rows = []
     for text in args.variants:
-        parse_variant(text)
         result = Path(args.workdir) / f"result-{len(rows)}.json"
         env = {**os.environ, "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1",
                "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()),
@@ -166,6 +170,8 @@ def main() -> int:
                        ("model_config", "device", "seq", "micro_batch", "rank", "warmup", "steps", "repeats", "peak_tflops")]
     with tempfile.TemporaryDirectory() as workdir:
         args.workdir = workdir
+        for text in args.variants:  # every variant checked before the first one runs
+            parse_variant(text)
         rows = run_all(args)
     print(table(rows))
     if args.out:
