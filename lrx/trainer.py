@@ -23,9 +23,9 @@ from tqdm.auto import tqdm
 from transformers import get_scheduler
 
 from lrx.config import RunConfig
-from lrx.data.collate import batch_tokens
+from lrx.data.collate import IGNORE_INDEX, batch_tokens
 from lrx.errors import LrxError
-from lrx.loss import causal_lm_ce_sum, label_tokens, token_ce_sum
+from lrx.loss import causal_lm_ce_sum, label_tokens
 from lrx.methods import Method
 from lrx.metrics import compute_metrics
 
@@ -447,13 +447,16 @@ class Trainer:
         preds, labels = [], []
         for batch, (_, real) in zip(self.eval_loader, self.eval_shard.batches):
             batch = self._to_device(batch)
+            if self.task == "causal_lm":  # a token-level mean over the label tokens (fused: no logits)
+                target = batch["labels"].masked_fill(torch.arange(len(batch["labels"]), device=self.device)[:, None]
+                                                     >= real, IGNORE_INDEX)  # the padding rows score nothing
+                with self.autocast:
+                    sums[0] += causal_lm_ce_sum(self.model, self.module, {**batch, "labels": target}).double()
+                sums[1] += label_tokens(target)
+                continue
             with self.autocast:
                 logits = self.model(**{k: v for k, v in batch.items() if k != "labels"}).logits.float()[:real]
             target = batch["labels"][:real]
-            if self.task == "causal_lm":  # a token-level mean over the label tokens
-                sums[0] += token_ce_sum(logits, target).double()
-                sums[1] += label_tokens(target)
-                continue
             pred = logits.squeeze(-1) if self.task == "regression" else logits.argmax(-1)
             loss = F.mse_loss(pred, target.to(pred.dtype), reduction="sum") if self.task == "regression" else \
                 F.cross_entropy(logits, target, reduction="sum")

@@ -158,19 +158,24 @@ def test_checkpointed_and_compiled_steps_equal_the_plain_step(settings, monkeypa
 
 
 def test_a_run_with_every_fast_path_reports_its_speed(tmp_path, capsys):
-    """launch/train.py's path with packing, the chunked loss and selective checkpointing: it
-    trains, and summary.json says tokens/s and peak memory."""
+    """launch/train.py's path with packing, selective checkpointing and the chunked loss
+    (training and evaluation) against the same run with full logits: the same losses;
+    summary.json says tokens/s and peak memory."""
     import json
 
     from tests.test_cli import TINY_LM, run_cli
 
-    out = tmp_path / "run"
-    args = [*TINY_LM, "data.packing=true", "train.fused_loss=chunked", "train.activation_checkpointing=selective",
-            "data.eval_path=none", f"logging.output_dir={out}"]
-    assert run_cli(args, capsys)[0] == 0
-    summary = json.loads((out / "summary.json").read_text())
-    assert summary["tokens_per_s"] > 0 and summary["peak_host_memory_gib"] > 0
-    assert summary["final_train_loss"] < 20
+    summaries = []
+    for fused in ("off", "chunked"):
+        out = tmp_path / fused
+        args = [*TINY_LM, "data.packing=true", f"train.fused_loss={fused}", "train.activation_checkpointing=selective",
+                "train.max_steps=2", "train.log_every=1", "train.eval_at_start=false", f"logging.output_dir={out}"]
+        assert run_cli(args, capsys)[0] == 0
+        summaries.append(json.loads((out / "summary.json").read_text()))
+    plain, fast = summaries
+    assert fast["final_train_loss"] == pytest.approx(plain["final_train_loss"], rel=1e-5)
+    assert fast["eval"]["eval_loss"] == pytest.approx(plain["eval"]["eval_loss"], rel=1e-5)
+    assert fast["tokens_per_s"] > 0 and fast["peak_host_memory_gib"] > 0
     code, _, err = run_cli([*TINY_LM, "train.activation_checkpointing=sometimes"], capsys)
     assert code == 2 and "train.activation_checkpointing must be one of none, full, selective, every2" in err
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import tempfile
 import time
+from pathlib import Path
 
 import torch
 from bench_throughput import PROJECTIONS, flops_per_token, model_config
@@ -31,8 +32,6 @@ class Clock:
         if step in self.marks:
             _sync(self.device)
             self.times.append(time.perf_counter())
-            if len(self.times) == 1 and self.device.type == "cuda":
-                torch.cuda.reset_peak_memory_stats(self.device)  # the peak of the timed steps (warm-up included below)
 
 
 def _random_model(cfg, dtype: torch.dtype, device: torch.device):
@@ -81,10 +80,10 @@ def _lrx(args, v: dict, cfg, device: torch.device, clock_args) -> tuple[Clock, f
     clock = Clock(device, warmup, *clock_args)
     with tempfile.TemporaryDirectory() as run_dir:
         trainer = Trainer(config, model, method, data, None, Collator(0, "causal_lm"), "causal_lm", [], backend.device,
-                          run_dir=__import__("pathlib").Path(run_dir), backend=backend,
+                          run_dir=Path(run_dir), backend=backend,
                           callbacks=[lambda t: clock(t.step)])
         method.check_schedule(trainer.total_steps)
-        if device.type == "cuda":
+        if device.type == "cuda":  # the training peak (warm-up, SRLoRA's events, timed steps), not the build's
             torch.cuda.reset_peak_memory_stats(device)
         trainer.fit()
         loss = trainer.history[-1]["loss"]
