@@ -199,8 +199,8 @@ def test_throughput_benchmark_runs_lrx_and_peft_and_writes_its_rows(tmp_path):
     assert [(r["impl"], r["checkpointing"]) for r in rows] == [("lrx", "full"), ("peft", "none")]
     for row in rows:
         assert row["tok_s"] > 0 and len(row["repeats_tok_s"]) == 2 and row["peak_gib"] > 0 and row["card"] == "cpu"
-    assert rows[0]["settings"] == {"fused_loss": "chunked"}
+    assert rows[0]["settings"] == {"fused_loss": "chunked", "loss": "chunked", "backend": "single"}
     table = subprocess.run([sys.executable, tool, "--table", str(out)], capture_output=True, text=True).stdout
-    assert "| lrx | lora | none | full | fused_loss=chunked |" in table
+    assert "| lrx | lora | none | full | backend=single, fused_loss=chunked, loss=chunked |" in table
     bad = subprocess.run([sys.executable, tool, "--variants", "lrx:lora:int3:full"], capture_output=True, text=True)
     assert bad.returncode == 2 and "bad variant 'lrx:lora:int3:full'" in bad.stderr

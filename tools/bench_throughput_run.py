@@ -71,8 +71,12 @@ def _lrx(args, v: dict, cfg, device: torch.device, clock_args) -> tuple[Clock, f
     backend = build_backend(config.distributed.backend, config.train.device, bf16=True)
     method = build_method(config.method)
     quantizer = Quantizer(QuantSettings(v["quantize"]), backend.device) if v["quantize"] != "none" else None
+    def before_sharding(model) -> None:
+        v["settings"]["loss"] = prepare_for_training(model, config.train, "causal_lm", device.type, "bench")
+
+    v["settings"]["backend"] = backend_name
     spec = ModelSpec(lambda meta: _random_model(cfg, getattr(torch, dtype), device), dtype=getattr(torch, dtype),
-                     before_sharding=lambda m: prepare_for_training(m, config.train, "causal_lm", device.type, "bench"))
+                     before_sharding=before_sharding)
     model = backend.build(spec, Adapters(method, config.train.seed, None, quantizer))
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, cfg.vocab_size, (args.micro_batch * total, args.seq), generator=g).tolist()
