@@ -204,3 +204,26 @@ def test_throughput_benchmark_runs_lrx_and_peft_and_writes_its_rows(tmp_path):
     assert "| lrx | lora | none | full | backend=single, fused_loss=chunked, loss=chunked |" in table
     bad = subprocess.run([sys.executable, tool, "--variants", "lrx:lora:int3:full"], capture_output=True, text=True)
     assert bad.returncode == 2 and "bad variant 'lrx:lora:int3:full'" in bad.stderr
+
+
+@pytest.mark.gpu
+def test_liger_and_chunked_losses_agree_on_a_gpu():
+    """liger-kernel's fused linear cross-entropy against the chunked torch one on CUDA, under
+    bf16 autocast with a trained head: loss and gradients within bf16 rounding."""
+    pytest.importorskip("liger_kernel")
+    from lrx.loss import liger_ce_sum
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    h = torch.randn(1000, 256, device="cuda", generator=g, dtype=torch.bfloat16)
+    w = torch.randn(5000, 256, device="cuda", generator=g) * 0.05
+    labels = torch.randint(0, 5000, (1000,), device="cuda", generator=g)
+    labels[::4] = IGNORE_INDEX
+    results = []
+    for fn in (chunked_ce_sum, liger_ce_sum):
+        inputs = [t.clone().requires_grad_() for t in (h, w)]
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = fn(inputs[0], inputs[1], None, labels)
+        loss.backward()
+        results.append((loss.float(), inputs[0].grad.float(), inputs[1].grad.float()))
+    for mine, theirs in zip(*results):
+        assert (mine - theirs).norm() <= 2e-2 * theirs.norm()
