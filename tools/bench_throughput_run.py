@@ -57,15 +57,17 @@ def _lrx(args, v: dict, cfg, device: torch.device, clock_args) -> tuple[Clock, f
     settings = dict(v["settings"])
     backend_name = settings.pop("backend", "single" if v["quantize"] == "nf4" or device.type == "cpu" else "fsdp2")
     dtype = "bfloat16" if device.type == "cuda" else "float32"
-    srlora = v["method"] == "srlora"
-    warmup = args.warmup + (4 if srlora else 0)  # interval 1: SRLoRA's 4 events come after steps 1-4
+    adapter = [f"method.r={args.rank}", f"method.alpha={2 * args.rank}", "method.target_modules=[all-linear]"]
+    events = getattr(load_config(None, adapter, method=v["method"]).method, "n_events", 0)
+    # SRLoRA's whole schedule first (interval 1: an event after each of the first steps), so the
+    # timed steps carry its full edit log
+    warmup = args.warmup + events
     total = warmup + args.steps * args.repeats
-    overrides = [f"method.r={args.rank}", f"method.alpha={2 * args.rank}", "method.target_modules=[all-linear]",
-                 f"model.dtype={dtype}", f"model.quantize={v['quantize']}", f"train.device={device.type}",
+    overrides = [*adapter, f"model.dtype={dtype}", f"model.quantize={v['quantize']}", f"train.device={device.type}",
                  f"train.activation_checkpointing={v['checkpointing']}", f"train.batch_size={args.micro_batch}",
                  f"train.max_steps={total}", f"train.log_every={total}", "train.eval_at_start=false",
                  "data.eval_path=none", "logging.tensorboard=false", "logging.progress=false",
-                 f"distributed.backend={backend_name}", *(["method.interval=1"] if srlora else []),
+                 f"distributed.backend={backend_name}", *(["method.interval=1"] if events else []),
                  *(f"train.{k}={val}" for k, val in settings.items())]
     config = load_config(None, overrides, method=v["method"])
     backend = build_backend(config.distributed.backend, config.train.device, bf16=True)
