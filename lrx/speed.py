@@ -85,6 +85,12 @@ def compile_blocks(blocks: list[nn.Module], backend: str | None = None) -> None:
     """``torch.compile`` each transformer block in place (``nn.Module.compile``: names and
     parameters unchanged; the blocks' adapted layers are part of the compiled code). Before
     ``fully_shard``, as torchtitan's ``apply_compile``."""
+    # One compiled frame serves every block (2 graphs in transformers 5.25: the first block's input
+    # needs no gradient); a model whose blocks guard on their index (older transformers read
+    # layer_idx) recompiles per block, and dynamo falls back to eager past its recompile limit (8).
+    conf = torch._dynamo.config
+    limit = "recompile_limit" if hasattr(conf, "recompile_limit") else "cache_size_limit"
+    setattr(conf, limit, max(getattr(conf, limit), 2 * len(blocks) + 8))
     for block in blocks:
         block.compile(backend=backend or COMPILE_BACKEND)
 
