@@ -81,7 +81,8 @@ class DataConfig:
     max_length: int = 512
     """Truncate (or pack) sequences to this many tokens."""
     packing: bool = False
-    """format=instruct: concatenate examples into blocks of exactly max_length tokens."""
+    """format=instruct: concatenate examples into blocks of exactly max_length tokens (no padding); each
+    example attends only to itself (per-example position_ids, no attention across examples)."""
     mask_prompt: bool = True
     """format=instruct: compute the loss on response tokens only."""
     max_train_samples: int | None = None
@@ -96,6 +97,12 @@ class DataConfig:
             self.train_path, quickstart = None, False  # building the data says what to set
         if self.eval_path == "auto":
             self.eval_path = str(QUICKSTART / "eval.jsonl") if quickstart else None
+
+
+CHECKPOINTING = ("none", "full", "selective", "every2")
+"""``train.activation_checkpointing`` choices (``lrx.speed.apply_checkpointing``)."""
+CHECKPOINTING_ALIASES = {"true": "full", "false": "none", "on": "full", "off": "none", "yes": "full", "no": "none"}
+"""The on/off values the switch took before it had modes."""
 
 
 @dataclass(kw_only=True)
@@ -132,9 +139,20 @@ class TrainConfig:
     """Gradient clipping threshold; 0 disables clipping."""
     seed: int = 0
     """Seed for adapter init, data order and dropout."""
-    activation_checkpointing: bool = False
-    """Recompute each block's activations in backward (HF gradient checkpointing, non-reentrant):
-    much less activation memory for about a third more compute."""
+    activation_checkpointing: str = "none"
+    """Recompute activations in backward: none; full = every block's (HF gradient checkpointing,
+    non-reentrant; least memory, about a third more compute); selective = every block, keeping the
+    outputs of its matmuls and attention (torch's selective checkpointing: only the cheap
+    elementwise ops are recomputed); every2 = full on every other block. true/false mean full/none."""
+    fused_loss: Literal["auto", "liger", "chunked", "off"] = "auto"
+    """Causal LM: compute the loss without materialising the full logits (the head's matmul and the
+    cross-entropy fused over chunks of rows): liger = liger-kernel's Triton kernel (CUDA, pip install
+    liger-kernel); chunked = the same in torch (any device); auto = liger where it runs, else chunked;
+    off = full logits. Models whose logits are scaled or soft-capped keep full logits."""
+    compile: bool = False
+    """torch.compile each transformer block (adapted layers included) before it is sharded, as
+    torchtitan does: faster steps once compiled, a compile pause at the start (and after each
+    recomposition event that grows an edit log)."""
     bf16: bool = True
     """bf16 autocast for forward/backward on GPU (ignored on CPU)."""
     device: str = "auto"
@@ -174,6 +192,10 @@ class TrainConfig:
         _require(0 < self.plateau_factor < 1, "plateau_factor", self.plateau_factor, "in (0, 1), e.g. 0.1")
         _require(self.plateau_patience >= 0, "plateau_patience", self.plateau_patience, ">= 0")
         _require(self.max_grad_norm >= 0, "max_grad_norm", self.max_grad_norm, ">= 0 (0 = no clipping)")
+        ac = CHECKPOINTING_ALIASES.get(self.activation_checkpointing.lower(), self.activation_checkpointing)
+        _require(ac in CHECKPOINTING, "activation_checkpointing", self.activation_checkpointing,
+                 f"one of {', '.join(CHECKPOINTING)} (or true/false)")
+        self.activation_checkpointing = ac
         _require(re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device) is not None, "device", self.device,
                  "auto, cpu, cuda or cuda:N")
 

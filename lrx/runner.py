@@ -30,6 +30,7 @@ from lrx.methods import adapted_layers, build_method, layer_counts
 from lrx.models import absolute_path, check_positions, load_model, load_tokenizer, resolve_task, safetensors_files
 from lrx.quant import QuantizedLinear, Quantizer, QuantSettings, bitsandbytes
 from lrx.rundir import check_run_dir, claim_run_dir
+from lrx.speed import prepare_for_training
 from lrx.trainer import Trainer
 
 log = logging.getLogger(__name__)
@@ -37,10 +38,10 @@ log = logging.getLogger(__name__)
 RUN_MARKER = "config.yaml"  # the resolved config, written first
 
 
-def model_spec(config: RunConfig, task: str, num_labels: int, tokenizer) -> ModelSpec:
+def model_spec(config: RunConfig, task: str, num_labels: int, tokenizer, device_type: str = "cpu") -> ModelSpec:
     """The model of a run for ``Backend.build``: how to construct it, where its weights can be
     read one tensor at a time (a base stored as safetensors files, ``model.sharded_load``),
-    and activation checkpointing, which must be on before the model is sharded."""
+    and the speed settings (``lrx.speed``), which must be applied before the model is sharded."""
     mc, seed = config.model, config.train.seed
     files = safetensors_files(mc.name_or_path, mc.gguf_file) if mc.sharded_load != "off" else []
     if mc.sharded_load == "on" and not files:
@@ -53,22 +54,10 @@ def model_spec(config: RunConfig, task: str, num_labels: int, tokenizer) -> Mode
                           meta="params" if meta else False)
 
     def before_sharding(model: torch.nn.Module) -> None:
-        if config.train.activation_checkpointing:
-            enable_activation_checkpointing(model, mc.name_or_path)
+        prepare_for_training(model, config.train, task, device_type, mc.name_or_path)
 
     return ModelSpec(construct, reader=WeightFiles(files) if files else None, source=f"{len(files)} safetensors files",
                      stream=mc.sharded_load, dtype=getattr(torch, mc.dtype), before_sharding=before_sharding)
-
-
-def enable_activation_checkpointing(model: torch.nn.Module, name: str) -> None:
-    """HF's non-reentrant activation checkpointing (recompute each block in backward)."""
-    if not getattr(model, "supports_gradient_checkpointing", False):
-        raise ConfigError(f"{name} does not support activation checkpointing; set train.activation_checkpointing=false")
-    kwargs = {"use_reentrant": False}
-    if hasattr(model, "activation_checkpointing_enable"):  # the newer transformers name
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
-    else:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
 def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
@@ -120,6 +109,21 @@ def save_outputs(run_dir: Path, model, method, backend, meta: dict[str, Any]) ->
     backend.barrier()
 
 
+def throughput(history: list[dict], device: torch.device) -> dict[str, float]:
+    """What the summary says of speed and memory: real (not padding) tokens per second over all
+    processes, the median of the logged intervals (the first one holds compilation and warm-up),
+    and the peak memory: the GPU's (allocated by torch) or, on CPU, the process's resident peak."""
+    rates = sorted(r["tokens_per_s"] for r in history)
+    out = {"tokens_per_s": round(rates[len(rates) // 2], 1) if rates else None}
+    if device.type == "cuda":
+        out["peak_gpu_memory_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
+    else:
+        import resource
+
+        out["peak_host_memory_gib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)
+    return out
+
+
 def run(config: RunConfig, callbacks=()) -> dict[str, Any]:
     """Train one adapter as ``config`` says; returns the summary written to summary.json.
     ``callbacks`` are called with the trainer after every optimizer step."""
@@ -153,7 +157,7 @@ def _run(config: RunConfig, backend, checkpoints: CheckpointManager, t0: float, 
     saved = checkpoints.saved_adapter()  # resuming: each layer is restored while its base is whole
     quantizer = Quantizer(quant_settings(config), backend.device) if mc.quantize != "none" else None
     adapters = Adapters(method, config.train.seed, saved, quantizer)
-    model = backend.build(model_spec(config, task, data.num_labels, tokenizer), adapters)
+    model = backend.build(model_spec(config, task, data.num_labels, tokenizer, backend.device.type), adapters)
     if saved is not None:  # modules_to_save, into their shards
         saved.restore_modules(model, method, backend.load_whole)
     trainable, total = count_parameters(model)
@@ -199,8 +203,7 @@ def _run(config: RunConfig, backend, checkpoints: CheckpointManager, t0: float, 
             summary["sample_completion"] = sample_generation(
                 model, tokenizer, config.train.sample_prompt, config.train.max_new_tokens, backend.device
             )
-    if backend.device.type == "cuda":
-        summary["peak_gpu_memory_gib"] = round(torch.cuda.max_memory_allocated(backend.device) / 2**30, 2)
+    summary.update(throughput(trainer.history, backend.device))
     summary["is_main"] = backend.is_main
     summary["world_size"] = backend.world_size
     if backend.is_main:

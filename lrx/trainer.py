@@ -23,8 +23,9 @@ from tqdm.auto import tqdm
 from transformers import get_scheduler
 
 from lrx.config import RunConfig
-from lrx.data import IGNORE_INDEX
+from lrx.data.collate import IGNORE_INDEX, batch_tokens
 from lrx.errors import LrxError
+from lrx.loss import causal_lm_ce_sum, label_tokens
 from lrx.methods import Method
 from lrx.metrics import compute_metrics
 
@@ -69,17 +70,6 @@ def planned_steps(tc, n_examples: int, world_size: int = 1) -> int:
     if batches == 0:
         raise LrxError("the training set is empty; check data.train_path and data.max_train_samples")
     return tc.max_steps or math.ceil(max(1, batches // tc.grad_accum) * tc.epochs)
-
-
-def label_tokens(labels: torch.Tensor) -> torch.Tensor:
-    """The tokens a causal LM is scored on: every label but the first, unless masked."""
-    return (labels[:, 1:] != IGNORE_INDEX).sum()
-
-
-def token_ce_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """The summed next-token cross-entropy over ``label_tokens`` (fp32, as transformers computes it)."""
-    return F.cross_entropy(logits[:, :-1].float().flatten(0, 1), labels[:, 1:].flatten(),
-                           ignore_index=IGNORE_INDEX, reduction="sum")
 
 
 class EvalShard(torch.utils.data.Sampler):
@@ -354,7 +344,7 @@ class Trainer:
                 # Backends average gradients over processes: scale the share of the step's loss back up.
                 self.backend.backward(share * self.backend.world_size, sync=i == len(step_batches) - 1)
                 loss_sum += share.detach()
-                tokens += batch["attention_mask"].sum()
+                tokens += batch_tokens(batch)
                 self.micro += 1
             self.method.after_backward(self.module, self.step)
             self.backend.step(self.optimizer, self.scheduler, [p for _, p in self.params], tc.max_grad_norm)
@@ -404,8 +394,7 @@ class Trainer:
         transformers computes it) over ``divisor``; otherwise its mean loss over ``divisor``."""
         if self.task != "causal_lm":
             return self.model(**batch).loss / divisor
-        logits = self.model(**{k: v for k, v in batch.items() if k != "labels"}).logits
-        return token_ce_sum(logits, batch["labels"]) / divisor
+        return causal_lm_ce_sum(self.model, self.module, batch) / divisor
 
     def _gather_eval(self, local: torch.Tensor) -> torch.Tensor:
         """The whole evaluation set's values from each process's block (x + 0 == x: exact)."""
@@ -458,13 +447,16 @@ class Trainer:
         preds, labels = [], []
         for batch, (_, real) in zip(self.eval_loader, self.eval_shard.batches):
             batch = self._to_device(batch)
+            if self.task == "causal_lm":  # a token-level mean over the label tokens (fused: no logits)
+                target = batch["labels"].masked_fill(torch.arange(len(batch["labels"]), device=self.device)[:, None]
+                                                     >= real, IGNORE_INDEX)  # the padding rows score nothing
+                with self.autocast:
+                    sums[0] += causal_lm_ce_sum(self.model, self.module, {**batch, "labels": target}).double()
+                sums[1] += label_tokens(target)
+                continue
             with self.autocast:
                 logits = self.model(**{k: v for k, v in batch.items() if k != "labels"}).logits.float()[:real]
             target = batch["labels"][:real]
-            if self.task == "causal_lm":  # a token-level mean over the label tokens
-                sums[0] += token_ce_sum(logits, target).double()
-                sums[1] += label_tokens(target)
-                continue
             pred = logits.squeeze(-1) if self.task == "regression" else logits.argmax(-1)
             loss = F.mse_loss(pred, target.to(pred.dtype), reduction="sum") if self.task == "regression" else \
                 F.cross_entropy(logits, target, reduction="sum")

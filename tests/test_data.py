@@ -349,19 +349,23 @@ def test_packing_blocks_and_conservation(tmp_path, tok):
     packed = packed_b.train
 
     stream_ids = [t for seq in plain["input_ids"] for t in seq]
-    stream_labels = [t for seq in plain["labels"] for t in seq]
+    # every example's first token is not predicted from the example before it
+    stream_labels = [t for seq in plain["labels"] for t in [IGNORE_INDEX, *seq[1:]]]
+    stream_positions = [p for seq in plain["input_ids"] for p in range(len(seq))]
     n_blocks = len(stream_ids) // 32
     assert n_blocks >= 2 and len(packed) == n_blocks
     assert all(len(x) == 32 for x in packed["input_ids"]) and all(len(x) == 32 for x in packed["labels"])
     # Labels travel with their tokens: packed stream is the unpacked stream minus the partial tail.
     assert [t for s in packed["input_ids"] for t in s] == stream_ids[: n_blocks * 32]
     assert [t for s in packed["labels"] for t in s] == stream_labels[: n_blocks * 32]
+    assert [p for s in packed["position_ids"] for p in s] == stream_positions[: n_blocks * 32]
     labelled = sum(t != IGNORE_INDEX for s in packed["labels"] for t in s)
     assert labelled == sum(t != IGNORE_INDEX for t in stream_labels[: n_blocks * 32])
     assert len(packed_b.eval) == 15  # eval is never packed
 
     batch = packed_b.collate_fn([packed[0], packed[1]])
-    assert batch["input_ids"].shape == (2, 32) and bool(batch["attention_mask"].all())
+    assert batch["input_ids"].shape == (2, 32) and "attention_mask" not in batch  # masked by position_ids
+    assert batch["position_ids"].tolist() == [packed[0]["position_ids"], packed[1]["position_ids"]]
 
 
 def test_pack_sequences_exact_and_short(tok):
@@ -372,6 +376,7 @@ def test_pack_sequences_exact_and_short(tok):
     out = pack_sequences(ds, 4)  # 8 tokens -> exactly 2 blocks, nothing dropped
     assert out["input_ids"] == [[1, 2, 3, 4], [5, 6, 7, 8]]
     assert out["labels"] == [[-100, 2, 3, -100], [-100, 6, 7, 8]]
+    assert out["position_ids"] == [[0, 1, 2, 0], [1, 2, 3, 4]]
     short = pack_sequences(ds, 16)  # less than one block: keep it rather than return nothing
     assert short["input_ids"] == [[1, 2, 3, 4, 5, 6, 7, 8]]
 

@@ -37,7 +37,9 @@ class Collator:
     task: str
 
     def __call__(self, examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        """Collates ``examples`` (dicts with ``input_ids`` and ``labels``) into tensors."""
+        """Collates ``examples`` (dicts with ``input_ids`` and ``labels``) into tensors. Packed
+        rows (with ``position_ids``) get their ``position_ids`` and no ``attention_mask``:
+        transformers then masks attention between the examples of a row (below)."""
         ids = [torch.as_tensor(ex["input_ids"], dtype=torch.long).reshape(-1) for ex in examples]
         max_len = max(len(t) for t in ids)
         input_ids = torch.full((len(ids), max_len), self.pad_token_id, dtype=torch.long)
@@ -53,47 +55,64 @@ class Collator:
         else:
             dtype = torch.float32 if self.task == "regression" else torch.long
             labels = torch.as_tensor([ex["labels"] for ex in examples], dtype=dtype).reshape(-1)
+        if "position_ids" in examples[0]:
+            # Padding (only a dataset shorter than one block has a shorter row) is one more
+            # sequence, from position 0, that no real token attends to.
+            positions = torch.arange(max_len).repeat(len(ids), 1)
+            for i, ex in enumerate(examples):
+                positions[i, : len(ids[i])] = torch.as_tensor(ex["position_ids"], dtype=torch.long)
+            return {"input_ids": input_ids, "position_ids": positions, "labels": labels}
         return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 
 
+def batch_tokens(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The real (not padding) tokens of a collated batch; packed rows are all real tokens."""
+    mask = batch.get("attention_mask")
+    return mask.sum() if mask is not None else torch.tensor(batch["input_ids"].numel(), device=batch["input_ids"].device)
+
+
 def pack_sequences(ds: datasets.Dataset, block_size: int) -> datasets.Dataset:
-    """Concatenates tokenized examples into blocks of exactly ``block_size`` tokens.
+    """Concatenates tokenized examples into blocks of exactly ``block_size`` tokens, with the
+    ``position_ids`` of each token within its example.
 
     ``input_ids`` and ``labels`` are concatenated in dataset order and cut into blocks;
-    labels travel with their tokens, so masked prompt tokens stay masked. The trailing
-    partial block is dropped when at least one full block exists (if the whole dataset
-    is shorter than one block, that single shorter block is kept).
+    labels travel with their tokens, so masked prompt tokens stay masked, and the first token
+    of every example is masked too (what precedes it belongs to another example). The trailing
+    partial block is dropped when at least one full block exists (if the whole dataset is
+    shorter than one block, that single shorter block is kept).
 
-    Note that packed blocks are attended as one sequence: attention crosses example
-    boundaries (no per-example masks or position resets). This is the usual trade-off of
-    simple packing; it wastes no compute on padding.
+    Examples do not attend to each other: positions restart at 0 with every example, and
+    without an ``attention_mask`` transformers (>= 4.53, ``masking_utils.find_packed_sequence_indices``)
+    masks attention to the tokens of the same example (padding-free packing: every token is
+    real, none attends across). A block that starts inside an example keeps that example's
+    positions and sees only its own part of it.
 
     Args:
         ds: Dataset with list columns ``input_ids`` and ``labels``.
         block_size: Tokens per block (``max_length``).
 
     Returns:
-        Dataset with the same two columns, one row per block.
+        Dataset with ``input_ids``, ``labels`` and ``position_ids``, one row per block.
     """
 
     def pack(batch: dict[str, list[list[int]]]) -> dict[str, list[list[int]]]:
         ids = [t for seq in batch["input_ids"] for t in seq]
-        labels = [t for seq in batch["labels"] for t in seq]
+        labels = [t for seq in batch["labels"] for t in [IGNORE_INDEX, *seq[1:]][: len(seq)]]
+        positions = [p for seq in batch["input_ids"] for p in range(len(seq))]
         n_full = len(ids) // block_size
         ends = [(i + 1) * block_size for i in range(n_full)] if n_full else [len(ids)]
         starts = [e - block_size for e in ends] if n_full else [0]
-        return {
-            "input_ids": [ids[s:e] for s, e in zip(starts, ends)],
-            "labels": [labels[s:e] for s, e in zip(starts, ends)],
-        }
+        return {key: [values[s:e] for s, e in zip(starts, ends)]
+                for key, values in (("input_ids", ids), ("labels", labels), ("position_ids", positions))}
 
+    features = datasets.Features({**ds.features, "position_ids": datasets.List(datasets.Value("int64"))})
     # batch_size=None: one batch, so blocks span the whole dataset, not per-1000-row chunks.
     return ds.map(
         pack,
         batched=True,
         batch_size=None,
         remove_columns=ds.column_names,
-        features=ds.features,
+        features=features,
         keep_in_memory=True,
         desc="Packing",
     )

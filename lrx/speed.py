@@ -1,0 +1,126 @@
+"""What makes a training step fast, applied to the adapted model before it is placed or sharded.
+
+``prepare_for_training`` is the one place the runner (and so ``launch/train.py`` under one
+process, torchrun/FSDP2 and deepspeed alike) and ``tools/bench_throughput.py`` turn on the
+``train`` settings that change how a step runs, not what it computes: activation
+checkpointing (``apply_checkpointing``), the fused causal-LM loss (``lrx.loss``) and
+compiled transformer blocks (``compile_blocks``). The order is torchtitan's
+(``parallelize_llama``): checkpointing, then compile, then (in the backend) ``fully_shard``.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+
+import torch
+from torch import nn
+
+from lrx.errors import ConfigError
+from lrx.loss import install_fused_ce, resolve_fused_ce
+
+log = logging.getLogger(__name__)
+
+COMPILE_BACKEND = "inductor"
+"""``torch.compile``'s backend for ``train.compile`` (tests use aot_eager: inductor's CPU code takes
+a minute and a half to compile a tiny model here)."""
+
+
+def _saved_ops() -> set:
+    """The ops whose outputs ``selective`` checkpointing keeps (torchtitan's ``_save_list``,
+    less its collectives): the matmuls and the attention kernels, everything else is recomputed."""
+    aten = torch.ops.aten
+    names = ["mm.default", "addmm.default", "bmm.default", "_scaled_dot_product_flash_attention.default",
+             "_scaled_dot_product_efficient_attention.default", "_scaled_dot_product_cudnn_attention.default",
+             "_scaled_dot_product_flash_attention_for_cpu.default"]
+    ops = set()
+    for name in names:
+        packet, _, overload = name.partition(".")
+        if hasattr(aten, packet):
+            ops.add(getattr(getattr(aten, packet), overload))
+    return ops
+
+
+def _selective_policy(saved, ctx, op, *args, **kwargs):
+    from torch.utils.checkpoint import CheckpointPolicy
+
+    return CheckpointPolicy.MUST_SAVE if op in saved else CheckpointPolicy.PREFER_RECOMPUTE
+
+
+def checkpoint_kwargs(mode: str) -> dict:
+    """Keyword arguments of ``torch.utils.checkpoint.checkpoint`` for a checkpointing mode."""
+    kwargs = {"use_reentrant": False}
+    if mode == "selective":
+        from torch.utils.checkpoint import create_selective_checkpoint_contexts
+
+        policy = functools.partial(_selective_policy, _saved_ops())
+        kwargs["context_fn"] = functools.partial(create_selective_checkpoint_contexts, policy)
+    return kwargs
+
+
+def apply_checkpointing(model: nn.Module, mode: str, name: str, blocks: list[nn.Module]) -> None:
+    """``train.activation_checkpointing``: none, full (every block), selective (every block,
+    matmul and attention outputs kept) or every2 (full on blocks 0, 2, 4 ...), through the
+    model's own (HF) checkpointing of its blocks, so parameter names do not change.
+
+    Raises:
+        ConfigError: the model does not support activation checkpointing.
+    """
+    if mode == "none":
+        return
+    if not getattr(model, "supports_gradient_checkpointing", False):
+        raise ConfigError(f"{name} does not support activation checkpointing; set train.activation_checkpointing=none")
+    kwargs = checkpoint_kwargs(mode)
+    if hasattr(model, "activation_checkpointing_enable"):  # the newer transformers name
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    if mode == "every2":
+        for index, block in enumerate(blocks):
+            if index % 2 and hasattr(block, "gradient_checkpointing"):
+                block.gradient_checkpointing = False
+
+
+def compile_blocks(blocks: list[nn.Module], backend: str | None = None) -> None:
+    """``torch.compile`` each transformer block in place (``nn.Module.compile``: names and
+    parameters unchanged; the blocks' adapted layers are part of the compiled code). Before
+    ``fully_shard``, as torchtitan's ``apply_compile``."""
+    # One compiled frame serves every block (2 graphs in transformers 5.25: the first block's input
+    # needs no gradient); a model whose blocks guard on their index (older transformers read
+    # layer_idx) recompiles per block, and dynamo falls back to eager past its recompile limit (8).
+    conf = torch._dynamo.config
+    limit = "recompile_limit" if hasattr(conf, "recompile_limit") else "cache_size_limit"
+    setattr(conf, limit, max(getattr(conf, limit), 2 * len(blocks) + 8))
+    for block in blocks:
+        block.compile(backend=backend or COMPILE_BACKEND)
+
+
+def prepare_for_training(model: nn.Module, tc, task: str, device_type: str, name: str) -> str:
+    """Apply the ``train`` speed settings to an adapted model before it is placed or sharded.
+
+    Args:
+        model: the adapted model (HF).
+        tc: ``TrainConfig``: ``activation_checkpointing``, ``fused_loss``, ``compile``.
+        task: ``causal_lm`` gets the fused loss; other heads keep their logits.
+        device_type: where it will train (``cuda`` picks liger-kernel where installed).
+        name: the model's name, for messages.
+
+    Returns:
+        The loss the model computes: ``liger``, ``chunked`` or ``off`` (full logits).
+    """
+    from lrx.distributed.fsdp2 import transformer_blocks
+
+    blocks = transformer_blocks(model)
+    if task == "causal_lm" and getattr(model, "config", None) is not None:
+        # No KV cache in training: it costs memory, and transformers derives the per-example
+        # masks of packed rows from position_ids only where there is no cache.
+        model.config.use_cache = False
+    apply_checkpointing(model, tc.activation_checkpointing, name, blocks)
+    fused = resolve_fused_ce(tc.fused_loss, model, device_type) if task == "causal_lm" else "off"
+    if fused != "off":
+        install_fused_ce(model, fused)
+    if tc.compile:
+        compile_blocks(blocks)
+    log.info("training: activation checkpointing %s, loss %s, compiled blocks %s", tc.activation_checkpointing,
+             "full logits" if fused == "off" else f"fused ({fused})", len(blocks) if tc.compile else "none")
+    return fused
