@@ -19,6 +19,7 @@ import typing
 from pathlib import Path
 
 from lrx.errors import LrxError
+from lrx.stop import EXIT_STOPPED, Stopped
 
 USAGE_EPILOG = """\
 Overrides are SECTION.KEY=VALUE pairs applied after the YAML file, e.g.
@@ -107,6 +108,10 @@ def train_main(argv: list[str] | None = None, prog: str = "launch/train.py") -> 
             print(plan(config, args.world_size))
             return 0
         summary = run(config)
+    except Stopped as stopped:
+        if stopped.main:
+            print(stopped, file=sys.stderr)
+        return EXIT_STOPPED
     except LrxError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

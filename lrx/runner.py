@@ -23,13 +23,15 @@ from lrx.build import Adapters
 from lrx.checkpoint import CheckpointManager
 from lrx.config import RunConfig, save_config
 from lrx.data import build_datasets, prompt_add_special_tokens, render_prompt
-from lrx.distributed import ModelSpec, build_backend
+from lrx.diskspace import warn_if_short
+from lrx.distributed import ModelSpec, Timeouts, build_backend
 from lrx.errors import ConfigError
 from lrx.fileio import WeightFiles
 from lrx.methods import adapted_layers, build_method, layer_counts
 from lrx.models import absolute_path, check_positions, load_model, load_tokenizer, resolve_task, safetensors_files
 from lrx.quant import Quantizer, QuantSettings, bitsandbytes
 from lrx.rundir import check_run_dir, claim_run_dir
+from lrx.stop import Stopped, StopRequest
 from lrx.trainer import Trainer
 
 log = logging.getLogger(__name__)
@@ -118,6 +120,25 @@ def save_outputs(run_dir: Path, model, method, backend, meta: dict[str, Any]) ->
     backend.barrier()
 
 
+def output_bytes(method, trainable: int) -> int:
+    """About what one checkpoint plus the final adapter take: the trained tensors four times in
+    fp32 (checkpoint adapter, Adam's two moments, the adapter) and the edit logs twice."""
+    logs = sum(t.numel() for layer in method.layers.values() for t in layer.edit_log_storage())
+    return 4 * (4 * trainable + 2 * logs)
+
+
+def fit(trainer: Trainer, backend) -> list[dict]:
+    """``trainer.fit()``; a collective that timed out or lost a peer becomes one line naming the
+    processes that stopped answering."""
+    try:
+        return trainer.fit()
+    except RuntimeError as e:
+        error = backend.failure(e, trainer.step)
+        if error is None:
+            raise
+        raise error from None
+
+
 def run(config: RunConfig, callbacks=()) -> dict[str, Any]:
     """Train one adapter as ``config`` says; returns the summary written to summary.json.
     ``callbacks`` are called with the trainer after every optimizer step."""
@@ -130,16 +151,24 @@ def run(config: RunConfig, callbacks=()) -> dict[str, Any]:
         datasets.disable_progress_bars()
     if config.model.quantize != "none":
         bitsandbytes(config.train.device if config.train.device != "auto" else None)  # installed, with a backend
-    backend = build_backend(config.distributed.backend, config.train.device, bf16=config.train.bf16,
-                            deepspeed_config=config.distributed.deepspeed_config,
-                            replicate=config.distributed.replicate)
+    dc = config.distributed
+    backend = build_backend(dc.backend, config.train.device, bf16=config.train.bf16,
+                            deepspeed_config=dc.deepspeed_config, replicate=dc.replicate,
+                            timeouts=Timeouts(dc.timeout_s, dc.checkpoint_timeout_s))
+    stop = StopRequest(config.train.stop_signals, config.train.stop_grace_s).install()
     try:
-        return _run(config, backend, checkpoints, t0, callbacks)
+        return _run(config, backend, checkpoints, t0, callbacks, stop)
+    except Stopped as stopped:
+        if backend.is_main:
+            stop.record(stopped)
+        raise
     finally:
+        stop.uninstall()
         backend.close()
 
 
-def _run(config: RunConfig, backend, checkpoints: CheckpointManager, t0: float, callbacks) -> dict[str, Any]:
+def _run(config: RunConfig, backend, checkpoints: CheckpointManager, t0: float, callbacks,
+         stop: StopRequest | None = None) -> dict[str, Any]:
     run_dir = Path(config.logging.output_dir)
     mc = config.model
     tokenizer = load_tokenizer(mc.tokenizer or mc.name_or_path, None if mc.tokenizer else mc.gguf_file)
@@ -163,7 +192,7 @@ def _run(config: RunConfig, backend, checkpoints: CheckpointManager, t0: float, 
     checkpoints.meta = meta
     trainer = Trainer(
         config, model, method, data.train, data.eval, data.collate_fn, data.task, data.metric_names,
-        backend.device, run_dir, backend=backend, checkpoints=checkpoints, callbacks=callbacks,
+        backend.device, run_dir, backend=backend, checkpoints=checkpoints, callbacks=callbacks, stop=stop,
     )
     method.check_schedule(trainer.total_steps)
     if saved is not None:
@@ -173,8 +202,9 @@ def _run(config: RunConfig, backend, checkpoints: CheckpointManager, t0: float, 
         run_dir = claim_run_dir(run_dir, config.logging.overwrite, checkpoints.path)
         checkpoints.rewind_logs()
         save_config(config, run_dir / RUN_MARKER)
+        warn_if_short(run_dir, output_bytes(method, trainable))
     backend.barrier()
-    evals = trainer.fit()
+    evals = fit(trainer, backend)
 
     save_outputs(run_dir, model, method, backend, meta)
     summary = {
