@@ -5,7 +5,8 @@ trains an adapter; ``lrx plan`` is ``lrx train --dry-run``; ``lrx export`` write
 model or a peft adapter (also ``tools/export_merged.py``); ``lrx eigenbasis`` builds an
 EigenLoRAx basis (also ``tools/build_eigenbasis.py``). Without a subcommand the arguments go
 to ``train``. User errors (``LrxError``) are printed as one line and exit with status 2;
-nothing already saved is touched.
+nothing already saved is touched. A run stopped on request (a signal, ``lrx.stop``) exits with
+status 75 after a complete checkpoint: ``--resume auto`` continues it.
 """
 
 from __future__ import annotations

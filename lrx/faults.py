@@ -5,12 +5,13 @@ at a few named points, so the tests of stopping, hangs, full disks and restarts 
 code paths (through ``launch/train.py``, torchrun and the SLURM templates) without patching:
 
 - kinds: ``crash`` (the process exits at once with status 1, as a killed one would),
-  ``hang`` (it sleeps for an hour), ``pause`` (it sleeps for 5 seconds), ``enospc`` (the write raises ``OSError(ENOSPC)``),
+  ``hang`` (it sleeps for an hour), ``pause`` (it sleeps for 2 seconds), ``enospc`` (the write raises ``OSError(ENOSPC)``),
   ``sigterm`` / ``sigint`` / ``sigusr1`` (the process sends itself that signal);
 - points: ``step:N`` (inside optimizer step N, after its backward, before the optimizer step
   and the method's hook: an SRLoRA event of step N runs after it), ``checkpoint:N`` (in the
-  middle of writing checkpoint N: some of its files are written), ``write:NAME`` (an atomic
-  folder write of ``NAME``, e.g. ``adapter``, once its files are in the temporary folder);
+  middle of writing checkpoint N: some of its files are written), ``write:PARENT/NAME`` (an
+  atomic write of the folder ``NAME`` in ``PARENT``, e.g. ``write:my-run/adapter``, once its
+  files are in the temporary folder);
 - ``@rank=R``: only on process R (default: every process);
 - ``@attempt=A``: only in workers that ``torchrun --max-restarts`` started for the A-th time
   (``TORCHELASTIC_RESTART_COUNT``; the first attempt is 0; default: every attempt).
@@ -49,6 +50,12 @@ def planned() -> tuple[tuple[str, str, int | None], ...]:
 _fired: set[int] = set()
 
 
+def reset() -> None:
+    """Read ``LRX_FAULT`` again (tests that change it in-process)."""
+    planned.cache_clear()
+    _fired.clear()
+
+
 def fire(point: str, rank: int = 0) -> None:
     """Cause the faults planned at ``point`` on process ``rank`` (nothing when ``LRX_FAULT`` is unset)."""
     for index, (kind, where, only) in enumerate(planned()):
@@ -59,7 +66,7 @@ def fire(point: str, rank: int = 0) -> None:
         if kind == "crash":
             os._exit(1)
         if kind in ("hang", "pause"):
-            time.sleep(3600 if kind == "hang" else 5)
+            time.sleep(3600 if kind == "hang" else 2)
         if kind == "enospc":
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         if kind.startswith("sig"):

@@ -114,7 +114,7 @@ def atomic_dir(final: Path, needed: int = 0):
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
     try:
         yield tmp
-        faults.fire(f"write:{final.name}")  # tests: the disk fills once the files are in the temporary folder
+        faults.fire(f"write:{final.parent.name}/{final.name}")  # tests: the disk fills once the files are in the temporary folder
     except BaseException as e:
         written = folder_bytes(tmp) if tmp.is_dir() else 0
         shutil.rmtree(tmp, ignore_errors=True)

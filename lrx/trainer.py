@@ -389,6 +389,7 @@ class Trainer:
         if self.is_main:
             self.method.on_train_end(self.module, self.run_dir)
             plot_history(self.history, evals, self.run_dir / "loss.png")
+        self.backend.barrier()  # the others wait for the plots with the file-writing timeout
         return evals
 
     def _stop_if_asked(self, saved: Path | None) -> None:
