@@ -189,20 +189,13 @@ def save_checkpoint(run_dir: Path, step: int, *, backend, model, method, progres
                      "versions": {"lrx": lrx.__version__, "torch": torch.__version__,
                                   "transformers": transformers.__version__}}
             (tmp / STATE).write_text(json.dumps(state, indent=2))
-    except OSError as e:
-        error = e
-    except DiskFull as e:  # save_adapter's own line: this one names the checkpoint's folder
-        error = e.error
+    except (OSError, DiskFull) as e:  # DiskFull: save_adapter's line; the checkpoint's names its folder
+        error = getattr(e, "error", e)
     # Every process leaves the same way (waiting while the main one writes: the long timeout).
     if backend.any_rank(error is not None, slow=True):
         if backend.is_main:
             shutil.rmtree(tmp, ignore_errors=True)
-        intact = "earlier checkpoints are intact"
-        if error is not None and is_full(error):
-            raise full_error(root, tensor_bytes(optimizer_state, params, logs, method_state), error, intact)
-        reason = f"{getattr(error, 'strerror', None) or error}" if error else "another process failed to write it"
-        raise LrxError(f"cannot write checkpoint {final} ({reason}); free space or fix permissions of "
-                       f"{root}; {intact}")
+        raise write_error(final, error, tensor_bytes(optimizer_state, params, logs, method_state))
     if backend.is_main:
         fsync_tree(tmp)
         (tmp / COMPLETE).write_text(json.dumps({"step": step}))
@@ -212,6 +205,15 @@ def save_checkpoint(run_dir: Path, step: int, *, backend, model, method, progres
         log.info("checkpoint %s written", final)
     backend.barrier()
     return final
+
+
+def write_error(final: Path, error: OSError | None, needed: int) -> LrxError:
+    """The one line for a checkpoint that could not be written (``error`` None: another process failed)."""
+    intact = "earlier checkpoints are intact"
+    if error is not None and is_full(error):
+        return full_error(final.parent, needed, error, intact)
+    reason = f"{error.strerror or error}" if error else "another process failed to write it"
+    return LrxError(f"cannot write checkpoint {final} ({reason}); free space or fix permissions of {final.parent}; {intact}")
 
 
 def retire(path: Path) -> None:
