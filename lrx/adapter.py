@@ -97,9 +97,9 @@ def save_adapter(path: str | Path, model: nn.Module, method: Method, meta: dict[
         "saved_modules": method.saved_modules,
         **meta,
     }
-    with atomic_dir(path) as tmp:
-        save_file(adapter_tensors(model, method, method_state, params, logs), str(tmp / WEIGHTS_NAME),
-                  metadata={"format": "pt"})
+    tensors = adapter_tensors(model, method, method_state, params, logs)
+    with atomic_dir(path, needed=sum(t.numel() * t.element_size() for t in tensors.values())) as tmp:
+        save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
         (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2))
     return path
 

@@ -40,7 +40,9 @@ import transformers
 from safetensors.torch import save_file
 
 import lrx
+from lrx import faults
 from lrx.adapter import WEIGHTS_NAME, SavedAdapter, edit_logs, save_adapter
+from lrx.diskspace import DiskFull, full_error, is_full, tensor_bytes
 from lrx.errors import LrxError
 from lrx.fileio import fsync_tree, read_json, read_safetensors, swap_in
 
@@ -182,6 +184,7 @@ def save_checkpoint(run_dir: Path, step: int, *, backend, model, method, progres
         if torch.cuda.is_available() and backend.device.type == "cuda":
             rng["cuda"] = torch.cuda.get_rng_state(backend.device)
         save_file(rng, str(tmp / f"rng-rank{backend.rank}.safetensors"))
+        faults.fire(f"checkpoint:{step}", backend.rank)  # tests: a full disk or a signal in the middle of a write
         if backend.is_main:
             save_adapter(tmp / "adapter", model, method, meta, method_state, params, logs)
             save_file({k: v.detach().cpu().contiguous() for k, v in optimizer_state.items()}, str(tmp / OPTIMIZER),
@@ -190,15 +193,13 @@ def save_checkpoint(run_dir: Path, step: int, *, backend, model, method, progres
                      "versions": {"lrx": lrx.__version__, "torch": torch.__version__,
                                   "transformers": transformers.__version__}}
             (tmp / STATE).write_text(json.dumps(state, indent=2))
-    except OSError as e:
-        error = e
-    failed = torch.tensor([1.0 if error else 0.0], device=backend.device)
-    if backend.all_reduce_sum(failed).item() > 0:  # every process leaves the same way
+    except (OSError, DiskFull) as e:  # DiskFull: save_adapter's line; the checkpoint's names its folder
+        error = getattr(e, "error", e)
+    # Every process leaves the same way (waiting while the main one writes: the long timeout).
+    if backend.any_rank(error is not None, slow=True):
         if backend.is_main:
             shutil.rmtree(tmp, ignore_errors=True)
-        reason = f"{error.strerror or error}" if error else "another process failed to write it"
-        raise LrxError(f"cannot write checkpoint {final} ({reason}); free space or fix permissions of "
-                       f"{root}; earlier checkpoints are intact")
+        raise write_error(final, error, tensor_bytes(optimizer_state, params, logs, method_state))
     if backend.is_main:
         fsync_tree(tmp)
         (tmp / COMPLETE).write_text(json.dumps({"step": step}))
@@ -208,6 +209,15 @@ def save_checkpoint(run_dir: Path, step: int, *, backend, model, method, progres
         log.info("checkpoint %s written", final)
     backend.barrier()
     return final
+
+
+def write_error(final: Path, error: OSError | None, needed: int) -> LrxError:
+    """The one line for a checkpoint that could not be written (``error`` None: another process failed)."""
+    intact = "earlier checkpoints are intact"
+    if error is not None and is_full(error):
+        return full_error(final.parent, needed, error, intact)
+    reason = f"{error.strerror or error}" if error else "another process failed to write it"
+    return LrxError(f"cannot write checkpoint {final} ({reason}); free space or fix permissions of {final.parent}; {intact}")
 
 
 def retire(path: Path) -> None:

@@ -5,7 +5,8 @@ trains an adapter; ``lrx plan`` is ``lrx train --dry-run``; ``lrx export`` write
 model or a peft adapter (also ``tools/export_merged.py``); ``lrx eigenbasis`` builds an
 EigenLoRAx basis (also ``tools/build_eigenbasis.py``). Without a subcommand the arguments go
 to ``train``. User errors (``LrxError``) are printed as one line and exit with status 2;
-nothing already saved is touched.
+nothing already saved is touched. A run stopped on request (a signal, ``lrx.stop``) exits with
+status 75 after a complete checkpoint: ``--resume auto`` continues it.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import typing
 from pathlib import Path
 
 from lrx.errors import LrxError
+from lrx.stop import EXIT_STOPPED, Stopped
 
 USAGE_EPILOG = """\
 Overrides are SECTION.KEY=VALUE pairs applied after the YAML file, e.g.
@@ -109,6 +111,10 @@ def train_main(argv: list[str] | None = None, prog: str = "launch/train.py") -> 
             print(plan(config, args.world_size))
             return 0
         summary = run(config)
+    except Stopped as stopped:
+        if stopped.main:
+            print(stopped, file=sys.stderr)
+        return EXIT_STOPPED
     except LrxError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -175,6 +175,11 @@ class TrainConfig:
     """Complete checkpoints kept in output_dir/checkpoints (older ones are deleted)."""
     resume: str | None = None
     """Resume from a checkpoint: auto = the newest complete one in output_dir (or start fresh), or a folder."""
+    stop_signals: list[str] = field(default_factory=lambda: ["TERM", "INT", "USR1"])
+    """Signals that stop the run gracefully: every process finishes its optimizer step, a checkpoint is written,
+    exit status 75 (resume with --resume auto); a second one exits at once. [] = the signals' default actions."""
+    stop_grace_s: float = 0.0
+    """After a stop signal, exit at once if the checkpoint is not written within this many seconds (0 = no deadline)."""
 
     def __post_init__(self) -> None:
         # Every numeric key in one place (NaN and infinities are refused for all floats in _coerce).
@@ -196,6 +201,9 @@ class TrainConfig:
         _require(ac in CHECKPOINTING, "activation_checkpointing", self.activation_checkpointing,
                  f"one of {', '.join(CHECKPOINTING)} (or true/false)")
         self.activation_checkpointing = ac
+        for name in self.stop_signals:
+            _require(_is_signal(name), "stop_signals", self.stop_signals, "signal names such as [TERM, INT, USR1]")
+        _require(self.stop_grace_s >= 0, "stop_grace_s", self.stop_grace_s, ">= 0 (0 = no deadline)")
         _require(re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device) is not None, "device", self.device,
                  "auto, cpu, cuda or cuda:N")
 
@@ -211,8 +219,16 @@ class DistributedConfig:
     processes/replicate and replicated across the groups; for multi-node jobs, the number of nodes
     (shard within a node, replicate across nodes). 1 = shard over every process."""
 
+    timeout_s: float = 300.0
+    """Seconds a collective of training may wait for the other processes before the run stops with an error
+    naming the rank that did not answer (NCCL's own default is 600)."""
+    checkpoint_timeout_s: float = 1800.0
+    """Seconds the other processes wait while the main one writes files (checkpoints, the adapter, data caches)."""
+
     def __post_init__(self) -> None:
         _require(self.replicate >= 1, "replicate", self.replicate, ">= 1")
+        for name in ("timeout_s", "checkpoint_timeout_s"):
+            _require(getattr(self, name) > 0, name, getattr(self, name), "> 0 seconds")
 
 
 @dataclass(kw_only=True)
@@ -252,6 +268,16 @@ class RunConfig:
     def to_dict(self) -> dict[str, Any]:
         """Plain nested dict (YAML-serialisable) of the resolved config."""
         return dataclasses.asdict(self)
+
+
+def _is_signal(name: Any) -> bool:
+    from lrx.stop import signal_number
+
+    try:
+        signal_number(str(name))
+    except (KeyError, ValueError):
+        return False
+    return True
 
 
 def _require(ok: bool, key: str, value: Any, want: str) -> None:

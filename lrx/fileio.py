@@ -102,16 +102,24 @@ def swap_in(tmp: Path, final: Path, remove=None) -> None:
 
 
 @contextlib.contextmanager
-def atomic_dir(final: Path):
+def atomic_dir(final: Path, needed: int = 0):
     """A temporary sibling folder to fill, made ``final`` on success (``swap_in``); on an error
-    it is deleted and ``final`` stays as it was."""
+    it is deleted and ``final`` stays as it was. A full disk (or quota) is a one-line
+    ``LrxError`` naming the folder, ``needed`` bytes (at least what was written) and the bytes free."""
+    from lrx import faults
+    from lrx.diskspace import folder_bytes, full_error, is_full
+
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
     try:
         yield tmp
-    except BaseException:
+        faults.fire(f"write:{final.parent.name}/{final.name}")  # tests: the disk fills once the files are in the temporary folder
+    except BaseException as e:
+        written = folder_bytes(tmp) if tmp.is_dir() else 0
         shutil.rmtree(tmp, ignore_errors=True)
+        if is_full(e):
+            raise full_error(final.parent, max(needed, written), e, f"{final} is as it was") from None
         raise
     swap_in(tmp, final)
 

@@ -23,7 +23,8 @@ from lrx.build import Adapters
 from lrx.checkpoint import CheckpointManager
 from lrx.config import RunConfig, save_config
 from lrx.data import build_datasets, prompt_add_special_tokens, render_prompt
-from lrx.distributed import ModelSpec, build_backend
+from lrx.diskspace import warn_if_short
+from lrx.distributed import ModelSpec, Timeouts, build_backend
 from lrx.errors import ConfigError
 from lrx.fileio import WeightFiles
 from lrx.methods import adapted_layers, build_method, layer_counts
@@ -31,6 +32,7 @@ from lrx.models import absolute_path, check_positions, load_model, load_tokenize
 from lrx.quant import QuantizedLinear, Quantizer, QuantSettings, bitsandbytes
 from lrx.rundir import check_run_dir, claim_run_dir
 from lrx.speed import prepare_for_training
+from lrx.stop import Stopped, StopRequest
 from lrx.trainer import Trainer
 
 log = logging.getLogger(__name__)
@@ -122,6 +124,23 @@ def throughput(history: list[dict], device: torch.device) -> dict[str, float]:
 
         out["peak_host_memory_gib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)
     return out
+def output_bytes(method, trainable: int) -> int:
+    """About what one checkpoint plus the final adapter take: the trained tensors four times in
+    fp32 (checkpoint adapter, Adam's two moments, the adapter) and the edit logs twice."""
+    logs = sum(t.numel() for layer in method.layers.values() for t in layer.edit_log_storage())
+    return 4 * (4 * trainable + 2 * logs)
+
+
+def fit(trainer: Trainer, backend) -> list[dict]:
+    """``trainer.fit()``; a collective that timed out or lost a peer becomes one line naming the
+    processes that stopped answering."""
+    try:
+        return trainer.fit()
+    except RuntimeError as e:
+        error = backend.failure(e, trainer.step)
+        if error is None:
+            raise
+        raise error from None
 
 
 def run(config: RunConfig, callbacks=()) -> dict[str, Any]:
@@ -136,16 +155,24 @@ def run(config: RunConfig, callbacks=()) -> dict[str, Any]:
         datasets.disable_progress_bars()
     if config.model.quantize != "none":
         bitsandbytes(config.train.device if config.train.device != "auto" else None)  # installed, with a backend
-    backend = build_backend(config.distributed.backend, config.train.device, bf16=config.train.bf16,
-                            deepspeed_config=config.distributed.deepspeed_config,
-                            replicate=config.distributed.replicate)
+    dc = config.distributed
+    backend = build_backend(dc.backend, config.train.device, bf16=config.train.bf16,
+                            deepspeed_config=dc.deepspeed_config, replicate=dc.replicate,
+                            timeouts=Timeouts(dc.timeout_s, dc.checkpoint_timeout_s))
+    stop = StopRequest(config.train.stop_signals, config.train.stop_grace_s).install()
     try:
-        return _run(config, backend, checkpoints, t0, callbacks)
+        return _run(config, backend, checkpoints, t0, callbacks, stop)
+    except Stopped as stopped:
+        if backend.is_main:
+            stop.record(stopped)
+        raise
     finally:
+        stop.uninstall()
         backend.close()
 
 
-def _run(config: RunConfig, backend, checkpoints: CheckpointManager, t0: float, callbacks) -> dict[str, Any]:
+def _run(config: RunConfig, backend, checkpoints: CheckpointManager, t0: float, callbacks,
+         stop: StopRequest | None = None) -> dict[str, Any]:
     run_dir = Path(config.logging.output_dir)
     mc = config.model
     tokenizer = load_tokenizer(mc.tokenizer or mc.name_or_path, None if mc.tokenizer else mc.gguf_file)
@@ -171,7 +198,7 @@ def _run(config: RunConfig, backend, checkpoints: CheckpointManager, t0: float, 
     checkpoints.meta = meta
     trainer = Trainer(
         config, model, method, data.train, data.eval, data.collate_fn, data.task, data.metric_names,
-        backend.device, run_dir, backend=backend, checkpoints=checkpoints, callbacks=callbacks,
+        backend.device, run_dir, backend=backend, checkpoints=checkpoints, callbacks=callbacks, stop=stop,
     )
     method.check_schedule(trainer.total_steps)
     if saved is not None:
@@ -181,8 +208,9 @@ def _run(config: RunConfig, backend, checkpoints: CheckpointManager, t0: float, 
         run_dir = claim_run_dir(run_dir, config.logging.overwrite, checkpoints.path)
         checkpoints.rewind_logs()
         save_config(config, run_dir / RUN_MARKER)
+        warn_if_short(run_dir, output_bytes(method, trainable))
     backend.barrier()
-    evals = trainer.fit()
+    evals = fit(trainer, backend)
 
     save_outputs(run_dir, model, method, backend, meta)
     summary = {

@@ -22,12 +22,14 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
+from lrx import faults
 from lrx.config import RunConfig
 from lrx.data.collate import IGNORE_INDEX, batch_tokens
 from lrx.errors import LrxError
 from lrx.loss import causal_lm_ce_sum, label_tokens
 from lrx.methods import Method
 from lrx.metrics import compute_metrics
+from lrx.stop import Stopped
 
 log = logging.getLogger(__name__)
 
@@ -220,12 +222,14 @@ class Trainer:
             None = none are written.
         callbacks: ``callback(trainer)`` after every optimizer step, once its logging,
             evaluation and checkpoint are done (e.g. a test's fault injection).
+        stop: a ``lrx.stop.StopRequest``: after every step (but the last) the processes agree
+            whether any was asked to stop; if so, a checkpoint and ``Stopped``.
     """
 
     def __init__(
         self, config: RunConfig, model: nn.Module, method: Method, train_data, eval_data, collate_fn,
         task: str, metric_names: list[str], device: torch.device, run_dir: Path, backend=None,
-        checkpoints=None, callbacks=(),
+        checkpoints=None, callbacks=(), stop=None,
     ):
         self.cfg = config
         self.model = model
@@ -277,7 +281,7 @@ class Trainer:
         self.step = 0
         self.micro = 0  # micro-batches this process has consumed (the data position)
         self.history: list[dict[str, float]] = []
-        self.checkpoints, self.callbacks = checkpoints, list(callbacks)
+        self.checkpoints, self.callbacks, self.stop = checkpoints, list(callbacks), stop
         self.resumed = False
 
     def _plateau(self, tc, warmup: int, task: str, metric_names: list[str]) -> Plateau:
@@ -347,6 +351,7 @@ class Trainer:
                 tokens += batch_tokens(batch)
                 self.micro += 1
             self.method.after_backward(self.module, self.step)
+            faults.fire(f"step:{self.step + 1}", self.backend.rank)  # tests only (LRX_FAULT)
             self.backend.step(self.optimizer, self.scheduler, [p for _, p in self.params], tc.max_grad_norm)
             self.step += 1
             records = self.method.after_optimizer_step(self.module, self.optimizer, self.step)
@@ -361,17 +366,30 @@ class Trainer:
                     evals.append(self.evaluate())
                     self._observe(evals[-1])
                     self.model.train()
+            saved = None
             if self.checkpoints is not None and (self.step == self.total_steps or
                                                  (tc.save_every and self.step % tc.save_every == 0)):
-                self.checkpoints.save(self)
+                saved = self.checkpoints.save(self)
             for callback in self.callbacks:
                 callback(self)
+            if self.stop is not None and self.step < self.total_steps:
+                self._stop_if_asked(saved)
         bar.close()
         self.metrics.close()
         if self.is_main:
             self.method.on_train_end(self.module, self.run_dir)
             plot_history(self.history, evals, self.run_dir / "loss.png")
+        self.backend.barrier()  # the others wait for the plots with the file-writing timeout
         return evals
+
+    def _stop_if_asked(self, saved: Path | None) -> None:
+        """After a step, one collective: if any process was asked to stop, all write a complete
+        checkpoint of this step (unless it was just written) and raise ``Stopped``."""
+        reason = self.stop.agreed(self.backend)
+        if reason is not None:
+            path = saved or self.checkpoints.save(self)
+            self.metrics.close()
+            raise Stopped(self.step, path, reason, main=self.is_main)
 
     def _loss_divisor(self, step_batches: list[dict[str, torch.Tensor]]) -> torch.Tensor | float:
         """What one optimizer step's loss is divided by. Causal LM: its label tokens on all

@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Protocol
 
 import torch
@@ -127,6 +129,13 @@ class Backend(Protocol):
     def barrier(self) -> None:
         """Wait for every process."""
 
+    def any_rank(self, flag: bool, slow: bool = False) -> bool:
+        """Whether ``flag`` is true on any process (collective)."""
+
+    def failure(self, error: BaseException, step: int) -> LrxError | None:
+        """A one-line error naming the processes that stopped answering, if ``error`` is a
+        failed collective; None otherwise."""
+
     def main_first(self) -> contextlib.AbstractContextManager:
         """A context the main process runs first while the others wait, then the others (e.g.
         tokenising into a shared cache once)."""
@@ -155,6 +164,17 @@ class Backend(Protocol):
 
 
 MOMENTS = ("exp_avg", "exp_avg_sq")
+# What a collective's error says when a peer stopped answering or is gone (gloo, NCCL).
+LOST = ("Timed out", "timed out", "Timeout", "Connection closed by peer", "Connection reset by peer", "Broken pipe")
+DIAGNOSE_S = 10.0  # how long the processes still alive wait for each other to name the missing ones
+
+
+@dataclass
+class Timeouts:
+    """How long lrx's collectives wait (``distributed.timeout_s``, ``distributed.checkpoint_timeout_s``)."""
+
+    collective_s: float = 300.0
+    io_s: float = 1800.0
 
 
 def check_whole_shape(shape, value: torch.Tensor) -> None:
@@ -226,7 +246,7 @@ class TorchSteps:
 class MultiProcess:
     """What the multi-process backends share: ranks and device, small collectives, leaving together."""
 
-    def _bind(self, use_cuda: bool) -> None:
+    def _bind(self, use_cuda: bool, timeouts: Timeouts) -> None:
         import torch.distributed as dist
 
         self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
@@ -235,6 +255,14 @@ class MultiProcess:
             torch.cuda.set_device(self.device)
         else:
             self.device = torch.device("cpu")
+        # lrx's own traffic goes over CPU groups (it never waits for the GPU): the stop agreement
+        # after every step (short timeout), waits while the main process writes files (long
+        # timeout), and naming the rank that stopped answering once a collective timed out.
+        self.timeouts, self.broken = timeouts, False
+        self._diagnose_s = min(timeouts.collective_s, DIAGNOSE_S)
+        self._control, self._io, self._diagnose = (
+            dist.new_group(backend="gloo", timeout=timedelta(seconds=s))
+            for s in (timeouts.collective_s, timeouts.io_s, self._diagnose_s))
 
     @property
     def is_main(self) -> bool:
@@ -251,9 +279,40 @@ class MultiProcess:
         return t
 
     def barrier(self) -> None:
+        """Wait for every process, up to ``distributed.checkpoint_timeout_s`` (the barriers wait
+        for the main process's files)."""
         import torch.distributed as dist
 
-        dist.barrier()
+        dist.barrier(group=self._io)
+
+    def any_rank(self, flag: bool, slow: bool = False) -> bool:
+        """Whether ``flag`` is true on any process (a CPU collective; ``slow``: with the file-writing timeout)."""
+        import torch.distributed as dist
+
+        t = torch.tensor([int(flag)], dtype=torch.int32)
+        dist.all_reduce(t, group=self._io if slow else self._control)
+        return bool(t.item())
+
+    def failure(self, error: BaseException, step: int) -> LrxError | None:
+        """The one-line error for a collective that failed (timed out, or a peer is gone) at
+        ``step``, naming the processes that no longer answer; None for other errors."""
+        import torch.distributed as dist
+
+        text = str(error)
+        if not isinstance(error, dist.DistError) and not any(m in text for m in LOST):
+            return None
+        self.broken = True  # leave without the closing barrier
+        try:  # the processes still alive meet here; rank 0 learns who did not come
+            dist.monitored_barrier(group=self._diagnose, timeout=timedelta(seconds=self._diagnose_s),
+                                   wait_all_ranks=True)
+            missing = "none (they answered again)"
+        except RuntimeError as e:
+            found = re.search(r"Ranks? ([\d, ]+) failed to pass monitoredBarrier", str(e))
+            missing = f"rank {found.group(1)}" if found else "a process that is gone (see its own log)" \
+                if self.rank == 0 else "rank 0, or one that rank 0's message names"
+        first = text.strip().splitlines()[0] if text.strip() else type(error).__name__
+        return LrxError(f"rank {self.rank}, step {step}: a collective failed ({first[:160]}); not answering: "
+                        f"{missing}; distributed.timeout_s={self.timeouts.collective_s:g}. Resume with --resume auto")
 
     @contextlib.contextmanager
     def main_first(self):
@@ -266,7 +325,7 @@ class MultiProcess:
     def close(self) -> None:
         import torch.distributed as dist
 
-        if dist.is_initialized():
+        if dist.is_initialized() and not self.broken:
             # Leave together: a process that exits while a peer still finishes a gloo
             # collective makes the peer abort (seen as SIGABRT on CPU).
             dist.barrier()
@@ -328,6 +387,12 @@ class SingleDevice(TorchSteps):
     def all_reduce_sum(self, t: torch.Tensor) -> torch.Tensor:
         return t
 
+    def any_rank(self, flag: bool, slow: bool = False) -> bool:
+        return flag
+
+    def failure(self, error: BaseException, step: int) -> LrxError | None:
+        return None
+
     def barrier(self) -> None:
         pass
 
@@ -352,9 +417,10 @@ def backend_name(name: str, world: int) -> str:
 
 
 def build_backend(name: str, device: str = "auto", bf16: bool = True, deepspeed_config: str | None = None,
-                  replicate: int = 1) -> Backend:
+                  replicate: int = 1, timeouts: Timeouts | None = None) -> Backend:
     """The backend for ``distributed.backend`` (``backend_name``); ``replicate``: FSDP2's replica
-    groups (HSDP)."""
+    groups (HSDP); ``timeouts``: how long collectives wait."""
+    timeouts = timeouts or Timeouts()
     world = int(os.environ.get("WORLD_SIZE", "1"))
     name = backend_name(name, world)
     if replicate != 1 and name != "fsdp2":
@@ -368,9 +434,9 @@ def build_backend(name: str, device: str = "auto", bf16: bool = True, deepspeed_
     if name == "fsdp2":
         from lrx.distributed.fsdp2 import FSDP2
 
-        return FSDP2(device, bf16=bf16, replicate=replicate)
+        return FSDP2(device, bf16=bf16, replicate=replicate, timeouts=timeouts)
     if name == "zero3":
         from lrx.distributed.zero3 import ZeRO3
 
-        return ZeRO3(device, bf16=bf16, ds_config=deepspeed_config)
+        return ZeRO3(device, bf16=bf16, ds_config=deepspeed_config, timeouts=timeouts)
     raise ConfigError(f"distributed.backend={name!r} is not available; use auto, single, fsdp2 or zero3")

@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import logging
 import math
+import os
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -25,7 +27,7 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
-from lrx.distributed import LayerSetup, ModelSpec, MultiProcess, RowBlockWeights, TorchSteps, build_whole
+from lrx.distributed import LayerSetup, ModelSpec, MultiProcess, RowBlockWeights, Timeouts, TorchSteps, build_whole
 from lrx.distributed.torch_compat import allow_integer_parameters
 from lrx.errors import ConfigError
 from lrx.methods import PieceShards
@@ -48,6 +50,20 @@ def transformer_blocks(model: nn.Module) -> list[nn.Module]:
     return list(biggest)
 
 
+def join(backend: str, timeout: timedelta) -> None:
+    """``init_process_group`` from the launcher's environment. Workers that ``torchrun
+    --max-restarts`` restarted keep their keys apart from the failed attempt's: with the
+    agent's store shared by all attempts, gloo otherwise meets the dead attempt's addresses and
+    fails ("Gloo connectFullMesh failed ... Connect timeout"; seen with torch 2.13)."""
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT")
+    if attempt is None:
+        dist.init_process_group(backend, timeout=timeout)
+        return
+    store, rank, world = next(dist.rendezvous("env://", timeout=timeout))
+    dist.init_process_group(backend, store=dist.PrefixStore(f"lrx/attempt-{attempt}", store), rank=rank,
+                            world_size=world, timeout=timeout)
+
+
 class FSDP2(TorchSteps, MultiProcess):
     """Data-parallel training with parameters sharded over all processes (one mesh axis).
 
@@ -59,18 +75,19 @@ class FSDP2(TorchSteps, MultiProcess):
 
     name = "fsdp2"
 
-    def __init__(self, device: str = "auto", bf16: bool = True, replicate: int = 1):
+    def __init__(self, device: str = "auto", bf16: bool = True, replicate: int = 1, timeouts: Timeouts | None = None):
+        timeouts = timeouts or Timeouts()
         use_cuda = torch.cuda.is_available() if device == "auto" else device.startswith("cuda")
         allow_integer_parameters()  # quantized bases' codes (torch 2.11: see torch_compat)
         if not dist.is_initialized():
             try:
-                dist.init_process_group("nccl" if use_cuda else "gloo")
+                join("nccl" if use_cuda else "gloo", timedelta(seconds=timeouts.collective_s))
             except (ValueError, RuntimeError) as e:
                 raise ConfigError(
                     f"fsdp2 cannot join the process group ({str(e).splitlines()[0]}); launch with "
                     "torchrun --nproc_per_node N launch/train.py ... (it sets RANK, WORLD_SIZE, MASTER_ADDR/PORT)"
                 ) from None
-        self._bind(use_cuda)
+        self._bind(use_cuda, timeouts)
         if replicate < 1 or self.world_size % replicate:
             raise ConfigError(f"distributed.replicate={replicate} does not divide the {self.world_size} processes into "
                               "equal groups; use a divisor (the number of nodes for multi-node jobs) or 1")

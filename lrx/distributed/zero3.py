@@ -20,6 +20,7 @@ import json
 import logging
 import os
 import re
+from datetime import timedelta
 from pathlib import Path
 
 import torch
@@ -31,6 +32,7 @@ from lrx.distributed import (
     ModelSpec,
     MultiProcess,
     RowBlockWeights,
+    Timeouts,
     build_whole,
     check_whole_shape,
 )
@@ -97,7 +99,9 @@ class ZeRO3(MultiProcess):
 
     name = "zero3"
 
-    def __init__(self, device: str = "auto", bf16: bool = True, ds_config: str | None = None):
+    def __init__(self, device: str = "auto", bf16: bool = True, ds_config: str | None = None,
+                 timeouts: Timeouts | None = None):
+        timeouts = timeouts or Timeouts()
         use_cuda = torch.cuda.is_available() if device == "auto" else device.startswith("cuda")
         if not use_cuda:
             os.environ.setdefault("DS_ACCELERATOR", "cpu")
@@ -133,11 +137,12 @@ class ZeRO3(MultiProcess):
         if not use_cuda:
             without_shm_allreduce()
         try:
-            deepspeed.init_distributed(dist_backend="nccl" if use_cuda else "gloo")
+            deepspeed.init_distributed(dist_backend="nccl" if use_cuda else "gloo",
+                                       timeout=timedelta(seconds=timeouts.collective_s))
         except (ValueError, RuntimeError, KeyError) as e:
             raise ConfigError(f"zero3 cannot join the process group ({str(e).splitlines()[0]}); launch with "
                               "deepspeed --num_gpus N launch/train.py ... or torchrun") from None
-        self._bind(use_cuda)
+        self._bind(use_cuda, timeouts)
         self.bf16 = use_cuda and bf16
         self.engine_bf16: bool | None = None  # decided by build from the base's dtype
         self.engine = None

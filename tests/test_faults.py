@@ -1,0 +1,201 @@
+"""Long jobs on shared clusters (issue 28): stopping on signals, SLURM requeue, hangs, full
+disks and torchrun restarts. Faults are injected through ``LRX_FAULT`` (``lrx/faults.py``),
+runs go through ``launch/train.py``, torchrun and the SLURM template as users start them.
+
+One FSDP2 run is interrupted four ways in a row and must end with the uninterrupted run's
+losses, events and adapter: a rank that hangs (the other fails within distributed.timeout_s
+naming it; torchrun restarts both, which resume on their own), a signal to one rank during an
+SRLoRA event's step, the template's USR1 (stop file, requeue) and a second start of the template.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from lrx import checkpoint, faults
+from lrx.cli import main
+from lrx.stop import EXIT_STOPPED
+from tests.conftest import REPO
+from tests.test_checkpoint import adapter, args, assert_same_adapter, copy_run, resume_cli, run, saved  # noqa: F401
+from tests.test_distributed import losses, table
+from tests.test_launch import SRUN
+
+pytestmark = pytest.mark.distributed
+
+SCONTROL = """#!/bin/bash
+# stand-in for scontrol: "show hostnames" gives one node; "requeue JOB" is logged
+if [ "$1" = requeue ]; then echo "requeue $2" >> "$LRX_TEST_REQUEUED"; else echo node0; fi
+"""
+
+
+def events(run_dir) -> list:
+    return [json.loads(x)["fused_pairs"] for x in (run_dir / "method_events.jsonl").read_text().splitlines()]
+
+
+def event_steps(run_dir) -> list[int]:
+    return sorted({json.loads(x)["step"] for x in (run_dir / "method_events.jsonl").read_text().splitlines()})
+
+
+def steps(run_dir) -> list[int]:
+    return [json.loads(x)["step"] for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def done(run_dir) -> list[int]:
+    return [int(p.name.split("-")[1]) for p in checkpoint.checkpoint_dirs(run_dir)]
+
+
+def sbatch(tmp_path, argv: list[str], env: dict[str, str], signal_at_step: int | None = None):
+    """``launch/slurm/torchrun.sbatch`` on this machine (one node, 2 processes) under a fake
+    srun and scontrol; with ``signal_at_step``, USR1 goes to the batch shell (as
+    ``--signal=B:USR1@...`` sends it) once the run has logged that step."""
+    stubs = tmp_path / "bin"
+    stubs.mkdir(exist_ok=True)
+    for name, text in (("srun", SRUN), ("scontrol", SCONTROL)):
+        (stubs / name).write_text(text)
+        (stubs / name).chmod(0o755)
+    env = {**os.environ, "PATH": f"{stubs}:{os.path.dirname(sys.executable)}:{os.environ['PATH']}",
+           "SLURM_JOB_NODELIST": "node0", "SLURM_NNODES": "1", "SLURM_NODEID": "0", "SLURM_JOB_ID": "28",
+           "SLURM_SUBMIT_DIR": str(tmp_path), "GPUS_PER_NODE": "2", "MASTER_ADDR": "127.0.0.1",
+           "MASTER_PORT": str(free_port()), "OMP_NUM_THREADS": "1", "LRX_TEST_REQUEUED": str(tmp_path / "requeued"),
+           **env}
+    job = subprocess.Popen(["bash", str(REPO / "launch" / "slurm" / "torchrun.sbatch"), *argv], cwd=REPO, env=env,
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    if signal_at_step is not None:
+        metrics = Path(next(a for a in argv if a.startswith("logging.output_dir=")).split("=", 1)[1]) / "metrics.jsonl"
+        deadline = time.monotonic() + 120
+        while signal_at_step not in (json.loads(x)["step"] for x in metrics.read_text().splitlines()):
+            assert time.monotonic() < deadline and job.poll() is None, "the run never reached the step"
+            time.sleep(0.05)
+        job.send_signal(signal.SIGUSR1)
+    out = job.communicate(timeout=300)[0]
+    return job.returncode, out
+
+
+def free_port() -> int:
+    from tests.test_distributed import free_port as port
+
+    return port()
+
+
+def test_one_run_survives_a_hang_restarts_signals_and_a_requeue(tmp_path):
+    data = table(tmp_path / "t.tsv")
+    common = ["train.save_every=2", "distributed.timeout_s=5", "train.stop_grace_s=5"]
+    full = run(args(data, tmp_path / "full", *common, batch=4), 2)
+    assert full.returncode == 0, full.stderr[-3000:]
+    out = tmp_path / "run"
+    argv = args(data, out, *common, "--resume", "auto", batch=4)
+
+    # 1. Rank 1 hangs inside step 3: rank 0 names it within the timeout; torchrun restarts both, which
+    # resume from step 2 on their own; then SIGUSR1 reaches rank 1 in step 6 (an SRLoRA event's step).
+    fault = "hang@step:3@rank=1@attempt=0,sigusr1@step:6@rank=1@attempt=1"
+    restarted = elastic(argv, {"LRX_FAULT": fault})
+    log = restarted.stderr + restarted.stdout
+    assert "rank 0, step 2: a collective failed" in log and "not answering: rank 1;" in log, log[-4000:]
+    assert "distributed.timeout_s=5" in log
+    assert f"resumed from {out / 'checkpoints' / 'step-00000002'}" in log
+    assert "stopped at step 6 (asked on another process)" in log and f"exitcode  : {EXIT_STOPPED}" in log, log[-3000:]
+    assert done(out) == [4, 6] and event_steps(out) == [2, 4, 6]  # the event of step 6 ran before the stop
+
+    # 2. The SLURM template: USR1 to the batch shell at step 7; the workers stop after step 8 (rank 0
+    # pauses in it), the job is requeued once; its second start resumes and finishes.
+    status, text = sbatch(tmp_path, argv[1:], {"LRX_FAULT": "pause@step:8@rank=0"}, signal_at_step=7)
+    assert status == 0 and "stopped at step 8" in text and "requeueing job 28" in text, text[-3000:]
+    assert (tmp_path / "requeued").read_text() == "requeue 28\n" and not (tmp_path / ".lrx-stop-28").exists()
+    status, text = sbatch(tmp_path, argv[1:], {"SLURM_RESTART_COUNT": "1"})
+    assert status == 0 and "resumed from" in text and "step-00000008" in text, text[-3000:]
+    assert (tmp_path / "requeued").read_text() == "requeue 28\n"
+
+    assert losses(out) == pytest.approx(losses(tmp_path / "full"), abs=1e-6)
+    assert steps(out) == list(range(1, 13))  # the logs show one continuous run
+    assert events(out) == events(tmp_path / "full")
+    assert_same_adapter(adapter(out), adapter(tmp_path / "full"), atol=1e-6)
+
+
+def elastic(argv: list[str], env: dict[str, str]) -> subprocess.CompletedProcess:
+    """``torchrun --max-restarts 1`` over 2 processes."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--max-restarts", "1",
+           "--nproc_per_node", "2", *argv]
+    return subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", **env})
+
+
+# ---- one process ------------------------------------------------------------------------------
+
+WATCH = """
+import os, signal, sys, time
+from lrx.stop import StopRequest
+stop = StopRequest(["TERM", "USR1"], grace_s=float(sys.argv[1])).install()
+os.kill(os.getpid(), signal.SIGTERM)
+os.kill(os.getpid(), signal.SIGUSR1)  # a repeat at once (torchrun forwarding what the worker got): one request
+time.sleep(0.3)
+print(stop.reason(), flush=True)
+if sys.argv[2] == "again":
+    time.sleep(1.0)
+    os.kill(os.getpid(), signal.SIGTERM)
+time.sleep(30)  # the main thread is busy: the watching thread exits anyway
+"""
+
+
+@pytest.mark.parametrize("grace, then", [(0, "again"), (0.5, "wait")], ids=["second-signal", "deadline"])
+def test_a_second_signal_or_the_deadline_exits_at_once(grace, then):
+    t0 = time.monotonic()
+    proc = subprocess.run([sys.executable, "-c", WATCH, str(grace), then], capture_output=True, text=True, timeout=60,
+                          env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert proc.returncode == 128 + signal.SIGTERM and time.monotonic() - t0 < 10, proc.stderr
+    assert proc.stdout == "SIGTERM\n"  # the first signal only asked for a stop
+    why = "a second signal (SIGTERM)" if then == "again" else "train.stop_grace_s=0.5 s passed since SIGTERM"
+    assert f"error: {why}: exiting at once; the newest complete checkpoint is intact" in proc.stderr
+
+
+@pytest.mark.parametrize("key, message", [
+    ("train.stop_signals=[TERM,KILL]", "train.stop_signals must be signal names such as [TERM, INT, USR1]"),
+    ("train.stop_grace_s=-1", "train.stop_grace_s must be >= 0"),
+    ("distributed.timeout_s=0", "distributed.timeout_s must be > 0 seconds"),
+])
+def test_bad_fault_settings_are_one_line(tmp_path, capsys, key, message):
+    assert main(args(table(tmp_path / "t.tsv"), tmp_path / "run", key)[1:]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: ") and message in err[-1], err[-3:]
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_full_disk_keeps_the_last_checkpoint_and_says_what_it_needs(saved, tmp_path, capsys, caplog,  # noqa: F811
+                                                                      monkeypatch):
+    """ENOSPC in the middle of checkpoint 8 (some of its files written): checkpoint 6 intact and
+    resumable, the partial folder gone, one line with the folder, the bytes needed and free; the
+    run warned before it started, as the disk looked too small for a checkpoint and the adapter."""
+    import shutil
+
+    run_dir, data = copy_run(saved, tmp_path)
+    monkeypatch.setenv("LRX_FAULT", "enospc@checkpoint:8")
+    faults.reset()
+    usage = shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage._replace(free=999))
+    assert resume_cli(data, run_dir, "auto") == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err == (f"error: {run_dir / 'checkpoints'}: No space left on device: the write needs about "
+                   f"{err.split('needs about ')[1].split(' and ')[0]} and 999 bytes are free; its partial files "
+                   "were removed and earlier checkpoints are intact; free space (or raise the quota) or write "
+                   "elsewhere, then run again")
+    assert " KB" in err or " MB" in err
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["step-00000003", "step-00000006"]
+    assert "less than one checkpoint plus the adapter" in caplog.text
+    monkeypatch.setenv("LRX_FAULT", "enospc@write:run/adapter")  # the end of the run: the adapter's write
+    faults.reset()
+    before = (run_dir / "adapter" / "adapter_model.safetensors").read_bytes()
+    assert resume_cli(data, run_dir, "auto") == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith(f"error: {run_dir}: No space left on device: the write needs about ")
+    assert f"{run_dir / 'adapter'} is as it was" in err
+    assert (run_dir / "adapter" / "adapter_model.safetensors").read_bytes() == before
+    assert not [p for p in run_dir.iterdir() if p.name.startswith(".adapter")]
+    assert checkpoint.resolve_resume("auto", run_dir).name == "step-00000008"  # training went on to the end
+    faults.reset()
