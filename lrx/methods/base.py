@@ -31,7 +31,8 @@ log = logging.getLogger(__name__)
 
 # Heads that sequence-classification models create fresh (BERT: classifier, Llama: score).
 TASK_HEADS = ("classifier", "score")
-# Never adapted by target_modules=[all-linear]: output heads map to vocab/labels.
+# Never adapted by target_modules=[all-linear], nor the linears inside them (RoBERTa's
+# classifier.dense, classifier.out_proj): output heads map to vocab/labels.
 OUTPUT_HEADS = ("lm_head", "classifier", "score", "pooler.dense")
 
 
@@ -146,7 +147,7 @@ def find_targets(model: nn.Module, patterns: list[str]) -> list[tuple[str, nn.Mo
         whole = everything or any(_matches(name, p) for p in patterns)
         found += [(n, p) for n, p in experts if whole or any(_matches(n, pat) for pat in patterns)]
         if everything:
-            hit = isinstance(module, nn.Linear) and not any(_matches(name, h) for h in OUTPUT_HEADS)
+            hit = isinstance(module, nn.Linear) and not any(f".{h}." in f".{name}." for h in OUTPUT_HEADS)
         else:
             hit = whole and not experts
         if not hit:
@@ -159,6 +160,10 @@ def find_targets(model: nn.Module, patterns: list[str]) -> list[tuple[str, nn.Mo
         found.append((name, module))
     if not found:
         linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)})
+        conv = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if type(m).__name__ == "Conv1D"})
+        if conv:  # GPT-2's x @ W + b layers (transformers.pytorch_utils.Conv1D)
+            raise ConfigError(f"this model's linear maps are Conv1D layers ({', '.join(conv)}), which lrx does not "
+                              "adapt (it adapts nn.Linear and fused MoE experts); use peft for GPT-2-style models")
         raise ConfigError(
             f"method.target_modules {patterns} matches no linear layer; this model's linear layers "
             f"are named {linear} (or use all-linear)"
