@@ -289,9 +289,6 @@ class Method:
         frozen parameters of rank ``edit_rank_bound`` that are split with the base
         (``AdaptedLinear.hold_log_rows``), so each process keeps its rows only. Methods that
         bound no rank (or keep no log) keep it whole."""
-        if getattr(layer, "fused", False) and weights.world_size > 1:
-            raise ConfigError("fused MoE experts are adapted on one process only so far (no FSDP2 / ZeRO-3 yet); "
-                              "run distributed.backend=single, or leave the experts out of method.target_modules")
         bound = self.edit_rank_bound()
         if weights.shards_rows and bound:
             layer.hold_log_rows(bound)

@@ -17,7 +17,8 @@ to bf16 once per forward (a linear's adapter is added after the base product ins
 The base parameter is kept as ``base.weight`` (``ExpertWeights``), so the layer's state key
 ``experts.gate_up_proj.base.weight`` maps back to the checkpoint's ``experts.gate_up_proj``
 (``file_key``). The edit log is stacked like the adapter (U: experts x out x k, V:
-experts x k x in) and kept on the layer's device, whole (no host or row-sharded log).
+experts x k x in) and kept on the layer's device, whole on every process (no host or
+row-sharded log): only PiSSA's init edits experts, and folds them on an fp32 base.
 """
 
 from __future__ import annotations
@@ -59,8 +60,10 @@ class ExpertWeights(nn.Module):
         self.num_experts = experts
         self.out_features, self.in_features = (cols, rows) if transposed else (rows, cols)
 
-    def forward(self) -> torch.Tensor:
-        return self.weight  # called, not read: ZeRO-3 gathers a module's parameters when it runs
+    def forward(self, delta: torch.Tensor) -> torch.Tensor:
+        """``weight + delta`` (delta in the stored layout). Called, not read, and summed here: ZeRO-3
+        gathers a module's parameters while it runs and releases them when it returns."""
+        return self.weight + delta.to(self.weight.dtype)
 
     def stored(self, W: torch.Tensor) -> torch.Tensor:
         """A logical (experts x out x in) tensor in the stored layout, and back (an involution)."""
@@ -102,14 +105,13 @@ class AdaptedExperts(AdaptedLinear):
 
     def forward(self) -> torch.Tensor:
         """The effective weight in the stored layout: ``W + scale * B @ A`` (+ the live log)."""
-        W = self.base()
-        if self.merged:
-            return W
         B, A = self.lora_B * self.scale, self.lora_A
+        if self.merged:
+            return self.base(B.new_zeros(()))
         if self.live_rank:
             U, V = self._log_views(self.baked)
             B, A = torch.cat([U, B], dim=-1), torch.cat([V, A], dim=-2)
-        return W + self.base.stored(torch.bmm(B, A)).to(W.dtype)
+        return self.base(self.base.stored(torch.bmm(B, A)))
 
     @torch.no_grad()
     def add_edit(self, U: torch.Tensor, V: torch.Tensor) -> None:
@@ -136,7 +138,7 @@ class AdaptedExperts(AdaptedLinear):
         """The experts' log stays on the device, whole (see the module doc)."""
 
     def hold_log_rows(self, capacity: int) -> None:
-        raise RuntimeError("a fused experts layer keeps its edit log whole; it cannot be row-sharded")
+        """The experts' log stays whole, a buffer on every process (see the module doc)."""
 
     def quantize_base(self, quantize) -> None:
         raise RuntimeError("fused experts are not quantized; they stay in model.dtype")
