@@ -12,7 +12,7 @@ import torch
 from torch import nn
 from transformers import AutoModelForCausalLM, GptOssConfig, MixtralConfig, Qwen3MoeConfig
 
-from lrx.adapter import export_peft, load_adapter, save_adapter
+from lrx.adapter import export_peft, export_peft_from_adapter, load_adapter, save_adapter
 from lrx.config import load_config
 from lrx.errors import ConfigError
 from lrx.export import merge_into_linears
@@ -118,8 +118,10 @@ def test_experts_train_resume_and_export(method_name, tmp_path):
     torch.testing.assert_close(logits(resumed, ids), trained, rtol=0, atol=0)
 
     export_peft(tmp_path / "peft", model, method, base_model_name="tiny")
-    restored = peft.PeftModel.from_pretrained(copy.deepcopy(original), str(tmp_path / "peft")).eval()
-    torch.testing.assert_close(logits(restored, ids), trained, rtol=0, atol=1e-5)
+    export_peft_from_adapter(tmp_path / "adapter", tmp_path / "peft_from_file")  # one layer at a time, no model
+    for folder in ("peft", "peft_from_file"):
+        restored = peft.PeftModel.from_pretrained(copy.deepcopy(original), str(tmp_path / folder)).eval()
+        torch.testing.assert_close(logits(restored, ids), trained, rtol=0, atol=1e-5)
 
     merge_into_linears(resumed)
     resumed.save_pretrained(tmp_path / "merged")
