@@ -71,3 +71,22 @@ def test_a_run_logs_adapted_layers_per_module_type(tmp_path, caplog):
     if not expert_linears(tiny_mixtral()):  # fused experts: adapted as one layer per fused weight
         assert "lora: adapted 12 linear layers: q_proj 2, k_proj 2, v_proj 2, o_proj 2, gate_up_proj 2, down_proj 2;" in text
         assert "all-linear: " not in text
+
+
+def test_all_linear_adapts_experts_and_names_other_3d_weights(caplog):
+    """A weight of 3 dims in a module that counts its experts is adapted; one in a module that
+    does not is left alone, and one warning names it (and only it)."""
+    class Mixer(nn.Module):
+        def __init__(self, num_experts=None):
+            super().__init__()
+            self.w = nn.Parameter(torch.zeros(3, 4, 4))
+            if num_experts:
+                self.num_experts = num_experts
+
+    model = nn.Sequential(nn.Linear(4, 4), Mixer(), Mixer(num_experts=3))
+    method = build_method(load_config(None, ["method.target_modules=[all-linear]"]).method)
+    with caplog.at_level(logging.WARNING, logger="lrx.methods"):
+        method.wrap(model)
+    assert list(method.layers) == ["0", "2.w"]
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "1.w (Mixer, 3x4x4)" in warnings[0] and "2.w" not in warnings[0], warnings

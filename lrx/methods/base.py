@@ -158,6 +158,8 @@ def find_targets(model: nn.Module, patterns: list[str]) -> list[tuple[str, nn.Mo
                 "narrow method.target_modules"
             )
         found.append((name, module))
+    if everything:
+        _warn_fused_weights(model)
     if not found:
         linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)})
         conv = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if type(m).__name__ == "Conv1D"})
@@ -171,6 +173,24 @@ def find_targets(model: nn.Module, patterns: list[str]) -> list[tuple[str, nn.Mo
     return found
 
 
+def _warn_fused_weights(model: nn.Module) -> None:
+    """One warning naming the weights ``all-linear`` leaves alone although they may be matrices
+    of linear maps: parameters of 3 or more dims outside ``nn.Linear`` modules that are not
+    fused experts weights (``is_experts_weight``, adapted)."""
+    fused: dict[tuple[str, str, tuple[int, ...]], int] = {}
+    for name, module in model.named_modules():
+        if isinstance(module, (nn.Linear, AdaptedLinear)):
+            continue
+        for pname, p in module.named_parameters(recurse=False):
+            if p.ndim >= 3 and not is_experts_weight(module, p):
+                key = (re.sub(r"\.\d+\.", ".*.", f"{name}.{pname}"), type(module).__name__, tuple(p.shape))
+                fused[key] = fused.get(key, 0) + 1
+    if fused:
+        what = ", ".join(f"{pattern} ({kind}, {'x'.join(map(str, shape))})" for (pattern, kind, shape) in fused)
+        log.warning("all-linear: %d weights of 3 or more dims (%s) are not linear layers or fused experts and are "
+                    "not adapted", sum(fused.values()), what)
+
+
 def layer_counts(names) -> str:
     """``q_proj 2, k_proj 2, ...``: adapted layers per module type (the last part of the name),
     in module order."""
@@ -180,7 +200,8 @@ def layer_counts(names) -> str:
 def log_rows(layer: AdaptedLinear, shards: int = 1) -> int:
     """Rows of a layer's edit log (U's out + V's in) one process holds with its rows split over
     ``shards`` processes (the most any of them holds)."""
-    return -(-layer.out_features // shards) + -(-layer.in_features // shards)
+    per_matrix = -(-layer.out_features // shards) + -(-layer.in_features // shards)
+    return per_matrix * getattr(layer, "num_experts", 1)  # fused experts: one log per expert
 
 
 def adapted_layers(model: nn.Module) -> Iterator[tuple[str, AdaptedLinear]]:
