@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from lrx.methods.layer import AdaptedLinear
+from lrx.methods.seam import full_shape
 
 # Experts modules whose weights are experts x in x out although transformers of that version
 # sets no ``is_transposed`` (transformers < 5.2x: gpt-oss's layout is older than the flag).
@@ -36,7 +37,7 @@ TRANSPOSED = ("GptOssExperts",)
 def is_experts_weight(module: nn.Module, param: torch.Tensor) -> bool:
     """Whether ``param`` (a parameter of ``module`` itself) is a fused experts weight: 3-D, one
     matrix per expert of a module that counts its experts (``num_experts``)."""
-    shape = getattr(param, "ds_shape", param.shape)  # ZeRO-3 empties partitioned parameters
+    shape = full_shape(param)
     return len(shape) == 3 and getattr(module, "num_experts", None) == shape[0] \
         and not isinstance(module, (nn.Linear, AdaptedLinear))
 
@@ -56,7 +57,7 @@ class ExpertWeights(nn.Module):
         super().__init__()
         self.weight = weight
         self.transposed = transposed
-        experts, rows, cols = getattr(weight, "ds_shape", weight.shape)
+        experts, rows, cols = full_shape(weight)
         self.num_experts = experts
         self.out_features, self.in_features = (cols, rows) if transposed else (rows, cols)
 
