@@ -282,10 +282,14 @@ def write_peft(path: str | Path, factors: dict[str, tuple[torch.Tensor, torch.Te
     """Write per-module exact factors ``(B, A)`` and trained modules as a peft LoRA adapter."""
     tensors: dict[str, torch.Tensor] = {}
     ranks: dict[str, int] = {}
+    fused = [name for name, (B, _) in factors.items() if B.dim() == 3]
     for name, (B, A) in factors.items():
-        tensors[f"base_model.model.{name}.lora_A.weight"] = A
-        tensors[f"base_model.model.{name}.lora_B.weight"] = B
-        ranks[name] = A.shape[0]
+        ranks[name] = A.shape[-2]
+        key = name
+        if B.dim() == 3:
+            key, B, A = peft_param_wrapper(name, fused, B, A)
+        tensors[f"base_model.model.{key}.lora_A.weight"] = A
+        tensors[f"base_model.model.{key}.lora_B.weight"] = B
     for key, value in saved.items():
         tensors[f"base_model.model.{key}"] = value
     r = max(ranks.values())
@@ -296,7 +300,8 @@ def write_peft(path: str | Path, factors: dict[str, tuple[torch.Tensor, torch.Te
         "r": r,
         "lora_alpha": r,  # scale 1: the adapter scale is already folded into lora_B
         "lora_dropout": 0.0,
-        "target_modules": sorted(ranks),
+        "target_modules": sorted(set(ranks) - set(fused)),
+        "target_parameters": fused or None,
         # Full module names as patterns: peft matches them as (.*\.)?name$ (exact here).
         "rank_pattern": {name: k for name, k in ranks.items() if k != r},
         "alpha_pattern": {name: k for name, k in ranks.items() if k != r},
@@ -314,6 +319,23 @@ def write_peft(path: str | Path, factors: dict[str, tuple[torch.Tensor, torch.Te
     return path
 
 
+def peft_param_wrapper(name: str, fused: list[str], B: torch.Tensor, A: torch.Tensor) -> tuple[str, torch.Tensor, torch.Tensor]:
+    """One fused experts weight's factors (B: experts x out x k, A: experts x k x in) as peft's
+    ``target_parameters`` stores them (``lora.ParamWrapper``, peft 0.22): ``lora_A`` (k * experts x
+    in, expert-major rows), ``lora_B`` (out x k * experts, rank-major columns: ``get_delta_factors``
+    reshapes them so), under the experts module's name with one ``.base_layer`` per weight of the
+    same module that peft wraps after it (it wraps them in their module order, the first innermost).
+
+    Returns:
+        ``(module key, B, A)`` in peft's layout.
+    """
+    module = name.rpartition(".")[0]
+    siblings = [n for n in fused if n.rpartition(".")[0] == module]
+    E, out, k = B.shape
+    return module + ".base_layer" * (len(siblings) - 1 - siblings.index(name)), \
+        B.permute(1, 2, 0).reshape(out, k * E), A.reshape(E * k, A.shape[-1])
+
+
 @torch.no_grad()
 def layer_from_adapter(method: Method, tensors: dict[str, torch.Tensor], module: str,
                        weight: torch.Tensor | None = None, bias: torch.Tensor | None = None) -> AdaptedLinear:
@@ -321,7 +343,13 @@ def layer_from_adapter(method: Method, tensors: dict[str, torch.Tensor], module:
     ``method.delta_factors``, one layer of memory. Without ``weight`` its base is allocated but
     not read; with the base ``weight`` (W0, and ``bias``) the log is replayed onto it as in
     training, up to the columns a quantized base baked in (``quantize_base`` then replays the rest)."""
-    out_f, in_f = tensors[f"{module}.edit_U"].shape[0], tensors[f"{module}.edit_V"].shape[1]
+    U = tensors[f"{module}.edit_U"]
+    if U.dim() == 3:  # fused experts (never streamed with their weight): a holder, allocated not read
+        holder = nn.Module()
+        holder.num_experts = U.shape[0]
+        holder.w = nn.Parameter(torch.empty(*U.shape[:2], tensors[f"{module}.edit_V"].shape[-1]), requires_grad=False)
+        return _filled(method.make_experts_layer(module, holder, "w", fold_edits=False), tensors, module)
+    out_f, in_f = U.shape[0], tensors[f"{module}.edit_V"].shape[1]
     linear = nn.Linear(in_f, out_f, bias=bias is not None, device="meta").to_empty(device="cpu")
     if weight is not None:
         linear = linear.to(weight.dtype)
@@ -329,9 +357,14 @@ def layer_from_adapter(method: Method, tensors: dict[str, torch.Tensor], module:
         if bias is not None:
             linear.bias.copy_(bias)
     layer = method.make_layer(module, linear, fold_edits=weight is not None and method.config.folds(weight.dtype))
+    return _filled(layer, tensors, module, tensors.get(f"{module}.edit_baked") if weight is not None else None)
+
+
+@torch.no_grad()
+def _filled(layer: AdaptedLinear, tensors: dict[str, torch.Tensor], module: str, baked=None) -> AdaptedLinear:
+    """``layer`` with its adapter tensors and edit log from an adapter's ``tensors``."""
     for attr, param in layer.adapter_params().items():
         param.copy_(tensors[f"{module}.{attr}"])
-    baked = tensors.get(f"{module}.edit_baked") if weight is not None else None
     layer.set_edit_log(tensors[f"{module}.edit_U"], tensors[f"{module}.edit_V"], tensors[f"{module}.edit_sizes"],
                        None if baked is None else int(baked))
     return layer

@@ -69,9 +69,12 @@ class Adapters:
             self.method.place_log(module, weights)  # FSDP2: the log's rows are split with the base
 
     def file_key(self, name: str) -> str:
-        """Adapted layers hold the original linear as ``.base``: drop that part of the name."""
+        """Adapted layers hold the original linear as ``.base``: drop that part of the name (and,
+        for fused experts, the ``.weight`` their base holds the original parameter as)."""
         parts = name.split(".")
-        return ".".join(p for i, p in enumerate(parts) if not (p == "base" and ".".join(parts[:i]) in self.method.layers))
+        key = ".".join(p for i, p in enumerate(parts) if not (p == "base" and ".".join(parts[:i]) in self.method.layers))
+        layer = self.method.layers.get(key.removesuffix(".weight"))
+        return key.removesuffix(".weight") if getattr(layer, "fused", False) else key
 
     def created(self, param: torch.Tensor) -> bool:
         return id(param) in self._created

@@ -64,8 +64,8 @@ def merge_into_linears(model: nn.Module) -> int:
         weight = layer.merged_weight()
         base = layer.base if not layer.quantized else plain_linear(layer.base)
         base.weight.copy_(weight.to(base.weight.dtype))  # one rounding, from fp32
-        parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, child, base)
+        parent, _, child = name.rpartition(".")  # fused experts: the parameter takes its place back
+        setattr(model.get_submodule(parent) if parent else model, child, base.weight if getattr(layer, "fused", False) else base)
     for parent in list(model.modules()):
         for child, module in list(parent.named_children()):
             if isinstance(module, QuantizedLinear):

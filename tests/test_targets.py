@@ -1,5 +1,5 @@
-"""What ``target_modules`` adapts, and what a run says it adapted: MoE experts are either
-adapted or named in one warning, never skipped in silence."""
+"""What ``target_modules`` adapts, and what a run says it adapted: MoE experts are adapted
+(as linear modules, or as fused weights), never skipped in silence."""
 
 from __future__ import annotations
 
@@ -38,14 +38,9 @@ def test_all_linear_adapts_moe_experts_or_names_what_it_leaves(caplog):
     experts = expert_linears(model)
     if experts:  # experts as nn.Linear modules (transformers < 5): every one is adapted
         assert all(n.rsplit(".", 1)[0] in method.layers for n in experts)
-    else:  # fused 3-D parameters: one warning naming them, their module type and shape
+    else:  # fused 3-D parameters: each is adapted (lrx.methods.experts), no warning
         assert fused, "no expert linears and no fused expert weights: what does this transformers store?"
-        assert len(warnings) == 1, warnings
-        assert f"all-linear: {len(fused)} fused expert weights" in warnings[0]
-        for name, p in fused.items():
-            pattern = name.replace(".0.", ".*.").replace(".1.", ".*.")
-            assert pattern in warnings[0] and "x".join(map(str, p.shape)) in warnings[0], (name, warnings[0])
-        assert "MixtralExperts" in warnings[0] and "not adapted" in warnings[0]
+        assert sorted(n for n in method.layers if n in fused) == sorted(fused) and not warnings, warnings
     assert sum(n.endswith(("q_proj", "k_proj", "v_proj", "o_proj")) for n in method.layers) == 8
 
 
@@ -61,8 +56,8 @@ def test_no_warning_where_every_linear_map_is_a_linear_layer(caplog):
 
 
 def test_a_run_logs_adapted_layers_per_module_type(tmp_path, caplog):
-    """A Mixtral folder trained with all-linear: the run's log counts the layers per type and
-    warns once about the experts it did not adapt."""
+    """A Mixtral folder trained with all-linear: the run's log counts the layers per type, the
+    fused experts weights among them (loaded from the folder through ``file_key``)."""
     folder = tmp_path / "mixtral"
     tiny_mixtral(vocab=30522).save_pretrained(folder)
     with caplog.at_level(logging.INFO):
@@ -73,6 +68,25 @@ def test_a_run_logs_adapted_layers_per_module_type(tmp_path, caplog):
                      "logging.progress=false", "logging.tensorboard=false", f"logging.output_dir={tmp_path / 'run'}"])
     assert code == 0
     text = caplog.text
-    if not expert_linears(tiny_mixtral()):  # fused experts: only the attention is adapted
-        assert "lora: adapted 8 linear layers: q_proj 2, k_proj 2, v_proj 2, o_proj 2;" in text
-        assert text.count("all-linear: ") == 1
+    if not expert_linears(tiny_mixtral()):  # fused experts: adapted as one layer per fused weight
+        assert "lora: adapted 12 linear layers: q_proj 2, k_proj 2, v_proj 2, o_proj 2, gate_up_proj 2, down_proj 2;" in text
+        assert "all-linear: " not in text
+
+
+def test_all_linear_adapts_experts_and_names_other_3d_weights(caplog):
+    """A weight of 3 dims in a module that counts its experts is adapted; one in a module that
+    does not is left alone, and one warning names it (and only it)."""
+    class Mixer(nn.Module):
+        def __init__(self, num_experts=None):
+            super().__init__()
+            self.w = nn.Parameter(torch.zeros(3, 4, 4))
+            if num_experts:
+                self.num_experts = num_experts
+
+    model = nn.Sequential(nn.Linear(4, 4), Mixer(), Mixer(num_experts=3))
+    method = build_method(load_config(None, ["method.target_modules=[all-linear]"]).method)
+    with caplog.at_level(logging.WARNING, logger="lrx.methods"):
+        method.wrap(model)
+    assert list(method.layers) == ["0", "2.w"]
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "1.w (Mixer, 3x4x4)" in warnings[0] and "2.w" not in warnings[0], warnings

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from lrx.errors import ConfigError
+from lrx.methods.experts import AdaptedExperts, adapt_experts, is_experts_weight
 from lrx.methods.layer import AdaptedLinear
 from lrx.methods.seam import LocalShards, LocalWeights, Shards, WeightAccess
 
@@ -30,7 +31,8 @@ log = logging.getLogger(__name__)
 
 # Heads that sequence-classification models create fresh (BERT: classifier, Llama: score).
 TASK_HEADS = ("classifier", "score")
-# Never adapted by target_modules=[all-linear]: output heads map to vocab/labels.
+# Never adapted by target_modules=[all-linear], nor the linears inside them (RoBERTa's
+# classifier.dense, classifier.out_proj): output heads map to vocab/labels.
 OUTPUT_HEADS = ("lm_head", "classifier", "score", "pooler.dense")
 
 
@@ -138,21 +140,28 @@ def _matches(name: str, pattern: str) -> bool:
     return name == pattern or name.endswith("." + pattern) or re.fullmatch(pattern, name) is not None
 
 
-def find_targets(model: nn.Module, patterns: list[str]) -> list[tuple[str, nn.Linear]]:
-    """Linear modules whose qualified name matches any pattern (suffix, regex or all-linear).
+def find_targets(model: nn.Module, patterns: list[str]) -> list[tuple[str, nn.Module | nn.Parameter]]:
+    """Linear modules and fused experts weights whose qualified name matches any pattern (suffix,
+    regex or all-linear): ``(name, linear)``, or ``(name, parameter)`` for an experts weight
+    (``lrx.methods.experts``; a pattern naming the experts module targets all of its weights).
 
     Raises:
         ConfigError: when nothing matches, or a pattern matches a module that is not linear.
     """
     wrapped = {f"{n}.base" for n, m in model.named_modules() if isinstance(m, AdaptedLinear)}
+    everything = "all-linear" in patterns
     found = []
     for name, module in model.named_modules():
         if isinstance(module, AdaptedLinear) or name in wrapped:
             continue
-        if "all-linear" in patterns:
-            hit = isinstance(module, nn.Linear) and not any(_matches(name, h) for h in OUTPUT_HEADS)
+        experts = [(f"{name}.{pname}", p) for pname, p in module.named_parameters(recurse=False)
+                   if is_experts_weight(module, p)]
+        whole = everything or any(_matches(name, p) for p in patterns)
+        found += [(n, p) for n, p in experts if whole or any(_matches(n, pat) for pat in patterns)]
+        if everything:
+            hit = isinstance(module, nn.Linear) and not any(f".{h}." in f".{name}." for h in OUTPUT_HEADS)
         else:
-            hit = any(_matches(name, p) for p in patterns)
+            hit = whole and not experts
         if not hit:
             continue
         if not isinstance(module, nn.Linear):
@@ -161,10 +170,14 @@ def find_targets(model: nn.Module, patterns: list[str]) -> list[tuple[str, nn.Li
                 "narrow method.target_modules"
             )
         found.append((name, module))
-    if "all-linear" in patterns:
+    if everything:
         _warn_fused_weights(model)
     if not found:
         linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)})
+        conv = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if type(m).__name__ == "Conv1D"})
+        if conv:  # GPT-2's x @ W + b layers (transformers.pytorch_utils.Conv1D)
+            raise ConfigError(f"this model's linear maps are Conv1D layers ({', '.join(conv)}), which lrx does not "
+                              "adapt (it adapts nn.Linear and fused MoE experts); use peft for GPT-2-style models")
         raise ConfigError(
             f"method.target_modules {patterns} matches no linear layer; this model's linear layers "
             f"are named {linear} (or use all-linear)"
@@ -173,24 +186,21 @@ def find_targets(model: nn.Module, patterns: list[str]) -> list[tuple[str, nn.Li
 
 
 def _warn_fused_weights(model: nn.Module) -> None:
-    """One warning naming the weights ``all-linear`` leaves alone although they are matrices of
-    linear maps: parameters of 3 or more dims outside ``nn.Linear`` modules, such as the fused
-    experts of MoE models (transformers >= 5 stores Mixtral's experts as ``gate_up_proj`` and
-    ``down_proj`` of shape experts x out x in, no ``nn.Linear`` per expert)."""
+    """One warning naming the weights ``all-linear`` leaves alone although they may be matrices
+    of linear maps: parameters of 3 or more dims outside ``nn.Linear`` modules that are not
+    fused experts weights (``is_experts_weight``, adapted)."""
     fused: dict[tuple[str, str, tuple[int, ...]], int] = {}
     for name, module in model.named_modules():
         if isinstance(module, (nn.Linear, AdaptedLinear)):
             continue
         for pname, p in module.named_parameters(recurse=False):
-            if p.ndim >= 3:
-                pattern = re.sub(r"\.\d+\.", ".*.", f"{name}.{pname}")
-                key = (pattern, type(module).__name__, tuple(p.shape))
+            if p.ndim >= 3 and not is_experts_weight(module, p):
+                key = (re.sub(r"\.\d+\.", ".*.", f"{name}.{pname}"), type(module).__name__, tuple(p.shape))
                 fused[key] = fused.get(key, 0) + 1
     if fused:
-        what = ", ".join(f"{pattern} ({kind}, {'x'.join(map(str, shape))})"
-                         for (pattern, kind, shape) in fused)
-        log.warning("all-linear: %d fused expert weights (%s) are not linear layers and are not adapted",
-                    sum(fused.values()), what)
+        what = ", ".join(f"{pattern} ({kind}, {'x'.join(map(str, shape))})" for (pattern, kind, shape) in fused)
+        log.warning("all-linear: %d weights of 3 or more dims (%s) are not linear layers or fused experts and are "
+                    "not adapted", sum(fused.values()), what)
 
 
 def layer_counts(names) -> str:
@@ -202,7 +212,8 @@ def layer_counts(names) -> str:
 def log_rows(layer: AdaptedLinear, shards: int = 1) -> int:
     """Rows of a layer's edit log (U's out + V's in) one process holds with its rows split over
     ``shards`` processes (the most any of them holds)."""
-    return -(-layer.out_features // shards) + -(-layer.in_features // shards)
+    per_matrix = -(-layer.out_features // shards) + -(-layer.in_features // shards)
+    return per_matrix * getattr(layer, "num_experts", 1)  # fused experts: one log per expert
 
 
 def adapted_layers(model: nn.Module) -> Iterator[tuple[str, AdaptedLinear]]:
@@ -223,6 +234,8 @@ class Method:
     config_cls: ClassVar[type[MethodConfig]] = MethodConfig
     preserves_output_at_init: ClassVar[bool] = True
     """Whether the adapted model computes exactly the base model's function at init."""
+    adapts_experts: ClassVar[bool] = False
+    """Whether the method adapts fused MoE experts weights (``lrx.methods.experts``)."""
 
     def __init__(self, config: MethodConfig):
         self.config = config
@@ -262,10 +275,14 @@ class Method:
         self.load_resources()
         self.layers, self._where = {}, {}
         model.requires_grad_(False)
-        for name, linear in find_targets(model, cfg.target_modules):
-            layer = self.make_layer(name, linear, cfg.folds(linear.weight.dtype))
+        for name, target in find_targets(model, cfg.target_modules):
             parent, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent) if parent else model, child, layer)
+            owner = model.get_submodule(parent) if parent else model
+            if isinstance(target, nn.Parameter):
+                self.layers[name] = self.make_experts_layer(name, owner, child, cfg.folds(target.dtype))
+                continue
+            layer = self.make_layer(name, target, cfg.folds(target.weight.dtype))
+            setattr(owner, child, layer)
             self.layers[name] = layer
         self.saved_modules = self._resolve_modules_to_save(model)
         for _, p in self.trainable_parameters(model):
@@ -287,6 +304,18 @@ class Method:
         cfg = self.config
         return AdaptedLinear(linear, cfg.r, cfg.scale, cfg.dropout, fold_edits=fold_edits)
 
+    def make_experts_layer(self, name: str, experts: nn.Module, param: str, fold_edits: bool) -> AdaptedExperts:
+        """The adapted layer that takes the place of the fused experts weight ``experts.<param>``
+        (``lrx.methods.experts``); refused for methods that do not adapt experts."""
+        cfg = self.config
+        if not self.adapts_experts:
+            raise ConfigError(f"{self.name} does not adapt fused MoE experts ({name}) yet; use lora or pissa, or "
+                              "leave the experts out of method.target_modules (e.g. [q_proj, k_proj, v_proj, o_proj])")
+        if cfg.dropout:
+            raise ConfigError(f"{name}: fused experts take no adapter dropout (the adapter is added to the weight, "
+                              "not applied to an input); set method.dropout=0 or leave the experts out")
+        return adapt_experts(experts, param, cfg.r, cfg.scale, fold_edits)
+
     def place_log(self, layer: AdaptedLinear, weights: WeightAccess) -> None:
         """Once a layer is initialised or restored, before it is sharded: where the backend will
         split every parameter by rows (``weights.shards_rows``, FSDP2), hold its edit log as
@@ -299,7 +328,8 @@ class Method:
 
     def init_layer(self, name: str, index: int, layer: AdaptedLinear, weights: WeightAccess) -> None:
         """Initialise one adapted layer's A, B (and edits). Default: LoRA (A random, B zero)."""
-        nn.init.kaiming_uniform_(layer.lora_A, a=5**0.5)
+        for A in layer.lora_A if layer.lora_A.dim() == 3 else [layer.lora_A]:  # per expert: r x in
+            nn.init.kaiming_uniform_(A, a=5**0.5)
         nn.init.zeros_(layer.lora_B)
 
     def _resolve_modules_to_save(self, model: nn.Module) -> list[str]:

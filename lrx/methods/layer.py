@@ -228,7 +228,7 @@ class AdaptedLinear(nn.Module):
 
     @property
     def edit_rank(self) -> int:
-        return self.row_log.rank if self.row_log is not None else self.edit_U.shape[1]
+        return self.row_log.rank if self.row_log is not None else self.edit_U.shape[-1]
 
     @property
     def quantized(self) -> bool:
@@ -344,7 +344,7 @@ class AdaptedLinear(nn.Module):
         """``(U, V)`` from column ``start`` on, as the forward multiplies them (an offloaded log's
         compute-dtype copy)."""
         U, V = self.row_log.views(self) if self.row_log is not None else (self.edit_U, self.edit_V)
-        return U[:, start:], V[start:]
+        return U[..., start:], V[..., start:, :]
 
     def edit_factors(self, gather=None) -> tuple[torch.Tensor, torch.Tensor]:
         """The exact fp32 edit log ``(U, V)``, out x k and k x in: on the layer's device, in
@@ -374,8 +374,8 @@ class AdaptedLinear(nn.Module):
         if self.edit_rank:
             raise RuntimeError("set_edit_log needs a layer whose base is still W0 (empty edit log)")
         sizes = [int(k) for k in sizes.tolist()]
-        if sum(sizes) != U.shape[1]:
-            raise ValueError(f"edit log sizes sum to {sum(sizes)} but the factors have rank {U.shape[1]}")
+        if sum(sizes) != U.shape[-1]:
+            raise ValueError(f"edit log sizes sum to {sum(sizes)} but the factors have rank {U.shape[-1]}")
         cut = len(sizes)
         if baked is not None:
             ends = [sum(sizes[: i + 1]) for i in range(len(sizes))]
@@ -384,13 +384,13 @@ class AdaptedLinear(nn.Module):
             cut = ends.index(baked) + 1 if baked else 0
         start = self._replay(U, V, sizes[:cut])
         if cut < len(sizes):
-            self._pending = (U[:, start:], V[start:], sizes[cut:])
+            self._pending = (U[..., start:], V[..., start:, :], sizes[cut:])
 
     def _replay(self, U: torch.Tensor, V: torch.Tensor, sizes: list[int]) -> int:
         """``add_edit`` each recorded edit of ``U @ V`` in order; returns the columns replayed."""
         start = 0
         for k in sizes:
-            self.add_edit(U[:, start : start + k], V[start : start + k])
+            self.add_edit(U[..., start : start + k], V[..., start : start + k, :])
             start += k
         return start
 
@@ -438,8 +438,8 @@ class AdaptedLinear(nn.Module):
     def delta_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Exact low-rank factors ``(B_eff, A_eff)`` with ``B_eff @ A_eff == delta_weight()``."""
         U, V = self._edit_factors_here()
-        B = torch.cat([U, self.lora_B.detach() * self.scale], dim=1)
-        A = torch.cat([V, self.lora_A.detach()], dim=0)
+        B = torch.cat([U, self.lora_B.detach() * self.scale], dim=-1)
+        A = torch.cat([V, self.lora_A.detach()], dim=-2)
         return B, A
 
     def _edit_factors_here(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -477,4 +477,4 @@ class AdaptedLinear(nn.Module):
         if not self.live_rank:
             return B, A
         U, V = self._edit_factors_here()
-        return torch.cat([U[:, self.baked :], B], dim=1), torch.cat([V[self.baked :], A], dim=0)
+        return torch.cat([U[..., self.baked :], B], dim=-1), torch.cat([V[..., self.baked :, :], A], dim=-2)

@@ -20,3 +20,4 @@ class LoRAConfig(MethodConfig):
 @register_method("lora")
 class LoRA(Method):
     config_cls = LoRAConfig
+    adapts_experts = True

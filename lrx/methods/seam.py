@@ -29,6 +29,12 @@ import torch
 from lrx.sharding import flat_range_of_product, fsdp_row_range
 
 
+def full_shape(p: torch.Tensor) -> torch.Size:
+    """The whole shape of a parameter, also where a backend has emptied it (ZeRO-3 partitions a
+    model built under ``zero.Init``): what a method may know of a weight it has not read."""
+    return torch.Size(getattr(p, "ds_shape", p.shape))
+
+
 class WeightAccess(Protocol):
     """How a method reads base weights at initialisation, before the model is sharded;
     implemented per backend. Each process reads only its block of rows (``row_block``); the

@@ -1,0 +1,182 @@
+"""Fused mixture-of-experts weights as adapted layers: one LoRA pair per expert.
+
+transformers >= 5 stores the experts of Mixtral, Qwen3-MoE and gpt-oss as fused 3-D
+parameters of their experts module (``gate_up_proj``, ``down_proj``): experts x out x in,
+used as ``F.linear(x, W[e])`` (Mixtral, Qwen3-MoE), or experts x in x out, used as
+``x @ W[e]`` (gpt-oss: the module's ``is_transposed``). The experts module's forward (its
+loop over the experts hit, or transformers' grouped_mm / batched_mm implementations) reads
+the whole parameter, so an ``AdaptedExperts`` takes the parameter's place as a submodule of
+the same name and a forward pre-hook of the experts module hands that forward the effective
+weight ``W + scale * B @ A`` (plus the live edit log), computed by one batched matmul over
+the stacked pairs (A: experts x r x in, B: experts x out x r): a token routed to expert e
+sees ``W_e x + scale * B_e A_e x``. This is what peft's ``target_parameters`` does too; it
+materialises one weight-sized tensor per adapted parameter while its block runs (activation
+checkpointing keeps that to one block), and on a bf16 base the effective weight is rounded
+to bf16 once per forward (a linear's adapter is added after the base product instead).
+
+The base parameter is kept as ``base.weight`` (``ExpertWeights``), so the layer's state key
+``experts.gate_up_proj.base.weight`` maps back to the checkpoint's ``experts.gate_up_proj``
+(``file_key``). The edit log is stacked like the adapter (U: experts x out x k, V:
+experts x k x in) and kept on the layer's device, whole on every process (no host or
+row-sharded log): only PiSSA's init edits experts, and folds them on an fp32 base.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from lrx.methods.layer import AdaptedLinear
+from lrx.methods.seam import full_shape
+
+# Experts modules whose weights are experts x in x out although transformers of that version
+# sets no ``is_transposed`` (transformers < 5.2x: gpt-oss's layout is older than the flag).
+TRANSPOSED = ("GptOssExperts",)
+
+
+def is_experts_weight(module: nn.Module, param: torch.Tensor) -> bool:
+    """Whether ``param`` (a parameter of ``module`` itself) is a fused experts weight: 3-D, one
+    matrix per expert of a module that counts its experts (``num_experts``)."""
+    shape = full_shape(param)
+    return len(shape) == 3 and getattr(module, "num_experts", None) == shape[0] \
+        and not isinstance(module, (nn.Linear, AdaptedLinear))
+
+
+class ExpertWeights(nn.Module):
+    """A fused experts parameter held as ``weight``, so an adapted layer's ``base`` reads like a
+    linear's (``in_features``, ``out_features``, ``weight``).
+
+    Args:
+        weight: the parameter, experts x out x in, or experts x in x out when ``transposed``.
+        transposed: the model multiplies ``x @ W[e]`` (gpt-oss).
+    """
+
+    bias = None
+
+    def __init__(self, weight: nn.Parameter, transposed: bool):
+        super().__init__()
+        self.weight = weight
+        self.transposed = transposed
+        experts, rows, cols = full_shape(weight)
+        self.num_experts = experts
+        self.out_features, self.in_features = (cols, rows) if transposed else (rows, cols)
+
+    def forward(self, delta: torch.Tensor) -> torch.Tensor:
+        """``weight + delta`` (delta in the stored layout). Called, not read, and summed here: ZeRO-3
+        gathers a module's parameters while it runs and releases them when it returns."""
+        return self.weight + delta.to(self.weight.dtype)
+
+    def stored(self, W: torch.Tensor) -> torch.Tensor:
+        """A logical (experts x out x in) tensor in the stored layout, and back (an involution)."""
+        return W.transpose(-1, -2) if self.transposed else W
+
+
+class AdaptedExperts(AdaptedLinear):
+    """The fused experts weight of one parameter plus a stacked adapter: pair k of expert e is
+    column k of ``lora_B[e]`` with row k of ``lora_A[e]``.
+
+    Args:
+        base: the experts weight (``ExpertWeights``).
+        r, scale, fold_edits: as ``AdaptedLinear``'s (no dropout: there is no input to drop).
+    """
+
+    fused = True
+
+    def __init__(self, base: ExpertWeights, r: int, scale: float, fold_edits: bool = True):
+        super().__init__(base, r, scale, 0.0, fold_edits=fold_edits)
+        E, device = base.num_experts, base.weight.device
+        self.edit_U = torch.zeros(E, self.out_features, 0, device=device)
+        self.edit_V = torch.zeros(E, 0, self.in_features, device=device)
+
+    def _init_adapter(self, r: int, in_features: int, out_features: int, device: torch.device) -> None:
+        E = self.base.num_experts
+        self.lora_A = nn.Parameter(torch.zeros(E, r, in_features, device=device))
+        self.lora_B = nn.Parameter(torch.zeros(E, out_features, r, device=device))
+
+    @property
+    def num_experts(self) -> int:
+        return self.base.num_experts
+
+    def extra_repr(self) -> str:
+        return f"experts={self.num_experts}, " + super().extra_repr()
+
+    def logical(self, W: torch.Tensor) -> torch.Tensor:
+        """The base weight ``W`` as experts x out x in (a view)."""
+        return self.base.stored(W)
+
+    def forward(self) -> torch.Tensor:
+        """The effective weight in the stored layout: ``W + scale * B @ A`` (+ the live log)."""
+        B, A = self.lora_B * self.scale, self.lora_A
+        if self.merged:
+            return self.base(B.new_zeros(()))
+        if self.live_rank:
+            U, V = self._log_views(self.baked)
+            B, A = torch.cat([U, B], dim=-1), torch.cat([V, A], dim=-2)
+        return self.base(self.base.stored(torch.bmm(B, A)))
+
+    @torch.no_grad()
+    def add_edit(self, U: torch.Tensor, V: torch.Tensor) -> None:
+        """Record the frozen change ``U @ V`` (experts x out x k, experts x k x in): in the log,
+        and folded into the base when ``fold_edits``."""
+        U = U.detach().to(device=self.edit_U.device, dtype=torch.float32)
+        V = V.detach().to(device=self.edit_U.device, dtype=torch.float32)
+        E, k = self.num_experts, V.shape[-2]
+        if U.shape != (E, self.out_features, k) or V.shape != (E, k, self.in_features):
+            raise ValueError(f"edit factors {tuple(U.shape)} @ {tuple(V.shape)} do not fit {self.extra_repr()}")
+        self.edit_U = torch.cat([self.edit_U, U], dim=-1)
+        self.edit_V = torch.cat([self.edit_V, V], dim=-2)
+        self.edit_sizes.append(k)
+        if self.fold_edits:
+            self._fold(U, V, sign=1.0)
+
+    def _fold(self, U: torch.Tensor, V: torch.Tensor, sign: float) -> None:
+        if self.shards.world_size > 1:
+            raise RuntimeError("fused experts fold edits on one process only")
+        W = self.base.weight
+        W.add_(self.base.stored(torch.bmm(U.to(W.device), V.to(W.device))).to(W.dtype), alpha=sign)
+
+    def offload_edit_log(self, compute_dtype: torch.dtype, capacity: int | None = None) -> None:
+        """The experts' log stays on the device, whole (see the module doc)."""
+
+    def hold_log_rows(self, capacity: int) -> None:
+        """The experts' log stays whole, a buffer on every process (see the module doc)."""
+
+    def quantize_base(self, quantize) -> None:
+        raise RuntimeError("fused experts are not quantized; they stay in model.dtype")
+
+    @torch.no_grad()
+    def merged_weight(self) -> torch.Tensor:
+        """The weight ``merge`` makes, in fp32 and the stored layout."""
+        B, A = self._unfolded_factors()
+        return self.base.weight.detach().float() + self.base.stored(torch.bmm(B, A).to(self.base.weight.device))
+
+
+def _effective_weights(module: nn.Module, args) -> None:
+    """Forward pre-hook of an experts module: its adapted parameters, as the forward reads them."""
+    for name, child in module._modules.items():
+        if isinstance(child, AdaptedExperts):
+            module.__dict__[name] = child()  # shadows the submodule for attribute reads only
+
+
+def _drop_effective_weights(module: nn.Module, args, output) -> None:
+    for name, child in module._modules.items():
+        if isinstance(child, AdaptedExperts):
+            module.__dict__.pop(name, None)
+
+
+def adapt_experts(experts: nn.Module, name: str, r: int, scale: float, fold_edits: bool) -> AdaptedExperts:
+    """Replace the fused parameter ``experts.<name>`` by an ``AdaptedExperts`` of the same name.
+
+    Returns:
+        The adapted layer (registered in ``experts``; the hooks that feed its effective weight
+        to the experts' forward are registered once per experts module).
+    """
+    param = experts._parameters.pop(name)
+    transposed = bool(getattr(experts, "is_transposed", type(experts).__name__ in TRANSPOSED))
+    layer = AdaptedExperts(ExpertWeights(param, transposed), r, scale, fold_edits)
+    setattr(experts, name, layer)
+    if not getattr(experts, "_lrx_adapted", False):
+        experts.register_forward_pre_hook(_effective_weights)
+        experts.register_forward_hook(_drop_effective_weights, always_call=True)
+        experts._lrx_adapted = True
+    return layer

@@ -1,0 +1,140 @@
+"""Fused MoE experts as adapted layers (``lrx.methods.experts``): a token routed to expert e
+sees ``W_e x + scale * B_e A_e x`` in every layout transformers stores experts in; LoRA and
+PiSSA train them, save, resume and export them (merged, and peft ``target_parameters``);
+methods that do not adapt experts refuse in one line."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+from transformers import AutoModelForCausalLM, GptOssConfig, MixtralConfig, Qwen3MoeConfig
+
+from lrx.adapter import export_peft, export_peft_from_adapter, load_adapter, save_adapter
+from lrx.config import load_config
+from lrx.errors import ConfigError
+from lrx.export import merge_into_linears
+from lrx.methods import LocalShards, build_method
+from lrx.methods.experts import AdaptedExperts
+
+SMALL = dict(vocab_size=128, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+             head_dim=8, num_experts_per_tok=2, max_position_embeddings=64, tie_word_embeddings=False)
+CONFIGS = {
+    "qwen3_moe": lambda: Qwen3MoeConfig(intermediate_size=64, moe_intermediate_size=16, num_experts=4, **SMALL),
+    "mixtral": lambda: MixtralConfig(intermediate_size=16, num_local_experts=4, **SMALL),
+    "gpt_oss": lambda: GptOssConfig(intermediate_size=16, num_local_experts=4, layer_types=["full_attention"] * 2,
+                                    **SMALL),
+}
+
+
+def tiny_moe(family: str, dtype=torch.float32) -> nn.Module:
+    """fp32 runs transformers' default experts forward (grouped_mm); float64, which grouped_mm
+    does not take, the model's own loop over the experts hit ("eager")."""
+    torch.manual_seed(0)
+    kwargs = {"experts_implementation": "eager"} if dtype == torch.float64 else {}
+    return AutoModelForCausalLM.from_config(CONFIGS[family](), **kwargs).to(dtype).eval()
+
+
+def adapted(family: str, method_name: str = "lora", targets: str = "all-linear", dtype=torch.float32, **extra):
+    model = tiny_moe(family, dtype)
+    original = copy.deepcopy(model)
+    overrides = [f"method.target_modules=[{targets}]", "method.r=4", *(f"method.{k}={v}" for k, v in extra.items())]
+    method = build_method(load_config(None, overrides, method=method_name).method)
+    torch.manual_seed(1)
+    method.apply(model)
+    method.attach(model, LocalShards())
+    return original, model, method
+
+
+def batch(seed: int = 0) -> torch.Tensor:
+    return torch.randint(0, 128, (4, 12), generator=torch.Generator().manual_seed(seed))
+
+
+def logits(model, ids) -> torch.Tensor:
+    with torch.no_grad():
+        return model(input_ids=ids).logits.double()
+
+
+def perturb(method, size: float = 0.3) -> None:
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for layer in method.layers.values():
+            for p in layer.adapter_params().values():
+                p.add_(torch.randn(p.shape, generator=g, dtype=p.dtype) * size)
+
+
+@pytest.mark.parametrize("family", sorted(CONFIGS))
+def test_a_routed_token_sees_its_experts_adapter(family):
+    """Against the plain model whose expert e holds ``W_e + scale B_e A_e``, summed expert by
+    expert in float64 in the model's own layout (gpt-oss: experts x in x out, x @ W)."""
+    original, model, method = adapted(family, targets="experts", dtype=torch.float64)
+    experts = {n: lay for n, lay in method.layers.items() if isinstance(lay, AdaptedExperts)}
+    assert len(experts) == 4 and len(method.layers) == 4, list(method.layers)  # two weights x two layers
+    perturb(method)
+    reference = copy.deepcopy(original)
+    with torch.no_grad():
+        for name, layer in experts.items():
+            W = reference.get_parameter(name)
+            for e in range(W.shape[0]):
+                delta = layer.scale * layer.lora_B[e] @ layer.lora_A[e]
+                W[e] += delta.t() if layer.base.transposed else delta
+    assert experts[next(iter(experts))].base.transposed == (family == "gpt_oss")
+    ids = batch()
+    assert (logits(model, ids) - logits(original, ids)).abs().max() > 1e-3  # the adapters change the output
+    torch.testing.assert_close(logits(model, ids), logits(reference, ids), rtol=0, atol=1e-10)
+
+
+def train(model, method, steps: int = 12) -> list[float]:
+    opt = torch.optim.Adam([p for _, p in method.trainable_parameters(model)], lr=1e-2)
+    ids, losses = batch(5), []
+    model.train()
+    for _ in range(steps):
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    model.eval()
+    return losses
+
+
+@pytest.mark.parametrize("method_name", ["lora", "pissa"])
+def test_experts_train_resume_and_export(method_name, tmp_path):
+    peft = pytest.importorskip("peft")
+    original, model, method = adapted("qwen3_moe", method_name, targets="q_proj,v_proj,experts")
+    ids = batch()
+    torch.testing.assert_close(logits(model, ids), logits(original, ids), rtol=0, atol=1e-5)  # output at init
+    losses = train(model, method)
+    assert losses[-1] < losses[0] - 0.2, losses
+    trained = logits(model, ids)
+    experts = [lay for lay in method.layers.values() if isinstance(lay, AdaptedExperts)]
+    assert experts and all(lay.lora_B.grad is None and lay.lora_B.abs().sum() > 0 for lay in experts)
+
+    save_adapter(tmp_path / "adapter", model, method, {"base_model": "tiny"})
+    resumed = copy.deepcopy(original)
+    load_adapter(tmp_path / "adapter", resumed)
+    torch.testing.assert_close(logits(resumed, ids), trained, rtol=0, atol=0)
+
+    export_peft(tmp_path / "peft", model, method, base_model_name="tiny")
+    export_peft_from_adapter(tmp_path / "adapter", tmp_path / "peft_from_file")  # one layer at a time, no model
+    for folder in ("peft", "peft_from_file"):
+        restored = peft.PeftModel.from_pretrained(copy.deepcopy(original), str(tmp_path / folder)).eval()
+        torch.testing.assert_close(logits(restored, ids), trained, rtol=0, atol=1e-5)
+
+    merge_into_linears(resumed)
+    resumed.save_pretrained(tmp_path / "merged")
+    plain = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
+    assert not any(isinstance(m, AdaptedExperts) for m in plain.modules())
+    torch.testing.assert_close(logits(plain, ids), trained, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("method_name,extra,says", [
+    ("srlora", {}, "srlora does not adapt fused MoE experts"),
+    ("lora", {"dropout": 0.1}, "fused experts take no adapter dropout"),
+])
+def test_what_cannot_adapt_experts_refuses_in_one_line(method_name, extra, says):
+    with pytest.raises(ConfigError, match=says) as err:
+        adapted("qwen3_moe", method_name, targets="experts.gate_up_proj", **extra)
+    assert "\n" not in str(err.value)
