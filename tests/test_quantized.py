@@ -24,13 +24,13 @@ from lrx.cli import main
 from lrx.config import load_config
 from lrx.errors import ConfigError
 from lrx.export import export_merged, merge_into_linears
+from lrx.fidelity import fusion_fidelity
 from lrx.methods import LocalShards, LocalWeights, adapted_layers, available_methods, build_method
 from lrx.quant import QuantizedLinear, Quantizer, QuantSettings, bitsandbytes
 from tests.conftest import REPO, tiny_model
 from tests.test_conformance import inputs, logits, method_overrides, perturb, rel
 from tests.test_distributed import launch, reference, srlora_report  # noqa: F401 (a fixture)
 from tests.test_srlora import train_checking_every_event
-from tools import bench_fusion
 
 KINDS = ("nf4", "int8")
 CASES = [(m, k) for m in available_methods() for k in KINDS]
@@ -196,7 +196,7 @@ def test_srlora_events_on_nf4_keep_the_output_and_never_touch_the_codes():
 def test_fusion_fidelity_bound_on_a_quantized_base(kind, relative_update):
     """10 events on a 512 x 512 quantized layer: the edits applied equal the intended ones and
     the effective weight moves by exactly what training moved it (float64 references)."""
-    row = bench_fusion.run(torch.float32, "auto", relative_update, 10, 512, r=4, quantize=kind)
+    row = fusion_fidelity(torch.float32, "auto", relative_update, 10, 512, r=4, quantize=kind)
     assert row["mode"] == "log"
     assert row["error_vs_total_edit"] <= 1e-3 and row["error_vs_net_update"] <= 1e-3
 
