@@ -92,8 +92,9 @@ def _setup_logging(fmt: str = "%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
 
 
-def train_main(argv: list[str] | None = None, prog: str = "launch/train.py") -> int:
-    """``lrx train`` / ``python launch/train.py``; returns the process exit status."""
+def train_main(argv: list[str] | None = None, prog: str = "launch/train.py", callbacks=()) -> int:
+    """``lrx train`` / ``python launch/train.py``; returns the process exit status.
+    ``callbacks`` are called with the trainer after every optimizer step (``runner.run``)."""
     _setup_logging()
     args = build_parser(prog).parse_intermixed_args(argv)  # overrides may come before or after flags
     try:
@@ -110,7 +111,7 @@ def train_main(argv: list[str] | None = None, prog: str = "launch/train.py") -> 
 
             print(plan(config, args.world_size))
             return 0
-        summary = run(config)
+        summary = run(config, callbacks)
     except Stopped as stopped:
         if stopped.main:
             print(stopped, file=sys.stderr)

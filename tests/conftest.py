@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 from pathlib import Path
 
 import pytest
@@ -38,6 +39,47 @@ def glue_dir() -> Path:
 @pytest.fixture
 def clone():
     return copy.deepcopy
+
+
+# tests/dist_srlora.py's jobs by (backend, processes): the options of each job, all jobs of one
+# entry run one after another in one launch (a launch costs each process ~7 s of imports).
+SRLORA_JOBS = {
+    ("single", 1): [(), ("log",), ("log", "nf4")],
+    ("fsdp2", 2): [(), ("log", "nf4")],
+    ("zero3", 2): [(), ("no-persist", "log"), ("log", "nf4")],
+    ("fsdp2", 4): [("log",), ("hsdp",)],
+}
+
+
+@pytest.fixture(scope="session")
+def srlora_reports(tmp_path_factory):
+    """``get(backend, processes, *options)``: the report of tests/dist_srlora.py for one job of
+    ``SRLORA_JOBS`` (``no-persist``: ZeRO-3 keeps no parameter gathered between steps); the
+    jobs of one (backend, processes) entry are made in one launch when a test first asks."""
+    from tests.test_distributed import BACKENDS, launch
+
+    done = {}
+
+    def options(root: Path, job: tuple[str, ...]) -> list[str]:
+        if "no-persist" not in job:
+            return list(job)
+        config = json.loads((REPO / "configs" / "deepspeed" / "zero3.json").read_text())
+        config.setdefault("zero_optimization", {})["stage3_param_persistence_threshold"] = 0
+        (root / "ds.json").write_text(json.dumps(config))
+        return [*(x for x in job if x != "no-persist"), str(root / "ds.json")]
+
+    def get(backend: str, nproc: int, *job: str) -> dict:
+        if (backend, nproc) not in done:
+            root, jobs = tmp_path_factory.mktemp(f"srlora-{backend}-{nproc}"), SRLORA_JOBS[backend, nproc]
+            args = [str(REPO / "tests" / "dist_srlora.py"), backend]
+            for i, each in enumerate(jobs):
+                args += [*(["+"] if i else []), str(root / f"{i}.json"), *options(root, each)]
+            run = launch(args, nproc, BACKENDS[backend][0] if nproc > 1 else "python")
+            assert run.returncode == 0, "\n".join(x for x in run.stderr.splitlines() if "elastic" not in x)[-6000:]
+            done[backend, nproc] = {each: json.loads((root / f"{i}.json").read_text()) for i, each in enumerate(jobs)}
+        return done[backend, nproc][job]
+
+    return get
 
 
 def pytest_collection_modifyitems(config, items):

@@ -10,7 +10,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch.distributed as dist  # noqa: E402
 
-from lrx import cli, runner  # noqa: E402
+from lrx import cli  # noqa: E402
 
 
 def main() -> int:
@@ -31,12 +31,7 @@ def main() -> int:
         per_step.append(calls[0])
         calls[0] = 0
 
-    class CountingTrainer(runner.Trainer):
-        def __init__(self, *args, callbacks=(), **kwargs):
-            super().__init__(*args, callbacks=[*callbacks, record], **kwargs)
-
-    runner.Trainer = CountingTrainer
-    code = cli.main(argv)
+    code = cli.train_main(argv, callbacks=[record])
     if os.environ.get("RANK", "0") == "0":
         out.write_text(json.dumps({"per_step": per_step}))
     return code

@@ -1,7 +1,8 @@
 """Run by tests/test_distributed.py under torchrun / the deepspeed launcher (or plain python):
 SRLoRA on a small Llama with uneven shapes (255 MLP rows; ZeRO-3 ranges that split rows).
 
-argv: backend (single, fsdp2, zero3), output JSON, then optionally ``log`` (edits applied
+argv: backend (single, fsdp2, zero3), then one or more jobs separated by ``+``, each run in
+these processes one after another (one launch): an output JSON, then optionally ``log`` (edits applied
 from the edit log beside the adapter, ``method.fuse=log``, instead of folded into the fp32
 base), ``nf4`` (the base quantized as ``model.quantize=nf4`` builds it, through ``Adapters``),
 and a DeepSpeed config. Every rank
@@ -25,7 +26,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig  # noqa: E402
 from lrx.config import load_config  # noqa: E402
 from lrx.distributed import build_backend  # noqa: E402
 from lrx.methods import adapted_layers, build_method  # noqa: E402
-from tests.dist_common import finish, run  # noqa: E402
+from tests.dist_common import finish, one_process_group, run  # noqa: E402
 
 STEPS, GLOBAL_BATCH, SEQ = 10, 4, 16
 
@@ -45,7 +46,15 @@ def checksum(t: torch.Tensor) -> list[float]:
 
 def main() -> None:
     args = [a for a in sys.argv[1:] if not a.startswith("--local_rank")]  # the deepspeed launcher adds it
-    name, out, rest = args[0], args[1], args[2:]
+    jobs = [[]]
+    for a in args[1:]:
+        jobs.append([]) if a == "+" else jobs[-1].append(a)
+    with one_process_group():
+        for out, *rest in jobs:
+            job(args[0], out, rest)
+
+
+def job(name: str, out: str, rest: list[str]) -> None:
     fuse = "log" if "log" in rest else "fold"
     replicate = 2 if "hsdp" in rest else 1  # FSDP2 on a 2-D mesh: 2 replicas x world/2 shards
     ds_config = next((a for a in rest if a not in ("log", "hsdp", "nf4")), None)

@@ -20,7 +20,7 @@ from safetensors.torch import load_file
 from lrx import checkpoint
 from lrx.cli import main
 from tests.conftest import REPO
-from tests.test_distributed import BACKENDS, launch, losses, reference, table  # noqa: F401 (fixture)
+from tests.test_distributed import BACKENDS, launch, launch_runs, losses, reference, table  # noqa: F401 (fixture)
 
 pytestmark = pytest.mark.distributed
 
@@ -78,8 +78,6 @@ def test_killed_run_resumes_exactly(tmp_path, backend, nproc):
     argv = functools.partial(args, base=tmp_path / "base")
     batch = 8 // nproc
     kill = random.Random().randint(5, 9)
-    full = run(argv(data, tmp_path / "full", "train.save_every=2", batch=batch), nproc, backend)
-    assert full.returncode == 0, full.stderr[-3000:]
     killed = run(killed_at(kill, argv(data, tmp_path / "run", "train.save_every=2", batch=batch)), nproc, backend)
     assert killed.returncode != 0, f"the run was not killed at step {kill}"
     done = [int(p.name.split("-")[1]) for p in checkpoint.checkpoint_dirs(tmp_path / "run")]
@@ -90,7 +88,10 @@ def test_killed_run_resumes_exactly(tmp_path, backend, nproc):
     stopped = run(resume, nproc, backend, env={"LRX_FAULT": "sigterm@checkpoint:10"})
     assert stopped.returncode != 0 and "stopped at step 10 (SIGTERM)" in stopped.stderr, stopped.stderr[-3000:]
     assert [int(p.name.split("-")[1]) for p in checkpoint.checkpoint_dirs(tmp_path / "run")] == [8, 10]
-    resumed = run(resume, nproc, backend)
+    # The uninterrupted run and the last resume in one launch (tests/train_many.py).
+    full, resumed = launch_runs(tmp_path / "launch", [
+        argv(data, tmp_path / "full", "train.save_every=2", batch=batch), resume], nproc, BACKENDS[backend][0])
+    assert full.returncode == 0, full.stderr[-3000:]
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resumed from" in resumed.stderr and "step-00000010" in resumed.stderr
     straight = {"fsdp2": "loaded block by block from 1 safetensors files", "zero3": "parameters were built partitioned"}

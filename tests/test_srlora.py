@@ -14,13 +14,13 @@ from lrx.adapter import adapter_tensors, load_adapter, save_adapter
 from lrx.cli import main
 from lrx.config import load_config
 from lrx.errors import ConfigError
+from lrx.fidelity import fusion_fidelity
 from lrx.methods import adapted_layers, build_method
 from lrx.methods.base import LocalShards
 from lrx.methods.layer import AdaptedLinear, LowRankWithFrozenTail
 from lrx.spectral import top_singular
 from tests.conftest import QUICKSTART, tiny_model
 from tests.test_cli import TINY_LM
-from tools import bench_fusion
 
 TARGETS = "method.target_modules=q_proj,v_proj,down_proj"
 
@@ -343,8 +343,8 @@ def test_pool_exhaustion_stops_events_and_importance():
 def fidelity_run(dtype, fuse, relative_update, events=10, d=512):
     """(error vs the total intended edit, error vs the net training update) after ``events``
     recompositions of one d x d layer whose adapter moves by ``relative_update * ||W0||``
-    before each (float64 references; tools/bench_fusion.py prints the same as a table)."""
-    row = bench_fusion.run(dtype, fuse, relative_update, events, d, r=4)
+    before each (float64 references, lrx.fidelity; tools/bench_fusion.py prints the same as a table)."""
+    row = fusion_fidelity(dtype, fuse, relative_update, events, d, r=4)
     return row["error_vs_total_edit"], row["error_vs_net_update"]
 
 

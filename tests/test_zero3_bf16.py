@@ -22,7 +22,7 @@ from lrx.errors import ConfigError
 from lrx.methods import LocalShards, build_method
 from lrx.models import load_model, load_tokenizer
 from tests.conftest import QUICKSTART, REPO
-from tests.test_distributed import launch, losses
+from tests.test_distributed import launch_runs, losses
 
 pytestmark = pytest.mark.distributed
 
@@ -47,15 +47,28 @@ def eval_loss(model, config) -> float:
     return total / weight
 
 
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "bfloat16-nf4"])
-def test_srlora_events_stay_lossless_under_zero3s_bf16_engine(tmp_path, dtype):
+DTYPES = ["float32", "bfloat16", "bfloat16-nf4"]
+
+
+@pytest.fixture(scope="module")
+def engine_runs(tmp_path_factory):
+    """The runs of every ``DTYPES`` entry, on 2 processes with ZeRO-3's bf16 engine on as on a GPU,
+    made in one launch (``tests/train_many.py``): dtype -> (result, run folder)."""
+    root = tmp_path_factory.mktemp("bf16-engine")
+    folders = [root / dtype for dtype in DTYPES]
+    runs = [[str(REPO / "launch" / "train.py"), *ARGS, f"model.dtype={dtype.partition('-')[0]}",
+             f"logging.output_dir={folder}", f"model.quantize={dtype.partition('-')[2] or 'none'}"]
+            for dtype, folder in zip(DTYPES, folders)]
+    results = launch_runs(root / "launch", runs, 2, "deepspeed", bf16_engine=True)
+    return dict(zip(DTYPES, zip(results, folders)))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_srlora_events_stay_lossless_under_zero3s_bf16_engine(engine_runs, dtype):
     """fp32 bases fold exactly, bf16 and nf4 bases (whose codes the bf16 engine leaves as
     integers and whose statistics it leaves fp32) keep their edits in the log."""
-    out = tmp_path / "run"
-    dtype, _, quantize = dtype.partition("-")
-    argv = [str(REPO / "tests" / "zero3_bf16_engine.py"), *ARGS, f"model.dtype={dtype}", f"logging.output_dir={out}",
-            f"model.quantize={quantize or 'none'}"]
-    run = launch(argv, 2, "deepspeed")
+    run, out = engine_runs[dtype]
+    dtype = dtype.partition("-")[0]
     assert run.returncode == 0, run.stderr[-3000:]
     events = [json.loads(x) for x in (out / "method_events.jsonl").read_text().splitlines()]
     assert len({e["event"] for e in events}) == 4

@@ -1,7 +1,8 @@
 """``launch/train.py`` with ZeRO-3's bf16 engine switched on as lrx switches it on a GPU, on CPU.
 
 DeepSpeed's bf16 engine runs on CPU too; lrx enables it only on GPUs (``train.bf16``), so the
-tests that check what it does to SRLoRA's events turn the same switch on here.
+tests that check what it does to SRLoRA's events turn the same switch on here (through
+``tests/train_many.py``, which imports ``OnAsOnAGPU``; or ``python tests/zero3_bf16_engine.py ARGS``).
 """
 
 import sys

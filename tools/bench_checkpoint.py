@@ -20,16 +20,13 @@ import time
 from pathlib import Path
 
 import torch
+from transformers import AutoConfig, AutoModelForCausalLM
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from transformers import AutoConfig, AutoModelForCausalLM  # noqa: E402
-
-from lrx import checkpoint  # noqa: E402
-from lrx.adapter import restore_adapter  # noqa: E402
-from lrx.config import load_config  # noqa: E402
-from lrx.distributed import SingleDevice  # noqa: E402
-from lrx.methods import build_method  # noqa: E402
+from lrx import checkpoint
+from lrx.adapter import restore_adapter
+from lrx.config import load_config
+from lrx.distributed import SingleDevice
+from lrx.methods import build_method
 
 
 def du(path: Path) -> int:
@@ -110,10 +107,10 @@ def main() -> int:
     del fresh, optimizer2, named2
 
     export = work / "merged"
-    code = ("import resource, sys, time; sys.path.insert(0, %r); from lrx.export import export_merged; "
+    code = ("import resource, time; from lrx.export import export_merged; "
             "t = time.perf_counter(); export_merged(%r, %r, dtype=%r, max_shard_size='5GB'); "
             "print('EXPORT', time.perf_counter() - t, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)"
-            % (str(Path(__file__).resolve().parents[1]), str(path), str(export), args.dtype))
+            % (str(path), str(export), args.dtype))
     child = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     if child.returncode:
         print(child.stderr[-3000:], file=sys.stderr)

@@ -21,9 +21,7 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from lrx.methods.layer import LowRankWithFrozenTail  # noqa: E402
+from lrx.methods.layer import LowRankWithFrozenTail
 
 
 def sync(device: str) -> None:

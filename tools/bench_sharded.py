@@ -42,18 +42,15 @@ import zlib
 from pathlib import Path
 
 import torch
+from accelerate import init_empty_weights
+from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from accelerate import init_empty_weights  # noqa: E402
-from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig  # noqa: E402
-
-from lrx.build import Adapters  # noqa: E402
-from lrx.config import load_config  # noqa: E402
-from lrx.distributed import ModelSpec, build_backend  # noqa: E402
-from lrx.methods import adapted_layers, build_method  # noqa: E402
-from lrx.methods.layer import LOG_PRODUCTS  # noqa: E402
-from lrx.quant import Quantizer, QuantSettings  # noqa: E402
+from lrx.build import Adapters
+from lrx.config import load_config
+from lrx.distributed import ModelSpec, build_backend
+from lrx.methods import adapted_layers, build_method
+from lrx.methods.layer import LOG_PRODUCTS
+from lrx.quant import Quantizer, QuantSettings
 
 REFERENCES = {  # docs/ARCHITECTURE.md: peft LoRA r=16 on 2x H200, tokens/s per GPU
     ("fsdp2", "ckpt"): 7107, ("fsdp2", "nockpt"): 9953, ("zero3", "ckpt"): 1996, ("zero3", "nockpt"): 2566,

@@ -22,13 +22,11 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from lrx.config import load_config  # noqa: E402
-from lrx.data import Collator  # noqa: E402
-from lrx.methods import build_method  # noqa: E402
-from lrx.models import load_model, load_tokenizer  # noqa: E402
-from lrx.trainer import Trainer  # noqa: E402
+from lrx.config import load_config
+from lrx.data import Collator
+from lrx.methods import build_method
+from lrx.models import load_model, load_tokenizer
+from lrx.trainer import Trainer
 
 
 def main() -> int:

@@ -4,11 +4,8 @@
 """
 
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from lrx.cli import eigenbasis_main  # noqa: E402
+from lrx.cli import eigenbasis_main
 
 if __name__ == "__main__":
     sys.exit(eigenbasis_main())

@@ -24,11 +24,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import SimpleNamespace
 
+from glue_bench import TASKS, run_one  # beside this script (its folder is the first on sys.path)
 from safetensors import safe_open
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from tools.glue_bench import TASKS, run_one  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 

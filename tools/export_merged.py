@@ -5,11 +5,8 @@ see lrx/export.py and --help.
 """
 
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from lrx.cli import export_main  # noqa: E402
+from lrx.cli import export_main
 
 if __name__ == "__main__":
     sys.exit(export_main())

@@ -55,11 +55,13 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+if __package__:  # imported as tools.glue_study (by its tests, from the repository root)
+    from tools.glue_bench import TASKS
+else:  # python tools/glue_study.py: this folder is the first on sys.path
+    from glue_bench import TASKS
+
 REPO = Path(__file__).resolve().parents[1]
 DEV_METRICS = "dev_metrics.jsonl"  # what `train --dev` writes into the run folder
-sys.path.insert(0, str(REPO))
-
-from tools.glue_bench import TASKS
 
 STUDY_TASKS = ["rte", "mrpc", "stsb", "cola"]
 HAS_HEADER = {"rte": True, "mrpc": True, "stsb": True, "cola": False, "wnli": True}
@@ -621,7 +623,7 @@ def train_with_dev(argv: list[str]) -> int:
     for flag in ("--dev", "--dev-every"):
         at = argv.index(flag)
         del argv[at : at + 2]
-    from lrx import cli, runner
+    from lrx import cli
     from lrx.data import build_datasets
     from lrx.models import load_tokenizer
     from lrx.trainer import EvalShard, MetricsLog
@@ -653,15 +655,7 @@ def train_with_dev(argv: list[str]) -> int:
             trainer.eval_loader, trainer.eval_shard, trainer.metrics = own
             trainer.model.train()
 
-    class DevTrainer(runner.Trainer):
-        def __init__(self, *args, callbacks=(), **kwargs):
-            super().__init__(*args, callbacks=[*callbacks, evaluate_dev], **kwargs)
-
-    plain, runner.Trainer = runner.Trainer, DevTrainer
-    try:
-        return cli.main(argv)
-    finally:
-        runner.Trainer = plain
+    return cli.train_main(argv, callbacks=[evaluate_dev])
 
 
 def torch_loader(dataset, sampler, collate_fn):

@@ -10,12 +10,11 @@ OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 t0=$(date +%s)
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
     --find-links .whl datasets dill multiprocess || exit 3  # .whl holds multiprocess for several Pythons
-export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1
+export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1  # lrx from this checkout (not installed here)
 python3 tools/minilm_pack.py unpack .carry/minilm.pack /tmp/minilm || exit 4
 mkdir -p /tmp/glue && tar xJf .carry/glue.tar.xz -C /tmp/glue || exit 5
 python3 - <<'EOF' || exit 6
-import torch, transformers, datasets, peft, sys
-sys.path.insert(0, ".")
+import torch, transformers, datasets, peft
 import lrx.cli, lrx.runner, lrx.methods.srlora, lrx.methods.eigenlorax  # noqa: F401
 print("torch", torch.__version__, "cuda", torch.cuda.is_available(), torch.cuda.get_device_name(0),
       "transformers", transformers.__version__, "datasets", datasets.__version__, "peft", peft.__version__)

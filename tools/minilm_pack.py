@@ -39,7 +39,6 @@ MAGIC = b"LRXPACK1"
 
 
 def _minilm_dir() -> Path:
-    sys.path.insert(0, str(REPO))
     from lrx.models import resolve_source
 
     return Path(resolve_source("minilm-l6").path)
@@ -47,7 +46,6 @@ def _minilm_dir() -> Path:
 
 def used_token_ids(glue_dir: Path, model_dir: Path) -> list[int]:
     """Ids of every token in the train/dev files of every GLUE task folder under ``glue_dir``."""
-    sys.path.insert(0, str(REPO))
     from lrx.data import GLUE_TASKS, load_glue_file
     from lrx.models import load_tokenizer
 

@@ -287,6 +287,9 @@ class ZeRO3(MultiProcess):
         # Drop the engine (and its threads) before the process group: an engine still alive at
         # interpreter exit aborted a CPU run ~1 in 8 ("terminate called without an active exception").
         self.engine = None
+        # And the HfDeepSpeedConfig of a streamed build: while it lives, transformers builds every
+        # model of this process under zero.Init (a later run's whole model included).
+        self._hf_config = None
         gc.collect()
         super().close()
 
