@@ -14,17 +14,13 @@ from __future__ import annotations
 import argparse
 import copy
 import statistics
-import sys
 import time
-from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, Qwen3MoeConfig
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from lrx.config import load_config  # noqa: E402
-from lrx.methods import build_method  # noqa: E402
+from lrx.config import load_config
+from lrx.methods import build_method
 
 
 def step_time(model, params, ids, steps: int) -> float:

@@ -25,23 +25,20 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import sys
 import tempfile
 from pathlib import Path
 
 import torch
 import transformers as tf
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from lrx.adapter import export_peft  # noqa: E402
-from lrx.build import Adapters  # noqa: E402
-from lrx.config import load_config  # noqa: E402
-from lrx.eigenbasis import build_basis  # noqa: E402
-from lrx.errors import ConfigError, LrxError  # noqa: E402
-from lrx.export import merge_into_linears  # noqa: E402
-from lrx.methods import LocalShards, LocalWeights, available_methods, build_method  # noqa: E402
-from lrx.quant import Quantizer, QuantSettings  # noqa: E402
+from lrx.adapter import export_peft
+from lrx.build import Adapters
+from lrx.config import load_config
+from lrx.eigenbasis import build_basis
+from lrx.errors import ConfigError, LrxError
+from lrx.export import merge_into_linears
+from lrx.methods import LocalShards, LocalWeights, available_methods, build_method
+from lrx.quant import Quantizer, QuantSettings
 
 DECODER = dict(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                num_key_value_heads=2, head_dim=8, max_position_embeddings=64, tie_word_embeddings=False)

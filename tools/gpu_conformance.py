@@ -84,7 +84,7 @@ def train_args(base: Path, out: Path, backend: str, kind: str, method: str, devi
 
 def launch(backend: str, script: str, args: list[str], log: Path) -> int:
     cmd = [sys.executable, *LAUNCH[backend], str(REPO / script), *args]
-    env = {**os.environ, "OMP_NUM_THREADS": "2", "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+    env = {**os.environ, "OMP_NUM_THREADS": "2"}
     if backend == "zero3":  # the deepspeed launcher takes a port per job
         import socket
 
