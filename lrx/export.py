@@ -253,44 +253,53 @@ def stream_merged(adapter_dir: Path, config: dict, files: list[Path], out: Path,
     # A quantized run's base as the run held it (``model.dtype``), as the whole-model path loads it.
     held = dtype_in if quantized else None
 
-    def merged_weight(module: str, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        if f"{module}.weight" in quantized:  # as training made it: W0 + init edits quantized, then the rest
-            layer = layer_from_adapter(method, adapter, module, weight.to(dtype_in), bias)
+    adapted = {f"{m}.weight": m for m in modules}
+
+    def read(key: str) -> torch.Tensor | None:
+        value = base.get(key) if key in base else None
+        return value.to(held) if held is not None and value is not None and value.is_floating_point() else value
+
+    def merged(key: str) -> torch.Tensor:
+        if key in saved:
+            return saved[key]
+        weight, module = read(key), adapted.get(key)
+        if module is not None and key in quantized:  # as training made it: W0 + init edits quantized, then the rest
+            layer = layer_from_adapter(method, adapter, module, weight.to(dtype_in), read(f"{module}.bias"))
             layer.quantize_base(quantizer)
             return layer.merged_weight()
-        B, A = method.delta_factors(layer_from_adapter(method, adapter, module))  # one layer
-        return weight.float() + B @ A
+        if module is not None:
+            B, A = method.delta_factors(layer_from_adapter(method, adapter, module))  # one layer
+            return weight.float() + B @ A
+        if key in quantized:  # a frozen linear the run kept quantized: its dequantized weight
+            return QuantizedLinear.of(weight.to(dtype_in), quantizer.settings).dequantize()
+        return weight
 
+    shards = write_streamed(out, base, files[0].parent, merged, dtype=dtype, max_shard_size=max_shard_size)
+    log.info("streamed %d merged layers into %s (%d shards)", len(modules), out, shards)
+    return True
+
+
+def write_streamed(out: Path, base: WeightFiles, base_dir: Path, value, *, dtype: str, max_shard_size: str) -> int:
+    """Write ``value(key)`` for every tensor of ``base`` as a transformers checkpoint in ``out``,
+    one safetensors shard at a time, with the base's config (and generation config).
+
+    Returns:
+        The number of shards written.
+    """
     dt = DTYPES[dtype]
     meta = {key: torch.empty(base.shape(key), device="meta", dtype=dt) for key in base.keys()}  # shapes only
     plan = split_torch_state_dict_into_shards(meta, max_shard_size=max_shard_size)
     out.mkdir(parents=True, exist_ok=True)
-    adapted = {f"{m}.weight": m for m in modules}
     for shard, keys in plan.filename_to_tensors.items():
-        tensors = {}
-        for key in keys:
-            if key in saved:
-                value = saved[key]
-            else:
-                value = base.get(key)
-                if held is not None and value.is_floating_point():
-                    value = value.to(held)
-                if key in adapted:
-                    bias = f"{adapted[key]}.bias"
-                    value = merged_weight(adapted[key], value, base.get(bias) if bias in base else None)
-                elif key in quantized:  # a frozen linear the run kept quantized: its dequantized weight
-                    value = QuantizedLinear.of(value.to(dtype_in), quantizer.settings).dequantize()
-            tensors[key] = value.to(dt if value.is_floating_point() else value.dtype).contiguous()
+        tensors = {key: (v := value(key)).to(dt if v.is_floating_point() else v.dtype).contiguous() for key in keys}
         save_file(tensors, str(out / shard), metadata={"format": "pt"})
         del tensors
     if plan.is_sharded:
         index = {"metadata": plan.metadata, "weight_map": plan.tensor_to_filename}
         (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
-    base_dir = files[0].parent
     cfg = json.loads((base_dir / "config.json").read_text())
     cfg["torch_dtype"] = cfg["dtype"] = dtype
     (out / "config.json").write_text(json.dumps(cfg, indent=2))
     if (base_dir / "generation_config.json").is_file():
         shutil.copy(base_dir / "generation_config.json", out)
-    log.info("streamed %d merged layers into %s (%d shards)", len(modules), out, len(plan.filename_to_tensors))
-    return True
+    return len(plan.filename_to_tensors)
