@@ -171,6 +171,14 @@ def run(config: RunConfig, callbacks=()) -> dict[str, Any]:
         backend.close()
 
 
+def log_adapted(method, trainable: int, total: int) -> None:
+    row_logs = sum(layer.row_log is not None for layer in method.layers.values())
+    log.info("%s: adapted %d linear layers: %s; trainable %s of %s parameters (%.3f%%)%s",
+             method.name, len(method.layers), layer_counts(method.layers), f"{trainable:,}", f"{total:,}",
+             100 * trainable / total,
+             f"; edit logs of {row_logs} layers split by rows over the processes" if row_logs else "")
+
+
 def _run(config: RunConfig, backend, checkpoints: CheckpointManager, t0: float, callbacks,
          stop: StopRequest | None = None) -> dict[str, Any]:
     run_dir = Path(config.logging.output_dir)
@@ -188,11 +196,7 @@ def _run(config: RunConfig, backend, checkpoints: CheckpointManager, t0: float, 
     if saved is not None:  # modules_to_save, into their shards
         saved.restore_modules(model, method, backend.load_whole)
     trainable, total = count_parameters(model)
-    row_logs = sum(layer.row_log is not None for layer in method.layers.values())
-    log.info("%s: adapted %d linear layers: %s; trainable %s of %s parameters (%.3f%%)%s",
-             method.name, len(method.layers), layer_counts(method.layers), f"{trainable:,}", f"{total:,}",
-             100 * trainable / total,
-             f"; edit logs of {row_logs} layers split by rows over the processes" if row_logs else "")
+    log_adapted(method, trainable, total)
     check_positions(model.config, config.data.max_length)
     meta = adapter_meta(config, task, data)
     checkpoints.meta = meta
