@@ -15,8 +15,8 @@ from lrx.distributed import zero3  # noqa: E402
 
 
 class OnAsOnAGPU(zero3.ZeRO3):
-    def __init__(self, device="auto", bf16=True, ds_config=None):
-        super().__init__(device, bf16=bf16, ds_config=ds_config)
+    def __init__(self, device="auto", bf16=True, ds_config=None, **kwargs):
+        super().__init__(device, bf16=bf16, ds_config=ds_config, **kwargs)
         self.bf16 = bf16  # what use_cuda and bf16 gives on a GPU
 
 
