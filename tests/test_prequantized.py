@@ -77,6 +77,12 @@ def test_a_prequantized_folder_trains_on_its_stored_codes_exports_and_resumes(fo
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
     assert "quantization_config" not in json.loads((tmp_path / "merged" / "config.json").read_text())
     assert rel(logits(merged, inputs()), logits(model, inputs())) <= 1e-5
+    if kind == "nf4":  # the peft export on the folder loaded as users load it (training mode: see test_quantized)
+        import peft
+
+        bnb = AutoModelForCausalLM.from_pretrained(folders / kind, device_map="cpu", dtype=torch.float32)
+        restored = peft.PeftModel.from_pretrained(bnb, str(tmp_path / "full" / "adapter_peft")).train()
+        assert rel(logits(restored, inputs()), logits(model, inputs())) <= 1e-5
 
     shutil.copytree(tmp_path / "full", tmp_path / "cut")
     shutil.rmtree(tmp_path / "cut" / "checkpoints" / "step-00000006")
