@@ -145,11 +145,10 @@ def load_prequantized(auto, config, folder: Path, dtype: torch.dtype, settings: 
         kind = "*.SCB" if settings.kind == "int8" else "*.weight.absmax"
         raise ModelError(f"{folder}: config.json says bitsandbytes {settings.kind} but its files hold no quantized "
                          f"weights ({kind} statistics); save the quantized model again, or drop quantization_config")
-    quantized = {f"{n}.weight" for n in layers}
     for key in files.keys():
-        owner = key.rsplit(".", 1)[0]
-        if key in quantized or owner.removesuffix(".weight") in layers or owner in layers:
-            continue  # codes, statistics, weight_format: read by StoredQuantizer
+        layer, weight, _ = key.partition(".weight")  # {layer}.weight, .weight.absmax ..., .weight_format
+        if (weight and layer in layers) or key.removesuffix(".SCB") in layers:
+            continue  # codes and statistics: read by StoredQuantizer (the bias is read here)
         _assign(model, key, files.get(key), dtype)
     for name in layers:  # a stand-in of the weight's shape (no memory): adapters are made beside it
         module = model.get_submodule(name)

@@ -125,6 +125,40 @@ def test_pissa_inits_from_the_stored_weight_and_keeps_its_edits_in_the_log(folde
     assert rel(-(layer.edit_U @ layer.edit_V), top) <= 1e-4
 
 
+def test_fp4_without_double_quant_and_biases_load_as_transformers_loads_them(tmp_path):
+    """A tiny Qwen2 (q/k/v biases) stored in fp4 without double quantization: lrx's model holds
+    the stored codes and biases and computes what transformers + bitsandbytes compute."""
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig, Qwen2Config
+
+    from lrx.models import load_model, stored_quantization
+    from lrx.prequant import StoredQuantizer
+
+    torch.manual_seed(0)
+    config = Qwen2Config(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)
+    model = AutoModelForCausalLM.from_config(config)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("proj.bias"):  # initialised to zero: make them tell
+                param.normal_()
+    model.save_pretrained(tmp_path / "fp32")
+    fp4 = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="fp4", bnb_4bit_use_double_quant=False)
+    AutoModelForCausalLM.from_pretrained(tmp_path / "fp32", quantization_config=fp4, device_map="cpu").save_pretrained(
+        tmp_path / "fp4")
+    settings = stored_quantization(str(tmp_path / "fp4"))
+    assert (settings.kind, settings.double_quant) == ("fp4", False)
+    model = load_model(str(tmp_path / "fp4"), task="causal_lm")
+    quantizer = StoredQuantizer(settings, tmp_path / "fp4")
+    quantizer.plan(model, [])
+    assert quantizer.apply(model) == 14
+    assert_stored_codes(model.eval(), tmp_path / "fp4")
+    bias = model.model.layers[1].self_attn.k_proj.bias
+    assert bias.abs().sum() > 0 and torch.equal(bias, WeightFiles([tmp_path / "fp4" / "model.safetensors"]).get(
+        "model.layers.1.self_attn.k_proj.bias"))
+    bnb = AutoModelForCausalLM.from_pretrained(tmp_path / "fp4", device_map="cpu", dtype=torch.float32).train()
+    assert rel(logits(model, inputs()), logits(bnb, inputs())) <= 1e-5
+
+
 def test_other_quantized_formats_and_a_conflicting_quantize_are_refused_in_one_line(folders, tmp_path, capsys):
     shutil.copytree(folders / "fp32", tmp_path / "gptq")
     config = json.loads((tmp_path / "gptq" / "config.json").read_text())
@@ -137,4 +171,7 @@ def test_other_quantized_formats_and_a_conflicting_quantize_are_refused_in_one_l
     assert main(argv(folders / "nf4", tmp_path / "run", "lora", "model.quantize=int8")) == 2
     err = capsys.readouterr().err.strip()
     assert "model.quantize=int8 but" in err and "stored quantized as nf4" in err and len(err.splitlines()) == 1
+    assert main(argv(folders / "nf4", tmp_path / "run", "lora", "distributed.backend=fsdp2")) == 2
+    err = capsys.readouterr().err.strip()
+    assert "in one process only for now (not under FSDP2 or ZeRO-3)" in err and len(err.splitlines()) == 1
     assert not (tmp_path / "run").exists()
