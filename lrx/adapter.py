@@ -177,7 +177,14 @@ def quantizer_of(config: dict[str, Any], model: nn.Module, method: Method):
         return None
     from lrx.quant import Quantizer, QuantSettings
 
-    quantizer = Quantizer(QuantSettings.from_dict(config["quantize"]))
+    settings = QuantSettings.from_dict(config["quantize"])
+    if settings.stored:  # the codes as the base checkpoint stores them
+        from lrx.models import resolve_source
+        from lrx.prequant import StoredQuantizer
+
+        quantizer = StoredQuantizer(settings, resolve_source(config["base_model"]).path)
+    else:
+        quantizer = Quantizer(settings)
     quantizer.plan(model, method.saved_modules)
     return quantizer
 

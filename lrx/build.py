@@ -58,15 +58,21 @@ class Adapters:
             index, name = self.method.locate(module)
             module.restore_buffers()  # data buffers (EigenLoRAx's bases) of a layer built on meta
             if self.saved is None:
-                with weights.gathered(module):
+                with weights.gathered(module), self._full_base(module):
                     self.method.init_layer(name, index, module, weights)
             else:  # a restored log is replayed onto the base only where it is folded
                 with weights.gathered(module) if module.fold_edits else contextlib.nullcontext():
                     self.saved.restore_layer(name, module)
+            if self.quantizer is not None and not self.quantizer.bakes:  # stored codes: one layer dequantized at a time
+                self.quantizer.apply(module, weights.gathered)
         if self.quantizer is not None:  # from the base plus the init's edits, while the log is whole
             self.quantizer.apply(root, weights.gathered)
         for module in fresh:
             self.method.place_log(module, weights)  # FSDP2: the log's rows are split with the base
+
+    def _full_base(self, module: AdaptedLinear):
+        """The layer's base weight in full precision for its init (a stored quantized base dequantized)."""
+        return self.quantizer.dequantized_base(module) if self.quantizer is not None else contextlib.nullcontext()
 
     def file_key(self, name: str) -> str:
         """Adapted layers hold the original linear as ``.base``: drop that part of the name (and,

@@ -54,6 +54,9 @@ class ModelConfig:
     modules_to_save stay in model.dtype. PiSSA/SRLoRA quantize their residual; later edits stay exact."""
     double_quant: bool = True
     """4-bit: quantize the per-block scales too (QLoRA's double quantization, ~0.4 bits per weight less)."""
+    quantize_stored: bool = False
+    """Set by lrx, not by hand: the checkpoint is stored quantized by bitsandbytes and ``quantize`` /
+    ``double_quant`` were taken from it (its codes are read as stored)."""
 
 
 @dataclass(kw_only=True)

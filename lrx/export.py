@@ -113,7 +113,8 @@ def export_merged(adapter_dir: str | Path, out: str | Path, *, base: str | None 
                        "adapter alone with --peft, or train on a saved model folder")
     gguf = None if base else config.get("gguf_file")
     tokenizer = load_tokenizer(config.get("tokenizer") or name, None if config.get("tokenizer") else gguf)
-    files = sorted(Path(name).glob("*.safetensors")) if Path(name).is_dir() and not gguf else []
+    stored = (config.get("quantize") or {}).get("stored")  # codes stored quantized: merged through the model
+    files = sorted(Path(name).glob("*.safetensors")) if Path(name).is_dir() and not gguf and not stored else []
     if files and stream_merged(adapter_dir, config, files, out, dtype=dtype, max_shard_size=max_shard_size):
         tokenizer.save_pretrained(out)
         return out

@@ -14,6 +14,7 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 from transformers import (
@@ -29,6 +30,7 @@ from transformers import (
 )
 
 from lrx.errors import ConfigError, ModelError
+from lrx.prequant import check_explicit, load_prequantized, stored_settings
 
 log = logging.getLogger(__name__)
 
@@ -186,25 +188,37 @@ def check_positions(config: PretrainedConfig, max_length: int) -> None:
                          f"(max_position_embeddings); set data.max_length={positions} or less")
 
 
-def check_not_prequantized(config: PretrainedConfig, path: Path) -> None:
-    """Refuse a checkpoint stored quantized (bitsandbytes, GPTQ, AWQ ...: a ``quantization_config``
-    in config.json), in one line: lrx trains on full-precision weights, or quantizes them itself
-    while loading (``model.quantize``). GGUF files are dequantized by transformers when read and
-    are fine.
+def stored_quantization(name_or_path: str, gguf_file: str | None = None):
+    """How a local checkpoint is stored quantized (``lrx.quant.QuantSettings`` with ``stored``),
+    or None: full precision, GGUF (dequantized when read) or a tiny random model.
 
     Raises:
-        ModelError: naming the checkpoint's quantization and the fix.
+        ModelError: a quantized format lrx cannot read (GPTQ, AWQ, ...), in one line.
     """
-    qc = getattr(config, "quantization_config", None)
-    if not qc:
+    if name_or_path in TINY_NAMES:
+        return None
+    source = resolve_source(name_or_path, gguf_file)
+    if source.gguf_file or not (source.path / "config.json").is_file():
+        return None
+    from lrx.fileio import read_json
+
+    config = read_json(source.path / "config.json", "save the model again")
+    return stored_settings(SimpleNamespace(quantization_config=config.get("quantization_config")), source.path)
+
+
+def take_stored_quantization(mc) -> None:
+    """A checkpoint stored quantized sets the model config's ``model.quantize`` / ``double_quant`` (``quantize_stored``).
+
+    Raises:
+        ConfigError: an explicit ``model.quantize`` that differs from the stored one.
+    """
+    stored = stored_quantization(mc.name_or_path, mc.gguf_file)
+    if stored is None:
+        if mc.quantize_stored:
+            raise ConfigError(f"model.quantize_stored=true but {mc.name_or_path} is not stored quantized; remove it")
         return
-    qc = qc if isinstance(qc, dict) else qc.to_dict()
-    kind = qc.get("quant_method", "unknown")
-    if kind == "bitsandbytes":
-        kind = f"bitsandbytes {qc.get('bnb_4bit_quant_type', 'nf4') if qc.get('load_in_4bit') else 'int8'}"
-    raise ModelError(f"{path} is stored quantized ({kind}); lrx quantizes while it loads, from full-precision "
-                     "weights: point model.name_or_path at the full-precision checkpoint and set model.quantize "
-                     "(nf4, fp4 or int8)")
+    check_explicit(mc.quantize, mc.double_quant, stored, mc.name_or_path)
+    mc.quantize, mc.double_quant, mc.quantize_stored = stored.kind, stored.double_quant, True
 
 
 def load_model(
@@ -253,9 +267,13 @@ def load_model(
     kwargs = {"gguf_file": source.gguf_file} if source.gguf_file else {}
     try:
         config = AutoConfig.from_pretrained(source.path, **kwargs, **head)
-        check_not_prequantized(config, source.path)
+        stored = stored_settings(config, source.path)
         if pad_token_id is not None and getattr(config, "pad_token_id", None) is None:
             config.pad_token_id = pad_token_id
+        if stored is not None and not meta:  # the quantized linears' codes are read by StoredQuantizer
+            return load_prequantized(auto, config, source.path, torch_dtype, stored)
+        if stored is not None:
+            del config.quantization_config
         if meta:
             return _from_config(auto, config, torch_dtype, meta)
         model = auto.from_pretrained(source.path, config=config, dtype=torch_dtype, **kwargs)

@@ -18,7 +18,7 @@ import torch
 from lrx.config import RunConfig
 from lrx.distributed import backend_name
 from lrx.methods import adapted_layers, build_method
-from lrx.models import load_model, resolve_task
+from lrx.models import load_model, resolve_task, take_stored_quantization
 from lrx.quant import QuantSettings, quantized_linears
 
 GIB = 2**30
@@ -39,6 +39,7 @@ def plan(config: RunConfig, world_size: int | None = None) -> str:
         config: the resolved run config.
         world_size: processes to plan for; default WORLD_SIZE from the launcher, else 1.
     """
+    take_stored_quantization(config.model)
     world = world_size or int(os.environ.get("WORLD_SIZE", "1"))
     backend = backend_name(config.distributed.backend, world)
     model = meta_model(config)

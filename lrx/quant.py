@@ -63,13 +63,17 @@ class QuantSettings:
     kind: str
     double_quant: bool = True
     blocksize: int = BLOCKSIZE
+    stored: bool = False
+    """The checkpoint is stored quantized (``lrx.prequant``): its codes are read, not made."""
 
     def to_dict(self) -> dict:
-        return {"kind": self.kind, "double_quant": self.double_quant, "blocksize": self.blocksize}
+        out = {"kind": self.kind, "double_quant": self.double_quant, "blocksize": self.blocksize}
+        return {**out, "stored": True} if self.stored else out
 
     @classmethod
     def from_dict(cls, values: dict) -> QuantSettings:
-        return cls(str(values["kind"]), bool(values.get("double_quant", True)), int(values.get("blocksize", BLOCKSIZE)))
+        return cls(str(values["kind"]), bool(values.get("double_quant", True)), int(values.get("blocksize", BLOCKSIZE)),
+                   bool(values.get("stored", False)))
 
     def code_bytes(self, out_features: int, in_features: int) -> int:
         """Bytes of one quantized weight's codes (a parameter: sharded)."""
@@ -204,6 +208,13 @@ class Quantizer:
     def __init__(self, settings: QuantSettings, device: torch.device | None = None):
         self.settings, self.device = settings, device
         self.targets: dict[int, str] = {}
+
+    bakes = True
+    """Whether the adapted layers' init edits are quantized into their base (False: they stay in the log)."""
+
+    def dequantized_base(self, layer: nn.Module):
+        """A context in which ``layer``'s base weight is full precision (already so here)."""
+        return contextlib.nullcontext()
 
     def plan(self, model: nn.Module, skip: list[str]) -> None:
         """Choose the layers to quantize (``quantized_linears``) of the wrapped model."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -24,11 +25,21 @@ from lrx.checkpoint import CheckpointManager
 from lrx.config import RunConfig, save_config
 from lrx.data import build_datasets, prompt_add_special_tokens, render_prompt
 from lrx.diskspace import warn_if_short
-from lrx.distributed import ModelSpec, Timeouts, build_backend
+from lrx.distributed import ModelSpec, Timeouts, backend_name, build_backend
 from lrx.errors import ConfigError
 from lrx.fileio import WeightFiles
 from lrx.methods import adapted_layers, build_method, layer_counts
-from lrx.models import absolute_path, check_positions, load_model, load_tokenizer, resolve_task, safetensors_files
+from lrx.models import (
+    absolute_path,
+    check_positions,
+    load_model,
+    load_tokenizer,
+    resolve_source,
+    resolve_task,
+    safetensors_files,
+    take_stored_quantization,
+)
+from lrx.prequant import StoredQuantizer
 from lrx.quant import QuantizedLinear, Quantizer, QuantSettings, bitsandbytes
 from lrx.rundir import check_run_dir, claim_run_dir
 from lrx.speed import prepare_for_training
@@ -95,7 +106,7 @@ def adapter_meta(config: RunConfig, task: str, data) -> dict[str, Any]:
 
 
 def quant_settings(config: RunConfig) -> QuantSettings:
-    return QuantSettings(config.model.quantize, config.model.double_quant)
+    return QuantSettings(config.model.quantize, config.model.double_quant, stored=config.model.quantize_stored)
 
 
 def save_outputs(run_dir: Path, model, method, backend, meta: dict[str, Any]) -> None:
@@ -147,6 +158,7 @@ def run(config: RunConfig, callbacks=()) -> dict[str, Any]:
     """Train one adapter as ``config`` says; returns the summary written to summary.json.
     ``callbacks`` are called with the trainer after every optimizer step."""
     t0 = time.perf_counter()
+    take_stored_quantization(config.model)  # before the config is compared with a checkpoint's
     run_dir = Path(config.logging.output_dir)
     checkpoints = CheckpointManager(run_dir, keep=config.train.keep_checkpoints)
     resume = checkpoints.open(config.train.resume, config.to_dict())  # before any slow loading
@@ -156,6 +168,9 @@ def run(config: RunConfig, callbacks=()) -> dict[str, Any]:
     if config.model.quantize != "none":
         bitsandbytes(config.train.device if config.train.device != "auto" else None)  # installed, with a backend
     dc = config.distributed
+    if config.model.quantize_stored and backend_name(dc.backend, int(os.environ.get("WORLD_SIZE", "1"))) != "single":
+        raise ConfigError(f"{config.model.name_or_path} is stored quantized, which lrx loads in one process only for "
+                          "now (not under FSDP2 or ZeRO-3); train it with one process, or from the full-precision checkpoint")
     backend = build_backend(dc.backend, config.train.device, bf16=config.train.bf16,
                             deepspeed_config=dc.deepspeed_config, replicate=dc.replicate,
                             timeouts=Timeouts(dc.timeout_s, dc.checkpoint_timeout_s))
@@ -190,7 +205,9 @@ def _run(config: RunConfig, backend, checkpoints: CheckpointManager, t0: float, 
     method.load_resources()  # fills in what the method's settings left to it (a basis's sha256)
     checkpoints.confirm(config.to_dict())
     saved = checkpoints.saved_adapter()  # resuming: each layer is restored while its base is whole
-    quantizer = Quantizer(quant_settings(config), backend.device) if mc.quantize != "none" else None
+    quantizer = None if mc.quantize == "none" else (
+        StoredQuantizer(quant_settings(config), resolve_source(mc.name_or_path).path, backend.device)
+        if mc.quantize_stored else Quantizer(quant_settings(config), backend.device))
     adapters = Adapters(method, config.train.seed, saved, quantizer)
     model = backend.build(model_spec(config, task, data.num_labels, tokenizer, backend.device.type), adapters)
     if saved is not None:  # modules_to_save, into their shards

@@ -270,16 +270,18 @@ def test_missing_bitsandbytes_is_one_line(monkeypatch):
         bitsandbytes("mps")
 
 
-def test_a_checkpoint_stored_quantized_is_refused_in_one_line(tmp_path, capsys):
+def test_a_checkpoint_claiming_a_quantization_its_files_lack_is_refused_in_one_line(tmp_path, capsys):
     tiny_model("llama", vocab=30522).save_pretrained(tmp_path / "base")
     config = json.loads((tmp_path / "base" / "config.json").read_text())
     config["quantization_config"] = {"quant_method": "bitsandbytes", "load_in_4bit": True, "bnb_4bit_quant_type": "nf4"}
     (tmp_path / "base" / "config.json").write_text(json.dumps(config))
+    capsys.readouterr()  # save_pretrained's progress bar
     code = main(["--method", "lora", f"model.name_or_path={tmp_path / 'base'}", "model.tokenizer=minilm-l6",
                  "model.quantize=nf4", "train.max_steps=2", f"logging.output_dir={tmp_path / 'run'}"])
     assert code == 2
     err = capsys.readouterr().err
-    assert "is stored quantized (bitsandbytes nf4)" in err and "full-precision checkpoint" in err
+    assert "config.json says bitsandbytes nf4 but its files hold no quantized weights" in err
+    assert len(err.strip().splitlines()) == 1
     assert not (tmp_path / "run").exists()
 
 

@@ -401,16 +401,18 @@ class AdaptedLinear(nn.Module):
         QPiSSA's smaller quantization error). From now on edits stay in the exact log beside the
         base (it cannot take them losslessly) and the forward skips the ``baked`` columns the
         base already contains. A log restored with ``set_edit_log(..., baked=k)`` gets its
-        later edits back here."""
+        later edits back here. A quantizer with ``bakes = False`` (a checkpoint stored
+        quantized) ignores the weight: every edit stays in the log (``baked`` 0)."""
         if self.quantized:
             raise RuntimeError("quantize_base: the base is already quantized")
-        weight = self.base.weight.detach().float()
-        if not self.fold_edits and self.edit_rank:
+        bakes = getattr(quantize, "bakes", True)  # False: a base stored quantized, read as stored
+        weight = self.base.weight.detach().float() if bakes else None
+        if bakes and not self.fold_edits and self.edit_rank:
             U, V = self._edit_factors_here()
             weight = weight + U.to(weight.device) @ V.to(weight.device)
         self.base = quantize(self.base, weight)
         self.base.requires_grad_(False)
-        self.baked, self.fold_edits = self.edit_rank, False
+        self.baked, self.fold_edits = self.edit_rank if bakes else 0, False
         if self._pending is not None:
             (U, V, sizes), self._pending = self._pending, None
             self._replay(U, V, sizes)
