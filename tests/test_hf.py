@@ -156,7 +156,7 @@ def test_accelerate_zero3_trains_the_sharded_model_as_one_process(runs, tmp_path
     check_two_processes(report, runs, tmp_path)
 
 
-@pytest.mark.slow
+@pytest.mark.nightly  # on CPU it only shows accelerate's fallback to DDP; FSDP2 itself needs GPUs
 @pytest.mark.distributed
 def test_accelerate_fsdp2_plugin_without_gpus_is_detected(runs, tmp_path):
     """accelerate 1.16 applies its FSDP plugin only on GPUs: on CPU processes it runs DDP. The
