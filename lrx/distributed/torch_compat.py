@@ -26,7 +26,7 @@ import torch
 from lrx.errors import ConfigError
 
 TORCH_MIN = (2, 11)
-TORCH_TESTED = "2.11 (one H100: tools/gpu_conformance.py; CPU: the suite's FSDP2/quantized tests) and 2.13 (CI)"
+TORCH_TESTED = "2.11 (one H100: tools/gpu_conformance.py; CPU: tests/test_quantized.py) and 2.13 (CI)"
 
 
 def torch_version() -> tuple[int, int]:
