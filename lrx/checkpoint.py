@@ -127,12 +127,14 @@ def read_progress(path: Path) -> TrainingProgress:
     return TrainingProgress.from_json(read_json(file, "the checkpoint is corrupt; resume from another one"), file)
 
 
-def check_compatible(path: Path, config: dict[str, Any], built: bool = False) -> TrainingProgress:
-    """The checkpoint's progress, after checking it was made for the same model and method;
-    ``built``: ``config`` is that of the built method, its filled-in settings compared too."""
+def check_compatible(path: Path, config: dict[str, Any], built: bool = False,
+                     progress: TrainingProgress | None = None) -> TrainingProgress:
+    """The checkpoint's progress (``progress`` when already read), after checking it was made for
+    the same model and method; ``built``: ``config`` is that of the built method, its filled-in
+    settings compared too."""
     from lrx.methods import get_method_class, unfilled, without_retired_keys
 
-    progress = read_progress(path)
+    progress = progress or read_progress(path)
     saved = dict(progress.config)
     method = dict(saved.get("method", {}))
     if method.get("name") == config.get("method", {}).get("name"):  # keys retired since it was written
@@ -301,7 +303,7 @@ class CheckpointManager:
         """Check the settings again once the method is built and has filled in its own (a basis's
         sha256: the same basis file as the checkpoint's run)."""
         if self.path is not None:
-            check_compatible(self.path, config, built=True)
+            check_compatible(self.path, config, built=True, progress=self.progress)  # read once, at open
 
     def saved_adapter(self) -> SavedAdapter | None:
         """The checkpoint's adapter, restored layer by layer while the backend builds the model."""
