@@ -83,14 +83,15 @@ def train_args(base: Path, out: Path, backend: str, kind: str, method: str, devi
 
 
 def launch(backend: str, script: str, args: list[str], log: Path) -> int:
-    cmd = [sys.executable, *LAUNCH[backend], str(REPO / script), *args]
-    env = {**os.environ, "OMP_NUM_THREADS": "2"}
+    launcher = LAUNCH[backend]
     if backend == "zero3":  # the deepspeed launcher takes a port per job
         import socket
 
         with socket.socket() as s:
             s.bind(("", 0))
-            cmd[len(LAUNCH["zero3"]) + 1:len(LAUNCH["zero3"]) + 1] = [f"--master_port={s.getsockname()[1]}"]
+            launcher = [*launcher, f"--master_port={s.getsockname()[1]}"]
+    cmd = [sys.executable, *launcher, str(REPO / script), *args]
+    env = {**os.environ, "OMP_NUM_THREADS": "2"}
     with log.open("a") as f:
         f.write(" ".join(cmd) + "\n")
         f.flush()
