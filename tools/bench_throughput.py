@@ -112,6 +112,8 @@ def run_all(args) -> list[dict]:
         rows.append(row)
         print(f"[bench] {text}: " + (f"{row['tok_s']:.0f} tok/s, {row['peak_gib']} GiB" if failed is None else failed),
               flush=True)
+        if "profile" in row:
+            print(f"[profile] {text}: " + json.dumps(row["profile"]), flush=True)
     return rows
 
 
@@ -147,6 +149,8 @@ def main() -> int:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--steps", type=int, default=5, help="steps per timed repeat")
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--profile", type=int, default=0,
+                        help="profile this many steps after the timed ones: where device time goes (JSON 'profile')")
     parser.add_argument("--peak-tflops", type=float, default=989.0, help="dense bf16 peak of one GPU (H100/H200: 989)")
     parser.add_argument("--time-limit", type=float, default=150.0, help="seconds per variant")
     parser.add_argument("--out", default=None, help="JSON rows (appended to when it exists)")
@@ -166,7 +170,8 @@ def main() -> int:
 
     args.variants = args.variants or (GPU_VARIANTS if args.device == "cuda" else CPU_VARIANTS)
     args.child_args = [f"--{k.replace('_', '-')}={getattr(args, k)}" for k in
-                       ("model_config", "device", "seq", "micro_batch", "rank", "warmup", "steps", "repeats", "peak_tflops")]
+                       ("model_config", "device", "seq", "micro_batch", "rank", "warmup", "steps", "repeats", "peak_tflops",
+                        "profile")]
     with tempfile.TemporaryDirectory() as workdir:
         args.workdir = workdir
         for text in args.variants:  # every variant checked before the first one runs

@@ -22,16 +22,59 @@ def _sync(device: torch.device) -> None:
 
 
 class Clock:
-    """Times the repeats: marks after the warm-up and after each repeat's last step."""
+    """Times the repeats: marks after the warm-up and after each repeat's last step; then, with
+    ``profile`` > 0, profiles that many more steps (after the timed ones, so they are not slowed)."""
 
-    def __init__(self, device: torch.device, warmup: int, steps: int, repeats: int):
+    def __init__(self, device: torch.device, warmup: int, steps: int, repeats: int, profile: int = 0):
         self.device, self.marks = device, {warmup + k * steps for k in range(repeats + 1)}
         self.times: list[float] = []
+        self.profile_steps, self.profiler, self.profile = profile, None, None
+        self.last = warmup + steps * repeats
 
     def __call__(self, step: int) -> None:
         if step in self.marks:
             _sync(self.device)
             self.times.append(time.perf_counter())
+        if self.profile_steps and step == self.last:
+            from torch.profiler import ProfilerActivity, profile
+
+            acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if self.device.type == "cuda" else [])
+            self.profiler = profile(activities=acts)
+            self.profiler.__enter__()
+            self.t0 = time.perf_counter()
+        elif self.profiler is not None and step == self.last + self.profile_steps:
+            _sync(self.device)
+            wall = time.perf_counter() - self.t0
+            self.profiler.__exit__(None, None, None)
+            self.profile = profile_summary(self.profiler, self.profile_steps, wall)
+            self.profiler = None
+
+
+KINDS = [("gemm", ("gemm", "nvjet", "sm90", "cutlass", "cublas", "matmul", "splitk")),
+         ("attention", ("flash", "fmha", "attention", "cudnn")),
+         ("copy/cast", ("copy", "cast", "memcpy", "memset", "cat", "fill")),
+         ("optimizer", ("adam", "foreach", "multi_tensor")),
+         ("loss", ("cross_entropy", "liger", "softmax", "log_softmax", "nll")),
+         ("nccl", ("nccl",))]
+
+
+def profile_summary(prof, steps: int, wall: float) -> dict:
+    """Where a step's device time goes: busy fraction of the wall time, time per kernel kind,
+    the 15 kernels taking the most (ms per step)."""
+    events = [e for e in prof.key_averages()
+              if getattr(e, "self_device_time_total", getattr(e, "self_cuda_time_total", 0)) > 0
+              and "cuda" in str(getattr(e, "device_type", "")).lower()]
+    ms = lambda e: getattr(e, "self_device_time_total", getattr(e, "self_cuda_time_total", 0)) / 1e3 / steps  # noqa: E731
+    kinds: dict[str, float] = {}
+    for e in events:
+        name = e.key.lower()
+        kind = next((k for k, words in KINDS if any(w in name for w in words)), "other (elementwise, norms)")
+        kinds[kind] = kinds.get(kind, 0.0) + ms(e)
+    busy = sum(kinds.values())
+    top = sorted(events, key=ms, reverse=True)[:15]
+    return {"step_ms": 1e3 * wall / steps, "device_busy_ms": busy, "by_kind_ms": {k: round(v, 2) for k, v in
+            sorted(kinds.items(), key=lambda kv: -kv[1])},
+            "top": [[e.key[:90], round(ms(e), 2), e.count // steps] for e in top]}
 
 
 def _random_model(cfg, dtype: torch.dtype, device: torch.device):
@@ -62,7 +105,7 @@ def _lrx(args, v: dict, cfg, device: torch.device, clock_args) -> tuple[Clock, f
     # SRLoRA's whole schedule first (interval 1: an event after each of the first steps), so the
     # timed steps carry its full edit log
     warmup = args.warmup + events
-    total = warmup + args.steps * args.repeats
+    total = warmup + args.steps * args.repeats + args.profile
     overrides = [*adapter, f"model.dtype={dtype}", f"model.quantize={v['quantize']}", f"train.device={device.type}",
                  f"train.activation_checkpointing={v['checkpointing']}", f"train.batch_size={args.micro_batch}",
                  f"train.max_steps={total}", f"train.log_every={total}", "train.eval_at_start=false",
@@ -83,7 +126,7 @@ def _lrx(args, v: dict, cfg, device: torch.device, clock_args) -> tuple[Clock, f
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, cfg.vocab_size, (args.micro_batch * total, args.seq), generator=g).tolist()
     data = datasets.Dataset.from_dict({"input_ids": ids, "labels": ids})
-    clock = Clock(device, warmup, *clock_args)
+    clock = Clock(device, warmup, *clock_args, args.profile)
     with tempfile.TemporaryDirectory() as run_dir:
         trainer = Trainer(config, model, method, data, None, Collator(0, "causal_lm"), "causal_lm", [], backend.device,
                           run_dir=Path(run_dir), backend=backend,
@@ -157,11 +200,11 @@ def _peft(args, v: dict, cfg, device: torch.device, clock_args) -> tuple[Clock, 
     batch = torch.randint(0, cfg.vocab_size, (args.micro_batch, args.seq), generator=g).to(device)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" and v["quantize"] == "nf4" \
         else contextlib.nullcontext()
-    clock = Clock(device, args.warmup, *clock_args)
+    clock = Clock(device, args.warmup, *clock_args, args.profile)
     model.train()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    for step in range(1, args.warmup + args.steps * args.repeats + 1):
+    for step in range(1, args.warmup + args.steps * args.repeats + args.profile + 1):
         with autocast:
             loss = model(input_ids=batch, labels=batch).loss
         loss.backward()
@@ -194,4 +237,5 @@ def run_variant(args, v: dict) -> dict:
         "card": torch.cuda.get_device_name(device) if cuda else "cpu", "torch": torch.__version__,
         "final_loss": loss, "seq": args.seq, "micro_batch": args.micro_batch, "rank": args.rank,
         "model": args.model_config.rstrip("/").rsplit("/", 1)[-1],
+        **({"profile": clock.profile} if clock.profile else {}),
     }
