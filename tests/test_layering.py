@@ -163,3 +163,13 @@ def test_a_run_resumes_from_one_place_and_saves_through_the_manager():
         assert found == [], f"{module} writes an adapter itself: {found}"
     manager = calls(REPO / "lrx" / "checkpoint.py")
     assert manager.count("save_adapter") == 1 and manager.count("edit_logs") == 1
+
+
+def test_the_loop_and_its_checkpoints_stay_in_bounds():
+    """The trainer, the checkpoint manager and the runner: at most 450 lines a file, 60 a function."""
+    for module in ("trainer.py", "checkpoint.py", "runner.py"):
+        path = REPO / "lrx" / module
+        assert len(path.read_text().splitlines()) <= 450, module
+        long = [f"{n.name}: {n.end_lineno - n.lineno + 1}" for n in ast.walk(ast.parse(path.read_text()))
+                if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef)) and n.end_lineno - n.lineno + 1 > 60]
+        assert long == [], f"{module}: {long}"
