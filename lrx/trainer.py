@@ -4,6 +4,10 @@ The trainer knows nothing about method names: it calls the method's hooks (after
 gradients of a step are complete, after the optimizer step) and trains whatever
 ``method.trainable_parameters`` yields. The host waits for the device only at logging and
 evaluation points: losses and token counts are accumulated as device tensors in between.
+
+The trainer is a Stateful part of its checkpoints (``state_dict`` / ``load_state_dict``: the
+step, the data position ``lrx.data.sampling.DataPosition`` and the LR schedule ``lrx.lr.LRSchedule``);
+``lrx.checkpoint.CheckpointManager`` saves and loads it with the method, optimizer and random states.
 """
 
 from __future__ import annotations
