@@ -20,8 +20,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from lrx.adapter import edit_logs, export_peft_from_adapter, load_adapter, save_adapter
+from lrx.adapter import load_adapter
 from lrx.build import Adapters
+from lrx.checkpoint import save_final_adapter
 from lrx.distributed.found import find_placement, init_weights
 from lrx.errors import ConfigError, LrxError
 from lrx.methods import Method, MethodConfig, build_method, get_method_class
@@ -100,16 +101,9 @@ class Adapter:
         Returns:
             ``path``.
         """
-        method, placement = self.method, find_placement(self.model)
-        is_main = placement.rank == 0
-        state = method.state_dict()
-        params = placement.gather(dict(method.trainable_parameters(self.model)))
-        logs = edit_logs(self.model, placement.gather, keep=is_main)
-        if is_main:
-            save_adapter(path, self.model, method, self.meta(), state, params, logs)
-            if peft is not None:
-                export_peft_from_adapter(path, peft)
-        return Path(path)
+        placement = find_placement(self.model)
+        return save_final_adapter(path, self.model, self.method, self.meta(), placement.gather, placement.rank == 0,
+                                  peft=peft)  # the run's final save too
 
     @torch.no_grad()
     def merge(self) -> nn.Module:

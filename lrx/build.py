@@ -33,15 +33,20 @@ class Adapters:
         seed: adapter initialisation is seeded (every process gets the same adapters).
         saved: the adapter to restore instead of initialising (a resumed run), or None.
         quantizer: quantizes the base's linears (``model.quantize``), or None.
+        load: writes a saved whole value into a (possibly sharded) parameter (``Backend.load_whole``):
+            a saved adapter's modules_to_save are restored with it when ``init`` is given the
+            whole model, the build's last call.
     """
 
     def __init__(self, method: Method, seed: int, saved: SavedAdapter | None = None,
-                 quantizer: Quantizer | None = None):
-        self.method, self.seed, self.saved, self.quantizer = method, seed, saved, quantizer
+                 quantizer: Quantizer | None = None, load=None):
+        self.method, self.seed, self.saved, self.quantizer, self.load = method, seed, saved, quantizer, load
         self._done: set[int] = set()
         self._created: set[int] = set()
+        self._root: nn.Module | None = None
 
     def wrap(self, model: nn.Module) -> None:
+        self._root = model
         torch.manual_seed(self.seed)
         self.method.wrap(model)
         self._created = {id(p) for layer in self.method.layers.values() for p in layer.adapter_params().values()}
@@ -69,6 +74,8 @@ class Adapters:
             self.quantizer.apply(root, weights.gathered)
         for module in fresh:
             self.method.place_log(module, weights)  # FSDP2: the log's rows are split with the base
+        if self.saved is not None and root is self._root:  # modules_to_save, into their shards
+            self.saved.restore_modules(root, self.method, self.load)
 
     def _full_base(self, module: AdaptedLinear):
         """The layer's base weight in full precision for its init (a stored quantized base dequantized)."""

@@ -17,11 +17,14 @@ crash leaves the previous checkpoints intact; the newest ``keep`` complete ones 
 older one loses its ``COMPLETE`` marker before its files go). Only safetensors and JSON are
 read back.
 
-``CheckpointManager`` is the one owner of saving and resuming: it writes the parts (the
-typed ``TrainingProgress``, the optimizer moments, the RNG states, the adapter with the
-method state) and restores them in the order the run needs them: the progress file is
-checked before anything slow, the adapter is restored layer by layer while the backend
-builds the model (``saved_adapter``), the rest once the trainer exists (``restore``).
+``CheckpointManager`` is the one owner of saving and resuming, over Stateful parts (as
+torchtitan's): the trainer (``Trainer.state_dict``: step, data position, LR schedule; the
+typed ``TrainingProgress``), the method (its state, inside the adapter), the optimizer
+(``Moments``) and the random states (``RandomState``). It only saves and loads those: the
+progress file is checked before anything slow, the adapter is restored layer by layer while
+the backend builds the model (``saved_adapter``), the rest once the trainer exists (``load``).
+Its final mode (``save(trainer, final=True)``) writes the run's adapter through
+``save_final_adapter``, the save ``lrx.Adapter.save`` uses too.
 """
 
 from __future__ import annotations
@@ -41,10 +44,11 @@ from safetensors.torch import save_file
 
 import lrx
 from lrx import faults
-from lrx.adapter import WEIGHTS_NAME, SavedAdapter, edit_logs, save_adapter
+from lrx.adapter import WEIGHTS_NAME, SavedAdapter, edit_logs, export_peft_from_adapter, save_adapter
 from lrx.diskspace import DiskFull, full_error, is_full, tensor_bytes
 from lrx.errors import LrxError
 from lrx.fileio import fsync_tree, read_json, read_safetensors, swap_in
+from lrx.rundir import claim_run_dir
 
 log = logging.getLogger(__name__)
 
@@ -152,19 +156,91 @@ def check_compatible(path: Path, config: dict[str, Any], built: bool = False,
     return progress
 
 
-def save_checkpoint(run_dir: Path, step: int, *, backend, model, method, progress: TrainingProgress,
-                    optimizer_state: dict[str, torch.Tensor], params: dict[str, torch.Tensor],
-                    meta: dict[str, Any], keep: int) -> Path:
-    """Write checkpoint ``step`` (collective: every process calls it).
+class RandomState:
+    """This process's random states (torch's CPU generator and, on a GPU, its CUDA one): a
+    Stateful part, one file per process."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        rng = {"cpu": torch.get_rng_state()}
+        if torch.cuda.is_available() and self.device.type == "cuda":
+            rng["cuda"] = torch.cuda.get_rng_state(self.device)
+        return rng
+
+    def load_state_dict(self, rng: dict[str, torch.Tensor]) -> None:
+        torch.set_rng_state(rng["cpu"])
+        if "cuda" in rng and self.device.type == "cuda":
+            torch.cuda.set_rng_state(rng["cuda"], self.device)
+
+
+class Moments:
+    """Adam's moments of the trainer's trained tensors, whole and keyed by parameter name (a
+    collective to take: gathered from the shards), resharded on load at the trainer's step: a
+    Stateful part over the backend's optimizer I/O."""
+
+    def __init__(self, trainer):
+        self.trainer = trainer
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return self.trainer.backend.optimizer_state(self.trainer.params, self.trainer.optimizer)
+
+    def load_state_dict(self, tensors: dict[str, torch.Tensor]) -> None:
+        t = self.trainer
+        t.backend.load_optimizer_state(t.params, t.optimizer, tensors, t.step)
+
+
+@dataclass
+class AdapterSnapshot:
+    """An adapter taken whole for writing: the method state, the trained tensors and the edit
+    logs (``take`` is collective where the model is sharded: every process takes it; only the
+    one that writes keeps the logs), written by ``write`` in lrx's format (+ a peft export)."""
+
+    model: torch.nn.Module
+    method: Any
+    state: dict[str, torch.Tensor]
+    params: dict[str, torch.Tensor]
+    logs: dict[str, torch.Tensor]
+
+    @classmethod
+    def take(cls, model, method, gather, keep: bool = True) -> "AdapterSnapshot":
+        state = method.state_dict()  # collective
+        params = gather(dict(method.trainable_parameters(model)))
+        return cls(model, method, state, params, edit_logs(model, gather, keep=keep))  # logs: collective when row-sharded
+
+    def write(self, path: Path, meta: dict[str, Any], peft: Path | None = None) -> Path:
+        save_adapter(path, self.model, self.method, meta, self.state, self.params, self.logs)
+        if peft is not None:
+            export_peft_from_adapter(path, peft)
+        return Path(path)
+
+
+def save_final_adapter(path: str | Path, model, method, meta: dict[str, Any], gather, is_main: bool,
+                       peft: str | Path | None = None) -> Path:
+    """The one save of a finished adapter (``CheckpointManager.save(final=True)``, ``lrx.Adapter.save``):
+    taken whole by every process (collective when sharded), written by the main one, atomically,
+    with a peft export at ``peft`` when given."""
+    snapshot = AdapterSnapshot.take(model, method, gather, keep=is_main)
+    if is_main:
+        snapshot.write(Path(path), meta, None if peft is None else Path(peft))
+    return Path(path)
+
+
+def save_checkpoint(run_dir: Path, step: int, *, backend, adapter: AdapterSnapshot, progress: TrainingProgress,
+                    moments: dict[str, torch.Tensor], rng: dict[str, torch.Tensor], meta: dict[str, Any],
+                    keep: int) -> Path:
+    """Write checkpoint ``step`` from the parts' states, taken on every process (collective:
+    every process calls it; the main one writes all but its own random states).
 
     Args:
         run_dir: the run directory (shared by all processes).
         step: optimizer steps done.
         backend: the training backend (rank, barrier).
-        model, method: the adapted model and its method.
+        adapter: the adapter with the method state (``AdapterSnapshot.take``).
         progress: the training progress to record.
-        optimizer_state: whole optimizer tensors by name (taken on every rank, written by rank 0).
-        params: the trained tensors, gathered whole (taken on every rank).
+        moments: whole optimizer tensors by name (``Moments``).
+        rng: this process's random states (``RandomState``).
         meta: adapter metadata (base model, task ...).
         keep: how many complete checkpoints to keep (older ones are deleted).
 
@@ -174,22 +250,17 @@ def save_checkpoint(run_dir: Path, step: int, *, backend, model, method, progres
     root = run_dir / CHECKPOINTS
     final = root / f"step-{step:08d}"
     tmp = root / f".{final.name}.tmp"
-    method_state = method.state_dict()  # collective
-    logs = edit_logs(model, backend.gather, keep=backend.is_main)  # collective where logs are row-sharded
     error = None
     try:
         if backend.is_main:
             shutil.rmtree(tmp, ignore_errors=True)  # a stale one from a crash
             tmp.mkdir(parents=True)
         backend.barrier()
-        rng = {"cpu": torch.get_rng_state()}
-        if torch.cuda.is_available() and backend.device.type == "cuda":
-            rng["cuda"] = torch.cuda.get_rng_state(backend.device)
         save_file(rng, str(tmp / f"rng-rank{backend.rank}.safetensors"))
         faults.fire(f"checkpoint:{step}", backend.rank)  # tests: a full disk or a signal in the middle of a write
         if backend.is_main:
-            save_adapter(tmp / "adapter", model, method, meta, method_state, params, logs)
-            save_file({k: v.detach().cpu().contiguous() for k, v in optimizer_state.items()}, str(tmp / OPTIMIZER),
+            adapter.write(tmp / "adapter", meta)
+            save_file({k: v.detach().cpu().contiguous() for k, v in moments.items()}, str(tmp / OPTIMIZER),
                       metadata={"format": "pt"})
             state = {**dataclasses.asdict(progress), "world_size": backend.world_size,
                      "versions": {"lrx": lrx.__version__, "torch": torch.__version__,
@@ -201,7 +272,7 @@ def save_checkpoint(run_dir: Path, step: int, *, backend, model, method, progres
     if backend.any_rank(error is not None, slow=True):
         if backend.is_main:
             shutil.rmtree(tmp, ignore_errors=True)
-        raise write_error(final, error, tensor_bytes(optimizer_state, params, logs, method_state))
+        raise write_error(final, error, tensor_bytes(moments, adapter.params, adapter.logs, adapter.state))
     if backend.is_main:
         fsync_tree(tmp)
         (tmp / COMPLETE).write_text(json.dumps({"step": step}))
@@ -284,6 +355,7 @@ class CheckpointManager:
         self.run_dir, self.keep, self.meta = Path(run_dir), keep, meta or {}
         self.path: Path | None = None
         self.progress: TrainingProgress | None = None
+        self.saved: SavedAdapter | None = None
 
     def open(self, resume: str | None, config: dict[str, Any]) -> Path | None:
         """Pick the checkpoint to resume from (``train.resume``: auto, a folder, or None) and
@@ -299,59 +371,60 @@ class CheckpointManager:
             kept_lines(self.run_dir / name, self.progress.step)
         return self.path
 
-    def confirm(self, config: dict[str, Any]) -> None:
-        """Check the settings again once the method is built and has filled in its own (a basis's
-        sha256: the same basis file as the checkpoint's run)."""
-        if self.path is not None:
-            check_compatible(self.path, config, built=True, progress=self.progress)  # read once, at open
+    def saved_adapter(self, config: dict[str, Any]) -> SavedAdapter | None:
+        """The checkpoint's adapter, restored layer by layer while the backend builds the model,
+        after its settings are checked again against ``config``, the built method's (which has
+        filled in its own: a basis's sha256 must be the checkpoint's); None for a new run."""
+        if self.path is None:
+            return None
+        check_compatible(self.path, config, built=True, progress=self.progress)  # read once, at open
+        self.saved = SavedAdapter(adapter_dir(self.path))
+        return self.saved
 
-    def saved_adapter(self) -> SavedAdapter | None:
-        """The checkpoint's adapter, restored layer by layer while the backend builds the model."""
-        return SavedAdapter(adapter_dir(self.path)) if self.path is not None else None
-
-    def save(self, trainer) -> Path:
-        """Write a checkpoint of the trainer's current step (collective)."""
+    def save(self, trainer, final: bool = False) -> Path:
+        """Write a checkpoint of the trainer's parts at its current step (collective); ``final``:
+        the run's adapter instead, ``RUN/adapter`` and its peft export ``RUN/adapter_peft``."""
         backend = trainer.backend
-        progress = TrainingProgress(
-            step=trainer.step, micro=trainer.micro, global_micro_batch=trainer.cfg.train.batch_size * backend.world_size,
-            scheduler=trainer.scheduler.state_dict(), config=trainer.cfg.to_dict())
+        if final:
+            path = save_final_adapter(self.run_dir / "adapter", trainer.module, trainer.method, self.meta,
+                                      backend.gather, backend.is_main, peft=self.run_dir / "adapter_peft")
+            backend.barrier()
+            return path
         return save_checkpoint(
-            self.run_dir, trainer.step, backend=backend, model=trainer.module, method=trainer.method,
-            progress=progress, optimizer_state=backend.optimizer_state(trainer.params, trainer.optimizer),
-            params=backend.gather(dict(trainer.method.trainable_parameters(trainer.module))),
-            meta=self.meta, keep=self.keep)
+            self.run_dir, trainer.step, backend=backend, keep=self.keep, meta=self.meta,
+            adapter=AdapterSnapshot.take(trainer.module, trainer.method, backend.gather, keep=backend.is_main),
+            progress=TrainingProgress(**trainer.state_dict(), config=trainer.cfg.to_dict()),
+            moments=Moments(trainer).state_dict(), rng=RandomState(backend.device).state_dict())
 
-    def restore(self, trainer, saved: SavedAdapter) -> None:
-        """Continue from the opened checkpoint (its adapter is in the model already): the method
-        state, optimizer moments (resharded), LR schedule, data position and random states; the
-        run's logs lose what was logged after the checkpoint.
+    def load(self, trainer) -> None:
+        """Continue from the opened checkpoint, whose adapter the build restored (nothing for a
+        new run): the trainer's state (step, data position, LR schedule), the method state
+        (after attach), the optimizer moments (resharded) and the random states.
 
         Raises:
             LrxError: the checkpoint is at or past the run's last step, or its data position is
                 not a whole number of this run's global batches.
         """
-        path, progress, backend = self.path, self.progress, trainer.backend
-        if progress.step >= trainer.total_steps:
-            raise LrxError(f"{path} is at step {progress.step} and this run has {trainer.total_steps} steps: nothing "
-                           "is left to train; raise train.max_steps (or train.epochs) to continue it")
-        samples = progress.micro * progress.global_micro_batch
-        global_micro = trainer.cfg.train.batch_size * backend.world_size
-        if samples % global_micro:
-            raise LrxError(f"{path}: the run consumed {samples} examples per process group, which is not a whole "
-                           f"number of batches of {global_micro} (train.batch_size x processes); keep the global batch")
-        saved.restore_method_state(trainer.method)
-        trainer.step, trainer.micro = progress.step, samples // global_micro
-        backend.load_optimizer_state(trainer.params, trainer.optimizer, read_optimizer(path), trainer.step)
-        trainer.scheduler.load_state_dict(progress.scheduler)
-        for group, lr in zip(trainer.optimizer.param_groups, trainer.scheduler.get_last_lr()):
-            group["lr"] = lr
-        rng = read_rng(path, backend.rank)
+        if self.path is None:
+            return
+        path, progress = self.path, self.progress
+        try:
+            trainer.load_state_dict({k: getattr(progress, k) for k in ("step", "micro", "global_micro_batch", "scheduler")})
+        except LrxError as e:
+            raise LrxError(f"{path}: {e}") from None
+        self.saved.restore_method_state(trainer.method)
+        Moments(trainer).load_state_dict(read_optimizer(path))
+        rng = read_rng(path, trainer.backend.rank)
         if rng is not None:
-            torch.set_rng_state(rng["cpu"])
-            if "cuda" in rng and trainer.device.type == "cuda":
-                torch.cuda.set_rng_state(rng["cuda"], trainer.device)
-        trainer.resumed = True
-        log.info("resumed from %s at step %d", path, trainer.step)
+            RandomState(trainer.device).load_state_dict(rng)
+        log.info("resumed from %s at step %d", path, progress.step)
+
+    def claim(self, overwrite: bool) -> Path:
+        """Make the run folder this run's (the main process, once everything is checked: see
+        ``lrx.rundir.claim_run_dir``); resuming, its logs lose what was logged after the checkpoint."""
+        run_dir = claim_run_dir(self.run_dir, overwrite, self.path)
+        self.rewind_logs()
+        return run_dir
 
     def rewind_logs(self) -> None:
         """Drop what an interrupted run logged after the checkpoint (the main process, once the

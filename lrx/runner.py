@@ -19,7 +19,6 @@ from typing import Any
 import datasets
 import torch
 
-from lrx.adapter import edit_logs, export_peft_from_adapter, save_adapter
 from lrx.build import Adapters
 from lrx.checkpoint import CheckpointManager
 from lrx.config import RunConfig, save_config
@@ -41,7 +40,7 @@ from lrx.models import (
 )
 from lrx.prequant import StoredQuantizer
 from lrx.quant import QuantizedLinear, Quantizer, QuantSettings, bitsandbytes
-from lrx.rundir import check_run_dir, claim_run_dir
+from lrx.rundir import check_run_dir
 from lrx.speed import prepare_for_training
 from lrx.stop import Stopped, StopRequest
 from lrx.trainer import Trainer
@@ -107,19 +106,6 @@ def adapter_meta(config: RunConfig, task: str, data) -> dict[str, Any]:
 
 def quant_settings(config: RunConfig) -> QuantSettings:
     return QuantSettings(config.model.quantize, config.model.double_quant, stored=config.model.quantize_stored)
-
-
-def save_outputs(run_dir: Path, model, method, backend, meta: dict[str, Any]) -> None:
-    """The trained adapter (lrx format and peft export). Collectives when sharded (every
-    process takes them): the method state and the trained tensors, gathered whole; then one
-    process writes."""
-    method_state = method.state_dict()
-    params = backend.gather(dict(method.trainable_parameters(model)))
-    logs = edit_logs(model, backend.gather, keep=backend.is_main)
-    if backend.is_main:
-        save_adapter(run_dir / "adapter", model, method, meta, method_state, params, logs)
-        export_peft_from_adapter(run_dir / "adapter", run_dir / "adapter_peft")
-    backend.barrier()
 
 
 def throughput(history: list[dict], device: torch.device) -> dict[str, float]:
@@ -196,61 +182,65 @@ def log_adapted(method, trainable: int, total: int) -> None:
 
 def _run(config: RunConfig, backend, checkpoints: CheckpointManager, t0: float, callbacks,
          stop: StopRequest | None = None) -> dict[str, Any]:
-    run_dir = Path(config.logging.output_dir)
     mc = config.model
     tokenizer = load_tokenizer(mc.tokenizer or mc.name_or_path, None if mc.tokenizer else mc.gguf_file)
     data = build_datasets(config.data, tokenizer, seed=config.train.seed, main_process_first=backend.main_first)
     task = resolve_task(mc.task, data.task)
     method = build_method(config.method)
     method.load_resources()  # fills in what the method's settings left to it (a basis's sha256)
-    checkpoints.confirm(config.to_dict())
-    saved = checkpoints.saved_adapter()  # resuming: each layer is restored while its base is whole
     quantizer = None if mc.quantize == "none" else (
         StoredQuantizer(quant_settings(config), resolve_source(mc.name_or_path).path, backend.device)
         if mc.quantize_stored else Quantizer(quant_settings(config), backend.device))
-    adapters = Adapters(method, config.train.seed, saved, quantizer)
+    # Resuming, the checkpoint's adapter is restored while the model is built (each layer while
+    # its base is whole, modules_to_save into their shards), the rest by checkpoints.load below.
+    adapters = Adapters(method, config.train.seed, checkpoints.saved_adapter(config.to_dict()), quantizer,
+                        load=backend.load_whole)
     model = backend.build(model_spec(config, task, data.num_labels, tokenizer, backend.device.type), adapters)
-    if saved is not None:  # modules_to_save, into their shards
-        saved.restore_modules(model, method, backend.load_whole)
     trainable, total = count_parameters(model)
     log_adapted(method, trainable, total)
     check_positions(model.config, config.data.max_length)
-    meta = adapter_meta(config, task, data)
-    checkpoints.meta = meta
+    checkpoints.meta = adapter_meta(config, task, data)
     trainer = Trainer(
         config, model, method, data.train, data.eval, data.collate_fn, data.task, data.metric_names,
-        backend.device, run_dir, backend=backend, checkpoints=checkpoints, callbacks=callbacks, stop=stop,
+        backend.device, Path(config.logging.output_dir), backend=backend, checkpoints=checkpoints,
+        callbacks=callbacks, stop=stop,
     )
     method.check_schedule(trainer.total_steps)
-    if saved is not None:
-        checkpoints.restore(trainer, saved)
+    checkpoints.load(trainer)  # the one place a run resumes: trainer, method, optimizer, random states
     # Everything is checked: only now is the run folder written (an old run replaced with --overwrite).
+    run_dir = Path(config.logging.output_dir)
     if backend.is_main:
-        run_dir = claim_run_dir(run_dir, config.logging.overwrite, checkpoints.path)
-        checkpoints.rewind_logs()
+        run_dir = checkpoints.claim(config.logging.overwrite)
         save_config(config, run_dir / RUN_MARKER)
         warn_if_short(run_dir, output_bytes(method, trainable))
     backend.barrier()
     evals = fit(trainer, backend)
+    checkpoints.save(trainer, final=True)  # RUN/adapter and RUN/adapter_peft
+    return summarize(config, trainer, tokenizer, task, evals, (trainable, total), time.perf_counter() - t0, run_dir)
 
-    save_outputs(run_dir, model, method, backend, meta)
+
+def summarize(config: RunConfig, trainer: Trainer, tokenizer, task: str, evals: list[dict], counts: tuple[int, int],
+              seconds: float, run_dir: Path) -> dict[str, Any]:
+    """The run's summary (written to ``summary.json`` by the main process), with a sample
+    completion of ``train.sample_prompt`` for causal LMs."""
+    backend = trainer.backend
     summary = {
-        "method": method.name,
-        "model": mc.name_or_path,
+        "method": trainer.method.name,
+        "model": config.model.name_or_path,
         "steps": trainer.step,
-        "trainable_parameters": trainable,
-        "total_parameters": total,
+        "trainable_parameters": counts[0],
+        "total_parameters": counts[1],
         "final_train_loss": trainer.history[-1]["loss"] if trainer.history else None,
         "eval": evals[-1] if evals else None,
         "eval_history": evals,
-        "wall_time_s": round(time.perf_counter() - t0, 1),
+        "wall_time_s": round(seconds, 1),
         "run_dir": str(run_dir),
     }
     if task == "causal_lm" and config.train.sample_prompt:
         summary["sample_prompt"] = config.train.sample_prompt
         with trainer.autocast:  # as in training (a bf16 run's offloaded edit log is bf16 on the GPU)
             summary["sample_completion"] = sample_generation(
-                model, tokenizer, config.train.sample_prompt, config.train.max_new_tokens, backend.device
+                trainer.module, tokenizer, config.train.sample_prompt, config.train.max_new_tokens, backend.device
             )
     summary.update(throughput(trainer.history, backend.device))
     summary["is_main"] = backend.is_main

@@ -4,6 +4,10 @@ The trainer knows nothing about method names: it calls the method's hooks (after
 gradients of a step are complete, after the optimizer step) and trains whatever
 ``method.trainable_parameters`` yields. The host waits for the device only at logging and
 evaluation points: losses and token counts are accumulated as device tensors in between.
+
+The trainer is a Stateful part of its checkpoints (``state_dict`` / ``load_state_dict``: the
+step, the data position ``lrx.data.sampling.DataPosition`` and the LR schedule ``lrx.lr.LRSchedule``);
+``lrx.checkpoint.CheckpointManager`` saves and loads it with the method, optimizer and random states.
 """
 
 from __future__ import annotations
@@ -20,81 +24,19 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
-from transformers import get_scheduler
 
 from lrx import faults
 from lrx.config import RunConfig
 from lrx.data.collate import IGNORE_INDEX, batch_tokens
+from lrx.data.sampling import DataPosition, EvalShard, ShardedBatches, planned_steps
 from lrx.errors import LrxError
 from lrx.loss import causal_lm_ce_sum, label_tokens
+from lrx.lr import LRSchedule
 from lrx.methods import Method
 from lrx.metrics import compute_metrics
 from lrx.stop import Stopped
 
 log = logging.getLogger(__name__)
-
-
-class ShardedBatches(torch.utils.data.Sampler):
-    """Batches of example indices for one process: every epoch a seeded permutation is cut
-    into global batches of ``batch_size * world_size``, and process ``rank`` takes its slice,
-    so the union of the ranks' batches is exactly the single-process batch.
-
-    With several processes an incomplete last global batch is dropped: every process must
-    run the same number of steps (sharded training steps are collective).
-    """
-
-    def __init__(self, n: int, batch_size: int, seed: int, rank: int = 0, world_size: int = 1):
-        self.n, self.batch_size, self.seed = n, batch_size, seed
-        self.rank, self.world_size = rank, world_size
-        self.epoch = 0
-        self.start = 0  # global batches of this epoch to skip (a resumed run's data position)
-
-    def __len__(self) -> int:
-        global_batch = self.batch_size * self.world_size
-        return math.ceil(self.n / global_batch) if self.world_size == 1 else self.n // global_batch
-
-    def __iter__(self):
-        perm = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + self.epoch)).tolist()
-        global_batch = self.batch_size * self.world_size
-        for b in range(self.start, len(self)):
-            start = b * global_batch + self.rank * self.batch_size
-            yield perm[start : min(start + self.batch_size, self.n)]
-
-
-def planned_steps(tc, n_examples: int, world_size: int = 1) -> int:
-    """Optimizer steps a run takes on ``n_examples`` training rows (``Trainer.total_steps``),
-    known before the trainer exists so a schedule is checked before anything is written.
-
-    Raises:
-        LrxError: not one batch of training data.
-    """
-    batches = len(ShardedBatches(n_examples, tc.batch_size, tc.seed, 0, world_size))
-    if batches == 0:
-        raise LrxError("the training set is empty; check data.train_path and data.max_train_samples")
-    return tc.max_steps or math.ceil(max(1, batches // tc.grad_accum) * tc.epochs)
-
-
-class EvalShard(torch.utils.data.Sampler):
-    """This process's part of the evaluation set: a contiguous block of ``ceil(n / world)``
-    examples, in batches; every process runs the same number of batches (sharded forwards are
-    collective), the last ones padded with repeats of the block's first example, which
-    ``real`` leaves out of the metrics."""
-
-    def __init__(self, n: int, batch_size: int, rank: int = 0, world_size: int = 1):
-        self.n, self.block = n, math.ceil(n / world_size)
-        self.start = min(rank * self.block, n)
-        self.end = min(self.start + self.block, n)
-        self.batches = []
-        for first in range(0, self.block, batch_size):
-            real = list(range(self.start + first, min(self.start + first + batch_size, self.end)))
-            pad = min(batch_size, self.block - first) - len(real)
-            self.batches.append((real + [min(self.start, n - 1)] * pad, len(real)))
-
-    def __len__(self) -> int:
-        return len(self.batches)
-
-    def __iter__(self):
-        return (indices for indices, _ in self.batches)
 
 
 class MetricsLog:
@@ -170,40 +112,6 @@ def _decay_groups(params: list[tuple[str, nn.Parameter]], weight_decay: float) -
     return [g for g in groups if g["params"]]
 
 
-class Plateau:
-    """The learning-rate factor of ``train.schedule=plateau``, as the lambda of a ``LambdaLR``:
-    linear warm-up, then ``scale``, which ``observe`` multiplies by ``factor`` once the watched
-    value has not improved for more than ``patience`` evaluations (torch's ``ReduceLROnPlateau``
-    rule, relative threshold 1e-4, no cooldown). A callable object, not a function: a
-    ``LambdaLR``'s state then holds it (``scale``, ``best``, ``bad``), so a checkpoint's scheduler
-    state resumes it, and ZeRO-3's rebuilt ``LambdaLR`` shares it."""
-
-    THRESHOLD = 1e-4
-
-    def __init__(self, warmup: int, factor: float, patience: int, lower_is_better: bool):
-        self.warmup, self.factor, self.patience, self.lower = warmup, factor, patience, lower_is_better
-        self.scale = 1.0
-        self.best: float | None = None  # None until the first evaluation (JSON-safe, unlike infinity)
-        self.bad = 0  # evaluations since the last improvement
-
-    def __call__(self, step: int) -> float:
-        return (step / max(1, self.warmup) if step < self.warmup else 1.0) * self.scale
-
-    def observe(self, value: float) -> bool:
-        """Take one evaluation's value; True when it lowers the learning rate."""
-        better = self.best is None or (value < self.best * (1 - self.THRESHOLD) if self.lower
-                                       else value > self.best * (1 + self.THRESHOLD))
-        if better:
-            self.best, self.bad = value, 0
-            return False
-        self.bad += 1
-        if self.bad <= self.patience:
-            return False
-        self.scale *= self.factor
-        self.bad = 0
-        return True
-
-
 class Trainer:
     """The training loop for every backend (one device, FSDP2, ZeRO-3).
 
@@ -256,36 +164,33 @@ class Trainer:
             raise LrxError("the training set is empty; check data.train_path and data.max_train_samples")
         self.steps_per_epoch = max(1, len(self.train_loader) // tc.grad_accum)
         self.total_steps = planned_steps(tc, len(train_data), world)
-        warmup = tc.warmup_steps or math.ceil(tc.warmup_ratio * self.total_steps)
         self.params = list(method.trainable_parameters(model))
         self.optimizer = torch.optim.AdamW(
             _decay_groups(self.params, tc.weight_decay), lr=tc.lr, betas=tuple(tc.adam_betas)
         )
-        self.plateau = self._plateau(tc, warmup, task, metric_names) if tc.schedule == "plateau" else None
-        if self.plateau is not None:
-            self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self.plateau)
-        else:
-            self.scheduler = get_scheduler(
-                tc.schedule, self.optimizer, num_warmup_steps=warmup, num_training_steps=self.total_steps
-            )
+        self.schedule = LRSchedule(tc, self.optimizer, self.total_steps, self._lower_is_better(tc, task, metric_names))
         self.module = model  # the adapted model itself: what method hooks see
-        self.model = backend.setup(model, self.optimizer, self.scheduler, micro_batch=tc.batch_size,
+        self.model = backend.setup(model, self.optimizer, self.schedule.scheduler, micro_batch=tc.batch_size,
                                    grad_accum=tc.grad_accum, max_grad_norm=tc.max_grad_norm)  # what runs batches
         # What steps: these, or (ZeRO-3 with an optimizer in its DeepSpeed config) what DeepSpeed built.
         self.optimizer, self.scheduler = backend.optimizer, backend.scheduler
+        self.schedule.use(self.optimizer, self.scheduler)
         bf16 = tc.bf16 and device.type == "cuda"
         self.autocast = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
         # This rank's pieces, now that they exist; with the forward in bf16, edit logs go to the host.
         method.attach(self.module, backend.shards(), torch.bfloat16 if bf16 else None)
         self.metrics = MetricsLog(run_dir, config.logging.tensorboard, enabled=self.is_main)
         self.step = 0
-        self.micro = 0  # micro-batches this process has consumed (the data position)
+        self.data = DataPosition(self.train_loader, self.sampler)  # the micro-batches consumed
         self.history: list[dict[str, float]] = []
         self.checkpoints, self.callbacks, self.stop = checkpoints, list(callbacks), stop
         self.resumed = False
 
-    def _plateau(self, tc, warmup: int, task: str, metric_names: list[str]) -> Plateau:
-        """The plateau schedule's factor, once the run is known to evaluate what it watches."""
+    def _lower_is_better(self, tc, task: str, metric_names: list[str]) -> bool:
+        """Whether the plateau schedule's metric improves downwards, once the run is known to
+        evaluate what it watches (True for other schedules)."""
+        if tc.schedule != "plateau":
+            return True
         if self.eval_loader is None:
             raise LrxError("train.schedule=plateau lowers the learning rate on evaluation results and the "
                            "evaluation set is empty; check data.eval_path and data.max_eval_samples")
@@ -293,35 +198,40 @@ class Trainer:
         if tc.plateau_metric not in watchable:
             raise LrxError(f"train.plateau_metric={tc.plateau_metric} is not computed by this run's evaluation; "
                            f"choose one of {', '.join(watchable)}")
-        return Plateau(warmup, tc.plateau_factor, tc.plateau_patience, tc.plateau_metric in ("eval_loss", "perplexity"))
+        return tc.plateau_metric in ("eval_loss", "perplexity")
+
+    def state_dict(self) -> dict:
+        """Where training stands (Stateful; ``trainer_state.json`` holds it): optimizer steps
+        done, the data position and the LR schedule."""
+        return {"step": self.step, **self.data.state_dict(), "scheduler": self.schedule.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue from ``state`` (as ``state_dict`` gave it, from a run with any number of
+        processes and the same global batch).
+
+        Raises:
+            LrxError: the state is at or past this run's last step, or its data position is not a
+                whole number of this run's global micro-batches.
+        """
+        if state["step"] >= self.total_steps:
+            raise LrxError(f"the checkpoint is at step {state['step']} and this run has {self.total_steps} steps: "
+                           "nothing is left to train; raise train.max_steps (or train.epochs) to continue it")
+        self.data.load_state_dict(state)
+        self.step = state["step"]
+        self.schedule.load_state_dict(state["scheduler"])
+        self.resumed = True
 
     def _observe(self, record: dict[str, float]) -> None:
-        """After an evaluation: the plateau schedule takes its value and, when it lowers the
-        learning rate, the optimizer gets the new rate at once (and ``get_last_lr`` reports it,
-        which is what a checkpoint resumes with)."""
-        if self.plateau is None or not self.plateau.observe(record[self.cfg.train.plateau_metric]):
-            return
-        lrs = [base * self.plateau(self.scheduler.last_epoch) for base in self.scheduler.base_lrs]
-        for group, lr in zip(self.optimizer.param_groups, lrs):
-            group["lr"] = lr
-        self.scheduler._last_lr = lrs  # what LRScheduler.step sets; no public setter
-        if self.is_main:
+        """After an evaluation: the plateau schedule takes its value (and may lower the rate)."""
+        metric = self.cfg.train.plateau_metric
+        lrs = self.schedule.observe(record[metric]) if self.schedule.plateau is not None else None
+        if lrs is not None and self.is_main:
+            p = self.schedule.plateau
             log.info("step %d: %s %.4g has not improved on %.4g for %d evaluations; learning rate x %g -> %.3g",
-                     self.step, self.cfg.train.plateau_metric, record[self.cfg.train.plateau_metric],
-                     self.plateau.best, self.plateau.patience + 1, self.plateau.factor, lrs[0])
+                     self.step, metric, record[metric], p.best, p.patience + 1, p.factor, lrs[0])
 
     def _to_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
-
-    def _micro_batches(self):
-        """Micro-batches forever, epoch after epoch (the data order is reseeded per epoch),
-        starting at the data position ``self.micro``."""
-        epoch, self.sampler.start = divmod(self.micro, len(self.train_loader))
-        while True:
-            self.sampler.epoch = epoch
-            yield from self.train_loader
-            self.sampler.start = 0
-            epoch += 1
 
     def fit(self) -> list[dict[str, float]]:
         """Train for ``total_steps`` optimizer steps; returns the evaluation records."""
@@ -338,7 +248,7 @@ class Trainer:
             self.model.train()
         bar = tqdm(total=self.total_steps, initial=self.step, desc="train", dynamic_ncols=True,
                    disable=not (self.cfg.logging.progress and self.is_main))
-        batches = self._micro_batches()
+        batches = self.data.batches()
         while self.step < self.total_steps:
             step_batches = [self._to_device(next(batches)) for _ in range(tc.grad_accum)]
             divisor = self._loss_divisor(step_batches)
@@ -349,7 +259,7 @@ class Trainer:
                 self.backend.backward(share * self.backend.world_size, sync=i == len(step_batches) - 1)
                 loss_sum += share.detach()
                 tokens += batch_tokens(batch)
-                self.micro += 1
+                self.data.micro += 1
             self.method.after_backward(self.module, self.step)
             faults.fire(f"step:{self.step + 1}", self.backend.rank)  # tests only (LRX_FAULT)
             self.backend.step(self.optimizer, self.scheduler, [p for _, p in self.params], tc.max_grad_norm)

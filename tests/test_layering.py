@@ -112,3 +112,64 @@ def test_tools_replace_no_class_of_the_library():
     found = [f"{p.relative_to(REPO)}:{n}: {line.strip()}" for p in sorted(TOOLS.glob("*.py"))
              for n, line in enumerate(p.read_text().splitlines(), 1) if swap.search(line)]
     assert found == []
+
+
+# ---- one save path (issue 24, item 2) ---------------------------------------------------------
+
+
+def attribute_root(node: ast.AST) -> str | None:
+    """The name an attribute chain starts from (``trainer`` for ``trainer.sampler.start``)."""
+    while isinstance(node, (ast.Attribute, ast.Subscript)):
+        node = node.value
+    return node.id if isinstance(node, ast.Name) else None
+
+
+def test_the_checkpoint_manager_only_saves_and_loads_parts():
+    """``CheckpointManager`` hands the trainer its state (``Trainer.load_state_dict``); it writes
+    none of the trainer's attributes itself."""
+    tree = ast.parse((REPO / "lrx" / "checkpoint.py").read_text())
+    written = []
+    for node in ast.walk(tree):
+        targets = node.targets if isinstance(node, ast.Assign) else \
+            [node.target] if isinstance(node, (ast.AugAssign, ast.AnnAssign)) else []
+        for target in targets:
+            for t in target.elts if isinstance(target, ast.Tuple) else [target]:
+                if isinstance(t, (ast.Attribute, ast.Subscript)) and attribute_root(t) in ("trainer", "t"):
+                    written.append(f"line {t.lineno}: {ast.unparse(t)}")
+        if isinstance(node, ast.Call) and ast.unparse(node.func) == "setattr":
+            written.append(f"line {node.lineno}: setattr")
+    assert written == []
+
+
+def calls(path: Path, function: str | None = None) -> list[str]:
+    """The called names (``checkpoints.load``, ``save_adapter``) in a file, or in one of its functions."""
+    tree = ast.parse(path.read_text())
+    if function is not None:
+        tree = next(n for n in ast.walk(tree) if isinstance(n, ast.FunctionDef) and n.name == function)
+    return [ast.unparse(n.func) for n in ast.walk(tree) if isinstance(n, ast.Call)]
+
+
+def test_a_run_resumes_from_one_place_and_saves_through_the_manager():
+    """``runner._run`` resumes with one call (the manager's ``load``; the build restores the
+    adapter it is handed) and saves the final adapter as the manager's final mode; the runner,
+    the Python API and the manager write adapters through one function."""
+    runner = calls(REPO / "lrx" / "runner.py")
+    resume = re.compile(r"(restore|rewind|confirm|load_state_dict|load_optimizer_state|set_rng_state)")
+    assert [c for c in runner if resume.search(c)] == []
+    assert calls(REPO / "lrx" / "runner.py", "_run").count("checkpoints.load") == 1
+    assert "checkpoints.save" in calls(REPO / "lrx" / "runner.py", "_run")
+    for module in ("runner.py", "api.py", "hf.py", "trainer.py"):
+        found = [c for c in calls(REPO / "lrx" / module) if c in ("save_adapter", "edit_logs", "export_peft_from_adapter")]
+        assert found == [], f"{module} writes an adapter itself: {found}"
+    manager = calls(REPO / "lrx" / "checkpoint.py")
+    assert manager.count("save_adapter") == 1 and manager.count("edit_logs") == 1
+
+
+def test_the_loop_and_its_checkpoints_stay_in_bounds():
+    """The trainer, the checkpoint manager and the runner: at most 450 lines a file, 60 a function."""
+    for module in ("trainer.py", "checkpoint.py", "runner.py"):
+        path = REPO / "lrx" / module
+        assert len(path.read_text().splitlines()) <= 450, module
+        long = [f"{n.name}: {n.end_lineno - n.lineno + 1}" for n in ast.walk(ast.parse(path.read_text()))
+                if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef)) and n.end_lineno - n.lineno + 1 > 60]
+        assert long == [], f"{module}: {long}"

@@ -14,7 +14,7 @@ import torch
 from lrx.cli import main
 from lrx.config import load_config
 from lrx.errors import ConfigError
-from lrx.trainer import Plateau
+from lrx.lr import Plateau
 from tests.conftest import REPO
 from tests.test_distributed import table
 

@@ -82,8 +82,10 @@ def main() -> int:
     state = {"step": 1, "micro": 1, "global_micro_batch": 1, "scheduler": {}, "config": {}}
     meta = {"base_model": str(base_dir), "tokenizer": args.tokenizer, "task": "causal_lm", "num_labels": 0}
     t0 = time.perf_counter()
-    path = checkpoint.save_checkpoint(run_dir, 1, backend=backend, model=model, method=method, trainer_state=state,
-                                      optimizer_state=backend.optimizer_state(named, optimizer), meta=meta, keep=2)
+    path = checkpoint.save_checkpoint(
+        run_dir, 1, backend=backend, adapter=checkpoint.AdapterSnapshot.take(model, method, backend.gather),
+        progress=checkpoint.TrainingProgress(**state), moments=backend.optimizer_state(named, optimizer),
+        rng=checkpoint.RandomState(backend.device).state_dict(), meta=meta, keep=2)
     result["checkpoint_save_s"] = time.perf_counter() - t0
     result["checkpoint_bytes"] = du(path)
     result["checkpoint_files"] = {str(f.relative_to(path)): f.stat().st_size for f in path.rglob("*") if f.is_file()}
