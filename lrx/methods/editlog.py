@@ -84,7 +84,7 @@ class EditLog(nn.Module):
         compute-dtype copy, a row-sharded log's parameters as they are now)."""
         return self.U[..., start:], self.V[..., start:, :]
 
-    def apply(self, x: torch.Tensor, start: int = 0) -> torch.Tensor:
+    def product(self, x: torch.Tensor, start: int = 0) -> torch.Tensor:
         """The product ``x @ (U @ V)[start:].t()`` in ``x``'s dtype, factor by factor."""
         U, V = (t.to(x.dtype) for t in self.views(start))
         return (x @ V.t()) @ U.t()

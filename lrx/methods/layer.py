@@ -160,7 +160,7 @@ class AdaptedLinear(nn.Module):
             return y + self._log_and_adapter(x, A, B).to(y.dtype)
         delta = (self.dropout(x) @ A.t()) @ B.t() * self.scale
         if self._live:  # an offloaded log's device copy is bf16: the product runs in x's dtype
-            delta = delta + self.edit_log.apply(x, self.edit_log.baked)
+            delta = delta + self.edit_log.product(x, self.edit_log.baked)
         return y + delta.to(y.dtype)
 
     def _log_and_adapter(self, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
