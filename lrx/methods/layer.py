@@ -182,7 +182,7 @@ class AdaptedLinear(nn.Module):
 
         The change is exact in the log; with ``fold_edits`` it is also added into the base
         weight (in the base's dtype), otherwise forward applies it from the log. Where the log
-        is row-sharded (``RowLog``) only this process's rows of U are read: they may be zero
+        is row-sharded (FSDP2) only this process's rows of U are read: they may be zero
         elsewhere.
         """
         device = self.edit_log.device
@@ -200,12 +200,12 @@ class AdaptedLinear(nn.Module):
     @torch.no_grad()
     def place_log(self, storage: str, capacity: int | None = None, compute_dtype: torch.dtype | None = None,
                   world_size: int = 1) -> None:
-        """Move the edit log to ``storage`` (``lrx.methods.editlog.log_storage``'s choice):
-        "rows" before the layer is sharded, once its log is initialised or restored (frozen fp32
-        parameters of rank ``capacity`` split by rows over ``world_size`` processes); "host"
-        (the exact log in host memory, a ``compute_dtype`` copy on the device) only for a
-        forward that runs in ``compute_dtype``, which then computes exactly what it did with
-        the fp32 log; ``capacity`` is then the log's final rank if known (one host allocation)."""
+        """Move the edit log to ``storage`` (``lrx.methods.editlog.log_storage``'s choice, one of
+        its ``STORAGES``; see ``EditLog.placed``): split by rows before the layer is sharded, once
+        its log is initialised or restored (fixed rank ``capacity``, over ``world_size``
+        processes), or to host memory with a ``compute_dtype`` copy on the device, only for a
+        forward that runs in ``compute_dtype`` (it then computes exactly what it did with the
+        fp32 log; ``capacity``: the log's final rank if known, one host allocation)."""
         self.edit_log = self.edit_log.placed(storage, capacity, compute_dtype, world_size)
 
     @torch.no_grad()
