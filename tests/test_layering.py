@@ -142,4 +142,3 @@ def test_tools_replace_no_class_of_the_library():
     found = [f"{p.relative_to(REPO)}:{n}: {line.strip()}" for p in sorted(TOOLS.glob("*.py"))
              for n, line in enumerate(p.read_text().splitlines(), 1) if swap.search(line)]
     assert found == []
-
