@@ -48,12 +48,12 @@ def edit_logs(model: nn.Module, gather=None, keep: bool = True) -> dict[str, tor
     this; those that write nothing pass ``keep=False`` and get nothing."""
     out: dict[str, torch.Tensor] = {}
     for name, layer in adapted_layers(model):
-        U, V = layer.edit_factors(gather)
+        U, V = layer.edit_log.factors(gather)
         if keep:
             out[f"{name}.edit_U"], out[f"{name}.edit_V"] = U.detach().cpu(), V.detach().cpu()
-            out[f"{name}.edit_sizes"] = torch.tensor(layer.edit_sizes, dtype=torch.long)
+            out[f"{name}.edit_sizes"] = torch.tensor(layer.edit_log.sizes, dtype=torch.long)
             if layer.quantized:  # the log's first columns are inside the quantized base
-                out[f"{name}.edit_baked"] = torch.tensor(layer.baked, dtype=torch.long)
+                out[f"{name}.edit_baked"] = torch.tensor(layer.edit_log.baked, dtype=torch.long)
     return out
 
 

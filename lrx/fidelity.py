@@ -65,22 +65,22 @@ def fusion_fidelity(dtype: torch.dtype, fuse: str, relative_update: float, event
         for value in method.importance.pieces["0"].values():
             value.uniform_(0, 1, generator=g)
         method.recompose(None, step)
-    U, V = layer.edit_factors()
-    U, V = U[:, layer.baked :], V[layer.baked :]  # the edits of the events (a quantized base holds the rest)
+    U, V = layer.edit_log.factors()
+    U, V = U[:, layer.edit_log.baked :], V[layer.edit_log.baked :]  # the edits of the events (a quantized base holds the rest)
     intended = U.double() @ V.double()
     base_now = layer.base.dequantize() if layer.quantized else layer.base.weight
     applied = base_now.double() - W0 + (0 if layer.fold_edits else intended)
     effective = W0 + applied + adapter64() - start
     if layer.quantized and not torch.equal(layer.base.weight, codes):
         raise AssertionError("an event changed the quantized base")
-    log_bytes = (layer.edit_U.numel() + layer.edit_V.numel()) * 4
+    log_bytes = sum(t.numel() for t in layer.edit_log.held()) * 4
     adapter_bytes = (layer.lora_A.numel() + layer.lora_B.numel()) * 4
     return {
         "dtype": str(dtype).removeprefix("torch.") if quantize == "none" else quantize, "fuse": fuse, "mode": "fold" if layer.fold_edits else "log",
         "relative_update": relative_update,
         "error_vs_total_edit": ((applied - intended).norm() / intended.norm()).item(),
         "error_vs_net_update": ((effective - W0 - net).norm() / net.norm()).item(),
-        "edit_rank": layer.edit_rank, "edit_log_bytes": log_bytes, "adapter_bytes": adapter_bytes,
+        "edit_rank": layer.edit_log.rank, "edit_log_bytes": log_bytes, "adapter_bytes": adapter_bytes,
         # Log mode applies the edit rank beside the adapter: extra multiply-adds per token.
-        "extra_flops_vs_adapter": 0.0 if layer.fold_edits else layer.edit_rank / layer.r,
+        "extra_flops_vs_adapter": 0.0 if layer.fold_edits else layer.edit_log.rank / layer.r,
     }

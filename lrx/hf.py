@@ -39,6 +39,7 @@ from lrx.distributed.found import Placement, check_zero_config, find_placement
 from lrx.errors import ConfigError, LrxError
 from lrx.fileio import read_safetensors
 from lrx.methods import adapted_layers
+from lrx.methods.editlog import EditLog
 
 log = logging.getLogger(__name__)
 
@@ -86,12 +87,11 @@ def _load_logs(model, tensors: dict[str, torch.Tensor]) -> None:
     for name, layer in adapted_layers(model):
         U, V = tensors[f"{name}.edit_U"], tensors[f"{name}.edit_V"]
         sizes = [int(k) for k in tensors[f"{name}.edit_sizes"].tolist()]
-        if layer.host_log is not None or layer.row_log is not None or sum(sizes) != U.shape[1]:
+        log = layer.edit_log
+        if log.storage != "device" or sum(sizes) != U.shape[1]:
             raise LrxError(f"{name}: the saved edit log cannot be set here (sizes {sizes}, rank {U.shape[1]})")
-        layer.edit_U = U.to(layer.edit_U.device, layer.edit_U.dtype)
-        layer.edit_V = V.to(layer.edit_V.device, layer.edit_V.dtype)
-        layer.edit_sizes = sizes
-        layer.baked = int(tensors.get(f"{name}.edit_baked", 0))
+        layer.edit_log = EditLog(U.to(log.U.device, log.U.dtype), V.to(log.V.device, log.V.dtype), sizes,
+                                 int(tensors.get(f"{name}.edit_baked", 0)))
 
 
 class LrxCallback(TrainerCallback):

@@ -18,6 +18,7 @@ import torch
 from lrx.config import RunConfig
 from lrx.distributed import backend_name
 from lrx.methods import adapted_layers, build_method
+from lrx.methods.editlog import log_storage
 from lrx.models import load_model, resolve_task, take_stored_quantization
 from lrx.quant import QuantSettings, quantized_linears
 
@@ -55,10 +56,11 @@ def plan(config: RunConfig, world_size: int | None = None) -> str:
     # fp32 on the device. Otherwise unfolded logs (bf16 bases) keep only a bf16 copy on a GPU
     # training in bf16 (as the trainer decides it; a plan assumes a GPU unless train.device=cpu).
     tc, mcfg = config.train, config.method
-    row_log = backend == "fsdp2" and shard > 1 and bool(method.edit_rank_bound())
     compute_dtype = torch.bfloat16 if tc.bf16 and tc.device != "cpu" else None
     logged = config.model.quantize != "none" or not mcfg.folds(getattr(torch, config.model.dtype))  # a quantized base takes no folds
-    offload = not row_log and logged and mcfg.offloads_edit_log(compute_dtype)
+    storage = log_storage(shards_rows=backend == "fsdp2" and shard > 1, bound=method.edit_rank_bound(),
+                          logged=logged, offloads=mcfg.offloads_edit_log(compute_dtype))
+    row_log, offload = storage == "rows", storage == "host"
     state = sum(method.state_bytes(layer, shard, 2 if offload else 4, shard if row_log else 1) for _, layer in layers)
     host_log = 4 * (method.edit_rank_bound() or 0) * sum(lay.in_features + lay.out_features for _, lay in layers) if offload else 0
     # Trainable parameters are fp32, with fp32 gradients and two fp32 Adam moments: 16 bytes.

@@ -75,7 +75,7 @@ def model_spec(config: RunConfig, task: str, num_labels: int, tokenizer, device_
 def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
     """Trainable and all parameters, without the frozen ones that hold row-sharded edit logs;
     a quantized layer counts its weights (out x in), not the bytes of its packed codes."""
-    logs = {id(t) for _, layer in adapted_layers(model) for t in layer.edit_log_storage()}
+    logs = {id(t) for _, layer in adapted_layers(model) for t in layer.edit_log.held()}
     weights = {id(m.weight): m.out_features * m.in_features for m in model.modules() if isinstance(m, QuantizedLinear)}
     params = [p for p in model.parameters() if id(p) not in logs]
     return sum(p.numel() for p in params if p.requires_grad), sum(weights.get(id(p), p.numel()) for p in params)
@@ -124,7 +124,7 @@ def throughput(history: list[dict], device: torch.device) -> dict[str, float]:
 def output_bytes(method, trainable: int) -> int:
     """About what one checkpoint plus the final adapter take: the trained tensors four times in
     fp32 (checkpoint adapter, Adam's two moments, the adapter) and the edit logs twice."""
-    logs = sum(t.numel() for layer in method.layers.values() for t in layer.edit_log_storage())
+    logs = sum(t.numel() for layer in method.layers.values() for t in layer.edit_log.held())
     return 4 * (4 * trainable + 2 * logs)
 
 
@@ -173,7 +173,7 @@ def run(config: RunConfig, callbacks=()) -> dict[str, Any]:
 
 
 def log_adapted(method, trainable: int, total: int) -> None:
-    row_logs = sum(layer.row_log is not None for layer in method.layers.values())
+    row_logs = sum(layer.edit_log.storage == "rows" for layer in method.layers.values())
     log.info("%s: adapted %d linear layers: %s; trainable %s of %s parameters (%.3f%%)%s",
              method.name, len(method.layers), layer_counts(method.layers), f"{trainable:,}", f"{total:,}",
              100 * trainable / total,

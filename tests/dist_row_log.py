@@ -54,8 +54,8 @@ def train(backend, rows: bool) -> dict:
         events += bool(method.after_optimizer_step(model, optimizer, step + 1))
     layers = [layer for _, layer in adapted_layers(model)]
     logs = edit_logs(model, backend.gather)
-    return {"losses": losses, "events": events, "row_logs": sum(layer.row_log is not None for layer in layers),
-            "log_dtype": str(layers[0].edit_U.dtype), "edit_rank": layers[0].edit_rank,
+    return {"losses": losses, "events": events, "row_logs": sum(layer.edit_log.storage == "rows" for layer in layers),
+            "log_dtype": str(layers[0].edit_log.U.dtype), "edit_rank": layers[0].edit_log.rank,
             "log_sums": {k: [float(v.double().sum()), float(v.double().abs().sum())] for k, v in logs.items()
                          if not k.endswith("edit_sizes")}}
 

@@ -113,8 +113,7 @@ def job(name: str, out: str, rest: list[str]) -> None:
         pool = method.pool[lname]
         mine_sums[f"{lname}.pool_S"] = checksum(pool["S"])
         mine_sums[f"{lname}.pool_V"] = checksum(pool["V"])
-        # Gathered where the log is row-sharded (older lrx, whose logs were all replicated, took no gather).
-        U, V = layer.edit_factors(backend.gather) if getattr(layer, "row_log", None) else layer.edit_factors()
+        U, V = layer.edit_log.factors(backend.gather)  # a collective where the log is row-sharded
         mine_sums[f"{lname}.edit_U"] = checksum(U)
         mine_sums[f"{lname}.edit_V"] = checksum(V)
     scores = method.all_pair_scores()
@@ -130,12 +129,11 @@ def job(name: str, out: str, rest: list[str]) -> None:
         s: sum(4 * cap * (-(-lay.out_features // s) + -(-lay.in_features // s)) for _, lay in layers) for s in (1, 2, 4)}
     report["fused_A_numbers"] = sum(cfg.swap * lay.in_features for _, lay in layers)
     report["n_layers"], report["r"] = len(layers), cfg.r
-    held = 0  # the bytes of edit log this process keeps: its piece of every tensor named edit_*
+    held = 0  # the bytes of edit log this process keeps: its piece of every tensor of each layer's log
     for _, lay in layers:
-        for key, t in [*lay.named_buffers(recurse=False), *lay.named_parameters(recurse=False)]:
-            if key.startswith("edit_"):
-                local = t.to_local() if hasattr(t, "to_local") else t
-                held += local.numel() * local.element_size()
+        for t in lay.edit_log.held():
+            local = t.to_local() if hasattr(t, "to_local") else t
+            held += local.numel() * local.element_size()
     if world > 1:
         gathered = [None] * world
         dist.all_gather_object(gathered, mine_sums)

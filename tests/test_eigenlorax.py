@@ -18,6 +18,7 @@ from lrx.config import load_config
 from lrx.eigenbasis import build_basis, load_basis
 from lrx.errors import LrxError
 from lrx.methods import adapted_layers, build_method
+from lrx.methods.layer import adapter_weight
 from tests.conftest import REPO, tiny_model
 from tests.test_cli import write_table
 
@@ -233,7 +234,7 @@ def test_project_init_reproduces_an_adapter_in_the_basis_span(bert_basis, tmp_pa
     (tmp_path / "src" / "adapter_config.json").write_text(json.dumps(cfg))
     _, projected, _ = eigen(bert_basis, "method.init=project", f"method.project_from={tmp_path / 'src'}")
     for (_, a), (_, b) in zip(adapted_layers(model), adapted_layers(projected)):
-        torch.testing.assert_close(b.adapter_weight(), 2 * a.adapter_weight(), rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(adapter_weight(b), 2 * adapter_weight(a), rtol=1e-4, atol=1e-6)
 
 
 def test_eigenlorax_trains_from_the_cli(bert_basis, tmp_path, capsys):

@@ -10,6 +10,7 @@ from torch import nn
 
 from lrx.cli import main
 from lrx.methods import AdaptedLinear
+from lrx.methods.layer import adapter_weight
 from tests.conftest import REPO
 from tests.test_cli import TINY_LM
 from tests.test_srlora import check_offloaded_edit_log, fidelity_run
@@ -26,7 +27,7 @@ def test_adapted_linear_under_bf16_autocast():
     with torch.autocast("cuda", dtype=torch.bfloat16):
         y = layer(x)
     assert y.dtype == torch.bfloat16 and layer.lora_A.dtype == torch.float32
-    ref = x.double() @ (base.weight.double() + layer.adapter_weight().double()).t() + base.bias.double()
+    ref = x.double() @ (base.weight.double() + adapter_weight(layer).double()).t() + base.bias.double()
     assert ((y.double() - ref).norm() / ref.norm()).item() < 2e-2
     y.float().sum().backward()
     assert layer.lora_A.grad is not None and layer.lora_A.grad.dtype == torch.float32

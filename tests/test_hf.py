@@ -85,7 +85,7 @@ def test_resume_from_checkpoint_continues_exactly(runs):
     for name, layer in adapter.method.layers.items():
         other = again.method.layers[name]
         assert torch.equal(layer.lora_A, other.lora_A) and torch.equal(layer.lora_B, other.lora_B), name
-        assert torch.equal(layer.base.weight, other.base.weight) and torch.equal(layer.edit_U, other.edit_U), name
+        assert torch.equal(layer.base.weight, other.base.weight) and torch.equal(layer.edit_log.U, other.edit_log.U), name
     assert [r["step"] for r in records(tmp / "hf" / "method_events.jsonl")] == [2, 2, 2, 2, 4, 4, 4, 4]
 
 

@@ -77,6 +77,36 @@ def test_nothing_probes_a_backend_or_reads_test_switches():
     assert mentions(files, ("hasattr(backend", "LRX_KILL_AT_STEP", "LOG_PRODUCT =", "supports_sharding")) == []
 
 
+# ---- the edit log is a part of its own (issue 24) ------------------------------------------------
+
+
+def test_the_adapted_layer_leaves_its_edit_log_to_the_log():
+    """Where the log lives (device, pinned host memory, rows under FSDP2) is decided once
+    (``log_storage``, which the dry run's plan uses too) and known only to
+    ``lrx/methods/editlog.py``: the adapted layers do not branch on it, nothing outside the log
+    reads its tensors by the layer's old names, and no storage deletes or renames a layer's
+    tensors."""
+    from lrx.methods.layer import AdaptedLinear
+
+    public = sorted(n for n in vars(AdaptedLinear) if not n.startswith("_"))
+    assert len(public) <= 16, public
+    storages = ("row_log", "host_log", "RowLog", "HostLog", "edit_U", "edit_V", "_pending", '"rows"', '"host"',
+                "storage ==", "storage !=")
+    layers = {p: (REPO / p).read_text() for p in ("lrx/methods/layer.py", "lrx/methods/experts.py")}
+    assert mentions(layers, storages) == []
+    library = {p: t for p, t in sources("").items() if not p.endswith("methods/editlog.py")}
+    old = ("hold_log_rows", "offload_edit_log", "edit_log_storage", ".row_log", ".host_log", "edit_Vt", "edit_factors(")
+    assert mentions(library, old) == []
+    # The layer's log tensors by their old names (files keep the keys ``{name}.edit_U``: no word before the dot).
+    reads = re.compile(r"(?<=\w)(?<!edit_log)\.(edit_U|edit_V|edit_rank|edit_sizes|baked|live_rank)\b")
+    assert [f"{p}: {m.group(0)}" for p, t in library.items() for m in reads.finditer(t)] == []
+    editlog = (REPO / "lrx" / "methods" / "editlog.py").read_text()
+    assert mentions({"lrx/methods/editlog.py": editlog}, ("_buffers[", "_parameters[", "del ")) == []
+    assert "log_storage(" in (REPO / "lrx" / "plan.py").read_text()
+    plan = (REPO / "lrx" / "plan.py").read_text()
+    assert mentions({"lrx/plan.py": plan}, ("row_log = backend", "offload = not row_log")) == []
+
+
 # ---- tools and tests use the library as users do (issue 24) --------------------------------------
 
 TOOLS = REPO / "tools"

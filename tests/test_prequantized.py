@@ -119,10 +119,10 @@ def test_pissa_inits_from_the_stored_weight_and_keeps_its_edits_in_the_log(folde
     assert_stored_codes(model, folders / "nf4")
     assert rel(logits(model, inputs()), logits(base, inputs())) <= 1e-5
     layer = model.model.layers[0].self_attn.q_proj
-    assert layer.baked == 0 and layer.edit_rank == 4
+    assert layer.edit_log.baked == 0 and layer.edit_log.rank == 4
     U, S, Vh = torch.linalg.svd(layer.base.dequantize(), full_matrices=False)
     top = U[:, :4] * S[:4] @ Vh[:4]
-    assert rel(-(layer.edit_U @ layer.edit_V), top) <= 1e-4
+    assert rel(-(layer.edit_log.U @ layer.edit_log.V), top) <= 1e-4
 
 
 def test_fp4_without_double_quant_and_biases_load_as_transformers_loads_them(tmp_path):

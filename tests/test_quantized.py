@@ -26,6 +26,7 @@ from lrx.errors import ConfigError
 from lrx.export import export_merged, merge_into_linears
 from lrx.fidelity import fusion_fidelity
 from lrx.methods import LocalShards, LocalWeights, adapted_layers, available_methods, build_method
+from lrx.methods.layer import adapter_weight, delta_weight
 from lrx.quant import QuantizedLinear, Quantizer, QuantSettings, bitsandbytes
 from tests.conftest import tiny_model
 from tests.test_conformance import inputs, logits, method_overrides, perturb, rel
@@ -76,8 +77,8 @@ def test_every_linear_but_the_head_is_quantized_and_the_output_at_init(method_na
     for name, layer in adapted_layers(model):  # the principal part exact, the residual quantized
         W0 = original.get_submodule(name).weight.detach().float()
         direct = plain_quantized(nn.Sequential(original.get_submodule(name)), kind)[0].dequantize()
-        effective = layer.base.dequantize() + layer.adapter_weight()
-        assert layer.quantized and layer.baked == method.config.r
+        effective = layer.base.dequantize() + adapter_weight(layer)
+        assert layer.quantized and layer.edit_log.baked == method.config.r
         assert (effective - W0).norm() < (direct - W0).norm(), name
 
 
@@ -190,7 +191,7 @@ def test_peft_export_of_qlora_loads_onto_the_base_users_load(tmp_path):
     full = copy.deepcopy(original)
     with torch.no_grad():
         for name, layer in adapted_layers(model):
-            full.get_submodule(name).weight.add_(layer.delta_weight())
+            full.get_submodule(name).weight.add_(delta_weight(layer))
     assert rel(logits(restored, batch), logits(full, batch)) <= 1e-5
 
 
@@ -205,7 +206,7 @@ def test_srlora_events_on_nf4_keep_the_output_and_never_touch_the_codes():
         if isinstance(module, QuantizedLinear):
             assert torch.equal(module.weight, codes[name]), name
     for _, layer in adapted_layers(model):
-        assert layer.baked == 4 and layer.live_rank == 4 * (2 + 2)  # the events' edits, beside the base
+        assert layer.edit_log.baked == 4 and layer.edit_log.rank - layer.edit_log.baked == 4 * (2 + 2)  # the events' edits, beside the base
 
 
 @pytest.mark.parametrize("kind", [*KINDS, "fp4"])
@@ -239,7 +240,7 @@ def test_residual_quantization_beats_quantizing_w_on_smollm2():
         direct = plain_quantized(picked, kind)
         for name in ("q", "down", "v"):
             W = picked[name].weight.detach().float()
-            residual = adapted[name].base.dequantize() + adapted[name].adapter_weight()
+            residual = adapted[name].base.dequantize() + adapter_weight(adapted[name])
             err_direct = ((direct[name].dequantize() - W).norm() / W.norm()).item()
             err_residual = ((residual - W).norm() / W.norm()).item()
             print(f"{kind} {name}: quantize W {err_direct:.4f}, quantize the residual {err_residual:.4f}")

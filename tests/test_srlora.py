@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+from operator import attrgetter
 
 import pytest
 import torch
@@ -17,7 +18,7 @@ from lrx.errors import ConfigError
 from lrx.fidelity import fusion_fidelity
 from lrx.methods import adapted_layers, build_method
 from lrx.methods.base import LocalShards
-from lrx.methods.layer import AdaptedLinear, LowRankWithFrozenTail
+from lrx.methods.layer import AdaptedLinear, LowRankWithFrozenTail, adapter_weight, delta_weight
 from lrx.spectral import top_singular
 from tests.conftest import QUICKSTART, tiny_model
 from tests.test_cli import TINY_LM
@@ -101,7 +102,7 @@ def test_pool_matches_float64_svd(svd, tol):
     torch.testing.assert_close(pool["S"].double(), S64[4:16], rtol=tol, atol=0)
     # Initial pairs span the top-4 directions: B A * scale == U_4 S_4 V_4^T.
     top4 = (U64[:, :4] * S64[:4]) @ Vh64[:4]
-    assert ((layer.adapter_weight().double() - top4).norm() / top4.norm()) < 10 * tol
+    assert ((adapter_weight(layer).double() - top4).norm() / top4.norm()) < 10 * tol
 
 
 def test_pool_is_deterministic_with_fixed_signs():
@@ -186,7 +187,7 @@ def test_output_unchanged_by_every_event(fuse):
     assert train_checking_every_event(method, model) == [3, 6, 9, 12]
     assert method.pointer == method.config.r_target and method.events_done == 4
     for _, layer in adapted_layers(model):
-        assert layer.edit_rank == 4 + 4 * (2 + 2)  # PiSSA init + per event: 2 fused + 2 loaded
+        assert layer.edit_log.rank == 4 + 4 * (2 + 2)  # PiSSA init + per event: 2 fused + 2 loaded
     assert all(p["U"].shape[1] == 0 and p["S"].numel() == 0 for p in method.pool.values())
 
 
@@ -219,7 +220,7 @@ def test_layer_in_log_mode_equals_its_float64_reference(product):
         layer.lora_B.copy_(torch.randn(7, 3, generator=g))
     U, V = torch.randn(7, 4, generator=g), torch.randn(4, 12, generator=g)
     layer.add_edit(U, V)
-    layer.edit_U, layer.edit_V = layer.edit_U.double(), layer.edit_V.double()
+    layer.edit_log.U, layer.edit_log.V = layer.edit_log.U.double(), layer.edit_log.V.double()
     x = torch.randn(2, 5, 12, dtype=torch.float64, generator=g, requires_grad=True)
     W = base.weight.detach() + U.double() @ V.double() + 2.0 * layer.lora_B.detach() @ layer.lora_A.detach()
     torch.testing.assert_close(layer(x), x @ W.t(), rtol=1e-12, atol=1e-12)
@@ -249,14 +250,14 @@ def check_offloaded_edit_log(device):
     same = torch.equal if device == "cpu" else lambda a, b: torch.allclose(a.cpu(), b.cpu(), rtol=1e-3, atol=1e-5)
     assert method.events_done == 4 and same(torch.tensor(losses), torch.tensor(plain_losses))
     for (_, layer), (_, ref) in zip(adapted_layers(model), adapted_layers(plain_model)):
-        assert layer.host_log is not None and ref.host_log is None and not layer.fold_edits
-        assert layer.edit_U.dtype == torch.bfloat16 and layer.edit_U.device.type == device
-        assert layer.edit_rank == ref.edit_rank == 4 + 4 * 4
-        U, V = layer.edit_factors()
+        assert layer.edit_log.storage == "host" and ref.edit_log.storage != "host" and not layer.fold_edits
+        assert layer.edit_log.U.dtype == torch.bfloat16 and layer.edit_log.U.device.type == device
+        assert layer.edit_log.rank == ref.edit_log.rank == 4 + 4 * 4
+        U, V = layer.edit_log.factors()
         assert U.dtype == torch.float32 and U.device.type == "cpu" and U.is_pinned() == (device == "cuda")
-        assert same(U, ref.edit_U.cpu()) and same(V, ref.edit_V.cpu())
+        assert same(U, ref.edit_log.U.cpu()) and same(V, ref.edit_log.V.cpu())
         assert same(layer.lora_A, ref.lora_A) and same(layer.lora_B, ref.lora_B)
-        assert same(layer.delta_weight(), ref.delta_weight())
+        assert same(delta_weight(layer), delta_weight(ref))
     saved = adapter_tensors(model, method)
     for key, value in adapter_tensors(plain_model, plain).items():
         assert same(saved[key], value), key
@@ -267,7 +268,7 @@ def test_offloaded_edit_log_with_dropout_runs_outside_autocast():
     method, model = srlora(["method.dropout=0.1"], model=tiny_model("llama").to(torch.bfloat16))
     method.attach(model, LocalShards(), torch.bfloat16)
     model(**batches(1)[0]).loss.backward()
-    assert all(layer.host_log is not None for _, layer in adapted_layers(model))
+    assert all(layer.edit_log.storage == "host" for _, layer in adapted_layers(model))
 
 
 def test_offloaded_edit_log_trains_bit_identically_in_bf16():
@@ -284,7 +285,7 @@ def test_a_row_sharded_edit_log_trains_like_the_replicated_one(fuse):
         method, model = srlora([f"method.fuse={fuse}", "method.interval=3"])
         if rows:
             for _, layer in adapted_layers(model):
-                layer.hold_log_rows(method.edit_rank_bound())
+                layer.place_log("rows", method.edit_rank_bound())
             method.attach(model, LocalShards())
         optimizer = make_optimizer(method, model)
         method.on_train_start(model, optimizer, total_steps=15)
@@ -294,8 +295,8 @@ def test_a_row_sharded_edit_log_trains_like_the_replicated_one(fuse):
     for key, value in plain.items():
         assert torch.equal(saved[key], value), key
     layer = next(layer for _, layer in adapted_layers(model))
-    assert layer.row_log is not None and tuple(layer.edit_U.shape) == (layer.out_features, 4 + 2 * (12 - 4))
-    assert layer.edit_rank == 4 + 4 * 4 and not layer.edit_U.requires_grad
+    assert layer.edit_log.storage == "rows" and tuple(layer.edit_log.U.shape) == (layer.out_features, 4 + 2 * (12 - 4))
+    assert layer.edit_log.rank == 4 + 4 * 4 and not layer.edit_log.U.requires_grad
     with pytest.raises(RuntimeError, match="holds rank 20"):  # full after the 4 events
         layer.add_edit(torch.zeros(layer.out_features, 5), torch.zeros(5, layer.in_features))
 
@@ -310,7 +311,7 @@ def test_state_bytes_is_the_most_held_at_any_point_of_the_schedule():
     name, layer = next(iter(adapted_layers(model)))
 
     def held():
-        tensors = [*method.pool[name].values(), *method.importance.stats[name].values(), layer.edit_U, layer.edit_V]
+        tensors = [*method.pool[name].values(), *method.importance.stats[name].values(), layer.edit_log.U, layer.edit_log.V]
         return sum(t.numel() * t.element_size() for t in tensors)
 
     seen = [held()]
@@ -330,9 +331,9 @@ def test_pool_exhaustion_stops_events_and_importance():
     train_steps(method, model, optimizer, batches(12))
     assert method.events_done == method.config.n_events == 4
     stats = {k: v.clone() for k, v in method.importance.stats[next(iter(method.importance.stats))].items()}
-    ranks = [layer.edit_rank for _, layer in adapted_layers(model)]
+    ranks = [layer.edit_log.rank for _, layer in adapted_layers(model)]
     train_steps(method, model, optimizer, batches(4, seed=5), start=12)
-    assert [layer.edit_rank for _, layer in adapted_layers(model)] == ranks
+    assert [layer.edit_log.rank for _, layer in adapted_layers(model)] == ranks
     for key, value in method.importance.stats[next(iter(method.importance.stats))].items():
         assert torch.equal(value, stats[key])
 
@@ -422,8 +423,8 @@ def test_resume_mid_schedule_matches_uninterrupted(tmp_path):
     assert method3.events_done == 4
     assert first + rest == pytest.approx(full, abs=1e-6)
     for (name, a), (_, b) in zip(adapted_layers(model), adapted_layers(model3)):
-        for attr in ("lora_A", "lora_B", "edit_U", "edit_V"):
-            assert (getattr(a, attr) - getattr(b, attr)).abs().max() <= 1e-6, f"{name}.{attr}"
+        for attr in ("lora_A", "lora_B", "edit_log.U", "edit_log.V"):
+            assert (attrgetter(attr)(a) - attrgetter(attr)(b)).abs().max() <= 1e-6, f"{name}.{attr}"
 
 
 # ---- end to end ------------------------------------------------------------------------------

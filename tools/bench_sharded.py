@@ -197,7 +197,7 @@ def one_run(args, backend, spec: str) -> dict:
     stage_done("warmup")
     if method_name == "srlora":  # the whole schedule: every event over all layers, a step after each
         n_events = method.config.n_events
-        row_logs = all(getattr(lay, "row_log", None) is not None for lay in method.layers.values())
+        row_logs = all(lay.edit_log.storage == "rows" for lay in method.layers.values())
         for k in range(1, n_events + 1):
             prof = profiler(backend) if args.profile_event and k == 2 and backend.is_main else None
             sync(backend)
@@ -222,7 +222,7 @@ def one_run(args, backend, spec: str) -> dict:
                           lay.in_features + (0 if row_logs else 2 * lay.out_features) for lay in method.layers.values()),
                       "row_sharded_logs": row_logs,
                       "score_allreduce_bytes": len(method.layers) * method.config.r * 4,
-                      "event_layers": len(records), "edit_log_rank": method.layers[next(iter(method.layers))].edit_rank})
+                      "event_layers": len(records), "edit_log_rank": method.layers[next(iter(method.layers))].edit_log.rank})
     if backend.device.type == "cuda":
         memory["after_events_gib"] = gib(torch.cuda.memory_allocated(backend.device))
     sync(backend)

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from lrx.errors import ConfigError
+from lrx.methods.editlog import log_storage
 from lrx.methods.experts import AdaptedExperts, adapt_experts, is_experts_weight
 from lrx.methods.layer import AdaptedLinear
 from lrx.methods.seam import LocalShards, LocalWeights, Shards, WeightAccess
@@ -320,11 +321,12 @@ class Method:
         """Once a layer is initialised or restored, before it is sharded: where the backend will
         split every parameter by rows (``weights.shards_rows``, FSDP2), hold its edit log as
         frozen parameters of rank ``edit_rank_bound`` that are split with the base
-        (``AdaptedLinear.hold_log_rows``), so each process keeps its rows only. Methods that
-        bound no rank (or keep no log) keep it whole."""
+        (``lrx.methods.editlog.RowLog``), so each process keeps its rows only. Methods that
+        bound no rank (or keep no log) keep it whole. The host storage is chosen at ``attach``,
+        once the compute dtype is known (``log_storage``)."""
         bound = self.edit_rank_bound()
-        if weights.shards_rows and bound:
-            layer.hold_log_rows(bound)
+        storage = log_storage(shards_rows=weights.shards_rows, bound=bound, logged=not layer.fold_edits, offloads=False)
+        layer.place_log(storage, bound, world_size=weights.world_size)
 
     def init_layer(self, name: str, index: int, layer: AdaptedLinear, weights: WeightAccess) -> None:
         """Initialise one adapted layer's A, B (and edits). Default: LoRA (A random, B zero)."""
@@ -373,8 +375,9 @@ class Method:
                     "folded into it would be lossy; keep model.dtype and the engine's dtype the same, or set "
                     "method.fuse=log (edits applied exactly beside the adapter)")
             layer.shards = shards
-            if offload:
-                layer.offload_edit_log(compute_dtype, self.edit_rank_bound())
+            storage = log_storage(shards_rows=layer.edit_log.storage == "rows", bound=self.edit_rank_bound(),
+                                  logged=not layer.fold_edits, offloads=offload)
+            layer.place_log(storage, self.edit_rank_bound(), compute_dtype)
 
     def edit_rank_bound(self) -> int | None:
         """The largest edit-log rank a layer reaches in training, if the method knows it."""
@@ -421,7 +424,7 @@ class Method:
         Default: its buffers (bases), plus an edit log of rank ``edit_rank_bound``; methods
         whose state grows otherwise override this.
         """
-        log = {id(t) for t in layer.edit_log_storage()}
+        log = {id(t) for t in layer.edit_log.held()}
         buffers = sum(b.numel() * b.element_size() for b in layer.buffers() if id(b) not in log)
         return buffers + log_bytes * (self.edit_rank_bound() or 0) * log_rows(layer, log_shards)
 

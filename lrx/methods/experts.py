@@ -26,6 +26,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from lrx.methods.editlog import EditLog
 from lrx.methods.layer import AdaptedLinear
 from lrx.methods.seam import full_shape
 
@@ -84,9 +85,9 @@ class AdaptedExperts(AdaptedLinear):
 
     def __init__(self, base: ExpertWeights, r: int, scale: float, fold_edits: bool = True):
         super().__init__(base, r, scale, 0.0, fold_edits=fold_edits)
-        E, device = base.num_experts, base.weight.device
-        self.edit_U = torch.zeros(E, self.out_features, 0, device=device)
-        self.edit_V = torch.zeros(E, 0, self.in_features, device=device)
+
+    def _empty_log(self, out_features: int, in_features: int, device: torch.device) -> EditLog:
+        return EditLog.empty(out_features, in_features, device, lead=(self.base.num_experts,))
 
     def _init_adapter(self, r: int, in_features: int, out_features: int, device: torch.device) -> None:
         E = self.base.num_experts
@@ -109,25 +110,13 @@ class AdaptedExperts(AdaptedLinear):
         B, A = self.lora_B * self.scale, self.lora_A
         if self.merged:
             return self.base(B.new_zeros(()))
-        if self.live_rank:
-            U, V = self._log_views(self.baked)
+        if self._live:
+            U, V = self.edit_log.views(self.edit_log.baked)
             B, A = torch.cat([U, B], dim=-1), torch.cat([V, A], dim=-2)
         return self.base(self.base.stored(torch.bmm(B, A)))
 
-    @torch.no_grad()
-    def add_edit(self, U: torch.Tensor, V: torch.Tensor) -> None:
-        """Record the frozen change ``U @ V`` (experts x out x k, experts x k x in): in the log,
-        and folded into the base when ``fold_edits``."""
-        U = U.detach().to(device=self.edit_U.device, dtype=torch.float32)
-        V = V.detach().to(device=self.edit_U.device, dtype=torch.float32)
-        E, k = self.num_experts, V.shape[-2]
-        if U.shape != (E, self.out_features, k) or V.shape != (E, k, self.in_features):
-            raise ValueError(f"edit factors {tuple(U.shape)} @ {tuple(V.shape)} do not fit {self.extra_repr()}")
-        self.edit_U = torch.cat([self.edit_U, U], dim=-1)
-        self.edit_V = torch.cat([self.edit_V, V], dim=-2)
-        self.edit_sizes.append(k)
-        if self.fold_edits:
-            self._fold(U, V, sign=1.0)
+    def _shape(self) -> tuple[int, ...]:
+        return (self.num_experts, self.out_features, self.in_features)
 
     def _fold(self, U: torch.Tensor, V: torch.Tensor, sign: float) -> None:
         if self.shards.world_size > 1:
@@ -135,11 +124,9 @@ class AdaptedExperts(AdaptedLinear):
         W = self.base.weight
         W.add_(self.base.stored(torch.bmm(U.to(W.device), V.to(W.device))).to(W.dtype), alpha=sign)
 
-    def offload_edit_log(self, compute_dtype: torch.dtype, capacity: int | None = None) -> None:
-        """The experts' log stays on the device, whole (see the module doc)."""
-
-    def hold_log_rows(self, capacity: int) -> None:
-        """The experts' log stays whole, a buffer on every process (see the module doc)."""
+    def place_log(self, storage: str, capacity: int | None = None, compute_dtype: torch.dtype | None = None,
+                  world_size: int = 1) -> None:
+        """The experts' log stays on the device, whole, a buffer on every process (see the module doc)."""
 
     def quantize_base(self, quantize) -> None:
         raise RuntimeError("fused experts are not quantized; they stay in model.dtype")

@@ -1,19 +1,17 @@
 """The adapted linear layer: ``y = base(x) + edits(x) + scale * B(A(x))``.
 
 ``base`` is the frozen pretrained linear (W0, possibly already carrying folded edits).
-``edits`` is the edit log: frozen low-rank changes of the base made by a method (PiSSA's
-residual, SRLoRA's fused pairs), recorded as fp32 factors ``edit_U @ edit_V`` so that
-``W0 + edits`` can be rebuilt from the original model plus the log. Depending on
-``fold_edits`` they are either added into ``base.weight`` in place (exact enough for fp32
-bases) or applied beside the adapter as a low-rank product (needed for bf16 and quantized
-bases, where a small in-place add loses most of the update: one bf16 add keeps 29 % of a
-1e-3-relative update and 3 % of a 1e-4 one, ``tools/bench_fusion.py``). When the forward
-runs in bf16 on a GPU, ``offload_edit_log`` keeps the exact fp32 log in host memory and only
-its bf16 copy on the device: training is bit-identical (the fp32 log was cast to bf16 for
-every product anyway) and the log takes half the GPU memory. Under FSDP2 over several
-processes ``hold_log_rows`` makes it a ``RowLog`` instead: frozen fp32 parameters of fixed
-rank that FSDP2 splits by rows with the base, so each process holds its share. Pair k is
-column k of ``lora_B`` with row k of ``lora_A``.
+``edits`` is the edit log (``lrx.methods.editlog``, the submodule ``edit_log``): frozen
+low-rank changes of the base made by a method (PiSSA's residual, SRLoRA's fused pairs),
+recorded as fp32 factors ``U @ V`` so that ``W0 + edits`` can be rebuilt from the original
+model plus the log. Depending on ``fold_edits`` they are either added into ``base.weight`` in
+place (exact enough for fp32 bases) or applied beside the adapter as a low-rank product (needed
+for bf16 and quantized bases, where a small in-place add loses most of the update: one bf16 add
+keeps 29 % of a 1e-3-relative update and 3 % of a 1e-4 one, ``tools/bench_fusion.py``). Where
+the log lives (on the device, in pinned host memory with a bf16 copy on the device for a bf16
+forward, or as rows split with the base under FSDP2) is the log's business: the layer asks it
+for its factors and moves it once with ``place_log``. Pair k is column k of ``lora_B`` with row
+k of ``lora_A``.
 """
 
 from __future__ import annotations
@@ -21,6 +19,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from lrx.methods.editlog import EditLog
 from lrx.methods.seam import LocalShards, Shards
 
 # How a layer in log mode computes its one low-rank product of adapter and log (the layer's
@@ -64,93 +63,6 @@ class LowRankWithFrozenTail(torch.autograd.Function):
         return grad_x, grad_A, grad_B, None, None
 
 
-class HostLog:
-    """An exact fp32 edit log in host memory (pinned when there is a GPU, so copies from it
-    are asynchronous). Rows are rank-1 edits: ``Ut`` (capacity x out) holds U transposed so
-    that appending k edits writes k whole rows; the capacity doubles when it runs out.
-    """
-
-    def __init__(self, out_features: int, in_features: int, capacity: int = 0):
-        pin = torch.cuda.is_available()
-        self.Ut = torch.empty(capacity, out_features, pin_memory=pin)
-        self.V = torch.empty(capacity, in_features, pin_memory=pin)
-        self.rank = 0
-
-    def append(self, U: torch.Tensor, V: torch.Tensor) -> None:
-        """Add the edits ``U @ V`` (fp32, out x k and k x in, on any device)."""
-        k = V.shape[0]
-        if self.rank + k > self.V.shape[0]:
-            grown = HostLog(self.Ut.shape[1], self.V.shape[1], max(2 * self.V.shape[0], self.rank + k))
-            grown.append(*self.factors())
-            self.Ut, self.V = grown.Ut, grown.V
-        self.Ut[self.rank : self.rank + k].copy_(U.t(), non_blocking=True)
-        self.V[self.rank : self.rank + k].copy_(V, non_blocking=True)
-        self.rank += k
-
-    def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(U, V)``: out x rank and rank x in views, once pending copies have landed."""
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        return self.Ut[: self.rank].t(), self.V[: self.rank]
-
-
-class RowLog:
-    """An exact fp32 edit log of fixed capacity held as two frozen parameters of its layer, so
-    that a backend that shards every parameter by rows (FSDP2) splits it with the base: each
-    process keeps its rows of ``edit_U`` (out x capacity: the base's rows) and of ``edit_Vt``
-    (V transposed, in x capacity), the forward sees both all-gathered with the block's other
-    parameters (in the compute dtype under mixed precision, the dtype its product runs in
-    anyway) and uses their first ``rank`` columns. A sharded parameter cannot change shape,
-    hence the capacity: the method's ``edit_rank_bound``, known before sharding.
-
-    Edits are written into this process's rows only (``Shards.write_columns``), so the factors
-    an event hands over may be zero outside them; saving gathers the log whole
-    (``AdaptedLinear.edit_factors`` with a backend's ``gather``).
-    """
-
-    def __init__(self, capacity: int, rank: int):
-        self.capacity, self.rank = capacity, rank
-
-    @staticmethod
-    @torch.no_grad()
-    def hold(layer: AdaptedLinear, capacity: int) -> RowLog:
-        """Move ``layer``'s whole log (buffers ``edit_U``, ``edit_V``) into capacity-sized frozen
-        parameters, before the layer is sharded."""
-        U, V = layer.edit_U, layer.edit_V
-        k = U.shape[1]
-        if k > capacity:
-            raise ValueError(f"an edit log of rank {k} does not fit a capacity of {capacity}")
-        Ut = U.new_zeros(layer.out_features, capacity)
-        Vt = V.new_zeros(layer.in_features, capacity)
-        Ut[:, :k], Vt[:, :k] = U, V.t()
-        del layer._buffers["edit_U"], layer._buffers["edit_V"]
-        layer.edit_U = nn.Parameter(Ut, requires_grad=False)
-        layer.edit_Vt = nn.Parameter(Vt, requires_grad=False)
-        return RowLog(capacity, k)
-
-    def append(self, layer: AdaptedLinear, U: torch.Tensor, V: torch.Tensor) -> None:
-        """Write the edits ``U @ V`` (fp32; U: out x k, only this process's rows read) into the
-        next ``k`` columns of this process's rows."""
-        k = V.shape[0]
-        if self.rank + k > self.capacity:
-            raise RuntimeError(f"the row-sharded edit log holds rank {self.capacity} (the method's edit_rank_bound); "
-                               f"an edit of rank {k} at rank {self.rank} does not fit")
-        layer.shards.write_columns(layer.edit_U, self.rank, U)
-        layer.shards.write_columns(layer.edit_Vt, self.rank, V.t())
-        self.rank += k
-
-    def views(self, layer: AdaptedLinear) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(U, V)``, out x rank and rank x in, of the parameters as they are now (whole inside a
-        sharded forward)."""
-        return layer.edit_U[:, : self.rank], layer.edit_Vt[:, : self.rank].t()
-
-    def gathered(self, layer: AdaptedLinear, gather) -> tuple[torch.Tensor, torch.Tensor]:
-        """The whole fp32 ``(U, V)`` through ``gather`` (a backend's: whole copies of sharded
-        parameters, collective)."""
-        whole = gather({"U": layer.edit_U, "Vt": layer.edit_Vt})
-        return whole["U"][:, : self.rank], whole["Vt"][:, : self.rank].t()
-
-
 class AdaptedLinear(nn.Module):
     """A frozen linear layer plus an edit log and a trainable low-rank adapter.
 
@@ -181,29 +93,20 @@ class AdaptedLinear(nn.Module):
         # Where the base's pieces live (``lrx.methods.seam.Shards``), set by Method.attach once
         # the model is placed: edits then fold into this process's piece of the base only.
         self.shards: Shards = LocalShards()
-        # Log columns the base itself contains although edits are not folded: a quantized base
-        # was quantized from W0 plus the edits made until then (``quantize_base``, QPiSSA).
-        self.baked = 0
-        self._pending: tuple[torch.Tensor, torch.Tensor, list[int]] | None = None
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         out_features, in_features = base.out_features, base.in_features  # weight.shape is empty under zero.Init
         device = base.weight.device
         self._init_adapter(r, in_features, out_features, device)
-        # The edit log. Not persistent: lrx's adapter files store it explicitly because its
-        # rank changes during training, which module.load_state_dict cannot handle.
-        self.register_buffer("edit_U", torch.zeros(out_features, 0, device=device), persistent=False)
-        self.register_buffer("edit_V", torch.zeros(0, in_features, device=device), persistent=False)
-        self.edit_sizes: list[int] = []  # the rank of each recorded edit, in order
-        # Set by offload_edit_log: the exact log then lives here, edit_U/edit_V are its
-        # compute-dtype copies.
-        self.host_log: HostLog | None = None
-        # Set by hold_log_rows (FSDP2): the log is then a pair of frozen parameters split by rows.
-        self.row_log: RowLog | None = None
+        # The edit log (``lrx.methods.editlog``): on the device until ``place_log`` moves it.
+        self.edit_log: EditLog = self._empty_log(out_features, in_features, device)
 
     def _init_adapter(self, r: int, in_features: int, out_features: int, device: torch.device) -> None:
         """Create the trainable tensors; subclasses that parametrise A and B differently override it."""
         self.lora_A = nn.Parameter(torch.zeros(r, in_features, device=device))
         self.lora_B = nn.Parameter(torch.zeros(out_features, r, device=device))
+
+    def _empty_log(self, out_features: int, in_features: int, device: torch.device) -> EditLog:
+        return EditLog.empty(out_features, in_features, device)
 
     def adapter_params(self) -> dict[str, nn.Parameter]:
         """The trainable tensors of this layer by name (saved in adapter files)."""
@@ -227,23 +130,21 @@ class AdaptedLinear(nn.Module):
         return self.base.weight
 
     @property
-    def edit_rank(self) -> int:
-        return self.row_log.rank if self.row_log is not None else self.edit_U.shape[-1]
-
-    @property
     def quantized(self) -> bool:
         """Whether the base is stored quantized (``lrx.quant.QuantizedLinear``)."""
         return getattr(self.base, "quantized", False)
 
     @property
-    def live_rank(self) -> int:
-        """Rank of the log the forward applies beside the base (0 when edits are folded)."""
-        return 0 if self.fold_edits else self.edit_rank - self.baked
+    def _live(self) -> int:
+        """Rank of the log the forward applies beside the base (0 when edits are folded): the
+        columns after the ``baked`` ones a quantized base contains."""
+        return 0 if self.fold_edits else self.edit_log.rank - self.edit_log.baked
 
     def extra_repr(self) -> str:
+        baked = self.edit_log.baked
         return (
             f"in={self.in_features}, out={self.out_features}, r={self.r}, scale={self.scale:g}, "
-            f"edit_rank={self.edit_rank}, fold_edits={self.fold_edits}" + (f", baked={self.baked}" if self.baked else "")
+            f"edit_rank={self.edit_log.rank}, fold_edits={self.fold_edits}" + (f", baked={baked}" if baked else "")
         )
 
     # ---- forward ------------------------------------------------------------------------
@@ -255,26 +156,23 @@ class AdaptedLinear(nn.Module):
         A, B = self.lora_A, self.lora_B  # computed once: subclasses may derive them
         if x.dtype != A.dtype and not torch.is_autocast_enabled(x.device.type):
             x = x.to(A.dtype)
-        if self.live_rank:
-            k = self.baked  # the log's first k columns are inside a quantized base
-            if isinstance(self.dropout, nn.Identity):
-                # Adapter and edit log as one low-rank product: x is read once (these thin
-                # matmuls are memory-bound, so two products cost nearly twice one).
-                dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) \
-                    else A.dtype
-                with torch.autocast(x.device.type, enabled=False):
-                    x, A, B = x.to(dtype), A.to(dtype), (B * self.scale).to(dtype)
-                    U, V = (t.to(dtype) for t in self._log_views(k))
-                    if self.log_product == "cat" or (self.log_product == "auto" and x.is_cuda):
-                        delta = (x @ torch.cat([A, V]).t()) @ torch.cat([B, U], dim=1).t()
-                    else:
-                        delta = LowRankWithFrozenTail.apply(x, A, B, V, U)
-                return y + delta.to(y.dtype)
-            U, V = (t.to(x.dtype) for t in self._log_views(k))  # an offloaded log's copy is bf16
-            delta = (self.dropout(x) @ A.t()) @ B.t() * self.scale + (x @ V.t()) @ U.t()
-        else:
-            delta = (self.dropout(x) @ A.t()) @ B.t() * self.scale
+        if self._live and isinstance(self.dropout, nn.Identity):
+            return y + self._log_and_adapter(x, A, B).to(y.dtype)
+        delta = (self.dropout(x) @ A.t()) @ B.t() * self.scale
+        if self._live:  # an offloaded log's device copy is bf16: the product runs in x's dtype
+            delta = delta + self.edit_log.product(x, self.edit_log.baked)
         return y + delta.to(y.dtype)
+
+    def _log_and_adapter(self, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
+        """Adapter and the live edit log as one low-rank product: x is read once (these thin
+        matmuls are memory-bound, so two products cost nearly twice one)."""
+        dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else A.dtype
+        with torch.autocast(x.device.type, enabled=False):
+            x, A, B = x.to(dtype), A.to(dtype), (B * self.scale).to(dtype)
+            U, V = (t.to(dtype) for t in self.edit_log.views(self.edit_log.baked))
+            if self.log_product == "cat" or (self.log_product == "auto" and x.is_cuda):
+                return (x @ torch.cat([A, V]).t()) @ torch.cat([B, U], dim=1).t()
+            return LowRankWithFrozenTail.apply(x, A, B, V, U)
 
     # ---- edits --------------------------------------------------------------------------
 
@@ -284,83 +182,31 @@ class AdaptedLinear(nn.Module):
 
         The change is exact in the log; with ``fold_edits`` it is also added into the base
         weight (in the base's dtype), otherwise forward applies it from the log. Where the log
-        is row-sharded (``hold_log_rows``) only this process's rows of U are read: they may be
-        zero elsewhere.
+        is row-sharded (FSDP2) only this process's rows of U are read: they may be zero
+        elsewhere.
         """
-        U = U.detach().to(device=self.edit_U.device, dtype=torch.float32)
-        V = V.detach().to(device=self.edit_U.device, dtype=torch.float32)
-        if U.shape != (self.out_features, V.shape[0]) or V.shape[1] != self.in_features:
+        device = self.edit_log.device
+        U, V = U.detach().to(device=device, dtype=torch.float32), V.detach().to(device=device, dtype=torch.float32)
+        if U.shape[:-1] + V.shape[-1:] != self._shape() or U.shape[-1] != V.shape[-2]:
             raise ValueError(f"edit factors {tuple(U.shape)} @ {tuple(V.shape)} do not fit {self.extra_repr()}")
-        if self.row_log is not None:
-            self.row_log.append(self, U, V)
-        else:
-            if self.host_log is not None:
-                self.host_log.append(U, V)
-            self.edit_U = torch.cat([self.edit_U, U.to(self.edit_U.dtype)], dim=1)
-            self.edit_V = torch.cat([self.edit_V, V.to(self.edit_V.dtype)], dim=0)
-        self.edit_sizes.append(U.shape[1])
+        self.edit_log.append(U, V, self.shards)
         if self.fold_edits:
             self._fold(U, V, sign=1.0)
 
-    @torch.no_grad()
-    def offload_edit_log(self, compute_dtype: torch.dtype, capacity: int | None = None) -> None:
-        """Keep the exact fp32 log in host memory and only a ``compute_dtype`` copy on the device.
-
-        Only for a forward that runs in ``compute_dtype`` (bf16 autocast or bf16 parameters):
-        it then computes exactly what it did with the fp32 log, which it cast anyway. A layer
-        that folds its edits keeps none beside the base and is left as it is.
-
-        Args:
-            compute_dtype: the dtype of the forward's products (torch.bfloat16).
-            capacity: the log's final rank if known (one host allocation); else it holds the
-                current log and doubles when an edit does not fit.
-        """
-        if self.fold_edits or self.host_log is not None or self.row_log is not None:
-            return  # a row-sharded log keeps its fp32 rows on the device: a share of what this saves
-        U, V = self.edit_U, self.edit_V
-        self.host_log = HostLog(self.out_features, self.in_features, max(capacity or 0, U.shape[1]))
-        self.host_log.append(U, V)
-        self.edit_U, self.edit_V = U.to(compute_dtype), V.to(compute_dtype)
+    def _shape(self) -> tuple[int, ...]:
+        """The shape of ``U @ V`` of one edit (out x in)."""
+        return (self.out_features, self.in_features)
 
     @torch.no_grad()
-    def hold_log_rows(self, capacity: int) -> None:
-        """Hold the edit log as frozen fp32 parameters of rank ``capacity`` that a backend which
-        shards every parameter by rows splits with the base (``RowLog``); call it before the
-        layer is sharded, once its log is initialised or restored."""
-        if self.row_log is not None:
-            return
-        if self.host_log is not None:
-            raise RuntimeError("an offloaded edit log cannot be row-sharded; hold its rows before attach")
-        self.row_log = RowLog.hold(self, capacity)
-
-    def edit_log_storage(self) -> list[torch.Tensor]:
-        """The tensors on the layer's device that hold its edit log (buffers, or a row-sharded
-        log's parameters)."""
-        if self.row_log is not None:
-            return [self.edit_U, self.edit_Vt]
-        return [self.edit_U, self.edit_V]
-
-    def _log_views(self, start: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(U, V)`` from column ``start`` on, as the forward multiplies them (an offloaded log's
-        compute-dtype copy)."""
-        U, V = self.row_log.views(self) if self.row_log is not None else (self.edit_U, self.edit_V)
-        return U[..., start:], V[..., start:, :]
-
-    def edit_factors(self, gather=None) -> tuple[torch.Tensor, torch.Tensor]:
-        """The exact fp32 edit log ``(U, V)``, out x k and k x in: on the layer's device, in
-        host memory when it is offloaded, or, row-sharded, made whole by ``gather`` (a
-        backend's ``gather``: a collective, every process calls it; needed with several
-        processes)."""
-        if self.row_log is not None:
-            if gather is None:
-                if self.shards.world_size > 1:
-                    raise RuntimeError("this edit log is sharded by rows; gather it (edit_factors(backend.gather), "
-                                       "a collective)")
-                return self.row_log.views(self)
-            return self.row_log.gathered(self, gather)
-        if self.host_log is not None:
-            return self.host_log.factors()
-        return self.edit_U, self.edit_V
+    def place_log(self, storage: str, capacity: int | None = None, compute_dtype: torch.dtype | None = None,
+                  world_size: int = 1) -> None:
+        """Move the edit log to ``storage`` (``lrx.methods.editlog.log_storage``'s choice, one of
+        its ``STORAGES``; see ``EditLog.placed``): split by rows before the layer is sharded, once
+        its log is initialised or restored (fixed rank ``capacity``, over ``world_size``
+        processes), or to host memory with a ``compute_dtype`` copy on the device, only for a
+        forward that runs in ``compute_dtype`` (it then computes exactly what it did with the
+        fp32 log; ``capacity``: the log's final rank if known, one host allocation)."""
+        self.edit_log = self.edit_log.placed(storage, capacity, compute_dtype, world_size)
 
     @torch.no_grad()
     def set_edit_log(self, U: torch.Tensor, V: torch.Tensor, sizes: torch.Tensor, baked: int | None = None) -> None:
@@ -371,28 +217,19 @@ class AdaptedLinear(nn.Module):
         whose base was quantized after its first ``baked`` columns; only those are replayed
         now, the rest once ``quantize_base`` has quantized the base as training did.
         """
-        if self.edit_rank:
+        if self.edit_log.rank:
             raise RuntimeError("set_edit_log needs a layer whose base is still W0 (empty edit log)")
         sizes = [int(k) for k in sizes.tolist()]
         if sum(sizes) != U.shape[-1]:
             raise ValueError(f"edit log sizes sum to {sum(sizes)} but the factors have rank {U.shape[-1]}")
-        cut = len(sizes)
-        if baked is not None:
-            ends = [sum(sizes[: i + 1]) for i in range(len(sizes))]
-            if baked and baked not in ends:
-                raise ValueError(f"edit log: {baked} baked columns do not end a recorded edit (sizes {sizes})")
-            cut = ends.index(baked) + 1 if baked else 0
-        start = self._replay(U, V, sizes[:cut])
-        if cut < len(sizes):
-            self._pending = (U[..., start:], V[..., start:, :], sizes[cut:])
-
-    def _replay(self, U: torch.Tensor, V: torch.Tensor, sizes: list[int]) -> int:
-        """``add_edit`` each recorded edit of ``U @ V`` in order; returns the columns replayed."""
-        start = 0
-        for k in sizes:
-            self.add_edit(U[..., start : start + k], V[..., start : start + k, :])
-            start += k
-        return start
+        ends = [sum(sizes[: i + 1]) for i in range(len(sizes))]
+        if baked and baked not in ends:
+            raise ValueError(f"edit log: {baked} baked columns do not end a recorded edit (sizes {sizes})")
+        cut = len(sizes) if baked is None else ends.index(baked) + 1 if baked else 0
+        edits = [(U[..., end - k : end], V[..., end - k : end, :]) for k, end in zip(sizes, ends)]
+        for edit in edits[:cut]:
+            self.add_edit(*edit)
+        self.edit_log.pending = edits[cut:]
 
     @torch.no_grad()
     def quantize_base(self, quantize) -> None:
@@ -407,15 +244,15 @@ class AdaptedLinear(nn.Module):
             raise RuntimeError("quantize_base: the base is already quantized")
         bakes = getattr(quantize, "bakes", True)  # False: a base stored quantized, read as stored
         weight = self.base.weight.detach().float() if bakes else None
-        if bakes and not self.fold_edits and self.edit_rank:
+        if bakes and not self.fold_edits and self.edit_log.rank:
             U, V = self._edit_factors_here()
             weight = weight + U.to(weight.device) @ V.to(weight.device)
         self.base = quantize(self.base, weight)
         self.base.requires_grad_(False)
-        self.baked, self.fold_edits = self.edit_rank if bakes else 0, False
-        if self._pending is not None:
-            (U, V, sizes), self._pending = self._pending, None
-            self._replay(U, V, sizes)
+        self.edit_log.baked, self.fold_edits = self.edit_log.rank if bakes else 0, False
+        pending, self.edit_log.pending = self.edit_log.pending, []
+        for edit in pending:
+            self.add_edit(*edit)
 
     def _fold(self, U: torch.Tensor, V: torch.Tensor, sign: float) -> None:
         if self.quantized:
@@ -424,29 +261,17 @@ class AdaptedLinear(nn.Module):
 
     # ---- weights ------------------------------------------------------------------------
 
-    def adapter_weight(self) -> torch.Tensor:
-        """``scale * B @ A`` in fp32 (out x in)."""
-        return (self.lora_B @ self.lora_A).detach() * self.scale
-
-    def edits_weight(self) -> torch.Tensor:
-        """The edit log's total change ``U @ V`` in fp32 (out x in), on the adapter's device."""
-        U, V = self._edit_factors_here()
-        return U @ V
-
-    def delta_weight(self) -> torch.Tensor:
-        """Total change from the pretrained weight W0: ``edits + scale * B @ A`` (fp32)."""
-        return self.edits_weight() + self.adapter_weight()
-
     def delta_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Exact low-rank factors ``(B_eff, A_eff)`` with ``B_eff @ A_eff == delta_weight()``."""
+        """Exact low-rank factors ``(B_eff, A_eff)`` of the total change from the pretrained
+        weight W0: ``B_eff @ A_eff == edits + scale * B @ A`` (fp32, ``delta_weight``)."""
         U, V = self._edit_factors_here()
         B = torch.cat([U, self.lora_B.detach() * self.scale], dim=-1)
         A = torch.cat([V, self.lora_A.detach()], dim=-2)
         return B, A
 
     def _edit_factors_here(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """``edit_factors`` on the layer's device (where the log's compute copy is)."""
-        return tuple(t.to(self.edit_U.device) for t in self.edit_factors())
+        """The exact log's factors on the layer's device (where the log's compute copy is)."""
+        return tuple(t.to(self.edit_log.device) for t in self.edit_log.factors())
 
     @torch.no_grad()
     def merge(self) -> None:
@@ -476,7 +301,20 @@ class AdaptedLinear(nn.Module):
         """What ``merge`` adds to the base: the adapter, and the part of the edit log the base
         does not contain (none when folded; after the ``baked`` columns of a quantized base)."""
         B, A = self.lora_B.detach() * self.scale, self.lora_A.detach()
-        if not self.live_rank:
+        if not self._live:
             return B, A
         U, V = self._edit_factors_here()
-        return torch.cat([U[..., self.baked :], B], dim=-1), torch.cat([V[..., self.baked :, :], A], dim=-2)
+        k = self.edit_log.baked
+        return torch.cat([U[..., k:], B], dim=-1), torch.cat([V[..., k:, :], A], dim=-2)
+
+
+def adapter_weight(layer: AdaptedLinear) -> torch.Tensor:
+    """``scale * B @ A`` of an adapted layer in fp32 (out x in)."""
+    return (layer.lora_B @ layer.lora_A).detach() * layer.scale
+
+
+def delta_weight(layer: AdaptedLinear) -> torch.Tensor:
+    """An adapted layer's total change from the pretrained weight W0: ``edits + scale * B @ A``
+    in fp32 (out x in)."""
+    U, V = layer._edit_factors_here()
+    return U @ V + adapter_weight(layer)

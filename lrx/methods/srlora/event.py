@@ -23,7 +23,7 @@ def rows_stay_local(group: list, pool_rows: tuple[int, int], shards) -> bool:
     rows (FSDP2), and the verbs read nothing else (``Shards.row_piece``)."""
     own = shards.row_piece(group[0].lora_B)
     return own == pool_rows and all(
-        shards.row_piece(g.lora_B) == own and shards.row_piece(g.edit_U) == own for g in group)
+        shards.row_piece(g.lora_B) == own and g.edit_log.rows(shards) == own for g in group)
 
 
 def gather_factors(groups: list[list[str]], layers: dict, chosen: dict[str, torch.Tensor], pool, shards,
