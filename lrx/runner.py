@@ -162,7 +162,7 @@ def run(config: RunConfig, callbacks=()) -> dict[str, Any]:
     run_dir = Path(config.logging.output_dir)
     checkpoints = CheckpointManager(run_dir, keep=config.train.keep_checkpoints)
     resume = checkpoints.open(config.train.resume, config.to_dict())  # before any slow loading
-    check_run_dir(run_dir, config.logging.overwrite, resume)  # raises before any slow loading; writes nothing
+    check_run_dir(run_dir, config.logging.overwrite or checkpoints.again, resume)  # before any slow loading
     if not config.logging.progress:
         datasets.disable_progress_bars()
     if config.model.quantize != "none":
@@ -226,7 +226,7 @@ def _run(config: RunConfig, backend, checkpoints: CheckpointManager, t0: float, 
         checkpoints.restore(trainer, saved)
     # Everything is checked: only now is the run folder written (an old run replaced with --overwrite).
     if backend.is_main:
-        run_dir = claim_run_dir(run_dir, config.logging.overwrite, checkpoints.path)
+        run_dir = claim_run_dir(run_dir, config.logging.overwrite or checkpoints.again, checkpoints.path)
         checkpoints.rewind_logs()
         save_config(config, run_dir / RUN_MARKER)
         warn_if_short(run_dir, output_bytes(method, trainable))
