@@ -1,7 +1,8 @@
-"""Checkpoints: kill and resume (SIGKILL mid-run), world-size changes, bad input.
+"""Checkpoints: what they hold, world-size changes, bad input (kill and resume: tests/test_faults.py).
 
-Runs go through ``launch/train.py`` as users start them; a run is killed at a chosen step by
-``tests/train_killed.py`` (rank 0 sends itself SIGKILL right after that step's checkpoint logic).
+Runs go through ``launch/train.py`` as users start them; ``killed_at`` (other modules' kill tests)
+kills one at a chosen step through ``tests/train_killed.py`` (rank 0 sends itself SIGKILL right
+after that step's checkpoint logic).
 """
 
 from __future__ import annotations

@@ -2,10 +2,11 @@
 disks and torchrun restarts. Faults are injected through ``LRX_FAULT`` (``lrx/faults.py``),
 runs go through ``launch/train.py``, torchrun and the SLURM template as users start them.
 
-One FSDP2 run is interrupted four ways in a row and must end with the uninterrupted run's
-losses, events and adapter: a rank that hangs (the other fails within distributed.timeout_s
-naming it; torchrun restarts both, which resume on their own), a signal to one rank during an
-SRLoRA event's step, the template's USR1 (stop file, requeue) and a second start of the template.
+One FSDP2 run (3 processes) and one ZeRO-3 run (2) are each interrupted in a row and must end
+with the uninterrupted run's losses, events and adapter: a rank that hangs (another fails within
+distributed.timeout_s naming it; torchrun restarts them, and they resume on their own), signals to
+one rank during an SRLoRA event's step and to another during a checkpoint's write, the SLURM
+template's USR1 (stop file, requeue) and the template's second start.
 """
 
 from __future__ import annotations
@@ -97,7 +98,7 @@ PLANS = {"fsdp2": (3, "torchrun", "loaded block by block from 1 safetensors file
 
 
 @pytest.mark.parametrize("backend", list(PLANS))
-def test_one_run_survives_crashes_hangs_signals_and_a_requeue(tmp_path, backend):
+def test_one_run_survives_a_hang_restarts_signals_and_a_requeue(tmp_path, backend):
     """An SRLoRA run (events at steps 2, 4, 6, 8) interrupted in a row by: a rank that hangs in a random step (rank 0 names it within the timeout;
     torchrun restarts the workers, which resume from the newest checkpoint on their own); SIGUSR1
     to rank 1 in step 6 (an event's step) and SIGTERM to rank 0 while it writes checkpoint 6 (they
