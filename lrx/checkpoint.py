@@ -48,7 +48,7 @@ from lrx.adapter import WEIGHTS_NAME, SavedAdapter, edit_logs, export_peft_from_
 from lrx.diskspace import DiskFull, full_error, is_full, tensor_bytes
 from lrx.errors import LrxError
 from lrx.fileio import fsync_tree, read_json, read_safetensors, swap_in
-from lrx.rundir import claim_run_dir
+from lrx.rundir import claim_run_dir, ended_early
 
 log = logging.getLogger(__name__)
 
@@ -356,6 +356,7 @@ class CheckpointManager:
         self.path: Path | None = None
         self.progress: TrainingProgress | None = None
         self.saved: SavedAdapter | None = None
+        self.again = False  # --resume auto found a run that stopped before its first checkpoint
 
     def open(self, resume: str | None, config: dict[str, Any]) -> Path | None:
         """Pick the checkpoint to resume from (``train.resume``: auto, a folder, or None) and
@@ -364,7 +365,12 @@ class CheckpointManager:
             return None
         self.path = resolve_resume(resume, self.run_dir)
         if self.path is None:
-            log.info("train.resume=auto: no complete checkpoint in %s; starting a new run", self.run_dir)
+            self.again = ended_early(self.run_dir)
+            if self.again:  # the runner replaces the run's files (as --overwrite would)
+                log.warning("train.resume=auto: the run in %s stopped before its first checkpoint; starting it "
+                            "again from step 0", self.run_dir)
+            else:
+                log.info("train.resume=auto: no complete checkpoint in %s; starting a new run", self.run_dir)
             return None
         self.progress = check_compatible(self.path, config)
         for name in self.LOGS:  # a corrupt line is refused now, not after the slow loading

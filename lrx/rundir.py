@@ -76,6 +76,15 @@ def holds_run(path: Path) -> bool:
     return (marker is not None and marker.get("kind") == "run") or bool(_present(path, RUN_ENTRIES))
 
 
+def ended_early(path: Path) -> bool:
+    """Whether ``path`` holds a run lrx marked as its own that has no outputs yet (no adapter,
+    no summary.json). Of such a run without a complete checkpoint (one that stopped before its
+    first) nothing is lost when ``--resume auto`` starts it again from step 0."""
+    marker = read_marker(path) if Path(path).is_dir() else None
+    return marker is not None and marker.get("kind") == "run" and \
+        not any((Path(path) / name).exists() for name in ("adapter", "summary.json"))
+
+
 def checkpoint_run(checkpoint: Path) -> Path:
     """The run folder a checkpoint belongs to (``RUN/checkpoints/step-N`` -> ``RUN``)."""
     return Path(checkpoint).resolve().parent.parent

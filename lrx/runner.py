@@ -148,7 +148,7 @@ def run(config: RunConfig, callbacks=()) -> dict[str, Any]:
     run_dir = Path(config.logging.output_dir)
     checkpoints = CheckpointManager(run_dir, keep=config.train.keep_checkpoints)
     resume = checkpoints.open(config.train.resume, config.to_dict())  # before any slow loading
-    check_run_dir(run_dir, config.logging.overwrite, resume)  # raises before any slow loading; writes nothing
+    check_run_dir(run_dir, config.logging.overwrite or checkpoints.again, resume)  # before any slow loading
     if not config.logging.progress:
         datasets.disable_progress_bars()
     if config.model.quantize != "none":
@@ -210,7 +210,7 @@ def _run(config: RunConfig, backend, checkpoints: CheckpointManager, t0: float, 
     # Everything is checked: only now is the run folder written (an old run replaced with --overwrite).
     run_dir = Path(config.logging.output_dir)
     if backend.is_main:
-        run_dir = checkpoints.claim(config.logging.overwrite)
+        run_dir = checkpoints.claim(config.logging.overwrite or checkpoints.again)
         save_config(config, run_dir / RUN_MARKER)
         warn_if_short(run_dir, output_bytes(method, trainable))
     backend.barrier()

@@ -1,15 +1,14 @@
-"""Checkpoints: kill and resume (SIGKILL mid-run), world-size changes, bad input.
+"""Checkpoints: what they hold, world-size changes, bad input (kill and resume: tests/test_faults.py).
 
-Runs go through ``launch/train.py`` as users start them; a run is killed at a chosen step by
-``tests/train_killed.py`` (rank 0 sends itself SIGKILL right after that step's checkpoint logic).
+Runs go through ``launch/train.py`` as users start them; ``killed_at`` (other modules' kill tests)
+kills one at a chosen step through ``tests/train_killed.py`` (rank 0 sends itself SIGKILL right
+after that step's checkpoint logic).
 """
 
 from __future__ import annotations
 
-import functools
 import json
 import os
-import random
 import shutil
 from pathlib import Path
 
@@ -63,44 +62,9 @@ def run(argv, nproc=1, backend="fsdp2", env=None):
         os.environ.update(old)
 
 
-# One process: see the 2 -> 1 test. 3 FSDP2 processes shard A (r = 4 rows) unevenly.
-@pytest.mark.parametrize("backend, nproc", [("fsdp2", 3), ("zero3", 2)])
-def test_killed_run_resumes_exactly(tmp_path, backend, nproc):
-    """SRLoRA (events at steps 2, 4, 6, 8) killed with SIGKILL at a random step after the first
-    event ends, then stopped by SIGTERM while it writes checkpoint 10, ends after --resume auto
-    with the uninterrupted run's adapter, edit log and losses.
-    The base is a safetensors folder, so every run, the resumed one included, loads it straight
-    into shards (the edit log is replayed onto each layer's base while it is whole)."""
-    from tests.conftest import tiny_model
-
-    data = table(tmp_path / "t.tsv")
-    tiny_model("bert", vocab=30522).save_pretrained(tmp_path / "base")
-    argv = functools.partial(args, base=tmp_path / "base")
-    batch = 8 // nproc
-    kill = random.Random().randint(5, 9)
-    killed = run(killed_at(kill, argv(data, tmp_path / "run", "train.save_every=2", batch=batch)), nproc, backend)
-    assert killed.returncode != 0, f"the run was not killed at step {kill}"
-    done = [int(p.name.split("-")[1]) for p in checkpoint.checkpoint_dirs(tmp_path / "run")]
-    assert done and max(done) == kill - kill % 2 and max(done) >= 4
-    # Resumed, then SIGTERM to every process in the middle of writing checkpoint 10: they finish
-    # it and stop there (lrx.stop); resumed again, the run ends as if never interrupted.
-    resume = argv(data, tmp_path / "run", "train.save_every=2", "--resume", "auto", batch=batch)
-    stopped = run(resume, nproc, backend, env={"LRX_FAULT": "sigterm@checkpoint:10"})
-    assert stopped.returncode != 0 and "stopped at step 10 (SIGTERM)" in stopped.stderr, stopped.stderr[-3000:]
-    assert [int(p.name.split("-")[1]) for p in checkpoint.checkpoint_dirs(tmp_path / "run")] == [8, 10]
-    # The uninterrupted run and the last resume in one launch (tests/train_many.py).
-    full, resumed = launch_runs(tmp_path / "launch", [
-        argv(data, tmp_path / "full", "train.save_every=2", batch=batch), resume], nproc, BACKENDS[backend][0])
-    assert full.returncode == 0, full.stderr[-3000:]
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert "resumed from" in resumed.stderr and "step-00000010" in resumed.stderr
-    straight = {"fsdp2": "loaded block by block from 1 safetensors files", "zero3": "parameters were built partitioned"}
-    assert straight[backend] in resumed.stderr + resumed.stdout
-    assert losses(tmp_path / "run") == pytest.approx(losses(tmp_path / "full"), abs=1e-6)
-    assert_same_adapter(adapter(tmp_path / "run"), adapter(tmp_path / "full"), atol=1e-6)
-    events = [(tmp_path / d / "method_events.jsonl").read_text() for d in ("full", "run")]
-    assert [json.loads(x)["fused_pairs"] for x in events[0].splitlines()] == \
-        [json.loads(x)["fused_pairs"] for x in events[1].splitlines()]
+# Killed and stopped multi-process runs resume exactly: tests/test_faults.py (one FSDP2 run of 3
+# processes, sharding A unevenly, and one ZeRO-3 run, each through a crash or hang, signals during
+# an event's step and a checkpoint's write, and a requeue; the base loaded straight into shards).
 
 
 @pytest.mark.parametrize("first, then, extra", [(("fsdp2", 2), ("single", 1), ()), (("single", 1), ("zero3", 2), ()),

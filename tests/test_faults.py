@@ -2,16 +2,20 @@
 disks and torchrun restarts. Faults are injected through ``LRX_FAULT`` (``lrx/faults.py``),
 runs go through ``launch/train.py``, torchrun and the SLURM template as users start them.
 
-One FSDP2 run is interrupted four ways in a row and must end with the uninterrupted run's
-losses, events and adapter: a rank that hangs (the other fails within distributed.timeout_s
-naming it; torchrun restarts both, which resume on their own), a signal to one rank during an
-SRLoRA event's step, the template's USR1 (stop file, requeue) and a second start of the template.
+One FSDP2 run (3 processes) and one ZeRO-3 run (2) are each interrupted in a row and must end
+with the uninterrupted run's losses, events and adapter: a rank that hangs (another fails within
+distributed.timeout_s naming it; torchrun restarts them, and they resume on their own), signals to
+one rank during an SRLoRA event's step and to another during a checkpoint's write, the SLURM
+template's USR1 (stop file, requeue) and the template's second start.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import os
+import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -52,9 +56,10 @@ def done(run_dir) -> list[int]:
     return [int(p.name.split("-")[1]) for p in checkpoint.checkpoint_dirs(run_dir)]
 
 
-def sbatch(tmp_path, argv: list[str], env: dict[str, str], signal_at_step: int | None = None):
-    """``launch/slurm/torchrun.sbatch`` on this machine (one node, 2 processes) under a fake
-    srun and scontrol; with ``signal_at_step``, USR1 goes to the batch shell (as
+def sbatch(tmp_path, template: str, nproc: int, argv: list[str], env: dict[str, str],
+           signal_at_step: int | None = None):
+    """``launch/slurm/TEMPLATE.sbatch`` on this machine (one node, ``nproc`` processes) under a
+    fake srun and scontrol; with ``signal_at_step``, USR1 goes to the batch shell (as
     ``--signal=B:USR1@...`` sends it) once the run has logged that step."""
     stubs = tmp_path / "bin"
     stubs.mkdir(exist_ok=True)
@@ -63,19 +68,19 @@ def sbatch(tmp_path, argv: list[str], env: dict[str, str], signal_at_step: int |
         (stubs / name).chmod(0o755)
     env = {**os.environ, "PATH": f"{stubs}:{os.path.dirname(sys.executable)}:{os.environ['PATH']}",
            "SLURM_JOB_NODELIST": "node0", "SLURM_NNODES": "1", "SLURM_NODEID": "0", "SLURM_JOB_ID": "28",
-           "SLURM_SUBMIT_DIR": str(tmp_path), "GPUS_PER_NODE": "2", "MASTER_ADDR": "127.0.0.1",
+           "SLURM_SUBMIT_DIR": str(tmp_path), "GPUS_PER_NODE": str(nproc), "MASTER_ADDR": "127.0.0.1",
            "MASTER_PORT": str(free_port()), "OMP_NUM_THREADS": "1", "LRX_TEST_REQUEUED": str(tmp_path / "requeued"),
-           **env}
-    job = subprocess.Popen(["bash", str(REPO / "launch" / "slurm" / "torchrun.sbatch"), *argv], cwd=REPO, env=env,
+           "TMPDIR": str(tmp_path), **env}
+    job = subprocess.Popen(["bash", str(REPO / "launch" / "slurm" / f"{template}.sbatch"), *argv], cwd=REPO, env=env,
                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     if signal_at_step is not None:
         metrics = Path(next(a for a in argv if a.startswith("logging.output_dir=")).split("=", 1)[1]) / "metrics.jsonl"
-        deadline = time.monotonic() + 120
+        deadline = time.monotonic() + 300
         while signal_at_step not in (json.loads(x)["step"] for x in metrics.read_text().splitlines()):
             assert time.monotonic() < deadline and job.poll() is None, "the run never reached the step"
             time.sleep(0.05)
         job.send_signal(signal.SIGUSR1)
-    out = job.communicate(timeout=300)[0]
+    out = job.communicate(timeout=600)[0]
     return job.returncode, out
 
 
@@ -85,33 +90,53 @@ def free_port() -> int:
     return port()
 
 
-def test_one_run_survives_a_hang_restarts_signals_and_a_requeue(tmp_path):
+# backend: (processes, SLURM template, what the resumed log says once the safetensors base is loaded
+# straight into shards). 3 FSDP2 processes shard A (r = 4 rows) unevenly; ZeRO-3 runs under torchrun
+# (its restarts) and under the deepspeed launcher (the template).
+PLANS = {"fsdp2": (3, "torchrun", "loaded block by block from 1 safetensors files"),
+         "zero3": (2, "deepspeed", "parameters were built partitioned")}
+
+
+@pytest.mark.parametrize("backend", list(PLANS))
+def test_one_run_survives_a_hang_restarts_signals_and_a_requeue(tmp_path, backend):
+    """An SRLoRA run (events at steps 2, 4, 6, 8) interrupted in a row by: a rank that hangs in a random step (rank 0 names it within the timeout;
+    torchrun restarts the workers, which resume from the newest checkpoint on their own); SIGUSR1
+    to rank 1 in step 6 (an event's step) and SIGTERM to rank 0 while it writes checkpoint 6 (they
+    finish the event and the checkpoint, and stop); the template's USR1 (stop file, requeue) and
+    its second start. It ends with the uninterrupted run's losses, events and adapter, each step
+    logged once. The base is a safetensors folder, loaded straight into shards by every start."""
+    from tests.conftest import tiny_model
+
+    nproc, template, straight = PLANS[backend]
     data = table(tmp_path / "t.tsv")
-    common = ["train.save_every=2", "distributed.timeout_s=5", "train.stop_grace_s=5"]
-    full = run(args(data, tmp_path / "full", *common, batch=4), 2)
+    tiny_model("bert", vocab=30522).save_pretrained(tmp_path / "base")
+    common = ["train.save_every=2", "distributed.timeout_s=5", "train.stop_grace_s=5", f"distributed.backend={backend}"]
+    argv = functools.partial(args, data, batch=8 // nproc, base=tmp_path / "base")
+    full = run(argv(tmp_path / "full", *common), nproc, backend)
     assert full.returncode == 0, full.stderr[-3000:]
     out = tmp_path / "run"
-    argv = args(data, out, *common, "--resume", "auto", batch=4)
+    resume = argv(out, *common, "--resume", "auto")
 
-    # 1. Rank 1 hangs inside step 3: rank 0 names it within the timeout; torchrun restarts both, which
-    # resume from step 2 on their own; then SIGUSR1 reaches rank 1 in step 6 (an SRLoRA event's step).
-    fault = "hang@step:3@rank=1@attempt=0,sigusr1@step:6@rank=1@attempt=1"
-    restarted = elastic(argv, {"LRX_FAULT": fault})
+    hang = random.Random().randint(3, 5)  # resumes from checkpoint 2 or 4
+    fault = f"hang@step:{hang}@rank=1@attempt=0,sigusr1@step:6@rank=1@attempt=1,sigterm@checkpoint:6@rank=0@attempt=1"
+    restarted = elastic(resume, nproc, {"LRX_FAULT": fault})
     log = restarted.stderr + restarted.stdout
-    assert "rank 0, step 2: a collective failed" in log and "not answering: rank 1;" in log, log[-4000:]
+    assert f"rank 0, step {hang - 1}: a collective failed" in log and "not answering: rank 1;" in log, log[-4000:]
     assert "distributed.timeout_s=5" in log
-    assert f"resumed from {out / 'checkpoints' / 'step-00000002'}" in log
-    assert "stopped at step 6 (asked on another process)" in log and f"exitcode  : {EXIT_STOPPED}" in log, log[-3000:]
+    assert f"resumed from {out / 'checkpoints' / f'step-{hang - 1 - (hang - 1) % 2:08d}'}" in log
+    assert "LRX_FAULT: sigusr1 at step:6 on rank 1" in log and "SIGUSR1: stopping after this optimizer step" in log
+    assert "stopped at step 6 (SIGTERM)" in log, log[-3000:]  # rank 0's signal, during checkpoint 6's write
+    assert f"exitcode  : {EXIT_STOPPED}" in log
     assert done(out) == [4, 6] and event_steps(out) == [2, 4, 6]  # the event of step 6 ran before the stop
 
-    # 2. The SLURM template: USR1 to the batch shell at step 7; the workers stop after step 8 (rank 0
+    # The SLURM template: USR1 to the batch shell at step 7; the workers stop after step 8 (rank 0
     # pauses in it), the job is requeued once; its second start resumes and finishes.
-    status, text = sbatch(tmp_path, argv[1:], {"LRX_FAULT": "pause@step:8@rank=0"}, signal_at_step=7)
+    status, text = sbatch(tmp_path, template, nproc, resume[1:], {"LRX_FAULT": "pause@step:8@rank=0"}, signal_at_step=7)
     assert status == 0 and "stopped at step 8" in text and "requeueing job 28" in text, text[-3000:]
     assert (tmp_path / "requeued").read_text() == "requeue 28\n" and not (tmp_path / ".lrx-stop-28").exists()
-    status, text = sbatch(tmp_path, argv[1:], {"SLURM_RESTART_COUNT": "1"})
+    status, text = sbatch(tmp_path, template, nproc, resume[1:], {"SLURM_RESTART_COUNT": "1"})
     assert status == 0 and "resumed from" in text and "step-00000008" in text, text[-3000:]
-    assert (tmp_path / "requeued").read_text() == "requeue 28\n"
+    assert straight in text and (tmp_path / "requeued").read_text() == "requeue 28\n"
 
     assert losses(out) == pytest.approx(losses(tmp_path / "full"), abs=1e-6)
     assert steps(out) == list(range(1, 13))  # the logs show one continuous run
@@ -119,12 +144,31 @@ def test_one_run_survives_a_hang_restarts_signals_and_a_requeue(tmp_path):
     assert_same_adapter(adapter(out), adapter(tmp_path / "full"), atol=1e-6)
 
 
-def elastic(argv: list[str], env: dict[str, str]) -> subprocess.CompletedProcess:
-    """``torchrun --max-restarts 1`` over 2 processes."""
+def elastic(argv: list[str], nproc: int, env: dict[str, str]) -> subprocess.CompletedProcess:
+    """``torchrun --max-restarts 1`` over ``nproc`` processes."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--max-restarts", "1",
-           "--nproc_per_node", "2", *argv]
-    return subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=300,
+           "--nproc_per_node", str(nproc), *argv]
+    return subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=600,
                           env={**os.environ, "OMP_NUM_THREADS": "1", **env})
+
+
+def test_only_lost_peers_and_timeouts_of_collectives_count_as_a_failed_collective():
+    """Errors that merely say "timed out" are raised as they are; gloo's and the store's timeouts
+    and lost peers (the texts torch 2.13 raises) name the processes that stopped answering."""
+    import torch.distributed as dist
+
+    from lrx.distributed import MultiProcess, lost_peer
+
+    backend = object.__new__(MultiProcess)  # no process group: failure() must not reach it
+    assert backend.failure(RuntimeError("reading https://example.org/data timed out"), 3) is None
+    assert backend.failure(RuntimeError("CUDA error: the launch timed out and was terminated"), 3) is None
+    gloo = "[/pytorch/third_party/gloo/gloo/transport/tcp/"
+    for error in (RuntimeError(f"{gloo}unbound_buffer.cc:78] Timed out waiting 5000ms for recv operation to complete"),
+                  RuntimeError(f"{gloo}pair.cc:553] Connection closed by peer [127.0.0.1]:38630. This is typically"),
+                  RuntimeError(f"{gloo}pair.cc:598] Read error [127.0.0.1]:1234: Connection reset by peer"),
+                  dist.DistStoreError("wait timeout after 5000ms, keys: /lrx/attempt-1/0"),
+                  dist.DistBackendError("NCCL communicator was aborted on rank 1")):
+        assert lost_peer(error), error
 
 
 # ---- one process ------------------------------------------------------------------------------
@@ -167,13 +211,31 @@ def test_bad_fault_settings_are_one_line(tmp_path, capsys, key, message):
     assert not (tmp_path / "run").exists()
 
 
+def test_a_run_that_stopped_before_its_first_checkpoint_starts_again(tmp_path, capsys, caplog, monkeypatch):
+    """Nothing of a run that ended before its first checkpoint (here a full disk at checkpoint 3)
+    is lost by starting it again: --resume auto does so from step 0, saying so, and logs each step
+    once; a finished run without checkpoints is still refused."""
+    data, out = table(tmp_path / "t.tsv"), tmp_path / "run"
+    argv = args(data, out, "train.save_every=3", "train.max_steps=6", "--resume", "auto")[1:]
+    monkeypatch.setenv("LRX_FAULT", "enospc@checkpoint:3")
+    faults.reset()
+    assert main(argv) == 2 and "No space left on device" in capsys.readouterr().err
+    assert steps(out) == [1, 2, 3] and done(out) == []
+    monkeypatch.delenv("LRX_FAULT")
+    faults.reset()
+    assert main(argv) == 0, capsys.readouterr().err[-2000:]
+    assert f"the run in {out} stopped before its first checkpoint; starting it again from step 0" in caplog.text
+    assert steps(out) == [1, 2, 3, 4, 5, 6] and done(out) == [3, 6]
+    shutil.rmtree(out / "checkpoints")  # finished (adapter, summary.json): refused, as without --resume
+    assert main(argv) == 2
+    assert f"{out} already holds a run; pass --overwrite" in capsys.readouterr().err
+
+
 def test_a_full_disk_keeps_the_last_checkpoint_and_says_what_it_needs(saved, tmp_path, capsys, caplog,  # noqa: F811
                                                                       monkeypatch):
     """ENOSPC in the middle of checkpoint 8 (some of its files written): checkpoint 6 intact and
     resumable, the partial folder gone, one line with the folder, the bytes needed and free; the
     run warned before it started, as the disk looked too small for a checkpoint and the adapter."""
-    import shutil
-
     run_dir, data = copy_run(saved, tmp_path)
     monkeypatch.setenv("LRX_FAULT", "enospc@checkpoint:8")
     faults.reset()

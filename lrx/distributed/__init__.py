@@ -164,9 +164,16 @@ class Backend(Protocol):
 
 
 MOMENTS = ("exp_avg", "exp_avg_sq")
-# What a collective's error says when a peer stopped answering or is gone (gloo, NCCL).
-LOST = ("Timed out", "timed out", "Timeout", "Connection closed by peer", "Connection reset by peer", "Broken pipe")
+# A peer that stopped answering or is gone: torch's DistError family (NCCL, store, network), or gloo's transport
+# errors, plain RuntimeErrors (torch 2.13: "[.../gloo/transport/tcp/unbound_buffer.cc:78] Timed out waiting 5000ms ...").
+GLOO_LOST = re.compile(r"gloo/transport/\S+\] (Timed out waiting \d+ms for (recv|send) operation|Connection closed by "
+                       r"peer|Read error|writev|sendmsg|recvmsg)")
 DIAGNOSE_S = 10.0  # how long the processes still alive wait for each other to name the missing ones
+
+
+def lost_peer(error: BaseException) -> bool:
+    """A collective's or the store's timeout, or a lost peer (not any error that says "timed out")."""
+    return isinstance(error, torch.distributed.DistError) or (isinstance(error, RuntimeError) and bool(GLOO_LOST.search(str(error))))
 
 
 @dataclass
@@ -299,7 +306,7 @@ class MultiProcess:
         import torch.distributed as dist
 
         text = str(error)
-        if not isinstance(error, dist.DistError) and not any(m in text for m in LOST):
+        if not lost_peer(error):
             return None
         self.broken = True  # leave without the closing barrier
         try:  # the processes still alive meet here; rank 0 learns who did not come

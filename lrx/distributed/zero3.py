@@ -137,6 +137,12 @@ class ZeRO3(MultiProcess):
         if not use_cuda:
             without_shm_allreduce()
         try:
+            if os.environ.get("TORCHELASTIC_RESTART_COUNT") is not None and not torch.distributed.is_initialized():
+                # Under torchrun: keep each attempt's keys apart, as FSDP2 does (fsdp2.join);
+                # DeepSpeed then adopts the process group.
+                from lrx.distributed.fsdp2 import join
+
+                join("nccl" if use_cuda else "gloo", timedelta(seconds=timeouts.collective_s))
             deepspeed.init_distributed(dist_backend="nccl" if use_cuda else "gloo",
                                        timeout=timedelta(seconds=timeouts.collective_s))
         except (ValueError, RuntimeError, KeyError) as e:
