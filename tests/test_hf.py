@@ -197,6 +197,17 @@ def test_accelerate_fsdp2_plugin_without_gpus_is_detected(runs, tmp_path):
     check_two_processes(report, runs, tmp_path)
 
 
+@pytest.mark.gpu
+def test_accelerate_fsdp2_on_one_gpu(tmp_path):
+    """accelerate's FSDP2 plugin really applied on one GPU (DTensor parameters), bf16 mixed
+    precision: the events, fusion error, output at each event and losses of one plain process
+    (``tests/hf_gpu.py``, which the lead runs as ``python tests/hf_gpu.py OUT``)."""
+    proc = subprocess.run([sys.executable, str(REPO / "tests" / "hf_gpu.py"), str(tmp_path)], cwd=REPO,
+                          env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert json.loads((tmp_path / "verdict.json").read_text())["checks"]["fsdp2"]
+
+
 def test_trl_example_trains_srlora_and_exports(tmp_path, monkeypatch):
     """``examples/sft_srlora.py`` (TRL's SFTTrainer) on a tiny Llama saved as transformers saves
     models: its 4 events on every adapted layer, and its peft export opens as the lrx adapter."""
