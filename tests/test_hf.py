@@ -19,6 +19,7 @@ import sys
 import pytest
 import torch
 from safetensors.torch import load_file
+from transformers import TrainerState
 
 import lrx
 from lrx.cli import main
@@ -110,6 +111,9 @@ def test_misuse_is_one_line(tmp_path):
         lrx.wrap(fresh_base(), "srlora", quantize="nf5")
     with pytest.raises(ConfigError, match="fuse='fold' cannot fold edits into a nf4 base"):
         lrx.wrap(fresh_base(), "srlora", quantize="nf4", fuse="fold")
+    fp32 = lrx.wrap(fresh_base(), "srlora", **METHOD).model.to(torch.bfloat16)  # as DeepSpeed's bf16 engine casts it
+    with pytest.raises(ConfigError, match=r"mixed precision stores this fp32 base in bfloat16 .* fuse='log'\)$"):
+        LrxCallback().on_train_begin(None, TrainerState(max_steps=6), None, model=fp32)
     from lrx.distributed.found import check_zero_config
 
     with pytest.raises(ConfigError, match="zero_hpz_partition_size=2 .* not supported"):
