@@ -80,6 +80,28 @@ def test_saved_adapter_reloads_in_lrx_and_in_peft(runs):
         assert (merged(input_ids=ids).logits - trained).abs().max().item() <= 1e-5
 
 
+def test_wrap_quantize_nf4_round_trips(tmp_path):
+    """``lrx.wrap(quantize="nf4")`` quantizes every linear but the head (the adapted layers'
+    residual included) and its adapter file says so: ``lrx.load`` quantizes a fresh base the same
+    way and gives the same logits."""
+    from lrx.methods import LocalShards
+    from lrx.quant import QuantizedLinear
+
+    adapter = lrx.wrap(fresh_base(), "srlora", quantize="nf4", **METHOD)
+    quantized = [n for n, m in adapter.model.named_modules() if isinstance(m, QuantizedLinear)]
+    assert len(quantized) == 14 and "lm_head" not in quantized  # 7 linears x 2 blocks
+    assert sorted(n for n in quantized if n.endswith(".base")) == \
+        [f"model.layers.{i}.self_attn.{p}.base" for i in (0, 1) for p in ("q_proj", "v_proj")]
+    adapter.method.attach(adapter.model, LocalShards())  # as the callback attaches it on one process
+    adapter.save(tmp_path / "adapter")
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert config["quantize"]["kind"] == "nf4" and config["model_dtype"] == "float32"
+    ids = torch.randint(0, 100, (2, 12), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        loaded = lrx.load(tmp_path / "adapter", fresh_base())
+        assert torch.equal(loaded.model(input_ids=ids).logits, adapter.model.eval()(input_ids=ids).logits)
+
+
 def test_resume_from_checkpoint_continues_exactly(runs):
     tmp, trainer, adapter = runs
     resumed, again, _ = hf_trainer(tmp / "hf", resume=str(tmp / "hf" / "checkpoint-3"))
