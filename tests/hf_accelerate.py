@@ -7,7 +7,8 @@ model's output, a digest of what every rank must hold alike, and what ``merge()`
 Under ZeRO-3 on CPU (the suite: 2 processes) the same process group then runs, after the fp32
 run and its resume from the step-3 checkpoint, the guarantees of lower-precision bases:
 ``bf16`` (a bf16 base under accelerate's bf16 mixed precision: DeepSpeed's bf16 engine) and
-``nf4`` (``lrx.wrap(quantize="nf4")``), 4 steps each (both events) without checkpoints. With
+``nf4`` (``lrx.wrap(quantize="nf4")``), 4 steps of one row per process each (both events;
+bf16 matmuls are slow on CPUs), without checkpoints. With
 ``LRX_HF_GPU=1`` (the GPU check of the FSDP2 plugin, ``test_accelerate_fsdp2_on_one_gpu``) it
 runs the fp32 base under bf16 mixed precision on the GPU, without checkpoints, and stops there.
 """
@@ -119,7 +120,7 @@ def lower_precision(out: Path, rank: int, world: int) -> dict:
         os.environ["ACCELERATE_MIXED_PRECISION"] = "bf16" if how.get("bf16") else "no"
         watch = Watch()
         trainer, adapter, callback = hf_trainer(out / name, rank=rank, world=world, save_steps=0, before_train=watch, steps=4,
-                                                **how)
+                                                batch=2, **how)
         runs[name] = report(trainer, adapter, callback, watch)
     return runs
 
