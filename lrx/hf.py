@@ -81,6 +81,17 @@ def _accelerate_checks(placement: Placement) -> None:
                     "lrx trains it as %s whole copies", str(state.get("distributed_type", "?")), placement.world_size)
 
 
+def _check_folds(model) -> None:
+    """Layers that fold their edits into a base accelerate's engine keeps below fp32 (DeepSpeed's
+    bf16 engine casts every parameter of an fp32 model): the folds would be lossy."""
+    for name, layer in adapted_layers(model):
+        dtype = layer.base.weight.dtype
+        if layer.fold_edits and dtype.is_floating_point and dtype != torch.float32:
+            raise ConfigError(f"{name}: accelerate's mixed precision stores this fp32 base in {str(dtype).removeprefix('torch.')} "
+                              "(DeepSpeed casts every parameter), where folded edits would be lossy; load the model in that "
+                              "dtype before lrx.wrap (its edits then stay exact in the log), or lrx.wrap(..., fuse='log')")
+
+
 @torch.no_grad()
 def _load_logs(model, tensors: dict[str, torch.Tensor]) -> None:
     """Each layer's edit log as saved, set without replaying it: the resumed base holds its edits."""
@@ -120,6 +131,7 @@ class LrxCallback(TrainerCallback):
         method, module = adapter.method, adapter.model
         self.placement = find_placement(module)
         _accelerate_checks(self.placement)
+        _check_folds(module)
         self.optimizer = getattr(optimizer, "optimizer", optimizer)  # inside accelerate's wrapper
         saved = self._resumed(args, state)
         if saved is not None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 
+import torch
 from transformers import Trainer, TrainingArguments
 
 import lrx
@@ -46,27 +47,33 @@ def base_model(tokenizer=None):
 
 
 def hf_trainer(out, resume: str | None = None, rank: int = 0, world: int = 1, main_first=contextlib.nullcontext,
-               save_steps=3, use_cpu: bool = True):
+               save_steps=3, use_cpu: bool = True, bf16: bool = False, dtype: torch.dtype = torch.float32,
+               quantize: str = "none", before_train=None, steps: int = STEPS, batch: int = BATCH):
     """The Trainer run of ``SETTINGS``: the same model, adapters, batches (lrx's order; with
     ``world`` processes accelerate gives process ``rank`` its slice of each step's batch, which
-    ``expected_rows`` holds: lrx's ``ShardedBatches``) and optimizer; trained, resumed from ``resume`` if given."""
+    ``expected_rows`` holds: lrx's ``ShardedBatches``) and optimizer; trained, resumed from ``resume`` if given.
+    ``bf16``: the Trainer's bf16 mixed precision; ``dtype``: the base's; ``quantize``: ``lrx.wrap``'s;
+    ``before_train(trainer, adapter)`` is called before training; ``steps``, ``batch``: a shorter run
+    (the events come at steps 2 and 4)."""
     config = load_config(None, SETTINGS, method="srlora")
     tokenizer = load_tokenizer("tiny-llama")
     data = build_datasets(config.data, tokenizer, seed=0, main_process_first=main_first)
-    model = base_model(tokenizer)
-    adapter = lrx.wrap(model, "srlora", seed=0, **METHOD)
-    order = [i for batch in ShardedBatches(len(data.train), BATCH, 0) for i in batch][: STEPS * BATCH]
-    mine = [i for batch in ShardedBatches(len(data.train), BATCH // world, 0, rank, world) for i in batch]
+    model = base_model(tokenizer).to(dtype)
+    adapter = lrx.wrap(model, "srlora", seed=0, quantize=quantize, **METHOD)
+    order = [i for rows in ShardedBatches(len(data.train), batch, 0) for i in rows][: steps * batch]
+    mine = [i for rows in ShardedBatches(len(data.train), batch // world, 0, rank, world) for i in rows]
     args = TrainingArguments(
-        str(out), max_steps=STEPS, per_device_train_batch_size=BATCH // world, learning_rate=1e-3,
+        str(out), max_steps=steps, per_device_train_batch_size=batch // world, learning_rate=1e-3,
         lr_scheduler_type="linear", weight_decay=0.0, max_grad_norm=0.0, optim="adamw_torch",
         train_sampling_strategy="sequential", remove_unused_columns=False,
         save_strategy="steps" if save_steps else "no", save_steps=save_steps or 500, logging_steps=1, report_to=[],
-        use_cpu=use_cpu, seed=0, disable_tqdm=True)
+        use_cpu=use_cpu, bf16=bf16, seed=0, disable_tqdm=True)
     callback = LrxCallback()
     trainer = Recording(model=model, args=args, train_dataset=data.train.select(order),
                         data_collator=data.collate_fn, callbacks=[callback])
     trainer.losses, trainer.rows = [], []
+    if before_train is not None:
+        before_train(trainer, adapter)
     trainer.train(resume_from_checkpoint=resume)
-    trainer.expected_rows = data.train.select(mine[: STEPS * BATCH // world])["input_ids"]
+    trainer.expected_rows = data.train.select(mine[: steps * batch // world])["input_ids"]
     return trainer, adapter, callback

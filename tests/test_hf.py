@@ -9,6 +9,7 @@ by the checks; the resumed run continues from that checkpoint.
 from __future__ import annotations
 
 import json
+import math
 import os
 import runpy
 import socket
@@ -18,6 +19,7 @@ import sys
 import pytest
 import torch
 from safetensors.torch import load_file
+from transformers import TrainerState
 
 import lrx
 from lrx.cli import main
@@ -78,6 +80,28 @@ def test_saved_adapter_reloads_in_lrx_and_in_peft(runs):
         assert (merged(input_ids=ids).logits - trained).abs().max().item() <= 1e-5
 
 
+def test_wrap_quantize_nf4_round_trips(tmp_path):
+    """``lrx.wrap(quantize="nf4")`` quantizes every linear but the head (the adapted layers'
+    residual included) and its adapter file says so: ``lrx.load`` quantizes a fresh base the same
+    way and gives the same logits."""
+    from lrx.methods import LocalShards
+    from lrx.quant import QuantizedLinear
+
+    adapter = lrx.wrap(fresh_base(), "srlora", quantize="nf4", **METHOD)
+    quantized = [n for n, m in adapter.model.named_modules() if isinstance(m, QuantizedLinear)]
+    assert len(quantized) == 14 and "lm_head" not in quantized  # 7 linears x 2 blocks
+    assert sorted(n for n in quantized if n.endswith(".base")) == \
+        [f"model.layers.{i}.self_attn.{p}.base" for i in (0, 1) for p in ("q_proj", "v_proj")]
+    adapter.method.attach(adapter.model, LocalShards())  # as the callback attaches it on one process
+    adapter.save(tmp_path / "adapter")
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert config["quantize"]["kind"] == "nf4" and config["model_dtype"] == "float32"
+    ids = torch.randint(0, 100, (2, 12), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        loaded = lrx.load(tmp_path / "adapter", fresh_base())
+        assert torch.equal(loaded.model(input_ids=ids).logits, adapter.model.eval()(input_ids=ids).logits)
+
+
 def test_resume_from_checkpoint_continues_exactly(runs):
     tmp, trainer, adapter = runs
     resumed, again, _ = hf_trainer(tmp / "hf", resume=str(tmp / "hf" / "checkpoint-3"))
@@ -105,6 +129,13 @@ def test_misuse_is_one_line(tmp_path):
         LrxCallback().on_train_begin(None, None, None, model=fresh_base())
     with pytest.raises(ConfigError, match="takes the lrx.Adapter"):
         LrxCallback(model)
+    with pytest.raises(ConfigError, match="quantize='nf5' is not one of none, nf4, fp4, int8"):
+        lrx.wrap(fresh_base(), "srlora", quantize="nf5")
+    with pytest.raises(ConfigError, match="fuse='fold' cannot fold edits into a nf4 base"):
+        lrx.wrap(fresh_base(), "srlora", quantize="nf4", fuse="fold")
+    fp32 = lrx.wrap(fresh_base(), "srlora", **METHOD).model.to(torch.bfloat16)  # as DeepSpeed's bf16 engine casts it
+    with pytest.raises(ConfigError, match=r"mixed precision stores this fp32 base in bfloat16 .* fuse='log'\)$"):
+        LrxCallback().on_train_begin(None, TrainerState(max_steps=6), None, model=fp32)
     from lrx.distributed.found import check_zero_config
 
     with pytest.raises(ConfigError, match="zero_hpz_partition_size=2 .* not supported"):
@@ -135,8 +166,9 @@ def check_two_processes(report, one_process, tmp) -> None:
     assert all(r["rows_as_planned"] for r in report)
     losses = [sum(step) / len(report) for step in zip(*(r["losses"] for r in report))]  # shares of the token mean
     assert max(abs(a - b) for a, b in zip(losses, trainer.losses, strict=True)) <= 1e-4
-    assert all(r["events"] == report[0]["events"] for r in report)
+    assert all(r["events"] == report[0]["events"] and r["digest"] == report[0]["digest"] for r in report)
     assert 0 < max(e["fusion_error"] for e in report[0]["events"]) <= 1e-6  # fp32 base, folded shard by shard
+    assert len(report[0]["invariance"]) == 2 and max(report[0]["invariance"]) < 1e-6  # the output kept at each event
     assert [(e["step"], e["layer"], e["fused_pairs"]) for e in report[0]["events"]] == \
         [(e["step"], e["layer"], e["fused_pairs"]) for e in records(one_process[0] / "hf" / "method_events.jsonl")]
     expected = load_file(one_process[0] / "hf_adapter" / "adapter_model.safetensors")
@@ -149,11 +181,35 @@ def check_two_processes(report, one_process, tmp) -> None:
     assert max((got[k] - resumed[k]).abs().max().item() for k in got if got[k].numel()) <= 1e-6
 
 
+def check_lower_precision(report) -> None:
+    """The bf16 base under accelerate's bf16 mixed precision (DeepSpeed's bf16 engine) and the
+    nf4 base (``lrx.wrap(quantize="nf4")``), run in the same launch: every event kept in the
+    exact fp32 log (fusion error 0: nothing folded into bf16 or nf4), the output kept at each
+    event, the nf4 codes untouched, and every rank bit-identical (events, gathered adapter and
+    logs). A model built partitioned is refused for nf4 in one line."""
+    for name, precision, base in (("bf16", "bf16", "torch.bfloat16"), ("nf4", "no", "torch.uint8")):
+        first = report[0][name]
+        assert (first["kind"], first["mixed_precision"], first["base_dtypes"]) == ("zero3", precision, [base]), name
+        assert first["logged"] and first["log_dtypes"] == ["torch.float32"] and first["codes_kept"], name
+        assert [e["step"] for e in first["events"]] == [2, 2, 2, 2, 4, 4, 4, 4], name
+        assert all(e["fusion_error"] == 0.0 for e in first["events"]), name  # the log holds the factors exactly
+        assert len(first["invariance"]) == 2 and max(first["invariance"]) < (1e-5 if name == "bf16" else 1e-6), name
+        assert all(math.isfinite(x) for x in first["losses"]), name
+        for other in report[1:]:
+            assert (other[name]["events"], other[name]["digest"]) == (first["events"], first["digest"]), name
+    assert all(r["nf4_partitioned"].startswith("quantize='nf4' needs the model whole in each process") for r in report)
+
+
 @pytest.mark.distributed
 def test_accelerate_zero3_trains_the_sharded_model_as_one_process(runs, tmp_path):
+    """fp32 (with the checks of ``check_two_processes``), then bf16 and nf4 in the same process group;
+    ``merge()`` of the ZeRO-3 sharded model is refused in one line."""
     report, _ = launch("zero3.yaml", tmp_path)
     assert [(r["kind"], r["distributed_type"]) for r in report] == [("zero3", "DistributedType.DEEPSPEED")] * 2
     check_two_processes(report, runs, tmp_path)
+    check_lower_precision(report)
+    assert all(r["merge"].startswith("merge() needs the whole model in one process, and this one is sharded "
+                                     "(zero3, 2 processes); save the adapter") for r in report)
 
 
 @pytest.mark.nightly  # on CPU it only shows accelerate's fallback to DDP; FSDP2 itself needs GPUs
@@ -165,6 +221,17 @@ def test_accelerate_fsdp2_plugin_without_gpus_is_detected(runs, tmp_path):
     assert {(r["kind"], r["distributed_type"]) for r in report} == {("replicated", "DistributedType.MULTI_CPU")}
     assert "accelerate was configured for FSDP or DeepSpeed but the model is not sharded" in stderr
     check_two_processes(report, runs, tmp_path)
+
+
+@pytest.mark.gpu
+def test_accelerate_fsdp2_on_one_gpu(tmp_path):
+    """accelerate's FSDP2 plugin really applied on one GPU (DTensor parameters), bf16 mixed
+    precision: the events, fusion error, output at each event and losses of one plain process
+    (``tests/hf_gpu.py``, which the lead runs as ``python tests/hf_gpu.py OUT``)."""
+    proc = subprocess.run([sys.executable, str(REPO / "tests" / "hf_gpu.py"), str(tmp_path)], cwd=REPO,
+                          env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert json.loads((tmp_path / "verdict.json").read_text())["checks"]["fsdp2"]
 
 
 def test_trl_example_trains_srlora_and_exports(tmp_path, monkeypatch):
