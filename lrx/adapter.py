@@ -23,11 +23,13 @@ from safetensors.torch import save_file
 from torch import nn
 
 import lrx
+from lrx.build import Adapters
 from lrx.errors import LrxError
 from lrx.fileio import atomic_dir, read_json, read_safetensors, recorded_path
 from lrx.methods import (
     AdaptedLinear,
     LocalShards,
+    LocalWeights,
     Method,
     MethodConfig,
     adapted_layers,
@@ -160,7 +162,7 @@ def load_adapter(path: str | Path, model: nn.Module) -> Method:
     path = Path(path)
     config = read_adapter_config(path)
     method = build_method(method_config(config, path / CONFIG_NAME))
-    names = method.apply(model, init=False)
+    names = method.wrap(model)
     if names != config["adapted_modules"]:
         raise LrxError(
             f"{path}: adapter was trained on modules {config['adapted_modules'][:3]}..., this model has "
@@ -190,7 +192,7 @@ def quantizer_of(config: dict[str, Any], model: nn.Module, method: Method):
 
 
 def restore_adapter(path: str | Path, model: nn.Module, method: Method, quantizer=None) -> None:
-    """Load an lrx adapter's tensors into a model that ``method`` adapted with ``init=False``:
+    """Load an lrx adapter's tensors into a model that ``method`` wrapped (``Method.wrap``):
     adapter tensors, the edit log (replayed onto W0), modules_to_save and the method state
     (the method is attached for one process). An adapter trained on a quantized base needs
     its ``quantizer`` (``lrx.quant.Quantizer``, planned on ``model``): the base is quantized
@@ -200,11 +202,8 @@ def restore_adapter(path: str | Path, model: nn.Module, method: Method, quantize
         LrxError: missing/corrupt files, or tensors made for another model (names/shapes).
     """
     saved = SavedAdapter(path)
-    with torch.no_grad():
-        for name, layer in adapted_layers(model):
-            saved.restore_layer(name, layer)
-        if quantizer is not None:
-            quantizer.apply(model)
+    with torch.no_grad():  # restore, quantize, place the log: the build's order (lrx.build.Adapters)
+        Adapters(method, saved=saved, quantizer=quantizer).init(model, LocalWeights())
     saved.restore_modules(model, method)
     method.attach(model, LocalShards())  # one process: the model is whole
     saved.restore_method_state(method)

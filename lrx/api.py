@@ -142,9 +142,7 @@ def wrap(model: nn.Module, method: str = "lora", *, seed: int = 0, **settings: A
     if HANDLE_ATTR in model.__dict__:
         raise ConfigError("this model is already adapted by lrx; wrap the original base model")
     built = build_method(method_config(method, **settings))
-    adapters = Adapters(built, seed)
-    adapters.wrap(model)
-    adapters.init(model, init_weights(model))
+    Adapters(built, seed).adapt(model, init_weights(model))
     return Adapter(model, built)
 
 

@@ -11,18 +11,25 @@ layers from their base plus the edits of their init, ``AdaptedLinear.quantize_ba
 base is quantized one part at a time, never held whole in full precision once loaded.
 Either way the method then places each layer's log (``Method.place_log``: under FSDP2 as
 parameters that are sharded by rows with the base).
+
+This order (initialise or restore, quantize, place the log) is written here only: a backend's
+``build`` runs it through ``LayerSetup``, and a model that is already whole where it is (the
+Python API's ``wrap``, ``load_adapter``, tests and tools) through ``Adapters.adapt``.
 """
 
 from __future__ import annotations
 
 import contextlib
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
-from lrx.adapter import SavedAdapter
-from lrx.methods import AdaptedLinear, Method, WeightAccess
-from lrx.quant import Quantizer
+from lrx.methods import AdaptedLinear, LocalWeights, Method, WeightAccess
+
+if TYPE_CHECKING:
+    from lrx.adapter import SavedAdapter
+    from lrx.quant import Quantizer
 
 
 class Adapters:
@@ -30,23 +37,38 @@ class Adapters:
 
     Args:
         method: the method that adapts the model.
-        seed: adapter initialisation is seeded (every process gets the same adapters).
+        seed: adapter initialisation is seeded (every process gets the same adapters); None
+            leaves the random state as the caller set it.
         saved: the adapter to restore instead of initialising (a resumed run), or None.
         quantizer: quantizes the base's linears (``model.quantize``), or None.
     """
 
-    def __init__(self, method: Method, seed: int, saved: SavedAdapter | None = None,
+    def __init__(self, method: Method, seed: int | None = None, saved: SavedAdapter | None = None,
                  quantizer: Quantizer | None = None):
         self.method, self.seed, self.saved, self.quantizer = method, seed, saved, quantizer
         self._done: set[int] = set()
         self._created: set[int] = set()
 
-    def wrap(self, model: nn.Module) -> None:
-        torch.manual_seed(self.seed)
-        self.method.wrap(model)
+    def adapt(self, model: nn.Module, weights: WeightAccess | None = None) -> list[str]:
+        """Wrap and initialise (or restore) a model that is already whole where it is: what a
+        backend's build does between loading and placing, for one process (``weights``: how
+        the base is read, default ``LocalWeights``; a model built under ``zero.Init``: ZeRO-3's).
+
+        Returns:
+            Qualified names of the adapted modules, in module order.
+        """
+        names = self.wrap(model)
+        self.init(model, weights or LocalWeights())
+        return names
+
+    def wrap(self, model: nn.Module) -> list[str]:
+        if self.seed is not None:
+            torch.manual_seed(self.seed)
+        names = self.method.wrap(model)
         self._created = {id(p) for layer in self.method.layers.values() for p in layer.adapter_params().values()}
         if self.quantizer is not None:
             self.quantizer.plan(model, self.method.saved_modules)
+        return names
 
     def init(self, root: nn.Module, weights: WeightAccess) -> None:
         fresh = []

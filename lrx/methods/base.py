@@ -25,7 +25,7 @@ from torch import nn
 from lrx.errors import ConfigError
 from lrx.methods.experts import AdaptedExperts, adapt_experts, is_experts_weight
 from lrx.methods.layer import AdaptedLinear
-from lrx.methods.seam import LocalShards, LocalWeights, Shards, WeightAccess
+from lrx.methods.seam import LocalShards, Shards, WeightAccess
 
 log = logging.getLogger(__name__)
 
@@ -246,23 +246,6 @@ class Method:
 
     # ---- building -------------------------------------------------------------------------
 
-    def apply(self, model: nn.Module, weights: WeightAccess | None = None, init: bool = True) -> list[str]:
-        """``wrap`` the model and (unless ``init`` is False) initialise every adapted layer: the
-        one-process shorthand (the runner builds through the backend, which initialises the
-        layers where their weights are whole).
-
-        Returns:
-            Qualified names of the adapted modules.
-        """
-        names = self.wrap(model)
-        if init:
-            weights = weights or LocalWeights()
-            for index, (name, layer) in enumerate(self.layers.items()):
-                with weights.gathered(layer):
-                    self.init_layer(name, index, layer, weights)
-                self.place_log(layer, weights)
-        return names
-
     def wrap(self, model: nn.Module) -> list[str]:
         """Replace the target linears by adapted layers and freeze everything else; reads no
         weight (works on a model built on the meta device). The layers are then initialised by
@@ -296,7 +279,7 @@ class Method:
         return self._where[id(layer)]
 
     def load_resources(self) -> None:
-        """Load what ``make_layer`` needs besides the model (EigenLoRAx: its basis); ``apply``
+        """Load what ``make_layer`` needs besides the model (EigenLoRAx: its basis); ``wrap``
         calls it, and so does the streaming export, which builds one layer at a time."""
 
     def make_layer(self, name: str, linear: nn.Linear, fold_edits: bool) -> AdaptedLinear:
