@@ -343,36 +343,38 @@ def peft_param_wrapper(name: str, fused: list[str], B: torch.Tensor, A: torch.Te
 
 
 @torch.no_grad()
-def layer_from_adapter(method: Method, tensors: dict[str, torch.Tensor], module: str,
-                       weight: torch.Tensor | None = None, bias: torch.Tensor | None = None) -> AdaptedLinear:
+def layer_from_adapter(method: Method, tensors: dict[str, torch.Tensor], module: str) -> AdaptedLinear:
     """A standalone copy of one adapted layer rebuilt from adapter tensors: enough for
-    ``method.delta_factors``, one layer of memory. Without ``weight`` its base is allocated but
-    not read; with the base ``weight`` (W0, and ``bias``) the log is replayed onto it as in
-    training, up to the columns a quantized base baked in (``quantize_base`` then replays the rest)."""
+    ``method.delta_factors``, one layer of memory; its base is allocated but not read."""
     U = tensors[f"{module}.edit_U"]
     if U.dim() == 3:  # fused experts (never streamed with their weight): a holder, allocated not read
         holder = nn.Module()
         holder.num_experts = U.shape[0]
         holder.w = nn.Parameter(torch.empty(*U.shape[:2], tensors[f"{module}.edit_V"].shape[-1]), requires_grad=False)
         return _filled(method.make_experts_layer(module, holder, "w", fold_edits=False), tensors, module)
-    out_f, in_f = U.shape[0], tensors[f"{module}.edit_V"].shape[1]
-    linear = nn.Linear(in_f, out_f, bias=bias is not None, device="meta").to_empty(device="cpu")
-    if weight is not None:
-        linear = linear.to(weight.dtype)
-        linear.weight.copy_(weight)
-        if bias is not None:
-            linear.bias.copy_(bias)
-    layer = method.make_layer(module, linear, fold_edits=weight is not None and method.config.folds(weight.dtype))
-    return _filled(layer, tensors, module, tensors.get(f"{module}.edit_baked") if weight is not None else None)
+    linear = nn.Linear(tensors[f"{module}.edit_V"].shape[1], U.shape[0], bias=False, device="meta").to_empty(device="cpu")
+    return _filled(method.make_layer(module, linear, fold_edits=False), tensors, module)
 
 
 @torch.no_grad()
-def _filled(layer: AdaptedLinear, tensors: dict[str, torch.Tensor], module: str, baked=None) -> AdaptedLinear:
+def layer_on_base(method: Method, module: str, weight: torch.Tensor, bias: torch.Tensor | None = None) -> AdaptedLinear:
+    """The adapted layer ``module`` on a standalone copy of its base (``weight`` W0 and ``bias``),
+    its adapter not filled yet: for ``lrx.build.Adapters.one_layer``, which restores it (the log
+    replayed onto W0 as in training) and quantizes its base as the run did."""
+    out_f, in_f = weight.shape
+    linear = nn.Linear(in_f, out_f, bias=bias is not None, device="meta").to_empty(device="cpu").to(weight.dtype)
+    linear.weight.copy_(weight)
+    if bias is not None:
+        linear.bias.copy_(bias)
+    return method.make_layer(module, linear, fold_edits=method.config.folds(weight.dtype))
+
+
+@torch.no_grad()
+def _filled(layer: AdaptedLinear, tensors: dict[str, torch.Tensor], module: str) -> AdaptedLinear:
     """``layer`` with its adapter tensors and edit log from an adapter's ``tensors``."""
     for attr, param in layer.adapter_params().items():
         param.copy_(tensors[f"{module}.{attr}"])
-    layer.set_edit_log(tensors[f"{module}.edit_U"], tensors[f"{module}.edit_V"], tensors[f"{module}.edit_sizes"],
-                       None if baked is None else int(baked))
+    layer.set_edit_log(tensors[f"{module}.edit_U"], tensors[f"{module}.edit_V"], tensors[f"{module}.edit_sizes"])
     return layer
 
 

@@ -48,6 +48,7 @@ class Adapters:
         self.method, self.seed, self.saved, self.quantizer = method, seed, saved, quantizer
         self._done: set[int] = set()
         self._created: set[int] = set()
+        self._where: dict[int, tuple[int, str]] = {}  # id(layer) -> (index, name), from method.layers
 
     def adapt(self, model: nn.Module, weights: WeightAccess | None = None) -> list[str]:
         """Wrap and initialise (or restore) a model that is already whole where it is: what a
@@ -65,6 +66,7 @@ class Adapters:
         if self.seed is not None:
             torch.manual_seed(self.seed)
         names = self.method.wrap(model)
+        self._where = {}
         self._created = {id(p) for layer in self.method.layers.values() for p in layer.adapter_params().values()}
         if self.quantizer is not None:
             self.quantizer.plan(model, self.method.saved_modules)
@@ -77,7 +79,7 @@ class Adapters:
                 continue
             self._done.add(id(module))
             fresh.append(module)
-            index, name = self.method.locate(module)
+            index, name = self._locate(module)
             module.restore_buffers()  # data buffers (EigenLoRAx's bases) of a layer built on meta
             if self.saved is None:
                 with weights.gathered(module), self._full_base(module):
@@ -91,6 +93,24 @@ class Adapters:
             self.quantizer.apply(root, weights.gathered)
         for module in fresh:
             self.method.place_log(module, weights)  # FSDP2: the log's rows are split with the base
+
+    def one_layer(self, name: str, layer: AdaptedLinear) -> AdaptedLinear:
+        """Build one adapted layer that lives outside any model (the streaming export's
+        one-layer copy of ``name``, on its base W0) as ``init`` builds each layer of a model:
+        restored from ``saved`` (or initialised as layer 0), its base quantized (the quantizer
+        planned on the layer), its log placed (whole: one process)."""
+        self._done.discard(id(layer))  # a new layer: an id here was a freed layer's
+        self._where[id(layer)] = (0, name)
+        if self.quantizer is not None:
+            self.quantizer.plan(layer, [])
+        self.init(layer, LocalWeights())
+        return layer
+
+    def _locate(self, layer: AdaptedLinear) -> tuple[int, str]:
+        """``(index, name)`` of an adapted layer of the wrapped model, for ``init_layer``."""
+        if id(layer) not in self._where:
+            self._where.update({id(lay): (i, n) for i, (n, lay) in enumerate(self.method.layers.items())})
+        return self._where[id(layer)]
 
     def _full_base(self, module: AdaptedLinear):
         """The layer's base weight in full precision for its init (a stored quantized base dequantized)."""

@@ -241,7 +241,6 @@ class Method:
         self.config = config
         self.saved_modules: list[str] = []
         self.layers: dict[str, AdaptedLinear] = {}  # name -> adapted layer, in module order (wrap)
-        self._where: dict[int, tuple[int, str]] = {}
         self.shards: Shards = LocalShards()
 
     # ---- building -------------------------------------------------------------------------
@@ -256,7 +255,7 @@ class Method:
         """
         cfg = self.config
         self.load_resources()
-        self.layers, self._where = {}, {}
+        self.layers = {}
         model.requires_grad_(False)
         for name, target in find_targets(model, cfg.target_modules):
             parent, _, child = name.rpartition(".")
@@ -271,12 +270,6 @@ class Method:
         for _, p in self.trainable_parameters(model):
             p.requires_grad_(True)
         return list(self.layers)
-
-    def locate(self, layer: AdaptedLinear) -> tuple[int, str]:
-        """``(index, name)`` of an adapted layer of the wrapped model (for ``init_layer``)."""
-        if not self._where:
-            self._where = {id(lay): (i, n) for i, (n, lay) in enumerate(self.layers.items())}
-        return self._where[id(layer)]
 
     def load_resources(self) -> None:
         """Load what ``make_layer`` needs besides the model (EigenLoRAx: its basis); ``wrap``
