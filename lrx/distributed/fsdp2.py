@@ -74,7 +74,6 @@ class FSDP2(TorchSteps, MultiProcess):
             reducing gradients in fp32.
     """
 
-    name = "fsdp2"
 
     def __init__(self, device: str = "auto", bf16: bool = True, replicate: int = 1, timeouts: Timeouts | None = None):
         timeouts = timeouts or Timeouts()

@@ -16,7 +16,6 @@ from lrx.methods import LocalShards, LocalWeights, Shards, WeightAccess
 class SingleDevice(TorchSteps):
     """One process, one device (CPU or a GPU)."""
 
-    name = "single"
     rank = 0
     world_size = 1
     is_main = True

@@ -89,7 +89,6 @@ class ZeRO3(MultiProcess):
         ds_config: DeepSpeed JSON; batch sizes, accumulation and clipping are filled in by lrx.
     """
 
-    name = "zero3"
 
     def __init__(self, device: str = "auto", bf16: bool = True, ds_config: str | None = None,
                  timeouts: Timeouts | None = None):
