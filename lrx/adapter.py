@@ -23,11 +23,13 @@ from safetensors.torch import save_file
 from torch import nn
 
 import lrx
+from lrx.build import Adapters
 from lrx.errors import LrxError
 from lrx.fileio import atomic_dir, read_json, read_safetensors, recorded_path
 from lrx.methods import (
     AdaptedLinear,
     LocalShards,
+    LocalWeights,
     Method,
     MethodConfig,
     adapted_layers,
@@ -160,7 +162,7 @@ def load_adapter(path: str | Path, model: nn.Module) -> Method:
     path = Path(path)
     config = read_adapter_config(path)
     method = build_method(method_config(config, path / CONFIG_NAME))
-    names = method.apply(model, init=False)
+    names = method.wrap(model)
     if names != config["adapted_modules"]:
         raise LrxError(
             f"{path}: adapter was trained on modules {config['adapted_modules'][:3]}..., this model has "
@@ -190,7 +192,7 @@ def quantizer_of(config: dict[str, Any], model: nn.Module, method: Method):
 
 
 def restore_adapter(path: str | Path, model: nn.Module, method: Method, quantizer=None) -> None:
-    """Load an lrx adapter's tensors into a model that ``method`` adapted with ``init=False``:
+    """Load an lrx adapter's tensors into a model that ``method`` wrapped (``Method.wrap``):
     adapter tensors, the edit log (replayed onto W0), modules_to_save and the method state
     (the method is attached for one process). An adapter trained on a quantized base needs
     its ``quantizer`` (``lrx.quant.Quantizer``, planned on ``model``): the base is quantized
@@ -200,11 +202,8 @@ def restore_adapter(path: str | Path, model: nn.Module, method: Method, quantize
         LrxError: missing/corrupt files, or tensors made for another model (names/shapes).
     """
     saved = SavedAdapter(path)
-    with torch.no_grad():
-        for name, layer in adapted_layers(model):
-            saved.restore_layer(name, layer)
-        if quantizer is not None:
-            quantizer.apply(model)
+    with torch.no_grad():  # restore, quantize, place the log: the build's order (lrx.build.Adapters)
+        Adapters(method, saved=saved, quantizer=quantizer).init(model, LocalWeights())
     saved.restore_modules(model, method)
     method.attach(model, LocalShards())  # one process: the model is whole
     saved.restore_method_state(method)
@@ -344,36 +343,38 @@ def peft_param_wrapper(name: str, fused: list[str], B: torch.Tensor, A: torch.Te
 
 
 @torch.no_grad()
-def layer_from_adapter(method: Method, tensors: dict[str, torch.Tensor], module: str,
-                       weight: torch.Tensor | None = None, bias: torch.Tensor | None = None) -> AdaptedLinear:
+def layer_from_adapter(method: Method, tensors: dict[str, torch.Tensor], module: str) -> AdaptedLinear:
     """A standalone copy of one adapted layer rebuilt from adapter tensors: enough for
-    ``method.delta_factors``, one layer of memory. Without ``weight`` its base is allocated but
-    not read; with the base ``weight`` (W0, and ``bias``) the log is replayed onto it as in
-    training, up to the columns a quantized base baked in (``quantize_base`` then replays the rest)."""
+    ``method.delta_factors``, one layer of memory; its base is allocated but not read."""
     U = tensors[f"{module}.edit_U"]
     if U.dim() == 3:  # fused experts (never streamed with their weight): a holder, allocated not read
         holder = nn.Module()
         holder.num_experts = U.shape[0]
         holder.w = nn.Parameter(torch.empty(*U.shape[:2], tensors[f"{module}.edit_V"].shape[-1]), requires_grad=False)
         return _filled(method.make_experts_layer(module, holder, "w", fold_edits=False), tensors, module)
-    out_f, in_f = U.shape[0], tensors[f"{module}.edit_V"].shape[1]
-    linear = nn.Linear(in_f, out_f, bias=bias is not None, device="meta").to_empty(device="cpu")
-    if weight is not None:
-        linear = linear.to(weight.dtype)
-        linear.weight.copy_(weight)
-        if bias is not None:
-            linear.bias.copy_(bias)
-    layer = method.make_layer(module, linear, fold_edits=weight is not None and method.config.folds(weight.dtype))
-    return _filled(layer, tensors, module, tensors.get(f"{module}.edit_baked") if weight is not None else None)
+    linear = nn.Linear(tensors[f"{module}.edit_V"].shape[1], U.shape[0], bias=False, device="meta").to_empty(device="cpu")
+    return _filled(method.make_layer(module, linear, fold_edits=False), tensors, module)
 
 
 @torch.no_grad()
-def _filled(layer: AdaptedLinear, tensors: dict[str, torch.Tensor], module: str, baked=None) -> AdaptedLinear:
+def layer_on_base(method: Method, module: str, weight: torch.Tensor, bias: torch.Tensor | None = None) -> AdaptedLinear:
+    """The adapted layer ``module`` on a standalone copy of its base (``weight`` W0 and ``bias``),
+    its adapter not filled yet: for ``lrx.build.Adapters.one_layer``, which restores it (the log
+    replayed onto W0 as in training) and quantizes its base as the run did."""
+    out_f, in_f = weight.shape
+    linear = nn.Linear(in_f, out_f, bias=bias is not None, device="meta").to_empty(device="cpu").to(weight.dtype)
+    linear.weight.copy_(weight)
+    if bias is not None:
+        linear.bias.copy_(bias)
+    return method.make_layer(module, linear, fold_edits=method.config.folds(weight.dtype))
+
+
+@torch.no_grad()
+def _filled(layer: AdaptedLinear, tensors: dict[str, torch.Tensor], module: str) -> AdaptedLinear:
     """``layer`` with its adapter tensors and edit log from an adapter's ``tensors``."""
     for attr, param in layer.adapter_params().items():
         param.copy_(tensors[f"{module}.{attr}"])
-    layer.set_edit_log(tensors[f"{module}.edit_U"], tensors[f"{module}.edit_V"], tensors[f"{module}.edit_sizes"],
-                       None if baked is None else int(baked))
+    layer.set_edit_log(tensors[f"{module}.edit_U"], tensors[f"{module}.edit_V"], tensors[f"{module}.edit_sizes"])
     return layer
 
 

@@ -121,7 +121,7 @@ class Adapter:
         from lrx.export import merge_into_linears
 
         placement = find_placement(self.model)
-        if placement.kind in ("fsdp2", "zero3"):
+        if placement.sharded:
             raise ConfigError(f"merge() needs the whole model in one process, and this one is sharded ({placement.kind}, "
                               f"{placement.world_size} processes); save the adapter (adapter.save(path), every process) "
                               "and merge it in one process: lrx.load(path, base_model).merge()")
@@ -158,9 +158,7 @@ def wrap(model: nn.Module, method: str = "lora", *, seed: int = 0, quantize: str
         raise ConfigError("this model is already adapted by lrx; wrap the original base model")
     built = build_method(method_config(method, **settings))
     quantizer = _quantizer(model, built, quantize, double_quant)
-    adapters = Adapters(built, seed, None, quantizer)
-    adapters.wrap(model)
-    adapters.init(model, init_weights(model))
+    Adapters(built, seed, None, quantizer).adapt(model, init_weights(model))
     return Adapter(model, built, quantizer.settings.to_dict() if quantizer is not None else None)
 
 

@@ -11,18 +11,25 @@ layers from their base plus the edits of their init, ``AdaptedLinear.quantize_ba
 base is quantized one part at a time, never held whole in full precision once loaded.
 Either way the method then places each layer's log (``Method.place_log``: under FSDP2 as
 parameters that are sharded by rows with the base).
+
+This order (initialise or restore, quantize, place the log) is written here only: a backend's
+``build`` runs it through ``LayerSetup``, and a model that is already whole where it is (the
+Python API's ``wrap``, ``load_adapter``, tests and tools) through ``Adapters.adapt``.
 """
 
 from __future__ import annotations
 
 import contextlib
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
-from lrx.adapter import SavedAdapter
-from lrx.methods import AdaptedLinear, Method, WeightAccess
-from lrx.quant import Quantizer
+from lrx.methods import AdaptedLinear, LocalWeights, Method, WeightAccess
+
+if TYPE_CHECKING:
+    from lrx.adapter import SavedAdapter
+    from lrx.quant import Quantizer
 
 
 class Adapters:
@@ -30,7 +37,8 @@ class Adapters:
 
     Args:
         method: the method that adapts the model.
-        seed: adapter initialisation is seeded (every process gets the same adapters).
+        seed: adapter initialisation is seeded (every process gets the same adapters); None
+            leaves the random state as the caller set it.
         saved: the adapter to restore instead of initialising (a resumed run), or None.
         quantizer: quantizes the base's linears (``model.quantize``), or None.
         load: writes a saved whole value into a (possibly sharded) parameter (``Backend.load_whole``):
@@ -38,20 +46,36 @@ class Adapters:
             whole model, the build's last call.
     """
 
-    def __init__(self, method: Method, seed: int, saved: SavedAdapter | None = None,
+    def __init__(self, method: Method, seed: int | None = None, saved: SavedAdapter | None = None,
                  quantizer: Quantizer | None = None, load=None):
         self.method, self.seed, self.saved, self.quantizer, self.load = method, seed, saved, quantizer, load
         self._done: set[int] = set()
         self._created: set[int] = set()
         self._root: nn.Module | None = None
+        self._where: dict[int, tuple[int, str]] = {}  # id(layer) -> (index, name), from method.layers
 
-    def wrap(self, model: nn.Module) -> None:
+    def adapt(self, model: nn.Module, weights: WeightAccess | None = None) -> list[str]:
+        """Wrap and initialise (or restore) a model that is already whole where it is: what a
+        backend's build does between loading and placing, for one process (``weights``: how
+        the base is read, default ``LocalWeights``; a model built under ``zero.Init``: ZeRO-3's).
+
+        Returns:
+            Qualified names of the adapted modules, in module order.
+        """
+        names = self.wrap(model)
+        self.init(model, weights or LocalWeights())
+        return names
+
+    def wrap(self, model: nn.Module) -> list[str]:
         self._root = model
-        torch.manual_seed(self.seed)
-        self.method.wrap(model)
+        if self.seed is not None:
+            torch.manual_seed(self.seed)
+        names = self.method.wrap(model)
+        self._where = {}
         self._created = {id(p) for layer in self.method.layers.values() for p in layer.adapter_params().values()}
         if self.quantizer is not None:
             self.quantizer.plan(model, self.method.saved_modules)
+        return names
 
     def init(self, root: nn.Module, weights: WeightAccess) -> None:
         fresh = []
@@ -60,7 +84,7 @@ class Adapters:
                 continue
             self._done.add(id(module))
             fresh.append(module)
-            index, name = self.method.locate(module)
+            index, name = self._locate(module)
             module.restore_buffers()  # data buffers (EigenLoRAx's bases) of a layer built on meta
             if self.saved is None:
                 with weights.gathered(module), self._full_base(module):
@@ -76,6 +100,24 @@ class Adapters:
             self.method.place_log(module, weights)  # FSDP2: the log's rows are split with the base
         if self.saved is not None and root is self._root:  # modules_to_save, into their shards
             self.saved.restore_modules(root, self.method, self.load)
+
+    def one_layer(self, name: str, layer: AdaptedLinear) -> AdaptedLinear:
+        """Build one adapted layer that lives outside any model (the streaming export's
+        one-layer copy of ``name``, on its base W0) as ``init`` builds each layer of a model:
+        restored from ``saved`` (or initialised as layer 0), its base quantized (the quantizer
+        planned on the layer), its log placed (whole: one process)."""
+        self._done.discard(id(layer))  # a new layer: an id here was a freed layer's
+        self._where[id(layer)] = (0, name)
+        if self.quantizer is not None:
+            self.quantizer.plan(layer, [])
+        self.init(layer, LocalWeights())
+        return layer
+
+    def _locate(self, layer: AdaptedLinear) -> tuple[int, str]:
+        """``(index, name)`` of an adapted layer of the wrapped model, for ``init_layer``."""
+        if id(layer) not in self._where:
+            self._where.update({id(lay): (i, n) for i, (n, lay) in enumerate(self.method.layers.items())})
+        return self._where[id(layer)]
 
     def _full_base(self, module: AdaptedLinear):
         """The layer's base weight in full precision for its init (a stored quantized base dequantized)."""

@@ -33,15 +33,18 @@ from torch import nn
 from lrx.adapter import (
     CONFIG_NAME,
     WEIGHTS_NAME,
+    SavedAdapter,
     export_peft_from_adapter,
     layer_from_adapter,
+    layer_on_base,
     method_of,
     method_values,
     read_adapter_config,
 )
 from lrx.api import load
+from lrx.build import Adapters
 from lrx.errors import LrxError
-from lrx.fileio import WeightFiles, read_safetensors, recorded_path
+from lrx.fileio import WeightFiles, recorded_path
 from lrx.methods import adapted_layers, get_method_class
 from lrx.models import SHORT_NAMES, TINY_NAMES, load_model, load_tokenizer
 from lrx.quant import QuantizedLinear, Quantizer, QuantSettings
@@ -240,7 +243,8 @@ def stream_merged(adapter_dir: Path, config: dict, files: list[Path], out: Path,
     """
     base = WeightFiles(files)
     method = method_of(config, adapter_dir / CONFIG_NAME)  # with what its layers are built on (EigenLoRAx's basis)
-    adapter = read_safetensors(adapter_dir / WEIGHTS_NAME)
+    restored = SavedAdapter(adapter_dir)  # quantized layers restore from it as the build restores them
+    adapter = restored.tensors
     modules = config["adapted_modules"]
     saved = {k: v for k, v in adapter.items() if any(k.startswith(m + ".") for m in config.get("saved_modules", []))}
     missing = [f"{m}.weight" for m in modules if f"{m}.weight" not in base] + [k for k in saved if k not in base]
@@ -250,6 +254,7 @@ def stream_merged(adapter_dir: Path, config: dict, files: list[Path], out: Path,
 
     quantized = quantized_keys(config, method, files[0].parent) if config.get("quantize") else set()
     quantizer = Quantizer(QuantSettings.from_dict(config["quantize"])) if quantized else None
+    build = Adapters(method, saved=restored, quantizer=quantizer)  # restore, quantize: the run's order
     dtype_in = getattr(torch, config.get("model_dtype") or "float32")
     # A quantized run's base as the run held it (``model.dtype``), as the whole-model path loads it.
     held = dtype_in if quantized else None
@@ -265,9 +270,8 @@ def stream_merged(adapter_dir: Path, config: dict, files: list[Path], out: Path,
             return saved[key]
         weight, module = read(key), adapted.get(key)
         if module is not None and key in quantized:  # as training made it: W0 + init edits quantized, then the rest
-            layer = layer_from_adapter(method, adapter, module, weight.to(dtype_in), read(f"{module}.bias"))
-            layer.quantize_base(quantizer)
-            return layer.merged_weight()
+            layer = layer_on_base(method, module, weight.to(dtype_in), read(f"{module}.bias"))
+            return build.one_layer(module, layer).merged_weight()
         if module is not None:
             B, A = method.delta_factors(layer_from_adapter(method, adapter, module))  # one layer
             return weight.float() + B @ A

@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from lrx.build import Adapters
 from lrx.config import load_config
 from lrx.methods import LocalShards, adapted_layers, build_method
 from lrx.quant import Quantizer, QuantSettings
@@ -28,12 +29,10 @@ def _srlora_layer(dtype: torch.dtype, fuse: str, events: int, d: int, r: int, qu
     cfg = load_config(None, [f"method.r={r}", f"method.r_target={r + r // 2 * events}", "method.target_modules=0",
                              f"method.fuse={fuse}", "method.svd=randomized"], method="srlora").method
     method = build_method(cfg)
-    method.apply(model)
+    quantizer = Quantizer(QuantSettings(quantize)) if quantize != "none" else None
+    Adapters(method, quantizer=quantizer).adapt(model)  # PiSSA's init, then the base quantized, as a run builds it
     layer = dict(adapted_layers(model))["0"]
-    if quantize != "none":
-        quantizer = Quantizer(QuantSettings(quantize))
-        quantizer.plan(model, [])
-        quantizer.apply(model)
+    if quantizer is not None:
         W0 = layer.base.dequantize().double()  # the quantized residual: what training starts from
         codes = layer.base.weight.detach().clone()
     return model, method, layer, W0, codes

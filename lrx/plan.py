@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from lrx.config import RunConfig
-from lrx.distributed import backend_name
+from lrx.distributed import Layout, plan_layout
 from lrx.methods import adapted_layers, build_method
 from lrx.methods.editlog import log_storage
 from lrx.models import load_model, resolve_task, take_stored_quantization
@@ -42,44 +42,36 @@ def plan(config: RunConfig, world_size: int | None = None) -> str:
     """
     take_stored_quantization(config.model)
     world = world_size or int(os.environ.get("WORLD_SIZE", "1"))
-    backend = backend_name(config.distributed.backend, world)
+    layout = plan_layout(config.distributed.backend, world, config.distributed.replicate)
     model = meta_model(config)
     method = build_method(config.method)
     method.wrap(model)
     trainable = sum(p.numel() for _, p in method.trainable_parameters(model))
     base = sum(p.numel() for p in model.parameters()) - trainable
     layers = list(adapted_layers(model))
-    # FSDP2 as HSDP shards within each of distributed.replicate groups of processes.
-    shard = 1 if backend == "single" else world // config.distributed.replicate if backend == "fsdp2" else world
+    shard = layout.shard_size
     base_bytes, stats_bytes = _base_bytes(model, config, method)
-    # FSDP2 over several processes splits edit logs by rows with the base (Method.place_log), in
-    # fp32 on the device. Otherwise unfolded logs (bf16 bases) keep only a bf16 copy on a GPU
-    # training in bf16 (as the trainer decides it; a plan assumes a GPU unless train.device=cpu).
-    tc, mcfg = config.train, config.method
-    compute_dtype = torch.bfloat16 if tc.bf16 and tc.device != "cpu" else None
-    logged = config.model.quantize != "none" or not mcfg.folds(getattr(torch, config.model.dtype))  # a quantized base takes no folds
-    storage = log_storage(shards_rows=backend == "fsdp2" and shard > 1, bound=method.edit_rank_bound(),
-                          logged=logged, offloads=mcfg.offloads_edit_log(compute_dtype))
+    storage = run_log_storage(config, method, layout)
     row_log, offload = storage == "rows", storage == "host"
     state = sum(method.state_bytes(layer, shard, 2 if offload else 4, shard if row_log else 1) for _, layer in layers)
     host_log = 4 * (method.edit_rank_bound() or 0) * sum(lay.in_features + lay.out_features for _, lay in layers) if offload else 0
     # Trainable parameters are fp32, with fp32 gradients and two fp32 Adam moments: 16 bytes.
     rows = [
-        ("base weights (frozen)", base_bytes / shard),
+        ("base weights (frozen)", layout.held(base_bytes)),
         *([(f"{config.model.quantize} statistics (whole)", stats_bytes)] if stats_bytes else []),
-        ("adapters (fp32)", 4 * trainable / shard),
-        ("adapter gradients (fp32)", 4 * trainable / shard),
-        ("Adam moments (2 x fp32)", 8 * trainable / shard),
+        ("adapters (fp32)", layout.held(4 * trainable)),
+        ("adapter gradients (fp32)", layout.held(4 * trainable)),
+        ("Adam moments (2 x fp32)", layout.held(8 * trainable)),
         ("method state (peak, est.)", state),
     ]
     quantized = f", {config.model.quantize} base" if config.model.quantize != "none" else ""
     lines = [
-        f"plan: {config.model.name_or_path} ({config.model.dtype}{quantized}), method {method.name}, backend {backend}, "
+        f"plan: {config.model.name_or_path} ({config.model.dtype}{quantized}), method {method.name}, backend {layout.backend}, "
         f"world size {world}",
         f"  parameters: base {base:,}, trainable {trainable:,} ({100 * trainable / max(base, 1):.3f} %), "
         f"adapted linear layers {len(layers)}",
         f"  sharding: {'none' if shard == 1 else f'parameters, gradients and optimizer state over {world} processes'}"
-        + (" (fully_shard per block + root)" if backend == "fsdp2" else " (ZeRO stage 3)" if backend == "zero3" else ""),
+        + (f" ({layout.how})" if layout.how else ""),
         "  per-process memory estimate (activations not included):",
     ]
     lines += [f"    {name:28s} {value / GIB:8.2f} GiB" for name, value in rows]
@@ -92,6 +84,19 @@ def plan(config: RunConfig, world_size: int | None = None) -> str:
                      f"split over the {shard} processes of a shard group with the base)")
     lines.append(f"  run directory: {Path(config.logging.output_dir)}")
     return "\n".join(lines)
+
+
+def run_log_storage(config: RunConfig, method, layout: Layout) -> str:
+    """Where the run keeps its layers' edit logs, as training will place them
+    (``lrx.methods.editlog.log_storage``, the one chooser, which ``Method.place_log`` and
+    ``Method.attach`` ask too): ``rows`` where the layout splits rows and the method bounds the
+    log's rank, ``host`` for an unfolded log while the forward runs in bf16 (as the trainer
+    decides it; a plan assumes a GPU unless train.device=cpu), else ``device``."""
+    tc, mcfg = config.train, config.method
+    compute_dtype = torch.bfloat16 if tc.bf16 and tc.device != "cpu" else None
+    logged = config.model.quantize != "none" or not mcfg.folds(getattr(torch, config.model.dtype))  # a quantized base takes no folds
+    return log_storage(shards_rows=layout.splits_rows, bound=method.edit_rank_bound(), logged=logged,
+                       offloads=mcfg.offloads_edit_log(compute_dtype))
 
 
 def _base_bytes(model, config: RunConfig, method) -> tuple[int, int]:

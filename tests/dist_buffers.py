@@ -9,8 +9,9 @@ import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from lrx.build import Adapters  # noqa: E402
 from lrx.config import load_config  # noqa: E402
-from lrx.distributed import build_backend  # noqa: E402
+from lrx.distributed import ModelSpec, build_backend  # noqa: E402
 from lrx.methods import adapted_layers, build_method  # noqa: E402
 from tests.conftest import tiny_model  # noqa: E402
 from tests.dist_common import finish, run  # noqa: E402
@@ -21,9 +22,7 @@ def main() -> None:
     backend = build_backend(name, "cpu")
     model = tiny_model("bert")
     method = build_method(load_config(None, [f"method.basis={basis}", "method.r=4"], method="eigenlorax").method)
-    torch.manual_seed(0)
-    method.apply(model)
-    model = backend.prepare(model)
+    model = backend.build(ModelSpec(lambda meta, built=model: built), Adapters(method, 0))
     params = [p for _, p in method.trainable_parameters(model)]
     optimizer = torch.optim.AdamW(params, lr=1e-3)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)

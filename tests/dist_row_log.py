@@ -14,6 +14,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lrx.adapter import edit_logs  # noqa: E402
+from lrx.build import Adapters  # noqa: E402
 from lrx.config import load_config  # noqa: E402
 from lrx.distributed import build_backend  # noqa: E402
 from lrx.methods import adapted_layers, build_method  # noqa: E402
@@ -31,7 +32,7 @@ def train(backend, rows: bool) -> dict:
     weights = backend.weights()
     weights.shards_rows = rows  # one GPU: row parameters of one shard; several: FSDP2's own choice when True
     torch.manual_seed(0)
-    method.apply(model, weights)
+    Adapters(method).adapt(model, weights)
     model = backend.prepare(model)
     params = [p for _, p in method.trainable_parameters(model)]
     optimizer = torch.optim.AdamW(params, lr=1e-3)

@@ -23,8 +23,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from transformers import AutoModelForCausalLM, LlamaConfig  # noqa: E402
 
+from lrx.build import Adapters  # noqa: E402
 from lrx.config import load_config  # noqa: E402
-from lrx.distributed import build_backend  # noqa: E402
+from lrx.distributed import ModelSpec, build_backend  # noqa: E402
 from lrx.methods import adapted_layers, build_method  # noqa: E402
 from tests.dist_common import finish, one_process_group, run  # noqa: E402
 
@@ -64,17 +65,12 @@ def job(name: str, out: str, rest: list[str]) -> None:
     cfg = load_config(None, ["method.r=4", "method.target_modules=[all-linear]", "method.interval=3",
                              f"method.fuse={fuse}"], method="srlora").method
     method = build_method(cfg)
-    torch.manual_seed(0)
+    quantizer = None
     if "nf4" in rest:
-        from lrx.build import Adapters
         from lrx.quant import Quantizer, QuantSettings
 
-        adapters = Adapters(method, 0, None, Quantizer(QuantSettings("nf4")))
-        adapters.wrap(model)
-        adapters.init(model, backend.weights())
-    else:
-        method.apply(model, backend.weights())
-    model = backend.prepare(model)
+        quantizer = Quantizer(QuantSettings("nf4"))
+    model = backend.build(ModelSpec(lambda meta, built=model: built), Adapters(method, 0, None, quantizer))
     params = [p for _, p in method.trainable_parameters(model)]
     optimizer = torch.optim.AdamW(params, lr=1e-2)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from lrx.adapter import export_peft, load_adapter, save_adapter
+from lrx.build import Adapters
 from lrx.config import load_config
 from lrx.eigenbasis import build_basis
 from lrx.export import checked_adapter_config
@@ -60,7 +61,7 @@ def eigenbasis_for(kind: str) -> str:
             model = tiny_model(kind)
             cfg = load_config(None, ["method.r=4", "method.target_modules=" + ",".join(TARGETS[kind])]).method
             method = build_method(cfg)
-            method.apply(model)
+            Adapters(method).adapt(model)
             perturb(model, seed=seed, size=0.5)
             sources.append(export_peft(root / f"src{seed}", model, method))
         build_basis(sources, root / "basis", k=6, augment=2)
@@ -83,7 +84,7 @@ def adapt(method_name: str, kind: str, fuse: str, base=None):
                       method=method_name).method
     method = build_method(cfg)
     torch.manual_seed(0)
-    method.apply(base)
+    Adapters(method).adapt(base)
     method.attach(base, LocalShards())  # as the trainer does once the model is placed
     return original, base, method
 

@@ -13,6 +13,7 @@ import torch
 from safetensors.torch import save_file
 
 from lrx.adapter import export_peft, load_adapter, save_adapter
+from lrx.build import Adapters
 from lrx.cli import main
 from lrx.config import load_config
 from lrx.eigenbasis import build_basis, load_basis
@@ -154,7 +155,7 @@ def eigen(basis, *overrides):
     original = copy.deepcopy(model)
     method = build_method(cfg)
     torch.manual_seed(0)
-    method.apply(model)
+    Adapters(method).adapt(model)
     return original, model, method
 
 

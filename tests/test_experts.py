@@ -13,6 +13,7 @@ from torch import nn
 from transformers import AutoModelForCausalLM, GptOssConfig, MixtralConfig, Qwen3MoeConfig
 
 from lrx.adapter import export_peft, export_peft_from_adapter, load_adapter, save_adapter
+from lrx.build import Adapters
 from lrx.config import load_config
 from lrx.errors import ConfigError
 from lrx.export import merge_into_linears
@@ -43,7 +44,7 @@ def adapted(family: str, method_name: str = "lora", targets: str = "all-linear",
     overrides = [f"method.target_modules=[{targets}]", "method.r=4", *(f"method.{k}={v}" for k, v in extra.items())]
     method = build_method(load_config(None, overrides, method=method_name).method)
     torch.manual_seed(1)
-    method.apply(model)
+    Adapters(method).adapt(model)
     method.attach(model, LocalShards())
     return original, model, method
 

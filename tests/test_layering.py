@@ -203,3 +203,54 @@ def test_the_loop_and_its_checkpoints_stay_in_bounds():
         long = [f"{n.name}: {n.end_lineno - n.lineno + 1}" for n in ast.walk(ast.parse(path.read_text()))
                 if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef)) and n.end_lineno - n.lineno + 1 > 60]
         assert long == [], f"{module}: {long}"
+
+
+# ---- backends report facts; one build path (issue 24, item 3) ------------------------------------
+
+BACKEND_NAMES = ("single", "fsdp2", "zero3")
+ROLE_MEMBERS = 9  # the most members one role of the Backend protocol may have
+
+
+def _members(cls: ast.ClassDef) -> list[str]:
+    """Public members a protocol class declares: annotated attributes and methods."""
+    names = [n.target.id for n in cls.body if isinstance(n, ast.AnnAssign) and isinstance(n.target, ast.Name)]
+    names += [n.name for n in cls.body if isinstance(n, ast.FunctionDef)]
+    return [n for n in names if not n.startswith("_")]
+
+
+def test_the_backend_protocol_is_a_few_small_roles():
+    """``Backend`` is its roles (placement, step, collectives, state I/O) and declares nothing of
+    its own; no role grows past ROLE_MEMBERS members (the protocol had 22 in one class)."""
+    tree = ast.parse((REPO / "lrx" / "distributed" / "protocol.py").read_text())
+    classes = {c.name: c for c in tree.body if isinstance(c, ast.ClassDef)}
+    backend = classes["Backend"]
+    roles = [b.id for b in backend.bases if isinstance(b, ast.Name) and b.id != "Protocol"]
+    assert sorted(roles) == ["Collectives", "ModelPlacement", "StateIO", "TrainStep"]
+    assert _members(backend) == []
+    sizes = {role: len(_members(classes[role])) for role in roles}
+    assert all(0 < n <= ROLE_MEMBERS for n in sizes.values()), sizes
+
+
+def test_plans_and_files_ask_backends_for_facts_not_names():
+    """What a plan, the build and the adapter files need of a backend comes from its ``Layout``
+    (shard size, rows held, whether rows split); none of them compares backend names."""
+    for module in ("plan.py", "export.py", "adapter.py", "build.py", "api.py"):
+        source = (REPO / "lrx" / module).read_text()
+        found = [n for n in BACKEND_NAMES if f'"{n}"' in source or f"'{n}'" in source]
+        assert found == [], f"{module} names backends {found}"
+        assert "backend_name" not in source, f"{module} resolves backend names itself"
+
+
+def test_models_are_built_in_one_place():
+    """The order "initialise or restore, quantize, place the log" is written once, in
+    ``lrx.build.Adapters`` (which every backend's build and every one-process build calls)."""
+    steps = (".init_layer(", ".restore_layer(", ".place_log(", ".quantize_base(", "quantizer.apply(")
+    files = {str(p.relative_to(REPO)): p.read_text() for p in sorted((REPO / "lrx").rglob("*.py"))}
+    allowed = {"lrx/build.py", "lrx/quant.py"}  # the Quantizer reaches a layer through quantize_base
+    # (a method placing one layer's log calls the layer's own ``layer.place_log``: the log part's switch)
+    found = [f"{path} calls {step}" for path, text in files.items() if path not in allowed
+             for step in steps if step in text.replace("layer.place_log(", "")]
+    assert found == []
+    method = ast.parse((REPO / "lrx" / "methods" / "base.py").read_text())
+    cls = next(c for c in method.body if isinstance(c, ast.ClassDef) and c.name == "Method")
+    assert not {"apply", "locate"} & {n.name for n in cls.body if isinstance(n, ast.FunctionDef)}

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from lrx import loss as lrx_loss
+from lrx.build import Adapters
 from lrx.config import TrainConfig, load_config
 from lrx.data import IGNORE_INDEX
 from lrx.loss import causal_lm_ce_sum, chunked_ce_sum, install_fused_ce, resolve_fused_ce, token_ce_sum
@@ -49,7 +50,7 @@ def _adapted_llama(tie: bool):
         model.lm_head.weight = model.model.embed_tokens.weight
     cfg = load_config(None, ["method.r=4", "method.target_modules=[all-linear]"], method="lora")
     method = build_method(cfg.method)
-    method.apply(model)
+    Adapters(method).adapt(model)
     for p in method.layers[next(iter(method.layers))].parameters():  # the adapters start with B = 0:
         p.data.normal_(0, 0.1) if p.requires_grad else None  # move them so their gradients are not trivial
     model.lm_head.weight.requires_grad_(not tie)  # a trained head (modules_to_save) where untied

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from lrx.adapter import adapter_tensors, load_adapter, save_adapter
+from lrx.build import Adapters
 from lrx.cli import main
 from lrx.config import load_config
 from lrx.errors import ConfigError
@@ -32,7 +33,7 @@ def srlora(overrides=(), model=None):
     method = build_method(cfg)
     model = model if model is not None else tiny_model("llama")
     torch.manual_seed(0)
-    method.apply(model)
+    Adapters(method).adapt(model)
     method.attach(model, LocalShards())
     return method, model
 
@@ -50,7 +51,7 @@ def single_layer(d_out=96, d_in=80, dtype=torch.float32, overrides=(), seed=0):
     model = model.to(dtype)
     cfg = load_config(None, ["method.target_modules=0", *overrides], method="srlora").method
     method = build_method(cfg)
-    method.apply(model)
+    Adapters(method).adapt(model)
     method.attach(model, LocalShards())
     return method, model, dict(adapted_layers(model))["0"], W
 

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from lrx.adapter import load_adapter
+from lrx.build import Adapters
 from lrx.config import load_config
 from lrx.data import build_datasets
 from lrx.errors import ConfigError
@@ -88,7 +89,7 @@ def test_a_fold_into_a_base_the_backend_keeps_in_bf16_is_refused():
     """The guard behind it: an edit folded into a weight kept in bf16 would lose most of itself."""
     method = build_method(load_config(None, ["method.target_modules=0", "method.r=2"], method="pissa").method)
     model = nn.Sequential(nn.Linear(16, 8, bias=False))
-    method.apply(model)
+    Adapters(method).adapt(model)
     model.to(torch.bfloat16)  # as DeepSpeed's bf16 engine casts every parameter
     with pytest.raises(ConfigError, match="stores this base weight in bfloat16"):
         method.attach(model, LocalShards())

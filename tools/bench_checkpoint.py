@@ -24,8 +24,9 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from lrx import checkpoint
 from lrx.adapter import restore_adapter
+from lrx.build import Adapters
 from lrx.config import load_config
-from lrx.distributed import SingleDevice
+from lrx.distributed import ModelSpec, SingleDevice
 from lrx.methods import build_method
 
 
@@ -64,7 +65,7 @@ def main() -> int:
                                  "method.target_modules=[all-linear]"], method=args.method)
     method = build_method(run_cfg.method)
     t0 = time.perf_counter()
-    method.apply(model, backend.weights())
+    model = backend.build(ModelSpec(lambda meta, built=model: built), Adapters(method))  # whole: wrap, init, place
     result["method_init_s"] = time.perf_counter() - t0
     named = list(method.trainable_parameters(model))
     optimizer = torch.optim.AdamW([p for _, p in named], lr=1e-5)
@@ -96,7 +97,7 @@ def main() -> int:
     with backend.device:
         fresh = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
     method2 = build_method(run_cfg.method)
-    method2.apply(fresh, init=False)
+    method2.wrap(fresh)
     named2 = list(method2.trainable_parameters(fresh))
     optimizer2 = torch.optim.AdamW([p for _, p in named2], lr=1e-5)
     t0 = time.perf_counter()

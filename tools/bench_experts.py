@@ -19,6 +19,7 @@ import time
 import torch
 from transformers import AutoModelForCausalLM, Qwen3MoeConfig
 
+from lrx.build import Adapters
 from lrx.config import load_config
 from lrx.methods import build_method
 
@@ -55,7 +56,7 @@ def main() -> None:
     ids = torch.randint(0, 1000, (1, args.tokens))
     lrx_model = copy.deepcopy(base)
     method = build_method(load_config(None, ["method.target_modules=[experts]", f"method.r={args.r}"]).method)
-    method.apply(lrx_model)
+    Adapters(method).adapt(lrx_model)
     lrx_params = [p for _, p in method.trainable_parameters(lrx_model)]
     with torch.no_grad():
         for p in lrx_params:

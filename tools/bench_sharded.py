@@ -152,7 +152,7 @@ def one_run(args, backend, spec: str) -> dict:
     names = list(method.layers)
     for layer in method.layers.values():
         layer.log_product = args.log_product
-    built_partitioned = sum(hasattr(p, "ds_id") for p in model.parameters())  # ZeRO-3 under zero.Init
+    built_partitioned = sum(backend.partitioned(p) for p in model.parameters()) if backend.layout.backend == "zero3" else 0  # zero.Init
     assert len(names) == len(list(adapted_layers(model)))
     params = [p for _, p in method.trainable_parameters(model)]
     optimizer = torch.optim.AdamW(params, lr=1e-5)
@@ -245,7 +245,7 @@ def one_run(args, backend, spec: str) -> dict:
     tokens_per_gpu = args.steps * args.micro_batch * args.seq / elapsed
     adapter_bytes = sum(getattr(p, "ds_numel", p.numel()) * 4 for _, p in method.trainable_parameters(model))
     result = {
-        "run": spec, "backend": backend.name, "world_size": backend.world_size, "method": method_name,
+        "run": spec, "backend": backend.layout.backend, "world_size": backend.world_size, "method": method_name,
         "storage": storage, "ckpt": ckpt == "ckpt", "log_product": args.log_product, "tokens_per_s_per_gpu": tokens_per_gpu,
         "mfu": tokens_per_gpu * flops_per_token(cfg, args.seq) / (args.peak_tflops * 1e12),
         "step_s": elapsed / args.steps, "init_s": init_s, "final_loss": float(loss),
@@ -255,12 +255,11 @@ def one_run(args, backend, spec: str) -> dict:
         "build": "meta, block by block" if args.sharded_build and not built_partitioned else f"zero.Init ({built_partitioned} parameters partitioned)"
         if built_partitioned else "whole on every GPU",
     }
-    ref = REFERENCES.get((backend.name, ckpt))
+    ref = REFERENCES.get((backend.layout.backend, ckpt))
     if ref and backend.world_size == 2 and args.model_config != "tiny":
         result["peft_reference_tokens_per_s_per_gpu"] = ref
     runner = model = optimizer = scheduler = params = method = None  # free the GPU for the next run
-    if backend.name == "zero3":
-        backend.engine = None
+    backend.engine = None  # ZeRO-3's engine holds the model (the other backends keep no engine)
     gc.collect()
     return result
 

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from lrx.build import Adapters
 from lrx.config import load_config
 from lrx.data import Collator
 from lrx.methods import build_method
@@ -66,7 +67,7 @@ def main() -> int:
             model = copy.deepcopy(base)
             method = build_method(cfg.method)
             torch.manual_seed(0)
-            method.apply(model)
+            Adapters(method).adapt(model)
             model.to(device)
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats()

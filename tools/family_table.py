@@ -104,7 +104,7 @@ def eigenbasis(family: str, root: Path) -> Path:
         for seed in range(3):
             model = build_model(family)
             method = build_method(load_config(None, ["method.r=4", "method.target_modules=[all-linear]"]).method)
-            method.apply(model)
+            Adapters(method).adapt(model)
             with torch.no_grad():
                 g = torch.Generator().manual_seed(seed)
                 for _, p in method.trainable_parameters(model):

@@ -33,6 +33,11 @@ class Placement:
     rank: int = 0
     world_size: int = 1
 
+    @property
+    def sharded(self) -> bool:
+        """Whether parameters are split over processes (FSDP2, ZeRO-3) rather than whole in each."""
+        return self.kind not in ("single", "replicated")
+
 
 def check_zero_config(config: dict) -> None:
     """Refuse DeepSpeed settings lrx's shard-local edits cannot work with (hpZ, MiCS)."""

@@ -27,7 +27,8 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
-from lrx.distributed import LayerSetup, ModelSpec, MultiProcess, RowBlockWeights, Timeouts, TorchSteps, build_whole
+from lrx.distributed.common import MultiProcess, RowBlockWeights, Timeouts, TorchSteps, build_whole
+from lrx.distributed.protocol import LayerSetup, Layout, ModelSpec
 from lrx.distributed.torch_compat import allow_integer_parameters
 from lrx.errors import ConfigError
 from lrx.methods import PieceShards
@@ -73,7 +74,6 @@ class FSDP2(TorchSteps, MultiProcess):
             reducing gradients in fp32.
     """
 
-    name = "fsdp2"
 
     def __init__(self, device: str = "auto", bf16: bool = True, replicate: int = 1, timeouts: Timeouts | None = None):
         timeouts = timeouts or Timeouts()
@@ -99,10 +99,20 @@ class FSDP2(TorchSteps, MultiProcess):
                                          mesh_dim_names=("replicate", "shard"))
             self.shard_rank, self.shard_size = self.mesh["shard"].get_local_rank(), self.world_size // replicate
             self.shard_group = self.mesh.get_group("shard")
+        self.layout = self.plan_layout(self.world_size, replicate)
         self.mp_policy = (
             MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
             if use_cuda and bf16 else MixedPrecisionPolicy()
         )
+
+    @staticmethod
+    def plan_layout(world: int, replicate: int = 1) -> Layout:
+        """Every parameter split by rows over the ``world // replicate`` processes of a shard group."""
+        return Layout("fsdp2", world, max(world // max(replicate, 1), 1), row_blocks=True,
+                      how="fully_shard per block + root")
+
+    def partitioned(self, param: torch.Tensor) -> bool:
+        return isinstance(param, DTensor)
 
     def setup(self, model: nn.Module, optimizer, scheduler, **kwargs) -> nn.Module:
         self._root = model
@@ -127,7 +137,8 @@ class FSDP2(TorchSteps, MultiProcess):
         return t
 
     def weights(self):
-        return RowBlockWeights(self.shard_rank, self.shard_size, self.shard_sum, self.device, shards_rows=True)
+        return RowBlockWeights(self.shard_rank, self.shard_size, self.shard_sum, self.device,
+                               shards_rows=self.layout.splits_rows)
 
     def shards(self) -> FSDP2Shards:
         return FSDP2Shards(self.shard_rank, self.shard_size, self.shard_sum)

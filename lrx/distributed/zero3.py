@@ -26,16 +26,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from lrx.distributed import (
-    MOMENTS,
-    LayerSetup,
-    ModelSpec,
-    MultiProcess,
-    RowBlockWeights,
-    Timeouts,
-    build_whole,
-    check_whole_shape,
-)
+from lrx.distributed.common import MOMENTS, MultiProcess, RowBlockWeights, Timeouts, build_whole, check_whole_shape
+from lrx.distributed.protocol import LayerSetup, Layout, ModelSpec
 from lrx.errors import ConfigError, LrxError
 from lrx.methods import PieceShards
 
@@ -97,7 +89,6 @@ class ZeRO3(MultiProcess):
         ds_config: DeepSpeed JSON; batch sizes, accumulation and clipping are filled in by lrx.
     """
 
-    name = "zero3"
 
     def __init__(self, device: str = "auto", bf16: bool = True, ds_config: str | None = None,
                  timeouts: Timeouts | None = None):
@@ -149,10 +140,19 @@ class ZeRO3(MultiProcess):
             raise ConfigError(f"zero3 cannot join the process group ({str(e).splitlines()[0]}); launch with "
                               "deepspeed --num_gpus N launch/train.py ... or torchrun") from None
         self._bind(use_cuda, timeouts)
+        self.layout = self.plan_layout(self.world_size)
         self.bf16 = use_cuda and bf16
         self.engine_bf16: bool | None = None  # decided by build from the base's dtype
         self.engine = None
         self.micro = 0
+
+    @staticmethod
+    def plan_layout(world: int) -> Layout:
+        """Every parameter flattened, one flat partition per process (pieces split rows)."""
+        return Layout("zero3", world, world, row_blocks=False, how="ZeRO stage 3")
+
+    def partitioned(self, param: torch.Tensor) -> bool:
+        return hasattr(param, "ds_id")
 
     def weights(self) -> "ZeroWeights":
         return ZeroWeights(self.rank, self.world_size, self.all_reduce_sum, self.device, self.deepspeed)

@@ -26,7 +26,7 @@ from lrx.errors import ConfigError
 from lrx.methods.editlog import log_storage
 from lrx.methods.experts import AdaptedExperts, adapt_experts, is_experts_weight
 from lrx.methods.layer import AdaptedLinear
-from lrx.methods.seam import LocalShards, LocalWeights, Shards, WeightAccess
+from lrx.methods.seam import LocalShards, Shards, WeightAccess
 
 log = logging.getLogger(__name__)
 
@@ -242,27 +242,9 @@ class Method:
         self.config = config
         self.saved_modules: list[str] = []
         self.layers: dict[str, AdaptedLinear] = {}  # name -> adapted layer, in module order (wrap)
-        self._where: dict[int, tuple[int, str]] = {}
         self.shards: Shards = LocalShards()
 
     # ---- building -------------------------------------------------------------------------
-
-    def apply(self, model: nn.Module, weights: WeightAccess | None = None, init: bool = True) -> list[str]:
-        """``wrap`` the model and (unless ``init`` is False) initialise every adapted layer: the
-        one-process shorthand (the runner builds through the backend, which initialises the
-        layers where their weights are whole).
-
-        Returns:
-            Qualified names of the adapted modules.
-        """
-        names = self.wrap(model)
-        if init:
-            weights = weights or LocalWeights()
-            for index, (name, layer) in enumerate(self.layers.items()):
-                with weights.gathered(layer):
-                    self.init_layer(name, index, layer, weights)
-                self.place_log(layer, weights)
-        return names
 
     def wrap(self, model: nn.Module) -> list[str]:
         """Replace the target linears by adapted layers and freeze everything else; reads no
@@ -274,7 +256,7 @@ class Method:
         """
         cfg = self.config
         self.load_resources()
-        self.layers, self._where = {}, {}
+        self.layers = {}
         model.requires_grad_(False)
         for name, target in find_targets(model, cfg.target_modules):
             parent, _, child = name.rpartition(".")
@@ -290,14 +272,8 @@ class Method:
             p.requires_grad_(True)
         return list(self.layers)
 
-    def locate(self, layer: AdaptedLinear) -> tuple[int, str]:
-        """``(index, name)`` of an adapted layer of the wrapped model (for ``init_layer``)."""
-        if not self._where:
-            self._where = {id(lay): (i, n) for i, (n, lay) in enumerate(self.layers.items())}
-        return self._where[id(layer)]
-
     def load_resources(self) -> None:
-        """Load what ``make_layer`` needs besides the model (EigenLoRAx: its basis); ``apply``
+        """Load what ``make_layer`` needs besides the model (EigenLoRAx: its basis); ``wrap``
         calls it, and so does the streaming export, which builds one layer at a time."""
 
     def make_layer(self, name: str, linear: nn.Linear, fold_edits: bool) -> AdaptedLinear:
