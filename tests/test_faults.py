@@ -5,7 +5,7 @@ runs go through ``launch/train.py``, torchrun and the SLURM template as users st
 One FSDP2 run (3 processes) and one ZeRO-3 run (2) are each interrupted in a row and must end
 with the uninterrupted run's losses, events and adapter: a rank that hangs (another fails within
 distributed.timeout_s naming it; torchrun restarts them, and they resume on their own), signals to
-one rank during an SRLoRA event's step and to another during a checkpoint's write, the SLURM
+one rank during an SRLoRA event's step and to every rank during a checkpoint's write, the SLURM
 template's USR1 (stop file, requeue) and the template's second start.
 """
 
@@ -101,7 +101,7 @@ PLANS = {"fsdp2": (3, "torchrun", "loaded block by block from 1 safetensors file
 def test_one_run_survives_a_hang_restarts_signals_and_a_requeue(tmp_path, backend):
     """An SRLoRA run (events at steps 2, 4, 6, 8) interrupted in a row by: a rank that hangs in a random step (rank 0 names it within the timeout;
     torchrun restarts the workers, which resume from the newest checkpoint on their own); SIGUSR1
-    to rank 1 in step 6 (an event's step) and SIGTERM to rank 0 while it writes checkpoint 6 (they
+    to rank 1 in step 6 (an event's step) and SIGTERM to every rank while checkpoint 6 is written (they
     finish the event and the checkpoint, and stop); the template's USR1 (stop file, requeue) and
     its second start. It ends with the uninterrupted run's losses, events and adapter, each step
     logged once. The base is a safetensors folder, loaded straight into shards by every start."""
@@ -118,14 +118,14 @@ def test_one_run_survives_a_hang_restarts_signals_and_a_requeue(tmp_path, backen
     resume = argv(out, *common, "--resume", "auto")
 
     hang = random.Random().randint(3, 5)  # resumes from checkpoint 2 or 4
-    fault = f"hang@step:{hang}@rank=1@attempt=0,sigusr1@step:6@rank=1@attempt=1,sigterm@checkpoint:6@rank=0@attempt=1"
+    fault = f"hang@step:{hang}@rank=1@attempt=0,sigusr1@step:6@rank=1@attempt=1,sigterm@checkpoint:6@attempt=1"
     restarted = elastic(resume, nproc, {"LRX_FAULT": fault})
     log = restarted.stderr + restarted.stdout
     assert f"rank 0, step {hang - 1}: a collective failed" in log and "not answering: rank 1;" in log, log[-4000:]
     assert "distributed.timeout_s=5" in log
     assert f"resumed from {out / 'checkpoints' / f'step-{hang - 1 - (hang - 1) % 2:08d}'}" in log
     assert "LRX_FAULT: sigusr1 at step:6 on rank 1" in log and "SIGUSR1: stopping after this optimizer step" in log
-    assert "stopped at step 6 (SIGTERM)" in log, log[-3000:]  # rank 0's signal, during checkpoint 6's write
+    assert "stopped at step 6 (SIGTERM)" in log, log[-3000:]  # every rank's signal, during checkpoint 6's write
     assert f"exitcode  : {EXIT_STOPPED}" in log
     assert done(out) == [4, 6] and event_steps(out) == [2, 4, 6]  # the event of step 6 ran before the stop
 
