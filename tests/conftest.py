@@ -46,8 +46,8 @@ def clone():
 # entry run one after another in one launch (a launch costs each process ~7 s of imports).
 SRLORA_JOBS = {
     ("single", 1): [(), ("log",), ("log", "nf4")],
-    ("fsdp2", 2): [(), ("log", "nf4")],
-    ("zero3", 2): [(), ("no-persist", "log"), ("log", "nf4")],
+    ("fsdp2", 2): [(), ("log", "nf4"), ("buffers",)],
+    ("zero3", 2): [(), ("no-persist", "log"), ("log", "nf4"), ("buffers",)],
     ("fsdp2", 4): [("log",), ("hsdp",)],
 }
 
@@ -55,13 +55,18 @@ SRLORA_JOBS = {
 @pytest.fixture(scope="session")
 def srlora_reports(tmp_path_factory):
     """``get(backend, processes, *options)``: the report of tests/dist_srlora.py for one job of
-    ``SRLORA_JOBS`` (``no-persist``: ZeRO-3 keeps no parameter gathered between steps); the
+    ``SRLORA_JOBS`` (``no-persist``: ZeRO-3 keeps no parameter gathered between steps;
+    ``buffers``: tests/dist_buffers.py's report); the
     jobs of one (backend, processes) entry are made in one launch when a test first asks."""
     from tests.test_distributed import BACKENDS, launch
 
     done = {}
 
     def options(root: Path, job: tuple[str, ...]) -> list[str]:
+        if job == ("buffers",):  # tests/dist_buffers.py on EigenLoRAx with a basis from 3 tiny BERT adapters
+            from tests.test_conformance import eigenbasis_for
+
+            return ["buffers", eigenbasis_for("bert")]
         if "no-persist" not in job:
             return list(job)
         config = json.loads((REPO / "configs" / "deepspeed" / "zero3.json").read_text())

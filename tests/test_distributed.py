@@ -243,11 +243,8 @@ def test_an_arch_list_deepspeed_cannot_build_for_is_refused_in_one_line(monkeypa
 
 
 @pytest.mark.parametrize("backend", list(BACKENDS))
-def test_method_buffers_stay_whole_and_identical_on_every_rank(tmp_path, backend):
-    out = tmp_path / "report.json"
-    run = launch([str(REPO / "tests" / "dist_buffers.py"), eigenbasis_for("bert"), str(out), backend], 2)
-    assert run.returncode == 0, "\n".join(x for x in run.stderr.splitlines() if "elastic" not in x and not x.startswith(" "))[-6000:]
-    report = json.loads(out.read_text())
+def test_method_buffers_stay_whole_and_identical_on_every_rank(srlora_reports, backend):
+    report = srlora_reports(backend, 2, "buffers")  # tests/dist_buffers.py, in the launch of dist_srlora.py's jobs
     bases = {k: v for k, v in report.items() if k.endswith((".C_A", ".C_B"))}
     assert bases
     for key, entry in bases.items():
