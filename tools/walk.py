@@ -130,6 +130,8 @@ class Walk:
         return {"stops": len(self.stops), "places": len({s["place"] for s in self.stops}),
                 "returns": sum(s["returned"] for s in self.stops), "climbs": sum(s["climb"] for s in self.stops),
                 "climbs_from_to": sorted({f"{s['caller']} -> {s['place']}" for s in self.stops if s["climb"]}),
+                "calls_between_modules": dict(Counter(f"{s['caller']} -> {s['place'].partition(':')[0]}" for s in self.stops
+                                                      if s["caller"] and s["caller"] != s["place"].partition(":")[0])),
                 "entries_per_file": dict(entries.most_common()),
                 "max_entries": max(entries.values(), default=0),
                 "places_list": sorted(Counter(s["place"] for s in self.stops).items())}
