@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -45,8 +46,8 @@ def clone():
 # entry run one after another in one launch (a launch costs each process ~7 s of imports).
 SRLORA_JOBS = {
     ("single", 1): [(), ("log",), ("log", "nf4")],
-    ("fsdp2", 2): [(), ("log", "nf4")],
-    ("zero3", 2): [(), ("no-persist", "log"), ("log", "nf4")],
+    ("fsdp2", 2): [(), ("log", "nf4"), ("buffers",)],
+    ("zero3", 2): [(), ("no-persist", "log"), ("log", "nf4"), ("buffers",)],
     ("fsdp2", 4): [("log",), ("hsdp",)],
 }
 
@@ -54,13 +55,18 @@ SRLORA_JOBS = {
 @pytest.fixture(scope="session")
 def srlora_reports(tmp_path_factory):
     """``get(backend, processes, *options)``: the report of tests/dist_srlora.py for one job of
-    ``SRLORA_JOBS`` (``no-persist``: ZeRO-3 keeps no parameter gathered between steps); the
+    ``SRLORA_JOBS`` (``no-persist``: ZeRO-3 keeps no parameter gathered between steps;
+    ``buffers``: tests/dist_buffers.py's report); the
     jobs of one (backend, processes) entry are made in one launch when a test first asks."""
     from tests.test_distributed import BACKENDS, launch
 
     done = {}
 
     def options(root: Path, job: tuple[str, ...]) -> list[str]:
+        if job == ("buffers",):  # tests/dist_buffers.py on EigenLoRAx with a basis from 3 tiny BERT adapters
+            from tests.test_conformance import eigenbasis_for
+
+            return ["buffers", eigenbasis_for("bert")]
         if "no-persist" not in job:
             return list(job)
         config = json.loads((REPO / "configs" / "deepspeed" / "zero3.json").read_text())
@@ -80,6 +86,50 @@ def srlora_reports(tmp_path_factory):
         return done[backend, nproc][job]
 
     return get
+
+
+# The 2-process launch/train.py runs of several modules: module -> make(folder, backend) ->
+# {name: train.py arguments, or (arguments, tests/train_many.py options such as {"bf16_engine": True})}.
+SHARDED_RUNS: dict[str, Callable[[Path, str], dict]] = {}
+
+
+def sharded_runs(make: Callable[[Path, str], dict]) -> Callable[[Path, str], dict]:
+    """Register a module's 2-process runs for the ``sharded`` fixture (a decorator)."""
+    SHARDED_RUNS[make.__module__] = make
+    return make
+
+
+@pytest.fixture(scope="session")
+def sharded(request, tmp_path_factory):
+    """``sharded(backend, name)``: the result (exit status, output) and the folder of one run of
+    ``SHARDED_RUNS``. The runs of one backend of every module whose selected tests use this
+    fixture are made in one launch through the backend's launcher (``tests/train_many.py``) when a
+    test first asks: a launch costs each process ~7 s of imports, a tiny run a second or two."""
+    from tests.test_distributed import BACKENDS, launch_runs
+
+    users = {getattr(item, "module", None) and item.module.__name__ for item in request.session.items
+             if "sharded" in getattr(item, "fixturenames", ())}
+    done: dict[str, dict] = {}
+
+    def get(backend: str, name: str):
+        if backend not in done:
+            root, runs = tmp_path_factory.mktemp(f"sharded-{backend}"), {}
+            for module, make in SHARDED_RUNS.items():
+                if module in users:
+                    (root / module.rpartition(".")[2]).mkdir()
+                    made = make(root / module.rpartition(".")[2], backend)
+                    assert not made.keys() & runs.keys(), f"{module}: run names {sorted(made.keys() & runs.keys())} taken"
+                    runs.update(made)
+            results = launch_runs(root / "launch", list(runs.values()), 2, BACKENDS[backend][0])
+            done[backend] = {key: (result, output_dir(spec if isinstance(spec, list) else spec[0]))
+                             for (key, spec), result in zip(runs.items(), results)}
+        return done[backend][name]
+
+    return get
+
+
+def output_dir(argv: list[str]) -> Path:
+    return Path(next(a for a in argv if a.startswith("logging.output_dir=")).split("=", 1)[1])
 
 
 def pytest_collection_modifyitems(config, items):

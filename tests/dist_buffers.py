@@ -1,24 +1,20 @@
-"""Run under torchrun by tests/test_distributed.py: are method buffers whole and identical on
-every rank after sharding (argv[3]: fsdp2 or zero3)? Rank 0 writes a JSON report to argv[2]."""
-
-import sys
-from pathlib import Path
+"""A job of tests/dist_srlora.py (``buffers BASIS``), for tests/test_distributed.py: are method
+buffers whole and identical on every rank after sharding? Rank 0 writes a JSON report."""
 
 import torch
 import torch.distributed as dist
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from lrx.build import Adapters  # noqa: E402
-from lrx.config import load_config  # noqa: E402
-from lrx.distributed import ModelSpec, build_backend  # noqa: E402
-from lrx.methods import adapted_layers, build_method  # noqa: E402
-from tests.conftest import tiny_model  # noqa: E402
-from tests.dist_common import finish, run  # noqa: E402
+from lrx.build import Adapters
+from lrx.config import load_config
+from lrx.distributed import ModelSpec, build_backend
+from lrx.methods import adapted_layers, build_method
+from tests.conftest import tiny_model
+from tests.dist_common import finish
 
 
-def main() -> None:
-    basis, out, name = sys.argv[1], sys.argv[2], sys.argv[3]
+def buffers(name: str, basis: str, out: str) -> None:
+    """EigenLoRAx on a tiny BERT on backend ``name``: per adapted layer, the bases' checksums on
+    every rank and the loadings' type; written to ``out``."""
     backend = build_backend(name, "cpu")
     model = tiny_model("bert")
     method = build_method(load_config(None, [f"method.basis={basis}", "method.r=4"], method="eigenlorax").method)
@@ -42,6 +38,3 @@ def main() -> None:
         )
     finish(backend, out, report)
 
-
-if __name__ == "__main__":
-    run(main)

@@ -5,7 +5,8 @@ argv: backend (single, fsdp2, zero3), then one or more jobs separated by ``+``, 
 these processes one after another (one launch): an output JSON, then optionally ``log`` (edits applied
 from the edit log beside the adapter, ``method.fuse=log``, instead of folded into the fp32
 base), ``nf4`` (the base quantized as ``model.quantize=nf4`` builds it, through ``Adapters``),
-and a DeepSpeed config. Every rank
+and a DeepSpeed config; or ``buffers BASIS`` (tests/dist_buffers.py: EigenLoRAx's
+bases stay whole on every rank). Every rank
 takes checksums of what must be identical everywhere (pool S and V, pair scores, chosen
 pairs, the edit log gathered whole); rank 0 writes them all-gathered, with the losses and,
 for every event, the relative change of the logits across it (must be ~0: events preserve
@@ -27,6 +28,7 @@ from lrx.build import Adapters  # noqa: E402
 from lrx.config import load_config  # noqa: E402
 from lrx.distributed import ModelSpec, build_backend  # noqa: E402
 from lrx.methods import adapted_layers, build_method  # noqa: E402
+from tests.dist_buffers import buffers  # noqa: E402
 from tests.dist_common import finish, one_process_group, run  # noqa: E402
 
 STEPS, GLOBAL_BATCH, SEQ = 10, 4, 16
@@ -56,6 +58,8 @@ def main() -> None:
 
 
 def job(name: str, out: str, rest: list[str]) -> None:
+    if rest[:1] == ["buffers"]:  # tests/dist_buffers.py's job, in the same launch
+        return buffers(name, rest[1], out)
     fuse = "log" if "log" in rest else "fold"
     replicate = 2 if "hsdp" in rest else 1  # FSDP2 on a 2-D mesh: 2 replicas x world/2 shards
     ds_config = next((a for a in rest if a not in ("log", "hsdp", "nf4")), None)

@@ -16,7 +16,7 @@ import pytest
 from safetensors.torch import load_file
 
 from lrx.cli import main
-from tests.conftest import REPO
+from tests.conftest import REPO, sharded_runs
 from tests.test_conformance import eigenbasis_for
 
 pytestmark = pytest.mark.distributed
@@ -28,7 +28,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(args: list[str], nproc: int, launcher: str = "torchrun") -> subprocess.CompletedProcess:
+def launch(args: list[str], nproc: int, launcher: str = "torchrun", timeout: float = 300) -> subprocess.CompletedProcess:
     """Run a script as users do: plain python, torchrun, or the deepspeed launcher (CPU: --num_gpus).
     ``launch/train.py`` in one process runs here (``train_here``)."""
     if nproc == 1 and args[0] == str(REPO / "launch" / "train.py"):
@@ -43,7 +43,7 @@ def launch(args: list[str], nproc: int, launcher: str = "torchrun") -> subproces
         # --standalone: torchrun takes a free port itself (no window for another run to take it)
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *args]
     before = shm_files()
-    run = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO, timeout=300)
+    run = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO, timeout=timeout)
     leaked = shm_files() - before
     assert not leaked, f"the run left shared memory behind: {sorted(leaked)}"
     return run
@@ -66,15 +66,18 @@ def train_here(argv: list[str]) -> subprocess.CompletedProcess:
     return subprocess.CompletedProcess(argv, code, out.getvalue(), err.getvalue())
 
 
-def launch_runs(folder: Path, runs: list[list[str]], nproc: int, launcher: str, **how) -> list[subprocess.CompletedProcess]:
-    """Several ``launch/train.py`` runs (their arguments; ``how``: ``bf16_engine=True``) in one
-    launch (``tests/train_many.py``): per run its exit status and the stdout and stderr of all its
-    processes; a run the launch did not finish has the launch's exit status and stderr."""
+def launch_runs(folder: Path, runs: list, nproc: int, launcher: str, **how) -> list[subprocess.CompletedProcess]:
+    """Several ``launch/train.py`` runs (their arguments, or (arguments, options of this run);
+    ``how``, options of every run: ``bf16_engine=True``) in one launch (``tests/train_many.py``):
+    per run its exit status and the stdout and stderr of all its processes; a run the launch did
+    not finish has the launch's exit status and stderr."""
+    specs = [(run, {}) if isinstance(run, list) else run for run in runs]
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "runs.json").write_text(json.dumps([{"argv": argv[1:], **how} for argv in runs]))
-    launched = launch([str(REPO / "tests" / "train_many.py"), str(folder / "runs.json")], nproc, launcher)
+    (folder / "runs.json").write_text(json.dumps([{"argv": argv[1:], **how, **own} for argv, own in specs]))
+    launched = launch([str(REPO / "tests" / "train_many.py"), str(folder / "runs.json")], nproc, launcher,
+                      timeout=max(300, 40 * len(specs)))
     results = []
-    for i, argv in enumerate(runs):
+    for i, (argv, _) in enumerate(specs):
         out, err = ("".join(p.read_text() for p in sorted(folder.glob(f"{i}.rank*.{x}"))) for x in ("out", "err"))
         code = folder / f"{i}.code"
         if code.is_file():
@@ -144,9 +147,10 @@ def single_reference(reference, method: str) -> Path:
         [*parity_args(method, d), "train.batch_size=8", f"logging.output_dir={d / 'single'}"], 1)) / "single"
 
 
+@sharded_runs
 def sharded_args(root: Path, backend: str) -> dict[str, list[str]]:
     """The train.py arguments of every 2-process run of this module on ``backend``, by name, in
-    the order one launch runs them; each run writes into its own folder under ``root``. ZeRO-3's
+    the order one launch runs them (fixture ``sharded``); each run writes into its own folder under ``root``. ZeRO-3's
     whole-model runs after its streamed ones also check that a streamed build leaves nothing
     behind in the process (its HfDeepSpeedConfig made transformers build every later model under
     zero.Init)."""
@@ -175,25 +179,6 @@ def sharded_args(root: Path, backend: str) -> dict[str, list[str]]:
     runs["ds-offload"] = [*parity_args("srlora", root / "ds"), "train.batch_size=4",
                           f"logging.output_dir={root / 'ds' / 'off'}", f"distributed.deepspeed_config={root / 'off.json'}"]
     return runs
-
-
-@pytest.fixture(scope="module")
-def sharded(tmp_path_factory):
-    """The 2-process runs of this module (``sharded_args``), all runs of one backend made in one
-    launch through its launcher (``tests/train_many.py``) when a test first asks for one:
-    ``sharded(backend, name)`` is the run's result (exit status, output) and its folder."""
-    done = {}
-
-    def get(backend: str, name: str) -> tuple[subprocess.CompletedProcess, Path]:
-        if backend not in done:
-            root = tmp_path_factory.mktemp(f"sharded-{backend}")
-            runs = sharded_args(root, backend)
-            results = launch_runs(root / "launch", list(runs.values()), 2, BACKENDS[backend][0])
-            done[backend] = {key: (result, Path(next(a for a in argv if a.startswith("logging.output_dir=")).split("=", 1)[1]))
-                             for (key, argv), result in zip(runs.items(), results)}
-        return done[backend][name]
-
-    return get
 
 
 @pytest.mark.parametrize("backend", list(BACKENDS))
@@ -258,11 +243,8 @@ def test_an_arch_list_deepspeed_cannot_build_for_is_refused_in_one_line(monkeypa
 
 
 @pytest.mark.parametrize("backend", list(BACKENDS))
-def test_method_buffers_stay_whole_and_identical_on_every_rank(tmp_path, backend):
-    out = tmp_path / "report.json"
-    run = launch([str(REPO / "tests" / "dist_buffers.py"), eigenbasis_for("bert"), str(out), backend], 2)
-    assert run.returncode == 0, "\n".join(x for x in run.stderr.splitlines() if "elastic" not in x and not x.startswith(" "))[-6000:]
-    report = json.loads(out.read_text())
+def test_method_buffers_stay_whole_and_identical_on_every_rank(srlora_reports, backend):
+    report = srlora_reports(backend, 2, "buffers")  # tests/dist_buffers.py, in the launch of dist_srlora.py's jobs
     bases = {k: v for k, v in report.items() if k.endswith((".C_A", ".C_B"))}
     assert bases
     for key, entry in bases.items():

@@ -14,7 +14,7 @@ from safetensors.torch import save_file
 
 from lrx.adapter import export_peft, load_adapter, save_adapter
 from lrx.build import Adapters
-from lrx.cli import main
+from lrx.cli import eigenbasis_main, main
 from lrx.config import load_config
 from lrx.eigenbasis import build_basis, load_basis
 from lrx.errors import LrxError
@@ -126,17 +126,19 @@ def test_pickle_and_empty_folders_are_refused(tmp_path):
         build_basis([empty], tmp_path / "basis", k=2)
 
 
-def test_builder_cli(tmp_path):
+def test_builder_cli(tmp_path, capsys):
     srcs = sources(tmp_path)
     tool = str(REPO / "tools" / "build_eigenbasis.py")
     out = subprocess.run([sys.executable, tool, str(tmp_path / "b"), *map(str, srcs), "--k", "3", "--augment", "1"],
                          capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert "explained variance kept" in out.stdout and "K=3, P=1" in out.stdout
-    bad = subprocess.run([sys.executable, tool, str(tmp_path / "c"), str(tmp_path / "missing"), "--k", "3"],
-                         capture_output=True, text=True)
-    assert bad.returncode == 2 and "missing not found" in bad.stderr
-    assert "--augment" in subprocess.run([sys.executable, tool, "--help"], capture_output=True, text=True).stdout
+    # Bad input and --help: what the tool runs (lrx.cli.eigenbasis_main), in this process.
+    assert eigenbasis_main([str(tmp_path / "c"), str(tmp_path / "missing"), "--k", "3"]) == 2
+    assert "missing not found" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exited:
+        eigenbasis_main(["--help"])
+    assert exited.value.code == 0 and "--augment" in capsys.readouterr().out
 
 
 # ---- the method on a tiny BERT -------------------------------------------------------------

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 from safetensors.torch import load_file
 
-from tests.conftest import QUICKSTART, REPO
+from tests.conftest import QUICKSTART, REPO, sharded_runs
 from tests.test_distributed import BACKENDS, launch, losses
 from tests.test_targets import tiny_mixtral
 
@@ -34,15 +34,22 @@ def args(root, name: str) -> list[str]:
             f"logging.output_dir={root / name}"]
 
 
+@sharded_runs
+def sharded_args(root, backend: str) -> dict[str, list[str]]:
+    """The 2-process run on ``backend`` (made in the ``sharded`` launch), on its own copy of the
+    folder (``tiny_mixtral`` is seeded: the same weights as the one-process run's)."""
+    tiny_mixtral(vocab=30522).save_pretrained(root / "mixtral")
+    return {"experts": [*args(root, backend), "train.batch_size=4"]}
+
+
 @pytest.mark.parametrize("backend", list(BACKENDS))
-def test_sharded_experts_train_as_one_process(runs, backend):
-    launcher, _ = BACKENDS[backend]
-    run = launch([*args(runs, backend), "train.batch_size=4"], 2, launcher)
+def test_sharded_experts_train_as_one_process(runs, sharded, backend):
+    run, folder = sharded(backend, "experts")
     assert run.returncode == 0, run.stderr[-2000:]
     assert "gate_up_proj 2, down_proj 2" in run.stderr + run.stdout
-    assert losses(runs / backend) == pytest.approx(losses(runs / "single"), abs=1e-4)
+    assert losses(folder) == pytest.approx(losses(runs / "single"), abs=1e-4)
     a = load_file(str(runs / "single" / "adapter" / "adapter_model.safetensors"))
-    b = load_file(str(runs / backend / "adapter" / "adapter_model.safetensors"))
+    b = load_file(str(folder / "adapter" / "adapter_model.safetensors"))
     assert a.keys() == b.keys() and any(".experts.gate_up_proj.lora_A" in k for k in a)
     # 1e-4: Adam takes a step of about lr on any gradient, so an element whose gradient is near 0
     # (an expert few tokens reach) can differ by up to lr when the sums' order differs (measured after

@@ -22,8 +22,8 @@ from lrx.data import build_datasets
 from lrx.errors import ConfigError
 from lrx.methods import LocalShards, build_method
 from lrx.models import load_model, load_tokenizer
-from tests.conftest import QUICKSTART, REPO
-from tests.test_distributed import launch_runs, losses
+from tests.conftest import QUICKSTART, REPO, sharded_runs
+from tests.test_distributed import losses
 
 pytestmark = pytest.mark.distributed
 
@@ -51,17 +51,21 @@ def eval_loss(model, config) -> float:
 DTYPES = ["float32", "bfloat16", "bfloat16-nf4"]
 
 
+@sharded_runs
+def engine_args(root, backend: str) -> dict:
+    """The runs of every ``DTYPES`` entry, on 2 processes with ZeRO-3's bf16 engine on as on a GPU
+    (made in the ``sharded`` launch of ZeRO-3, ``tests/train_many.py``)."""
+    if backend != "zero3":
+        return {}
+    return {f"bf16-engine-{dtype}": ([str(REPO / "launch" / "train.py"), *ARGS, f"model.dtype={dtype.partition('-')[0]}",
+                                      f"logging.output_dir={root / dtype}", f"model.quantize={dtype.partition('-')[2] or 'none'}"],
+                                     {"bf16_engine": True}) for dtype in DTYPES}
+
+
 @pytest.fixture(scope="module")
-def engine_runs(tmp_path_factory):
-    """The runs of every ``DTYPES`` entry, on 2 processes with ZeRO-3's bf16 engine on as on a GPU,
-    made in one launch (``tests/train_many.py``): dtype -> (result, run folder)."""
-    root = tmp_path_factory.mktemp("bf16-engine")
-    folders = [root / dtype for dtype in DTYPES]
-    runs = [[str(REPO / "launch" / "train.py"), *ARGS, f"model.dtype={dtype.partition('-')[0]}",
-             f"logging.output_dir={folder}", f"model.quantize={dtype.partition('-')[2] or 'none'}"]
-            for dtype, folder in zip(DTYPES, folders)]
-    results = launch_runs(root / "launch", runs, 2, "deepspeed", bf16_engine=True)
-    return dict(zip(DTYPES, zip(results, folders)))
+def engine_runs(sharded):
+    """dtype -> (result, run folder) of ``engine_args``."""
+    return {dtype: sharded("zero3", f"bf16-engine-{dtype}") for dtype in DTYPES}
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
