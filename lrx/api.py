@@ -25,6 +25,7 @@ from lrx.build import Adapters
 from lrx.checkpoint import save_final_adapter
 from lrx.distributed.found import find_placement, init_weights
 from lrx.errors import ConfigError, LrxError
+from lrx.merge import merge_into_linears
 from lrx.methods import Method, MethodConfig, build_method, get_method_class
 from lrx.quant import QUANT_TYPES, Quantizer, QuantSettings, bitsandbytes
 
@@ -118,8 +119,6 @@ class Adapter:
         Raises:
             ConfigError: the model is sharded over several processes.
         """
-        from lrx.export import merge_into_linears
-
         placement = find_placement(self.model)
         if placement.sharded:
             raise ConfigError(f"merge() needs the whole model in one process, and this one is sharded ({placement.kind}, "

@@ -28,7 +28,6 @@ import torch
 from huggingface_hub import split_torch_state_dict_into_shards
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
-from torch import nn
 
 from lrx.adapter import (
     CONFIG_NAME,
@@ -45,46 +44,13 @@ from lrx.api import load
 from lrx.build import Adapters
 from lrx.errors import LrxError
 from lrx.fileio import WeightFiles, recorded_path
-from lrx.methods import adapted_layers, get_method_class
+from lrx.merge import merge_into_linears, plain_linear  # noqa: F401 (lrx.export's names)
+from lrx.methods import get_method_class
 from lrx.models import SHORT_NAMES, TINY_NAMES, load_model, load_tokenizer
 from lrx.quant import QuantizedLinear, Quantizer, QuantSettings
 from lrx.rundir import PEFT_ENTRIES, check_output_dir, write_marker
 
 log = logging.getLogger(__name__)
-
-
-@torch.no_grad()
-def merge_into_linears(model: nn.Module) -> int:
-    """Fold every adapted layer (edits and adapter) into its base in fp32 and unwrap it; a
-    quantized base (and every other quantized linear) becomes a plain ``nn.Linear`` holding
-    its dequantized weight plus the change.
-
-    Returns:
-        The number of layers merged.
-    """
-    layers = list(adapted_layers(model))
-    for name, layer in layers:
-        weight = layer.merged_weight()
-        base = layer.base if not layer.quantized else plain_linear(layer.base)
-        base.weight.copy_(weight.to(base.weight.dtype))  # one rounding, from fp32
-        parent, _, child = name.rpartition(".")  # fused experts: the parameter takes its place back
-        setattr(model.get_submodule(parent) if parent else model, child, base.weight if getattr(layer, "fused", False) else base)
-    for parent in list(model.modules()):
-        for child, module in list(parent.named_children()):
-            if isinstance(module, QuantizedLinear):
-                linear = plain_linear(module)
-                linear.weight.copy_(module.dequantize())
-                setattr(parent, child, linear)
-    return len(layers)
-
-
-def plain_linear(module: nn.Module) -> nn.Linear:
-    """An fp32 ``nn.Linear`` of a quantized layer's shape and bias (weight to be filled)."""
-    linear = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None,
-                       device=module.weight.device)
-    if module.bias is not None:
-        linear.bias.copy_(module.bias)
-    return linear
 
 
 def export_merged(adapter_dir: str | Path, out: str | Path, *, base: str | None = None,
