@@ -63,9 +63,13 @@ class ExpertWeights(nn.Module):
         self.out_features, self.in_features = (cols, rows) if transposed else (rows, cols)
 
     def forward(self, delta: torch.Tensor) -> torch.Tensor:
-        """``weight + delta`` (delta in the stored layout). Called, not read, and summed here: ZeRO-3
-        gathers a module's parameters while it runs and releases them when it returns."""
-        return self.weight + delta.to(self.weight.dtype)
+        """``weight + delta`` (delta in the stored layout), summed in fp32 and rounded to the
+        weight's dtype once: a bf16 sum of the rounded delta rounds twice, and an SRLoRA event,
+        which changes the fp32 delta in its last bits only, then flips bf16 ulps of the weight
+        (1.2e-3 relative change of a tiny Qwen3-MoE's logits; 0 with one rounding). Called, not
+        read, and summed here: ZeRO-3 gathers a module's parameters while it runs and releases
+        them when it returns."""
+        return (delta.float() + self.weight).to(self.weight.dtype)
 
     def stored(self, W: torch.Tensor) -> torch.Tensor:
         """A logical (experts x out x in) tensor in the stored layout, and back (an involution)."""
