@@ -18,7 +18,8 @@ The base parameter is kept as ``base.weight`` (``ExpertWeights``), so the layer'
 ``experts.gate_up_proj.base.weight`` maps back to the checkpoint's ``experts.gate_up_proj``
 (``file_key``). The edit log is stacked like the adapter (U: experts x out x k, V:
 experts x k x in) and kept on the layer's device, whole on every process (no host or
-row-sharded log): only PiSSA's init edits experts, and folds them on an fp32 base.
+row-sharded log): PiSSA's init and SRLoRA's events (``lrx.methods.srlora.experts``, one process)
+edit experts (folded into an fp32 base, kept in the log beside a bf16 one).
 """
 
 from __future__ import annotations

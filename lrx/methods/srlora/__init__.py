@@ -12,6 +12,9 @@ Per adapted matrix W0 (out x in), rank r, pool size r_target, swap size r' = gam
    output is unchanged; the new slots' statistics restart, their Adam moments follow
    ``optimizer_state``. ``report.py`` tracks how long each direction stayed trainable.
 
+Fused MoE experts (``experts.py``, one process only): the same per expert, as stacked tensors
+(a pool from an SVD per expert, scores E x r, each expert's own pairs fused and replaced).
+
 Life cycle: ``wrap`` / ``init_layer`` (pool and initial pairs, before sharding), then
 ``attach`` (explicit: the statistics are created on this process's pieces), then the trainer
 hooks; ``state_dict`` / ``load_state_dict`` need an attached method. Edits go through
