@@ -19,6 +19,7 @@ from lrx.errors import ConfigError
 from lrx.export import merge_into_linears
 from lrx.methods import LocalShards, build_method
 from lrx.methods.experts import AdaptedExperts
+from lrx.methods.seam import PieceShards
 
 SMALL = dict(vocab_size=128, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
              head_dim=8, num_experts_per_tok=2, max_position_embeddings=64, tie_word_embeddings=False)
@@ -132,10 +133,103 @@ def test_experts_train_resume_and_export(method_name, tmp_path):
 
 
 @pytest.mark.parametrize("method_name,extra,says", [
-    ("srlora", {}, "srlora does not adapt fused MoE experts"),
+    ("srlora", {"world": 2}, "srlora adapts fused MoE experts .* on one process only"),
     ("lora", {"dropout": 0.1}, "fused experts take no adapter dropout"),
 ])
 def test_what_cannot_adapt_experts_refuses_in_one_line(method_name, extra, says):
+    world = extra.pop("world", 1)
     with pytest.raises(ConfigError, match=says) as err:
-        adapted("qwen3_moe", method_name, targets="experts.gate_up_proj", **extra)
+        _, model, method = adapted("qwen3_moe", method_name, targets="experts.gate_up_proj", **extra)
+        method.attach(model, PieceShards(0, world))  # as a backend of `world` processes would
     assert "\n" not in str(err.value)
+
+
+# ---- SRLoRA: a pool, scores and events per expert ---------------------------------------------
+
+
+def srlora_experts(**extra):
+    return adapted("qwen3_moe", "srlora", targets="q_proj,v_proj,experts", interval=3, r_target=8, **extra)
+
+
+def srlora_train(model, method, steps: int, start: int = 0, opt=None) -> tuple[list[float], list[dict]]:
+    """Steps as the trainer runs them: statistics after backward, an event every ``interval``."""
+    opt = opt or torch.optim.Adam([p for _, p in method.trainable_parameters(model)], lr=1e-2)
+    ids, losses, records = batch(5), [], []
+    model.train()
+    for step in range(start + 1, start + steps + 1):
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        method.after_backward(model, step)
+        opt.step()
+        opt.zero_grad()
+        records += method.after_optimizer_step(model, opt, step) or []
+        losses.append(loss.item())
+    model.eval()
+    return losses, records
+
+
+def test_srlora_event_on_experts_is_per_expert_and_keeps_the_output():
+    """Each expert fuses its own lowest-scoring pairs and takes its own next pool directions (one
+    SVD per expert); the model's output is unchanged by the event (fp32, <= 1e-5)."""
+    original, model, method = srlora_experts()
+    ids = batch()
+    torch.testing.assert_close(logits(model, ids), logits(original, ids), rtol=0, atol=1e-5)  # output at init
+    name = "model.layers.0.mlp.experts.gate_up_proj"
+    layer, pool = method.layers[name], method.pool[name]
+    E, r = layer.num_experts, layer.r
+    W = original.get_parameter(name).detach()
+    for e in range(E):  # the pairs and the pool are expert e's top singular directions
+        S = torch.linalg.svdvals(W[e].double())
+        got = torch.cat([torch.linalg.vector_norm(layer.lora_B[e], dim=0) ** 2 * layer.scale, pool["S"][e]])
+        torch.testing.assert_close(got.double(), S[: got.numel()], rtol=1e-4, atol=1e-5)
+    srlora_train(model, method, 2)
+    # Expert e's pair (e + 1) % r scores lowest, then pair (e + 2) % r: choices differ per expert.
+    scores = torch.rand(E, r, generator=torch.Generator().manual_seed(0)) + 1
+    scores[torch.arange(E), (torch.arange(E) + 1) % r] = 0.1
+    scores[torch.arange(E), (torch.arange(E) + 2) % r] = 0.2
+    method.importance.pieces[name]["B_ibar"].zero_()
+    method.importance.pieces[name]["A_ibar"].view(E, r, -1).copy_(scores[:, :, None])
+    method.importance.pieces[name]["A_ubar"].fill_(1.0)
+    A, B, S_next = layer.lora_A.detach().clone(), layer.lora_B.detach().clone(), pool["S"][:, :2].clone()
+    before = logits(model, ids)
+    records = {rec["layer"]: rec for rec in method.recompose(None, 3)}
+    torch.testing.assert_close(logits(model, ids), before, rtol=0, atol=1e-5)
+    expected = [[(e + 1) % r, (e + 2) % r] for e in range(E)]
+    assert records[name]["fused_pairs"] == expected and len(records[name]["expert_fusion_errors"]) == E
+    assert max(rec["fusion_error"] for rec in records.values()) < 1e-6
+    for e, slots in enumerate(expected):
+        kept = [k for k in range(r) if k not in slots]
+        assert torch.equal(layer.lora_A[e, kept], A[e, kept]) and torch.equal(layer.lora_B[e][:, kept], B[e][:, kept])
+        loaded = torch.linalg.vector_norm(layer.lora_B[e][:, slots], dim=0) ** 2 * layer.scale
+        torch.testing.assert_close(loaded, S_next[e], rtol=1e-5, atol=1e-6)  # the next directions, in order
+    assert method.pool[name]["S"].shape == (E, method.config.r_target - r - 2) and layer.edit_log.rank == r + 4
+
+
+def test_srlora_experts_train_resume_and_export(tmp_path):
+    """Training with events on the experts, a checkpoint mid-schedule and resuming from it give
+    the run without the break; the merged export equals the trained logits."""
+    original, model, method = srlora_experts()
+    opt = torch.optim.Adam([p for _, p in method.trainable_parameters(model)], lr=1e-2)
+    method.on_train_start(model, opt, 10)
+    first, records = srlora_train(model, method, 4, opt=opt)  # the event at step 3
+    assert method.events_done == 1 and any("expert_fusion_errors" in rec for rec in records)
+    save_adapter(tmp_path / "ckpt", model, method, {"base_model": "tiny"})
+    opt_state = copy.deepcopy(opt.state_dict())
+    rest, _ = srlora_train(model, method, 6, start=4, opt=opt)  # the event at step 6
+    assert method.events_done == 2 and first[-1] < first[0]
+    trained = logits(model, batch())
+
+    resumed = copy.deepcopy(original)
+    method2 = load_adapter(tmp_path / "ckpt", resumed)
+    assert method2.events_done == 1 and method2.pointer == method.config.r + method.config.swap
+    opt2 = torch.optim.Adam([p for _, p in method2.trainable_parameters(resumed)], lr=1e-2)
+    opt2.load_state_dict(opt_state)
+    method2.on_train_start(resumed, opt2, 10)
+    rest2, _ = srlora_train(resumed, method2, 6, start=4, opt=opt2)
+    assert rest2 == pytest.approx(rest, abs=1e-6) and method2.events_done == 2
+    torch.testing.assert_close(logits(resumed, batch()), trained, rtol=0, atol=1e-6)
+
+    merge_into_linears(model)
+    model.save_pretrained(tmp_path / "merged")
+    plain = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
+    torch.testing.assert_close(logits(plain, batch()), trained, rtol=0, atol=1e-5)

@@ -1,6 +1,14 @@
 """lrx's adapted MoE experts against peft's ``target_parameters`` on one tiny Qwen3-MoE.
 
     python tools/bench_experts.py --experts 8 --hidden 256 --moe-intermediate 128 --r 8
+    python tools/bench_experts.py --srlora    # SRLoRA's events on the experts instead
+
+``--srlora``: SRLoRA (r_target = 3 r, gamma 0.5: 4 events) on the experts weights only, fp32 (the
+edits folded into the base); after one training step (importance statistics from its backward),
+every event is timed (``method.recompose``: scores, per-expert choice, fused edit, new slots;
+reported per event and per expert of one weight), with its fusion error (each expert's relative
+``||applied - intended||`` of the folded edit, in float64; the largest) and the relative change
+of the logits it makes.
 
 Both adapt every fused experts weight (``experts.gate_up_proj``, ``experts.down_proj``) at rank
 ``--r`` on the same random model; reported: trainable parameters and the time of one training
@@ -21,7 +29,7 @@ from transformers import AutoModelForCausalLM, Qwen3MoeConfig
 
 from lrx.build import Adapters
 from lrx.config import load_config
-from lrx.methods import build_method
+from lrx.methods import LocalShards, build_method
 
 
 def step_time(model, params, ids, steps: int) -> float:
@@ -35,6 +43,32 @@ def step_time(model, params, ids, steps: int) -> float:
     return statistics.median(times)
 
 
+def srlora_events(base, ids, args) -> None:
+    model = copy.deepcopy(base)
+    overrides = ["method.target_modules=[experts]", f"method.r={args.r}", "method.svd=exact"]
+    method = build_method(load_config(None, overrides, method="srlora").method)
+    t = time.perf_counter()
+    method.apply(model)
+    print(f"srlora init (an SVD per expert, {len(method.layers)} weights x {args.experts} experts): "
+          f"{time.perf_counter() - t:.2f} s")
+    method.attach(model, LocalShards())
+    model(input_ids=ids, labels=ids).loss.backward()
+    method.after_backward(model, 0)
+    model.eval()
+    weights = len(method.layers) * args.experts
+    for event in range(method.config.n_events):
+        with torch.no_grad():
+            before = model(input_ids=ids).logits.double()
+        t = time.perf_counter()
+        records = method.recompose(None, event + 1)
+        took = time.perf_counter() - t
+        with torch.no_grad():
+            change = (model(input_ids=ids).logits.double() - before).norm() / before.norm()
+        error = max(max(rec["expert_fusion_errors"]) for rec in records)
+        print(f"event {event + 1}: {took * 1e3:.1f} ms ({took / weights * 1e6:.0f} us per expert weight), "
+              f"fusion error max {error:.1e}, logits change {change:.1e}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--experts", type=int, default=8)
@@ -44,8 +78,8 @@ def main() -> None:
     ap.add_argument("--r", type=int, default=8)
     ap.add_argument("--tokens", type=int, default=512)
     ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--srlora", action="store_true", help="time SRLoRA's events on the experts instead")
     args = ap.parse_args()
-    import peft
 
     torch.manual_seed(0)
     config = Qwen3MoeConfig(vocab_size=1000, hidden_size=args.hidden, moe_intermediate_size=args.moe_intermediate,
@@ -54,6 +88,10 @@ def main() -> None:
                             num_experts_per_tok=2)
     base = AutoModelForCausalLM.from_config(config)
     ids = torch.randint(0, 1000, (1, args.tokens))
+    if args.srlora:
+        return srlora_events(base, ids, args)
+    import peft
+
     lrx_model = copy.deepcopy(base)
     method = build_method(load_config(None, ["method.target_modules=[experts]", f"method.r={args.r}"]).method)
     Adapters(method).adapt(lrx_model)

@@ -286,7 +286,7 @@ class Method:
         (``lrx.methods.experts``); refused for methods that do not adapt experts."""
         cfg = self.config
         if not self.adapts_experts:
-            raise ConfigError(f"{self.name} does not adapt fused MoE experts ({name}) yet; use lora or pissa, or "
+            raise ConfigError(f"{self.name} does not adapt fused MoE experts ({name}) yet; use lora, pissa or srlora, or "
                               "leave the experts out of method.target_modules (e.g. [q_proj, k_proj, v_proj, o_proj])")
         if cfg.dropout:
             raise ConfigError(f"{name}: fused experts take no adapter dropout (the adapter is added to the weight, "

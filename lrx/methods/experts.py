@@ -18,7 +18,8 @@ The base parameter is kept as ``base.weight`` (``ExpertWeights``), so the layer'
 ``experts.gate_up_proj.base.weight`` maps back to the checkpoint's ``experts.gate_up_proj``
 (``file_key``). The edit log is stacked like the adapter (U: experts x out x k, V:
 experts x k x in) and kept on the layer's device, whole on every process (no host or
-row-sharded log): only PiSSA's init edits experts, and folds them on an fp32 base.
+row-sharded log): PiSSA's init and SRLoRA's events (``lrx.methods.srlora.experts``, one process)
+edit experts (folded into an fp32 base, kept in the log beside a bf16 one).
 """
 
 from __future__ import annotations
@@ -63,9 +64,13 @@ class ExpertWeights(nn.Module):
         self.out_features, self.in_features = (cols, rows) if transposed else (rows, cols)
 
     def forward(self, delta: torch.Tensor) -> torch.Tensor:
-        """``weight + delta`` (delta in the stored layout). Called, not read, and summed here: ZeRO-3
-        gathers a module's parameters while it runs and releases them when it returns."""
-        return self.weight + delta.to(self.weight.dtype)
+        """``weight + delta`` (delta in the stored layout), summed in fp32 and rounded to the
+        weight's dtype once: a bf16 sum of the rounded delta rounds twice, and an SRLoRA event,
+        which changes the fp32 delta in its last bits only, then flips bf16 ulps of the weight
+        (1.2e-3 relative change of a tiny Qwen3-MoE's logits; 0 with one rounding). Called, not
+        read, and summed here: ZeRO-3 gathers a module's parameters while it runs and releases
+        them when it returns."""
+        return (delta.float() + self.weight).to(self.weight.dtype)
 
     def stored(self, W: torch.Tensor) -> torch.Tensor:
         """A logical (experts x out x in) tensor in the stored layout, and back (an involution)."""

@@ -12,6 +12,9 @@ Per adapted matrix W0 (out x in), rank r, pool size r_target, swap size r' = gam
    output is unchanged; the new slots' statistics restart, their Adam moments follow
    ``optimizer_state``. ``report.py`` tracks how long each direction stayed trainable.
 
+Fused MoE experts (``experts.py``, one process only): the same per expert, as stacked tensors
+(a pool from an SVD per expert, scores E x r, each expert's own pairs fused and replaced).
+
 Life cycle: ``wrap`` / ``init_layer`` (pool and initial pairs, before sharding), then
 ``attach`` (explicit: the statistics are created on this process's pieces), then the trainer
 hooks; ``state_dict`` / ``load_state_dict`` need an attached method. Edits go through
@@ -29,11 +32,14 @@ from typing import Literal
 import torch
 from torch import nn
 
+from lrx.errors import ConfigError
 from lrx.methods import register_method
 from lrx.methods.base import EditingConfig, Method, Shards, WeightAccess, log_rows
+from lrx.methods.experts import AdaptedExperts
 from lrx.methods.layer import AdaptedLinear
 from lrx.methods.pissa import principal_init
 from lrx.methods.srlora.event import fuse_and_load, gather_factors, swap_slots
+from lrx.methods.srlora.experts import expert_event, expert_scores, init_experts, write_expert_slots
 from lrx.methods.srlora.importance import STAT_KEYS, Importance, pair_shape
 from lrx.methods.srlora.pool import Pool
 from lrx.methods.srlora.report import Lifetimes
@@ -101,6 +107,7 @@ class SRLoRAConfig(EditingConfig):
 @register_method("srlora")
 class SRLoRA(Method):
     config_cls = SRLoRAConfig
+    adapts_experts = True  # on one process (``srlora/experts.py``)
 
     def __init__(self, config: SRLoRAConfig):
         super().__init__(config)
@@ -117,12 +124,16 @@ class SRLoRA(Method):
 
     def wrap(self, model: nn.Module) -> list[str]:
         names = super().wrap(model)
-        for name in self.layers:
-            self.lifetimes.add_layer(name)
+        for name, layer in self.layers.items():
+            self.lifetimes.add_layer(name, layer.num_experts if isinstance(layer, AdaptedExperts) else 0)
         return names
 
     def init_layer(self, name: str, index: int, layer: AdaptedLinear, weights: WeightAccess) -> None:
         cfg = self.config
+        if isinstance(layer, AdaptedExperts):  # a pool per expert
+            _one_process_experts(name, weights.world_size)
+            self.pool.keep(name, *init_experts(layer, weights.full_weight(layer), cfg, cfg.svd_seed + index), 0, True)
+            return
         rows, first = weights.row_block(layer)
         if cfg.svd == "exact":
             U, S, V = top_singular(weights.full_weight(layer), cfg.r_target, method="exact")
@@ -146,6 +157,9 @@ class SRLoRA(Method):
             # Attached again (one process: the pieces are whole): keep the statistics so far.
             self._saved_stats = {f"{name}.{key}": t for name, layer in self.layers.items()
                                  for key, t in self.importance.whole(name, layer, self.shards)}
+        for name, layer in self.layers.items():
+            if isinstance(layer, AdaptedExperts):
+                _one_process_experts(name, shards.world_size)
         super().attach(model, shards, compute_dtype)
         self.attached = True
         self.attach_state()
@@ -183,7 +197,7 @@ class SRLoRA(Method):
             stats = self.importance.bytes(out_f, in_f, world_size) if k < cfg.n_events else 0
             rank = self.edit_rank_bound() if log_shards > 1 else cfg.r + 2 * k * cfg.swap
             edit_log = log_bytes * rank * log_rows(layer, log_shards)
-            most = max(most, pool + stats + edit_log)
+            most = max(most, (pool + stats) * getattr(layer, "num_experts", 1) + edit_log)
         return most
 
     # ---- training hooks ------------------------------------------------------------------
@@ -215,6 +229,8 @@ class SRLoRA(Method):
         stacked tensors, a few kernels per group instead of per layer."""
         groups: dict[tuple, list[str]] = {}
         for name, layer in self.layers.items():
+            if isinstance(layer, AdaptedExperts):  # per expert, one layer at a time (``_expert_events``)
+                continue
             key = (layer.out_features, layer.in_features, self.shards.span(layer.lora_A),
                    self.shards.span(layer.lora_B), self.pool.first[name], self.pool[name]["U"].shape[0])
             groups.setdefault(key, []).append(name)
@@ -229,8 +245,11 @@ class SRLoRA(Method):
         local = {}
         for names in self._groups():
             local.update(zip(names, self.importance.local_scores(names, self.layers[names[0]], self.shards)))
-        scores = self.shards.all_reduce(torch.stack([local[n] for n in self.layers]))
-        return dict(zip(self.layers, scores))
+        for name, layer in self.layers.items():
+            if isinstance(layer, AdaptedExperts):  # E x r
+                local[name] = expert_scores(self.importance.pieces[name], layer)
+        flat = self.shards.all_reduce(torch.cat([local[n].reshape(-1) for n in self.layers]))
+        return {n: t.view(local[n].shape) for n, t in zip(self.layers, flat.split([local[n].numel() for n in self.layers]))}
 
     @torch.no_grad()
     def recompose(self, optimizer: torch.optim.Optimizer | None, step: int) -> list[dict]:
@@ -243,10 +262,7 @@ class SRLoRA(Method):
         cfg, swap = self.config, self.config.swap
         scores = self.all_pair_scores()
         names = list(self.layers)
-        order = torch.sort(torch.stack([scores[n] for n in names]), dim=1, stable=True).indices[:, :swap]
-        chosen = dict(zip(names, order))
-        ids_all = dict(zip(names, order.tolist()))  # one host transfer for the records of all layers
-        scores_all = dict(zip(names, torch.stack([scores[n][chosen[n]] for n in names]).tolist()))
+        chosen, ids_all, scores_all = _choose(scores, swap)
         moments = ()
         if optimizer is not None and cfg.optimizer_state != "keep":
             # Zeroing only the first moment keeps Adam's per-element scale estimate, so the first
@@ -259,6 +275,7 @@ class SRLoRA(Method):
             errors.update(err)
             swap_slots(group["names"], self.layers, group["idx"], B_new, A_new, self.shards, self.importance,
                        optimizer, moments, cfg.r)
+        expert_errors = self._expert_events(chosen, optimizer, moments)
         records = {}
         for index, name in enumerate(names):
             self.pool.drop(name, swap)
@@ -266,6 +283,8 @@ class SRLoRA(Method):
             records[name] = {"event": self.events_done + 1, "layer": name, "fused_pairs": ids_all[name],
                              "scores": scores_all[name], "pointer": self.pointer + swap,
                              "fusion_error": 0.0}  # the log holds the intended factors exactly
+            if name in expert_errors:  # fused experts: each expert's, and the worst as the layer's
+                records[name].update(fusion_error=max(expert_errors[name]), expert_fusion_errors=expert_errors[name])
         if errors:
             err = self.shards.all_reduce(torch.stack(list(errors.values())))
             for name, (num, den) in zip(errors, err.tolist()):
@@ -277,6 +296,23 @@ class SRLoRA(Method):
         log.info("srlora event %d/%d at step %d: pointer %d, fusion error max %.2e", self.events_done,
                  cfg.n_events, step, self.pointer, max(r["fusion_error"] for r in records.values()))
         return list(records.values())
+
+    def _expert_events(self, chosen: dict[str, torch.Tensor], optimizer, moments: tuple[str, ...]) -> dict:
+        """The event of every fused experts layer (``srlora/experts.py``): each expert's pairs
+        ``chosen[name]`` (E x r') are fused and replaced. Returns each expert's fusion error."""
+        errors = {}
+        for name, layer in self.layers.items():
+            if not isinstance(layer, AdaptedExperts):
+                continue
+            B_new, A_new, errors[name] = expert_event(layer, chosen[name], self.pool[name], self.config.fusion_check)
+            keep = write_expert_slots(layer, chosen[name], B_new, A_new, self.shards, optimizer, moments)
+            targets, factors = [], []
+            for key in "AB":
+                for t, k in self.importance.reset(name, key, keep[key]):
+                    targets.append(t)
+                    factors.append(k.to(t.device))
+            torch._foreach_mul_(targets, factors)
+        return errors
 
     # ---- state -----------------------------------------------------------------------------
 
@@ -347,3 +383,29 @@ class SRLoRA(Method):
 
     def on_train_end(self, model: nn.Module, run_dir: Path) -> None:
         self.lifetimes.write(run_dir, self.schedule.total_steps, self.event_steps(), self.events_done)
+
+
+def _one_process_experts(name: str, world_size: int) -> None:
+    """SRLoRA adapts fused experts on one process only (their pool, log and events are whole)."""
+    if world_size > 1:
+        raise ConfigError(f"srlora adapts fused MoE experts ({name}) on one process only, not over {world_size} "
+                          "processes (FSDP2/ZeRO-3); use lora or pissa for the experts, or leave them out of "
+                          "method.target_modules")
+
+
+def _choose(scores: dict[str, torch.Tensor], swap: int) -> tuple[dict, dict, dict]:
+    """The ``swap`` lowest-scoring pairs of every layer (fused experts: of every expert, E x
+    swap), as tensors and as lists (ids and scores) for the event records."""
+    flat = [n for n, t in scores.items() if t.dim() == 1]
+    chosen, ids_all, scores_all = {}, {}, {}
+    if flat:
+        order = torch.sort(torch.stack([scores[n] for n in flat]), dim=1, stable=True).indices[:, :swap]
+        chosen = dict(zip(flat, order))
+        ids_all = dict(zip(flat, order.tolist()))  # one host transfer for the records of all layers
+        scores_all = dict(zip(flat, torch.stack([scores[n][chosen[n]] for n in flat]).tolist()))
+    for name, t in scores.items():
+        if t.dim() > 1:
+            chosen[name] = torch.sort(t, dim=-1, stable=True).indices[..., :swap]
+            ids_all[name] = chosen[name].tolist()
+            scores_all[name] = torch.gather(t, -1, chosen[name]).tolist()
+    return chosen, ids_all, scores_all

@@ -56,6 +56,8 @@ def gather_factors(groups: list[list[str]], layers: dict, chosen: dict[str, torc
         summed = ("A_old",) if rows_stay_local(group, (first, first + U.shape[1]), shards) else tuple(factors)
         out.append({"names": names, "idx": idx, **factors, "S": S, "V": V, "summed": summed})
         parts += [factors[key].reshape(-1) for key in summed]
+    if not out:  # no plain layers (only fused experts, ``srlora/experts.py``)
+        return out
     flat = shards.all_reduce(torch.cat(parts))
     offset = 0
     for group in out:

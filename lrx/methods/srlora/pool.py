@@ -14,7 +14,7 @@ import torch
 
 class Pool:
     """Directions not loaded yet, by layer name: ``pool[name]`` is ``{"U", "S", "V"}`` with U
-    (own rows x k), S (k) and V (in x k)."""
+    (own rows x k), S (k) and V (in x k); fused experts have a leading experts dim on each."""
 
     def __init__(self) -> None:
         self.data: dict[str, dict[str, torch.Tensor]] = {}
@@ -49,20 +49,21 @@ class Pool:
     def next_directions(self, names: list[str], swap: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The next ``swap`` directions of the layers ``names`` (same shapes) stacked: U (G x own
         rows x swap), S (G x swap), V (G x in x swap)."""
-        return (torch.stack([self.data[n]["U"][:, :swap] for n in names]),
-                torch.stack([self.data[n]["S"][:swap] for n in names]),
-                torch.stack([self.data[n]["V"][:, :swap] for n in names]))
+        return (torch.stack([self.data[n]["U"][..., :swap] for n in names]),
+                torch.stack([self.data[n]["S"][..., :swap] for n in names]),
+                torch.stack([self.data[n]["V"][..., :swap] for n in names]))
 
     def drop(self, name: str, swap: int) -> None:
         """Remove the ``swap`` directions just loaded (S, r_target numbers, stays a view)."""
         pool = self.data[name]
-        self.data[name] = {"U": pool["U"][:, swap:].clone(), "S": pool["S"][swap:], "V": pool["V"][:, swap:].clone()}
+        self.data[name] = {"U": pool["U"][..., swap:].clone(), "S": pool["S"][..., swap:],
+                           "V": pool["V"][..., swap:].clone()}
 
     def whole_U(self, name: str, n_rows: int) -> torch.Tensor:
         """U with zeros outside this process's rows: summed over processes, the whole U."""
         U = self.data[name]["U"]
-        full = U.new_zeros(n_rows, U.shape[1])
-        full[self.first[name] : self.first[name] + U.shape[0]] = U
+        full = U.new_zeros(*U.shape[:-2], n_rows, U.shape[-1])
+        full[..., self.first[name] : self.first[name] + U.shape[-2], :] = U
         return full
 
     @staticmethod

@@ -19,24 +19,37 @@ class Lifetimes:
         self.slot_start: dict[str, list[int]] = {}  # step at which it was loaded
         self.ended: list[tuple[int, int, int, int]] = []  # (layer, pool index, start, end)
 
-    def add_layer(self, name: str) -> None:
-        self.slot_pool[name] = list(range(self.r))
-        self.slot_start[name] = [0] * self.r
+    def add_layer(self, name: str, experts: int = 0) -> None:
+        """A layer's slots; fused experts (``experts`` > 0) keep one list of slots per expert."""
+        if experts:
+            self.slot_pool[name] = [list(range(self.r)) for _ in range(experts)]
+            self.slot_start[name] = [[0] * self.r for _ in range(experts)]
+        else:
+            self.slot_pool[name] = list(range(self.r))
+            self.slot_start[name] = [0] * self.r
 
-    def replace(self, index: int, name: str, slots: list[int], pointer: int, step: int) -> None:
-        """Slots ``slots`` of layer ``name`` (the ``index``-th) now hold directions ``pointer, ...``."""
-        pool, starts = self.slot_pool[name], self.slot_start[name]
-        for j, slot in enumerate(slots):
-            self.ended.append((index, pool[slot], starts[slot], step))
-            pool[slot], starts[slot] = pointer + j, step
+    def replace(self, index: int, name: str, slots: list, pointer: int, step: int) -> None:
+        """Slots ``slots`` of layer ``name`` (the ``index``-th) now hold directions ``pointer, ...``
+        (fused experts: ``slots`` is one list per expert)."""
+        pools, starts = self.slot_pool[name], self.slot_start[name]
+        if not slots or not isinstance(slots[0], list):
+            pools, starts, slots = [pools], [starts], [slots]
+        for pool, start, chosen in zip(pools, starts, slots, strict=True):
+            for j, slot in enumerate(chosen):
+                self.ended.append((index, pool[slot], start[slot], step))
+                pool[slot], start[slot] = pointer + j, step
 
     def mean_steps(self, total_steps: int) -> dict[str, list[float]]:
         """Mean number of steps each pool direction stayed trainable, per layer type."""
         rows = list(self.ended)
         names = list(self.slot_pool)
         for index, name in enumerate(names):
+            pools, starts = self.slot_pool[name], self.slot_start[name]
+            if pools and isinstance(pools[0], list):  # fused experts: per expert
+                rows += [(index, p, s, total_steps) for pool, start in zip(pools, starts) for p, s in zip(pool, start)]
+                continue
             for slot in range(self.r):
-                rows.append((index, self.slot_pool[name][slot], self.slot_start[name][slot], total_steps))
+                rows.append((index, pools[slot], starts[slot], total_steps))
         per_type: dict[str, list[list[int]]] = {}
         for index, pool_index, start, end in rows:
             kind = names[index].rsplit(".", 1)[-1]
