@@ -2,7 +2,11 @@
 ``configs/accelerate/``: the Trainer run of ``tests/hf_common.py`` on the model accelerate
 placed. Rank 0 writes a JSON report: every rank's losses (its share of each step's loss) and
 events, the placement lrx found and accelerate's distributed type, how each event changed the
-model's output, a digest of what every rank must hold alike, and what ``merge()`` said.
+model's output, the whole-tensor gathers inside events, the parameters' types, a digest of
+what every rank must hold alike, and what ``merge()`` said.
+
+Under the FSDP2 plugin on CPU processes (the suite) the script forces accelerate's FSDP path,
+which accelerate 1.16 keeps for GPUs (``force_fsdp``); on GPUs it is not forced.
 
 Under ZeRO-3 on CPU (the suite: 2 processes) the same process group then runs, after the fp32
 run and its resume from the step-3 checkpoint, the guarantees of lower-precision bases:
