@@ -2,7 +2,11 @@
 ``configs/accelerate/``: the Trainer run of ``tests/hf_common.py`` on the model accelerate
 placed. Rank 0 writes a JSON report: every rank's losses (its share of each step's loss) and
 events, the placement lrx found and accelerate's distributed type, how each event changed the
-model's output, a digest of what every rank must hold alike, and what ``merge()`` said.
+model's output, the whole-tensor gathers inside events, the parameters' types, a digest of
+what every rank must hold alike, and what ``merge()`` said.
+
+Under the FSDP2 plugin on CPU processes (the suite) the script forces accelerate's FSDP path,
+which accelerate 1.16 keeps for GPUs (``force_fsdp``); on GPUs it is not forced.
 
 Under ZeRO-3 on CPU (the suite: 2 processes) the same process group then runs, after the fp32
 run and its resume from the step-3 checkpoint, the guarantees of lower-precision bases:
@@ -23,6 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests.* when lau
 
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
+from torch.distributed.tensor import DTensor  # noqa: E402
 
 import lrx  # noqa: E402
 from lrx.distributed.zero3 import without_shm_allreduce  # noqa: E402
@@ -50,13 +55,41 @@ def codes(model, gather=None) -> str:
     return digest(whole[n].view(torch.uint8) for n in sorted(whole))
 
 
+class Gathers:
+    """Counts whole-tensor gathers (``DTensor.full_tensor``/``redistribute``, torch's all-gathers)
+    while active: none may happen inside an FSDP2 event (its edits are shard-local)."""
+
+    NAMES = ((dist, "all_gather"), (dist, "all_gather_into_tensor"), (DTensor, "full_tensor"), (DTensor, "redistribute"))
+
+    def __init__(self):
+        self.count = 0
+
+    def __enter__(self):
+        self.saved = [(owner, name, getattr(owner, name)) for owner, name in self.NAMES]
+        for owner, name, original in self.saved:
+            setattr(owner, name, self._counted(original))
+
+    def _counted(self, original):
+        def counted(*args, **kwargs):
+            self.count += 1
+            return original(*args, **kwargs)
+
+        return counted
+
+    def __exit__(self, *exc):
+        for owner, name, original in self.saved:
+            setattr(owner, name, original)
+
+
 class Watch:
-    """``before_train`` of ``hf_trainer``: the codes before training, and every event's
-    relative change of the logits on ``PROBE`` (the engine's forward, on every rank)."""
+    """``before_train`` of ``hf_trainer``: the codes before training, every event's relative
+    change of the logits on ``PROBE`` (the engine's forward, on every rank), and the whole-tensor
+    gathers inside the events (``Gathers``)."""
 
     def __init__(self):
         self.invariance: list[float] = []
         self.codes = None
+        self.gathers = Gathers()
 
     def __call__(self, trainer, adapter) -> None:
         self.codes = codes(adapter.model)
@@ -68,7 +101,8 @@ class Watch:
 
         def watched(optimizer, step):
             before = logits()
-            records = recompose(optimizer, step)
+            with self.gathers:
+                records = recompose(optimizer, step)
             after = logits()
             self.invariance.append(((after - before).norm() / before.norm()).item())
             return records
@@ -81,13 +115,15 @@ def report(trainer, adapter, callback, watch: Watch) -> dict:
     placement = callback.placement
     layers = dict(adapted_layers(adapter.model))
     held = placement.gather(dict(adapter.method.trainable_parameters(adapter.model)))
-    logs = [t for _, layer in sorted(layers.items()) for t in layer.edit_factors(placement.gather)]
+    logs = [t for _, layer in sorted(layers.items()) for t in layer.edit_log.factors(placement.gather)]
     return {"losses": trainer.losses, "rows_as_planned": trainer.rows == trainer.expected_rows,
             "events": callback.events, "kind": placement.kind, "invariance": watch.invariance,
+            "event_gathers": watch.gathers.count,
             "distributed_type": str(trainer.accelerator.distributed_type),
+            "param_types": sorted({type(p).__name__ for p in adapter.model.parameters()}),
             "mixed_precision": str(trainer.accelerator.mixed_precision),
             "digest": digest([held[k] for k in sorted(held)] + logs),  # adapter and edit logs, gathered
-            "logged": all(not layer.fold_edits and layer.live_rank > 0 for layer in layers.values()),
+            "logged": all(not layer.fold_edits and layer.edit_log.rank > layer.edit_log.baked for layer in layers.values()),
             "log_dtypes": sorted({str(t.dtype) for t in logs}),
             "base_dtypes": sorted({str(layer.base.weight.dtype) for layer in layers.values()}),
             "codes_kept": watch.codes == codes(adapter.model, placement.gather)}
@@ -125,6 +161,23 @@ def lower_precision(out: Path, rank: int, world: int) -> dict:
     return runs
 
 
+def force_fsdp(trainer) -> None:
+    """accelerate 1.16 sets ``DistributedType.FSDP`` only on GPU-type processes (``AcceleratorState``
+    leaves CPU ones ``MULTI_CPU``, so its FSDP plugin would be dropped for DDP). On the suite's
+    CPU gloo processes the shared state is made FSDP here, with the plugin accelerate built from
+    the launch config, before the Trainer prepares the model: ``Accelerator.prepare_model`` then
+    runs accelerate's own ``fsdp2_prepare_model`` (``fully_shard`` per decoder layer). No override on GPUs."""
+    from accelerate.state import PartialState
+    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+
+    state = trainer.accelerator.state
+    if getattr(state, "fsdp_plugin", None) is None:
+        state.fsdp_plugin = FullyShardedDataParallelPlugin()  # from the launch's FSDP_* environment
+    # Where AcceleratorState.__init__ puts the type: every later AcceleratorState() copies PartialState's.
+    state.distributed_type = PartialState._shared_state["distributed_type"] = DistributedType.FSDP
+    trainer.is_fsdp_enabled = True
+
+
 def main() -> None:
     out = Path(sys.argv[1])
     if os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true":
@@ -133,14 +186,22 @@ def main() -> None:
     # without use_cpu, the Trainer saw one process here). The tokenised data is in lrx's cache already.
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     watch = Watch()
+    fsdp = os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true" and not GPU
+
+    def before_train(trainer, adapter):
+        if fsdp:
+            force_fsdp(trainer)
+        watch(trainer, adapter)
+
     trainer, adapter, callback = hf_trainer(out / "run", rank=rank, world=world, use_cpu=not GPU, bf16=GPU,
-                                            save_steps=0 if GPU else 3, before_train=watch)  # saves step 3
+                                            save_steps=0 if GPU else 3, before_train=before_train)  # saves step 3
     mine = report(trainer, adapter, callback, watch)
     adapter.save(out / "adapter")
     mine["merge"] = merge_refusal(adapter)
     if not GPU:
         # Killed after step 3: a fresh model, wrapped again, resumed from the Trainer's checkpoint.
-        resumed, again, _ = hf_trainer(out / "run", rank=rank, world=world, resume=str(out / "run" / "checkpoint-3"))
+        resumed, again, _ = hf_trainer(out / "run", rank=rank, world=world, resume=str(out / "run" / "checkpoint-3"),
+                                       before_train=(lambda t, a: force_fsdp(t)) if fsdp else None)
         mine["resumed_losses"] = resumed.losses
         again.save(out / "adapter_resumed")
         if os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true":

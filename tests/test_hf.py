@@ -212,15 +212,38 @@ def test_accelerate_zero3_trains_the_sharded_model_as_one_process(runs, tmp_path
                                      "(zero3, 2 processes); save the adapter") for r in report)
 
 
-@pytest.mark.nightly  # on CPU it only shows accelerate's fallback to DDP; FSDP2 itself needs GPUs
 @pytest.mark.distributed
-def test_accelerate_fsdp2_plugin_without_gpus_is_detected(runs, tmp_path):
-    """accelerate 1.16 applies its FSDP plugin only on GPUs: on CPU processes it runs DDP. The
-    callback finds whole replicas (and says so) instead of passing as FSDP2."""
+def test_accelerate_fsdp2_shards_the_model_on_cpu(runs, tmp_path):
+    """accelerate's own FSDP2 path (``Accelerator.prepare_model`` -> ``fsdp2_prepare_model``:
+    ``fully_shard`` per decoder layer with its mixed-precision policy) shards the model on 2 CPU
+    gloo processes; the callback finds the shards and every check of ``check_two_processes``
+    holds, and no event gathers a whole tensor. Forced: accelerate 1.16 sets
+    ``DistributedType.FSDP`` only on GPU-type processes (on CPU its FSDP plugin falls back to
+    DDP), so the launched script sets the shared state's type to FSDP (and its plugin, from the
+    launch config) before the Trainer prepares the model (``hf_accelerate.force_fsdp``). On GPUs
+    no override is needed (``tests/hf_gpu.py``)."""
     report, stderr = launch("fsdp2.yaml", tmp_path)
-    assert {(r["kind"], r["distributed_type"]) for r in report} == {("replicated", "DistributedType.MULTI_CPU")}
-    assert "accelerate was configured for FSDP or DeepSpeed but the model is not sharded" in stderr
+    assert [(r["kind"], r["distributed_type"], r["param_types"]) for r in report] == \
+        [("fsdp2", "DistributedType.FSDP", ["DTensor"])] * 2  # parameters sharded by accelerate's fully_shard
+    assert all(r["event_gathers"] == 0 for r in report)  # SRLoRA's events shard-local: no whole tensor gathered
+    assert "the model is not sharded" not in stderr
     check_two_processes(report, runs, tmp_path)
+    assert all(r["merge"].startswith("merge() needs the whole model in one process, and this one is sharded "
+                                     "(fsdp2, 2 processes)") for r in report)
+
+
+def test_fsdp_asked_but_whole_replicas_are_said(monkeypatch, caplog):
+    """accelerate configured for FSDP (or DeepSpeed) whose model came out whole (accelerate's
+    CPU fallback to DDP, without the override above): the callback says so, not passing as FSDP2."""
+    from lrx.distributed.found import Placement, _whole
+    from lrx.hf import _accelerate_checks
+    from lrx.methods import LocalShards
+
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    with caplog.at_level("WARNING", logger="lrx.hf"):
+        _accelerate_checks(Placement("replicated", LocalShards(), _whole, 0, 2))
+    assert "accelerate was configured for FSDP or DeepSpeed but the model is not sharded" in caplog.text
+    assert "trains it as 2 whole copies" in caplog.text
 
 
 @pytest.mark.gpu
