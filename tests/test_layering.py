@@ -100,6 +100,10 @@ def test_the_adapted_layer_leaves_its_edit_log_to_the_log():
     # The layer's log tensors by their old names (files keep the keys ``{name}.edit_U``: no word before the dot).
     reads = re.compile(r"(?<=\w)(?<!edit_log)\.(edit_U|edit_V|edit_rank|edit_sizes|baked|live_rank)\b")
     assert [f"{p}: {m.group(0)}" for p, t in library.items() for m in reads.finditer(t)] == []
+    # Nor do the test scripts and tools (those launched in subprocesses fail only when they run).
+    scripts = {str(p.relative_to(REPO)): p.read_text() for folder in ("tests", "tools")
+               for p in sorted((REPO / folder).glob("*.py")) if p.name != "test_layering.py"}
+    assert mentions(scripts, ("hold_log_rows(", "offload_edit_log(", "edit_factors(", ".live_rank", ".edit_log_storage")) == []
     editlog = (REPO / "lrx" / "methods" / "editlog.py").read_text()
     assert mentions({"lrx/methods/editlog.py": editlog}, ("_buffers[", "_parameters[", "del ")) == []
     assert "log_storage(" in (REPO / "lrx" / "plan.py").read_text()
