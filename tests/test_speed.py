@@ -193,13 +193,16 @@ def test_throughput_benchmark_runs_lrx_and_peft_and_writes_its_rows(tmp_path):
     out = tmp_path / "rows.json"
     tool = str(REPO / "tools" / "bench_throughput.py")
     cmd = [sys.executable, tool, "--model-config", "tiny", "--device", "cpu", "--seq", "32", "--warmup", "1",
-           "--steps", "1", "--variants", "lrx:lora:none:full:fused_loss=chunked", "peft:lora:none:none", "--out", str(out)]
+           "--steps", "1", "--profile", "1", "--variants", "lrx:lora:none:full:fused_loss=chunked", "peft:lora:none:none",
+           "--out", str(out)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     rows = json.loads(out.read_text())
     assert [(r["impl"], r["checkpointing"]) for r in rows] == [("lrx", "full"), ("peft", "none")]
     for row in rows:
         assert row["tok_s"] > 0 and len(row["repeats_tok_s"]) == 2 and row["peak_gib"] > 0 and row["card"] == "cpu"
+        # --profile: one more step under torch.profiler, after the timed ones (no device kernels on a CPU)
+        assert row["profile"]["step_ms"] > 0 and row["profile"]["device_busy_ms"] == 0
     assert rows[0]["settings"] == {"fused_loss": "chunked", "loss": "chunked", "backend": "single"}
     table = subprocess.run([sys.executable, tool, "--table", str(out)], capture_output=True, text=True).stdout
     assert "| lrx | lora | none | full | backend=single, fused_loss=chunked, loss=chunked |" in table
