@@ -35,6 +35,7 @@ def test_templates_parse():
 
 
 @pytest.mark.distributed
+@pytest.mark.nightly  # 34 s together; each template also runs (one node, fake srun) in every test_faults run
 @pytest.mark.parametrize("template", ["torchrun", "deepspeed"])
 def test_two_nodes_train_together_through_the_template(tmp_path, template):
     stubs = tmp_path / "bin"
