@@ -150,6 +150,11 @@ def eigen_entry(task: str, ok: list[dict], entry: dict) -> dict:
 NAMES = {"rte": "RTE (accuracy)", "mrpc": "MRPC (F1)", "stsb": "STS-B (Pearson)", "cola": "CoLA (Matthews)"}
 
 
+def _method_header(methods: list[str]) -> list[str]:
+    """The head of a markdown table with a row per task and a column per method."""
+    return ["| task | " + " | ".join(f"`{m}`" for m in methods) + " |", "|---|" + "---|" * len(methods)]
+
+
 def markdown(report: dict) -> str:
     out = []
     tasks = report["tasks"]
@@ -157,8 +162,7 @@ def markdown(report: dict) -> str:
     methods = sorted({m for t in tasks.values() for m in [*t["final"], *t["sweep"]]},
                      key=lambda m: order.index(m) if m in order else len(order))
     out.append("Picked settings (best mean validation metric), validation metric at the pick:\n")
-    out.append("| task | " + " | ".join(f"`{m}`" for m in methods) + " |")
-    out.append("|---|" + "---|" * len(methods))
+    out.extend(_method_header(methods))
     for task, e in tasks.items():
         cells = []
         for m in methods:
@@ -166,16 +170,14 @@ def markdown(report: dict) -> str:
             cells.append(f"{lab} ({statistics.mean(e['sweep'][m][lab]):.1f})" if lab else "-")
         out.append(f"| {NAMES[task]} | " + " | ".join(cells) + " |")
     out.append("\nDev at the picked settings (mean +- sd over seeds, seeds in brackets):\n")
-    out.append("| task | " + " | ".join(f"`{m}`" for m in methods) + " |")
-    out.append("|---|" + "---|" * len(methods))
+    out.extend(_method_header(methods))
     for task, e in tasks.items():
         cells = [f"{e['final'][m]['mean']:.1f} +- {e['final'][m]['sd']:.1f} [{len(e['final'][m]['seeds'])}]"
                  if m in e["final"] else "-" for m in methods]
         out.append(f"| {NAMES[task]} | " + " | ".join(cells) + " |")
     out.append("\nSteps to reach LoRA's final dev metric (mean curve over seeds; total steps in brackets; "
                "per seed after the slash, - = never):\n")
-    out.append("| task | " + " | ".join(f"`{m}`" for m in methods) + " |")
-    out.append("|---|" + "---|" * len(methods))
+    out.extend(_method_header(methods))
     for task, e in tasks.items():
         cells = []
         for m in methods:
