@@ -114,6 +114,8 @@ def run_all(args) -> list[dict]:
               flush=True)
         if "profile" in row:
             print(f"[profile] {text}: " + json.dumps(row["profile"]), flush=True)
+        if args.out:  # after every variant: a call cut off by its time limit keeps the rows it measured
+            Path(args.out).write_text(json.dumps(args.earlier + rows, indent=2) + "\n")
     return rows
 
 
@@ -172,17 +174,16 @@ def main() -> int:
     args.child_args = [f"--{k.replace('_', '-')}={getattr(args, k)}" for k in
                        ("model_config", "device", "seq", "micro_batch", "rank", "warmup", "steps", "repeats", "peak_tflops",
                         "profile")]
+    for text in args.variants:  # every variant checked before the first one runs
+        parse_variant(text)
+    args.earlier = []
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        args.earlier = json.loads(Path(args.out).read_text()) if Path(args.out).is_file() else []
     with tempfile.TemporaryDirectory() as workdir:
         args.workdir = workdir
-        for text in args.variants:  # every variant checked before the first one runs
-            parse_variant(text)
         rows = run_all(args)
     print(table(rows))
-    if args.out:
-        out = Path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        earlier = json.loads(out.read_text()) if out.is_file() else []
-        out.write_text(json.dumps(earlier + rows, indent=2) + "\n")
     return 0 if all("error" not in r for r in rows) else 1
 
 
