@@ -66,7 +66,7 @@ def model_spec(config: RunConfig, task: str, num_labels: int, tokenizer, device_
                           meta="params" if meta else False)
 
     def before_sharding(model: torch.nn.Module) -> None:
-        prepare_for_training(model, config.train, task, device_type, mc.name_or_path)
+        prepare_for_training(model, config.train, task, device_type, mc.name_or_path, quantized=mc.quantize != "none")
 
     return ModelSpec(construct, reader=WeightFiles(files) if files else None, source=f"{len(files)} safetensors files",
                      stream=mc.sharded_load, dtype=getattr(torch, mc.dtype), before_sharding=before_sharding)

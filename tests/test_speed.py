@@ -158,6 +158,23 @@ def test_checkpointed_and_compiled_steps_equal_the_plain_step(settings, monkeypa
         "none": [False, False], "every2": [True, False]}.get(mode, [True, True])
 
 
+def test_compile_auto_compiles_on_cuda_for_unquantized_bases():
+    """train.compile=auto: compiled blocks where they were measured to pay off (CUDA, an
+    unquantized base), eager on CPU and for quantized bases; true/false as given."""
+    from lrx.config import load_config
+    from lrx.errors import ConfigError
+    from lrx.speed import compiles
+
+    assert TrainConfig().compile == "auto"
+    assert compiles("auto", "cuda", quantized=False)
+    assert not compiles("auto", "cpu", quantized=False) and not compiles("auto", "cuda", quantized=True)
+    assert compiles(True, "cpu", quantized=True) and not compiles(False, "cuda", quantized=False)
+    assert load_config(None, ["train.compile=false"]).train.compile is False
+    assert load_config(None, ["train.compile=on"]).train.compile is True
+    with pytest.raises(ConfigError, match="compile must be auto, true or false, got 'sometimes'"):
+        load_config(None, ["train.compile=sometimes"])
+
+
 def test_a_run_with_every_fast_path_reports_its_speed(tmp_path, capsys):
     """launch/train.py's path with packing, selective checkpointing and the chunked loss
     (training and evaluation) against the same run with full logits: the same losses;
@@ -203,9 +220,9 @@ def test_throughput_benchmark_runs_lrx_and_peft_and_writes_its_rows(tmp_path):
         assert row["tok_s"] > 0 and len(row["repeats_tok_s"]) == 2 and row["peak_gib"] > 0 and row["card"] == "cpu"
         # --profile: one more step under torch.profiler, after the timed ones (no device kernels on a CPU)
         assert row["profile"]["step_ms"] > 0 and row["profile"]["device_busy_ms"] == 0
-    assert rows[0]["settings"] == {"fused_loss": "chunked", "loss": "chunked", "backend": "single"}
+    assert rows[0]["settings"] == {"fused_loss": "chunked", "loss": "chunked", "compile": "false", "backend": "single"}
     table = subprocess.run([sys.executable, tool, "--table", str(out)], capture_output=True, text=True).stdout
-    assert "| lrx | lora | none | full | backend=single, fused_loss=chunked, loss=chunked |" in table
+    assert "| lrx | lora | none | full | backend=single, compile=false, fused_loss=chunked, loss=chunked |" in table
     bad = subprocess.run([sys.executable, tool, "--variants", "lrx:lora:int3:full"], capture_output=True, text=True)
     assert bad.returncode == 2 and "bad variant 'lrx:lora:int3:full'" in bad.stderr
 

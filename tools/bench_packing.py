@@ -50,7 +50,8 @@ def run(name: str, model: Path, work: Path, args, extra: list[str]) -> dict:
            f"train.max_steps={args.steps}", "train.log_every=5", "train.eval_at_start=false", "train.epochs=100",
            "train.sample_prompt=null", "logging.tensorboard=false", "logging.progress=false",
            f"logging.output_dir={out}", *extra]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": os.pathsep.join(
+        [str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])])})
     if proc.returncode:
         return {"run": name, "error": (proc.stderr.strip().splitlines() or ["?"])[-1][:300]}
     summary = json.loads((out / "summary.json").read_text())

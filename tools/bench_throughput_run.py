@@ -94,7 +94,7 @@ def _lrx(args, v: dict, cfg, device: torch.device, clock_args) -> tuple[Clock, f
     from lrx.distributed import ModelSpec, build_backend
     from lrx.methods import build_method
     from lrx.quant import Quantizer, QuantSettings
-    from lrx.speed import prepare_for_training
+    from lrx.speed import compiles, prepare_for_training
     from lrx.trainer import Trainer
 
     settings = dict(v["settings"])
@@ -117,7 +117,9 @@ def _lrx(args, v: dict, cfg, device: torch.device, clock_args) -> tuple[Clock, f
     method = build_method(config.method)
     quantizer = Quantizer(QuantSettings(v["quantize"]), backend.device) if v["quantize"] != "none" else None
     def before_sharding(model) -> None:
-        v["settings"]["loss"] = prepare_for_training(model, config.train, "causal_lm", device.type, "bench")
+        v["settings"]["loss"] = prepare_for_training(model, config.train, "causal_lm", device.type, "bench",
+                                                     quantized=v["quantize"] != "none")
+        v["settings"]["compile"] = str(compiles(config.train.compile, device.type, v["quantize"] != "none")).lower()
 
     v["settings"]["backend"] = backend_name
     spec = ModelSpec(lambda meta: _random_model(cfg, getattr(torch, dtype), device), dtype=getattr(torch, dtype),
