@@ -157,7 +157,8 @@ class TrainConfig:
     torchtitan does: faster steps once compiled, a compile pause at the start (and after each
     recomposition event that grows an edit log). true, false, or auto = on for a CUDA device with
     an unquantized base (an 8B Llama on one H100: 1.29x the eager step with full checkpointing, 1.41x without), off on CPU (inductor's
-    CPU compile is slow) and for quantized bases (not measured to pay off)."""
+    CPU compile is slow), for quantized bases (not measured to pay off) and under ZeRO-3 (its
+    parameters are gathered by module hooks, which a compiled block would trace)."""
     bf16: bool = True
     """bf16 autocast for forward/backward on GPU (ignored on CPU)."""
     device: str = "auto"

@@ -50,7 +50,8 @@ log = logging.getLogger(__name__)
 RUN_MARKER = "config.yaml"  # the resolved config, written first
 
 
-def model_spec(config: RunConfig, task: str, num_labels: int, tokenizer, device_type: str = "cpu") -> ModelSpec:
+def model_spec(config: RunConfig, task: str, num_labels: int, tokenizer, device_type: str = "cpu",
+               hooked: bool = False) -> ModelSpec:
     """The model of a run for ``Backend.build``: how to construct it, where its weights can be
     read one tensor at a time (a base stored as safetensors files, ``model.sharded_load``),
     and the speed settings (``lrx.speed``), which must be applied before the model is sharded."""
@@ -66,7 +67,8 @@ def model_spec(config: RunConfig, task: str, num_labels: int, tokenizer, device_
                           meta="params" if meta else False)
 
     def before_sharding(model: torch.nn.Module) -> None:
-        prepare_for_training(model, config.train, task, device_type, mc.name_or_path, quantized=mc.quantize != "none")
+        prepare_for_training(model, config.train, task, device_type, mc.name_or_path, quantized=mc.quantize != "none",
+                             hooked=hooked)
 
     return ModelSpec(construct, reader=WeightFiles(files) if files else None, source=f"{len(files)} safetensors files",
                      stream=mc.sharded_load, dtype=getattr(torch, mc.dtype), before_sharding=before_sharding)
@@ -195,7 +197,8 @@ def _run(config: RunConfig, backend, checkpoints: CheckpointManager, t0: float, 
     # its base is whole, modules_to_save into their shards), the rest by checkpoints.load below.
     adapters = Adapters(method, config.train.seed, checkpoints.saved_adapter(config.to_dict()), quantizer,
                         load=backend.load_whole)
-    model = backend.build(model_spec(config, task, data.num_labels, tokenizer, backend.device.type), adapters)
+    model = backend.build(model_spec(config, task, data.num_labels, tokenizer, backend.device.type,
+                                     hooked=backend.layout.gather_hooks), adapters)
     trainable, total = count_parameters(model)
     log_adapted(method, trainable, total)
     check_positions(model.config, config.data.max_length)

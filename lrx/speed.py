@@ -95,15 +95,17 @@ def compile_blocks(blocks: list[nn.Module], backend: str | None = None) -> None:
         block.compile(backend=backend or COMPILE_BACKEND)
 
 
-def compiles(setting, device_type: str, quantized: bool) -> bool:
+def compiles(setting, device_type: str, quantized: bool, hooked: bool = False) -> bool:
     """Whether ``train.compile`` (True, False or "auto") compiles the blocks: auto compiles on CUDA
-    for an unquantized base, where it was measured to pay off (``benchmarks/throughput-1gpu.json``)."""
+    for an unquantized base, where it was measured to pay off (``benchmarks/throughput-1gpu.json``),
+    unless the backend gathers parameters by module hooks (``Layout.gather_hooks``: ZeRO-3)."""
     if setting == "auto":
-        return device_type == "cuda" and not quantized
+        return device_type == "cuda" and not quantized and not hooked
     return bool(setting)
 
 
-def prepare_for_training(model: nn.Module, tc, task: str, device_type: str, name: str, quantized: bool = False) -> str:
+def prepare_for_training(model: nn.Module, tc, task: str, device_type: str, name: str, quantized: bool = False,
+                         hooked: bool = False) -> str:
     """Apply the ``train`` speed settings to an adapted model before it is placed or sharded.
 
     Args:
@@ -112,7 +114,8 @@ def prepare_for_training(model: nn.Module, tc, task: str, device_type: str, name
         task: ``causal_lm`` gets the fused loss; other heads keep their logits.
         device_type: where it will train (``cuda`` picks liger-kernel where installed).
         name: the model's name, for messages.
-        quantized: the base is (or will be) quantized (``train.compile=auto`` leaves it eager).
+        quantized, hooked: the base is (or will be) quantized; the backend gathers parameters by
+            module hooks (either way ``train.compile=auto`` leaves the blocks eager).
 
     Returns:
         The loss the model computes: ``liger``, ``chunked`` or ``off`` (full logits).
@@ -128,7 +131,7 @@ def prepare_for_training(model: nn.Module, tc, task: str, device_type: str, name
     fused = resolve_fused_ce(tc.fused_loss, model, device_type) if task == "causal_lm" else "off"
     if fused != "off":
         install_fused_ce(model, fused)
-    compiled = compiles(tc.compile, device_type, quantized)
+    compiled = compiles(tc.compile, device_type, quantized, hooked)
     if compiled:
         compile_blocks(blocks)
     log.info("training: activation checkpointing %s, loss %s, compiled blocks %s", tc.activation_checkpointing,

@@ -162,13 +162,16 @@ def test_compile_auto_compiles_on_cuda_for_unquantized_bases():
     """train.compile=auto: compiled blocks where they were measured to pay off (CUDA, an
     unquantized base), eager on CPU and for quantized bases; true/false as given."""
     from lrx.config import load_config
+    from lrx.distributed import plan_layout
     from lrx.errors import ConfigError
     from lrx.speed import compiles
 
     assert TrainConfig().compile == "auto"
     assert compiles("auto", "cuda", quantized=False)
     assert not compiles("auto", "cpu", quantized=False) and not compiles("auto", "cuda", quantized=True)
+    assert not compiles("auto", "cuda", quantized=False, hooked=True)  # ZeRO-3 gathers by module hooks
     assert compiles(True, "cpu", quantized=True) and not compiles(False, "cuda", quantized=False)
+    assert plan_layout("zero3", 2).gather_hooks and not plan_layout("fsdp2", 2).gather_hooks
     assert load_config(None, ["train.compile=false"]).train.compile is False
     assert load_config(None, ["train.compile=on"]).train.compile is True
     with pytest.raises(ConfigError, match="compile must be auto, true or false, got 'sometimes'"):

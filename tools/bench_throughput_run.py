@@ -117,9 +117,11 @@ def _lrx(args, v: dict, cfg, device: torch.device, clock_args) -> tuple[Clock, f
     method = build_method(config.method)
     quantizer = Quantizer(QuantSettings(v["quantize"]), backend.device) if v["quantize"] != "none" else None
     def before_sharding(model) -> None:
+        hooked = backend.layout.gather_hooks
         v["settings"]["loss"] = prepare_for_training(model, config.train, "causal_lm", device.type, "bench",
-                                                     quantized=v["quantize"] != "none")
-        v["settings"]["compile"] = str(compiles(config.train.compile, device.type, v["quantize"] != "none")).lower()
+                                                     quantized=v["quantize"] != "none", hooked=hooked)
+        v["settings"]["compile"] = str(compiles(config.train.compile, device.type, v["quantize"] != "none",
+                                                hooked)).lower()
 
     v["settings"]["backend"] = backend_name
     spec = ModelSpec(lambda meta: _random_model(cfg, getattr(torch, dtype), device), dtype=getattr(torch, dtype),

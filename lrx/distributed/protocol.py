@@ -83,6 +83,9 @@ class Layout:
     (ZeRO-3) or nothing split."""
     how: str = ""
     """How parameters are split, for the plan (``fully_shard per block + root``)."""
+    gather_hooks: bool = False
+    """Parameters are gathered by hooks on each module as it is called (ZeRO-3): a compiled
+    block would trace them, so ``train.compile=auto`` leaves the blocks eager."""
 
     @property
     def splits_rows(self) -> bool:

@@ -149,7 +149,7 @@ class ZeRO3(MultiProcess):
     @staticmethod
     def plan_layout(world: int) -> Layout:
         """Every parameter flattened, one flat partition per process (pieces split rows)."""
-        return Layout("zero3", world, world, row_blocks=False, how="ZeRO stage 3")
+        return Layout("zero3", world, world, row_blocks=False, how="ZeRO stage 3", gather_hooks=True)
 
     def partitioned(self, param: torch.Tensor) -> bool:
         return hasattr(param, "ds_id")
