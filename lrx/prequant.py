@@ -103,6 +103,7 @@ class StoredQuantizer(Quantizer):
         super().__init__(settings, device)
         self.files = WeightFiles(sorted(Path(folder).glob("*.safetensors")))
         self.folder = folder
+        self._weights: set[int] = set()
 
     def plan(self, model: nn.Module, skip: list[str]) -> None:
         super().plan(model, skip)
@@ -112,6 +113,12 @@ class StoredQuantizer(Quantizer):
             raise ConfigError(f"{self.folder} stores {sorted(stored - planned)[0]} quantized, which this run trains "
                               "in full or keeps as an output head; drop it from method.modules_to_save")
         self.targets = {i: n for i, n in self.targets.items() if n.removesuffix(".base") in stored}
+        self._weights = {id(m.weight) for m in model.modules() if id(m) in self.targets}
+
+    def replaces(self, param: torch.Tensor) -> bool:
+        """The planned linears' weights: stand-ins (on the meta device while a backend streams the
+        files) that are never read; ``__call__`` reads their codes and statistics instead."""
+        return id(param) in self._weights
 
     def __call__(self, linear: nn.Module, weight: torch.Tensor | None) -> QuantizedLinear:
         name = self.targets[id(linear)].removesuffix(".base")

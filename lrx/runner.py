@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 from pathlib import Path
 from typing import Any
@@ -24,7 +23,7 @@ from lrx.checkpoint import CheckpointManager
 from lrx.config import RunConfig, save_config
 from lrx.data import build_datasets, prompt_add_special_tokens, render_prompt
 from lrx.diskspace import warn_if_short
-from lrx.distributed import ModelSpec, Timeouts, backend_name, build_backend
+from lrx.distributed import ModelSpec, Timeouts, build_backend
 from lrx.errors import ConfigError
 from lrx.fileio import WeightFiles
 from lrx.methods import adapted_layers, build_method, layer_counts
@@ -69,7 +68,8 @@ def model_spec(config: RunConfig, task: str, num_labels: int, tokenizer, device_
         prepare_for_training(model, config.train, task, device_type, mc.name_or_path)
 
     return ModelSpec(construct, reader=WeightFiles(files) if files else None, source=f"{len(files)} safetensors files",
-                     stream=mc.sharded_load, dtype=getattr(torch, mc.dtype), before_sharding=before_sharding)
+                     stream=mc.sharded_load, dtype=getattr(torch, mc.dtype), before_sharding=before_sharding,
+                     blockwise=mc.quantize_stored)  # stored codes: read layer by layer (StoredQuantizer)
 
 
 def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
@@ -154,9 +154,6 @@ def run(config: RunConfig, callbacks=()) -> dict[str, Any]:
     if config.model.quantize != "none":
         bitsandbytes(config.train.device if config.train.device != "auto" else None)  # installed, with a backend
     dc = config.distributed
-    if config.model.quantize_stored and backend_name(dc.backend, int(os.environ.get("WORLD_SIZE", "1"))) != "single":
-        raise ConfigError(f"{config.model.name_or_path} is stored quantized, which lrx loads in one process only for "
-                          "now (not under FSDP2 or ZeRO-3); train it with one process, or from the full-precision checkpoint")
     backend = build_backend(dc.backend, config.train.device, bf16=config.train.bf16,
                             deepspeed_config=dc.deepspeed_config, replicate=dc.replicate,
                             timeouts=Timeouts(dc.timeout_s, dc.checkpoint_timeout_s))
