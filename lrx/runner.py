@@ -74,11 +74,13 @@ def model_spec(config: RunConfig, task: str, num_labels: int, tokenizer, device_
 
 def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
     """Trainable and all parameters, without the frozen ones that hold row-sharded edit logs;
-    a quantized layer counts its weights (out x in), not the bytes of its packed codes."""
+    a quantized layer counts its weights (out x in), not the bytes of its packed codes; a
+    parameter ZeRO-3 partitioned while building (``ds_numel``) its whole size."""
     logs = {id(t) for _, layer in adapted_layers(model) for t in layer.edit_log.held()}
     weights = {id(m.weight): m.out_features * m.in_features for m in model.modules() if isinstance(m, QuantizedLinear)}
     params = [p for p in model.parameters() if id(p) not in logs]
-    return sum(p.numel() for p in params if p.requires_grad), sum(weights.get(id(p), p.numel()) for p in params)
+    size = [(p, weights.get(id(p), getattr(p, "ds_numel", p.numel()))) for p in params]
+    return sum(n for p, n in size if p.requires_grad), sum(n for _, n in size)
 
 
 @torch.no_grad()

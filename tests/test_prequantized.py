@@ -237,6 +237,9 @@ def assert_sharded_as_single(result, folder: Path, single_run, backend: str, met
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"{backend}: 2 blocks + root loaded block by block" in result.stderr + result.stdout
     assert losses(folder / "run") == pytest.approx(losses(single_dir), abs=1e-4)
+    counts = [{k: json.loads((d / "summary.json").read_text())[k] for k in ("trainable_parameters", "total_parameters")}
+              for d in (single_dir, folder / "run")]
+    assert counts[1] == counts[0]  # ZeRO-3's parameters partitioned while building count whole
     ranks = [json.loads((folder / f"codes.rank{r}.json").read_text()) for r in (0, 1)]
     assert len(ranks[0]) == 14 and ranks[0].keys() == ranks[1].keys()
     for name, layer in ranks[0].items():
