@@ -11,6 +11,12 @@ for bit, one layer at a time. Nothing is dequantized whole: a method that reads 
 init (PiSSA, SRLoRA's pool) gets one layer's dequantized weight (``dequantized_base``), and
 its init edits stay in the exact edit log beside the stored codes (``bakes = False``: the
 residual is not quantized again, as it is when lrx quantizes a full-precision folder).
+
+Under FSDP2 and ZeRO-3 the runner's ``ModelSpec`` is ``blockwise``: the model is built on the
+meta device and filled one transformer block at a time; the planned linears' weights are never
+read (``StoredQuantizer.replaces``: the backend leaves them as stand-ins), each block's layers
+get their stored codes as they are initialised, and the block is sharded before the next is
+read, so no process holds the whole model; each keeps its piece of the codes as stored.
 """
 
 from __future__ import annotations

@@ -276,9 +276,17 @@ def test_an_nf4_folder_trains_sharded_as_in_one_process(single, sharded, tmp_pat
 @pytest.mark.distributed
 @pytest.mark.parametrize("backend", list(BACKENDS))
 def test_an_int8_folder_trains_sharded_as_in_one_process(folders, single, tmp_path, backend):
-    """As the nf4 runs (regular suite), on the int8 folder: its own launch per backend (nightly)."""
+    """As the nf4 runs (regular suite), on the int8 folder: its own launch per backend (nightly),
+    which also resumes the srlora run from its step-3 checkpoint: the same losses and adapter."""
     runs = [sharded_run(tmp_path, "int8", method) for method in SHARDED_METHODS]
-    results = launch_runs(tmp_path / "launch", runs, 2, BACKENDS[backend][0])
+    full = tmp_path / "int8-srlora" / "run"
+    args, _ = runs[-1]
+    runs.append([*args[:-1], f"logging.output_dir={tmp_path / 'resumed'}", "--resume",
+                 str(full / "checkpoints" / "step-00000003")])  # args[-1]: the output folder
+    *results, resumed = launch_runs(tmp_path / "launch", runs, 2, BACKENDS[backend][0])
     for method, result in zip(SHARDED_METHODS, results):
         assert_sharded_as_single(result, tmp_path / f"int8-{method}", single("int8", method), backend, method,
                                  tmp_path / method)
+    assert resumed.returncode == 0 and "resumed from" in resumed.stderr, resumed.stderr[-3000:]
+    assert losses(tmp_path / "resumed") == pytest.approx(losses(full)[3:], abs=1e-6)
+    assert_same_adapter(adapter(tmp_path / "resumed"), adapter(full), atol=1e-6)

@@ -171,7 +171,8 @@ class ZeRO3(MultiProcess):
         the start: under a live ``HfDeepSpeedConfig`` transformers builds the model under
         ``zero.Init``, every parameter partitioned at creation, and loads the checkpoint one
         tensor at a time, so no process holds the whole model; each adapted layer's base is
-        then gathered alone while its adapter is initialised (``ZeroWeights.gathered``)."""
+        then gathered alone while its adapter is initialised (``ZeroWeights.gathered``). A
+        ``blockwise`` spec (a folder stored quantized) is streamed block by block (``stream``)."""
         # DeepSpeed's bf16 engine casts every parameter to bf16: only for a bf16 base, so that an
         # fp32 base (model.dtype=float32) stays fp32 and edits folded into it stay exact.
         self.engine_bf16 = self.bf16 and spec.dtype == torch.bfloat16
