@@ -80,8 +80,11 @@ class Vocabulary:  # what model_spec reads of a tokenizer (the folders have none
 
 model = backend.build(model_spec(config, "causal_lm", 1, Vocabulary()), Adapters(build_method(config.method), 0, None,
                                                                                quantizer, load=backend.load_whole))
+status = dict(line.split(":", 1) for line in open("/proc/self/status").read().splitlines() if ":" in line)
+now = {k: int(status[k].split()[0]) / 2**10 for k in ("RssAnon", "RssFile")}  # file: pages of the mapped safetensors
 print(f"{kind:12s} {name} rank {backend.rank}: built in {time.perf_counter() - t:.1f} s; peak RSS after imports "
-      f"{before:.0f} MiB, after the build {rss():.0f} MiB", flush=True)
+      f"{before:.0f} MiB, after the build {rss():.0f} MiB (resident now: {now['RssAnon']:.0f} MiB anonymous, "
+      f"{now['RssFile']:.0f} MiB of files)", flush=True)
 backend.close()
 """
 
