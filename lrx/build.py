@@ -132,4 +132,5 @@ class Adapters:
         return key.removesuffix(".weight") if getattr(layer, "fused", False) else key
 
     def created(self, param: torch.Tensor) -> bool:
-        return id(param) in self._created
+        """Adapter tensors, and weights a quantizer makes from codes stored quantized (``Quantizer.replaces``)."""
+        return id(param) in self._created or (self.quantizer is not None and self.quantizer.replaces(param))

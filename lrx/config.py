@@ -44,7 +44,8 @@ class ModelConfig:
     """Dtype of the frozen base weights (adapters are always float32)."""
     sharded_load: Literal["auto", "on", "off"] = "auto"
     """Load the base straight into shards, never whole on a process (FSDP2: from the meta device one
-    block at a time; ZeRO-3: under zero.Init); auto = when the base is a folder of safetensors files."""
+    block at a time; ZeRO-3: under zero.Init, or block by block for a folder stored quantized);
+    auto = when the base is a folder of safetensors files."""
     quantize: Literal["none", "nf4", "fp4", "int8"] = "none"
     """Store the frozen linear layers quantized with bitsandbytes (QLoRA: nf4); output heads and
     modules_to_save stay in model.dtype. PiSSA/SRLoRA quantize their residual; later edits stay exact."""

@@ -11,6 +11,12 @@ for bit, one layer at a time. Nothing is dequantized whole: a method that reads 
 init (PiSSA, SRLoRA's pool) gets one layer's dequantized weight (``dequantized_base``), and
 its init edits stay in the exact edit log beside the stored codes (``bakes = False``: the
 residual is not quantized again, as it is when lrx quantizes a full-precision folder).
+
+Under FSDP2 and ZeRO-3 the runner's ``ModelSpec`` is ``blockwise``: the model is built on the
+meta device and filled one transformer block at a time; the planned linears' weights are never
+read (``StoredQuantizer.replaces``: the backend leaves them as stand-ins), each block's layers
+get their stored codes as they are initialised, and the block is sharded before the next is
+read, so no process holds the whole model; each keeps its piece of the codes as stored.
 """
 
 from __future__ import annotations
@@ -103,6 +109,7 @@ class StoredQuantizer(Quantizer):
         super().__init__(settings, device)
         self.files = WeightFiles(sorted(Path(folder).glob("*.safetensors")))
         self.folder = folder
+        self._weights: set[int] = set()
 
     def plan(self, model: nn.Module, skip: list[str]) -> None:
         super().plan(model, skip)
@@ -112,6 +119,12 @@ class StoredQuantizer(Quantizer):
             raise ConfigError(f"{self.folder} stores {sorted(stored - planned)[0]} quantized, which this run trains "
                               "in full or keeps as an output head; drop it from method.modules_to_save")
         self.targets = {i: n for i, n in self.targets.items() if n.removesuffix(".base") in stored}
+        self._weights = {id(m.weight) for m in model.modules() if id(m) in self.targets}
+
+    def replaces(self, param: torch.Tensor) -> bool:
+        """The planned linears' weights: stand-ins (on the meta device while a backend streams the
+        files) that are never read; ``__call__`` reads their codes and statistics instead."""
+        return id(param) in self._weights
 
     def __call__(self, linear: nn.Module, weight: torch.Tensor | None) -> QuantizedLinear:
         name = self.targets[id(linear)].removesuffix(".base")

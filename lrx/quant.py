@@ -220,6 +220,11 @@ class Quantizer:
         """Choose the layers to quantize (``quantized_linears``) of the wrapped model."""
         self.targets = quantized_linears(model, skip)
 
+    def replaces(self, param: torch.Tensor) -> bool:
+        """Whether ``param`` (of the planned model) is never read from the base's files: a weight
+        whose stored quantized codes the quantizer reads instead (``lrx.prequant``). None here."""
+        return False
+
     def __call__(self, linear: nn.Module, weight: torch.Tensor) -> QuantizedLinear:
         device = self.device if self.device is not None and weight.device.type != "meta" else weight.device
         return QuantizedLinear.of(weight, self.settings, linear.bias, device)

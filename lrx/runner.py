@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 from pathlib import Path
 from typing import Any
@@ -24,7 +23,7 @@ from lrx.checkpoint import CheckpointManager
 from lrx.config import RunConfig, save_config
 from lrx.data import build_datasets, prompt_add_special_tokens, render_prompt
 from lrx.diskspace import warn_if_short
-from lrx.distributed import ModelSpec, Timeouts, backend_name, build_backend
+from lrx.distributed import ModelSpec, Timeouts, build_backend
 from lrx.errors import ConfigError
 from lrx.fileio import WeightFiles
 from lrx.methods import adapted_layers, build_method, layer_counts
@@ -71,16 +70,19 @@ def model_spec(config: RunConfig, task: str, num_labels: int, tokenizer, device_
                              hooked=hooked)
 
     return ModelSpec(construct, reader=WeightFiles(files) if files else None, source=f"{len(files)} safetensors files",
-                     stream=mc.sharded_load, dtype=getattr(torch, mc.dtype), before_sharding=before_sharding)
+                     stream=mc.sharded_load, dtype=getattr(torch, mc.dtype), before_sharding=before_sharding,
+                     blockwise=mc.quantize_stored)  # stored codes: read layer by layer (StoredQuantizer)
 
 
 def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
     """Trainable and all parameters, without the frozen ones that hold row-sharded edit logs;
-    a quantized layer counts its weights (out x in), not the bytes of its packed codes."""
+    a quantized layer counts its weights (out x in), not the bytes of its packed codes; a
+    parameter ZeRO-3 partitioned while building (``ds_numel``) its whole size."""
     logs = {id(t) for _, layer in adapted_layers(model) for t in layer.edit_log.held()}
     weights = {id(m.weight): m.out_features * m.in_features for m in model.modules() if isinstance(m, QuantizedLinear)}
     params = [p for p in model.parameters() if id(p) not in logs]
-    return sum(p.numel() for p in params if p.requires_grad), sum(weights.get(id(p), p.numel()) for p in params)
+    size = [(p, weights.get(id(p), getattr(p, "ds_numel", p.numel()))) for p in params]
+    return sum(n for p, n in size if p.requires_grad), sum(n for _, n in size)
 
 
 @torch.no_grad()
@@ -156,9 +158,6 @@ def run(config: RunConfig, callbacks=()) -> dict[str, Any]:
     if config.model.quantize != "none":
         bitsandbytes(config.train.device if config.train.device != "auto" else None)  # installed, with a backend
     dc = config.distributed
-    if config.model.quantize_stored and backend_name(dc.backend, int(os.environ.get("WORLD_SIZE", "1"))) != "single":
-        raise ConfigError(f"{config.model.name_or_path} is stored quantized, which lrx loads in one process only for "
-                          "now (not under FSDP2 or ZeRO-3); train it with one process, or from the full-precision checkpoint")
     backend = build_backend(dc.backend, config.train.device, bf16=config.train.bf16,
                             deepspeed_config=dc.deepspeed_config, replicate=dc.replicate,
                             timeouts=Timeouts(dc.timeout_s, dc.checkpoint_timeout_s))

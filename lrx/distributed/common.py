@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from lrx.distributed.protocol import LayerSetup, ModelSpec
-from lrx.errors import LrxError
+from lrx.errors import ConfigError, LrxError
 from lrx.methods import LocalWeights, WeightAccess
 from lrx.sharding import fsdp_row_range
 
@@ -27,6 +27,45 @@ def build_whole(backend, spec: ModelSpec, layers: LayerSetup) -> nn.Module:
     layers.init(model, backend.weights())
     spec.before_sharding(model)
     return backend.prepare(model)
+
+
+def file_aliases(model: nn.Module, layers: LayerSetup) -> dict[int, list[str]]:
+    """Every parameter's keys in the base's files (``layers.file_key``; tied ones have several), by ``id``."""
+    aliases: dict[int, list[str]] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        aliases.setdefault(id(param), []).append(layers.file_key(name))
+    return aliases
+
+
+def materialize(root: nn.Module, reader, aliases: dict[int, list[str]], done: dict[int, nn.Parameter],
+                layers: LayerSetup, device: torch.device) -> None:
+    """Give every meta parameter and buffer under ``root`` real storage on ``device``: parameters
+    read from ``reader`` (or, made by the build, ``layers.created``: adapters and the stand-ins of
+    weights stored quantized, left for ``layers.init``), buffers zeroed. ``done``: the parameters
+    made so far, by the meta one's ``id`` (a tied parameter is made once).
+
+    Raises:
+        ConfigError: a weight is not in ``reader`` (e.g. a freshly initialised head).
+    """
+    for module in root.modules():
+        for key, param in list(module._parameters.items()):
+            if param is None or not param.is_meta:
+                continue
+            if id(param) not in done:
+                value = torch.empty(param.shape, dtype=param.dtype, device=device)
+                made = layers.created(param)
+                names = [] if made else [n for n in aliases.get(id(param), []) if n in reader]
+                if names:
+                    value.copy_(reader.get(names[0]))
+                elif not made:
+                    raise ConfigError(
+                        f"sharded loading: {aliases.get(id(param), ['?'])[0]} is not in the model's safetensors "
+                        "files (a freshly initialised head?); set model.sharded_load=off")
+                done[id(param)] = nn.Parameter(value, requires_grad=param.requires_grad)
+            module._parameters[key] = done[id(param)]
+        for key, buf in list(module._buffers.items()):
+            if buf is not None and buf.is_meta:  # buffers made on the meta base (edit logs, bases)
+                module._buffers[key] = torch.zeros(buf.shape, dtype=buf.dtype, device=device)
 
 
 MOMENTS = ("exp_avg", "exp_avg_sq")

@@ -27,7 +27,15 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
-from lrx.distributed.common import MultiProcess, RowBlockWeights, Timeouts, TorchSteps, build_whole
+from lrx.distributed.common import (
+    MultiProcess,
+    RowBlockWeights,
+    Timeouts,
+    TorchSteps,
+    build_whole,
+    file_aliases,
+    materialize,
+)
 from lrx.distributed.protocol import LayerSetup, Layout, ModelSpec
 from lrx.distributed.torch_compat import allow_integer_parameters
 from lrx.errors import ConfigError
@@ -176,18 +184,16 @@ class FSDP2(TorchSteps, MultiProcess):
         Raises:
             ConfigError: a weight is not in ``reader`` (e.g. a freshly initialised head).
         """
-        aliases: dict[int, list[str]] = {}
-        for name, param in model.named_parameters(remove_duplicate=False):
-            aliases.setdefault(id(param), []).append(layers.file_key(name))
+        aliases = file_aliases(model, layers)
         done: dict[int, nn.Parameter] = {}
         weights = self.weights()
         blocks = transformer_blocks(model)
         for block in blocks:
-            self._materialize(block, reader, aliases, done, layers)
+            materialize(block, reader, aliases, done, layers, self.device)
             layers.init(block, weights)
             fully_shard(block, mesh=self.mesh, mp_policy=self.mp_policy)
             done.clear()  # holding the block's whole tensors would keep them alive (ties live in the root)
-        self._materialize(model, reader, aliases, done, layers)
+        materialize(model, reader, aliases, done, layers, self.device)
         layers.init(model, weights)
         for module in model.modules():  # real buffers (rotary tables) to the device
             for key, buf in list(module._buffers.items()):
@@ -197,28 +203,6 @@ class FSDP2(TorchSteps, MultiProcess):
         log.info("fsdp2: %d blocks + root loaded block by block from %s and sharded over %d processes (%s)%s",
                  len(blocks), source, self.world_size, self.device.type, _ties(model))
         return model
-
-    def _materialize(self, root: nn.Module, reader, aliases, done, layers: LayerSetup) -> None:
-        """Give every meta parameter and buffer under ``root`` real storage: parameters read
-        from ``reader`` (or, made by the adapters, left for ``layers.init``), buffers zeroed."""
-        for module in root.modules():
-            for key, param in list(module._parameters.items()):
-                if param is None or not param.is_meta:
-                    continue
-                if id(param) not in done:
-                    value = torch.empty(param.shape, dtype=param.dtype, device=self.device)
-                    names = [n for n in aliases.get(id(param), []) if n in reader]
-                    if names:
-                        value.copy_(reader.get(names[0]))
-                    elif not layers.created(param):
-                        raise ConfigError(
-                            f"sharded loading: {aliases.get(id(param), ['?'])[0]} is not in the model's safetensors "
-                            "files (a freshly initialised head?); set model.sharded_load=off")
-                    done[id(param)] = nn.Parameter(value, requires_grad=param.requires_grad)
-                module._parameters[key] = done[id(param)]
-            for key, buf in list(module._buffers.items()):
-                if buf is not None and buf.is_meta:  # buffers made on the meta base (edit logs, bases)
-                    module._buffers[key] = torch.zeros(buf.shape, dtype=buf.dtype, device=self.device)
 
 
 def _ties(model: nn.Module) -> str:

@@ -64,6 +64,10 @@ class ModelSpec:
     only for bf16 bases), so edits folded into an fp32 base stay exact."""
     before_sharding: Callable[[nn.Module], None] = lambda model: None
     """Called on the adapted model before it is placed or sharded (activation checkpointing)."""
+    blockwise: bool = False
+    """Every sharding backend builds the model on the meta device and fills it from ``reader`` one
+    transformer block at a time, ZeRO-3 too (instead of transformers' ``zero.Init`` load, which
+    cannot read these files: a checkpoint stored quantized, whose codes ``layers.init`` reads)."""
 
 
 @dataclass(frozen=True)

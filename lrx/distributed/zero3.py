@@ -26,7 +26,16 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from lrx.distributed.common import MOMENTS, MultiProcess, RowBlockWeights, Timeouts, build_whole, check_whole_shape
+from lrx.distributed.common import (
+    MOMENTS,
+    MultiProcess,
+    RowBlockWeights,
+    Timeouts,
+    build_whole,
+    check_whole_shape,
+    file_aliases,
+    materialize,
+)
 from lrx.distributed.protocol import LayerSetup, Layout, ModelSpec
 from lrx.errors import ConfigError, LrxError
 from lrx.methods import PieceShards
@@ -162,19 +171,51 @@ class ZeRO3(MultiProcess):
         the start: under a live ``HfDeepSpeedConfig`` transformers builds the model under
         ``zero.Init``, every parameter partitioned at creation, and loads the checkpoint one
         tensor at a time, so no process holds the whole model; each adapted layer's base is
-        then gathered alone while its adapter is initialised (``ZeroWeights.gathered``)."""
+        then gathered alone while its adapter is initialised (``ZeroWeights.gathered``). A
+        ``blockwise`` spec (a folder stored quantized) is streamed block by block (``stream``)."""
         # DeepSpeed's bf16 engine casts every parameter to bf16: only for a bf16 base, so that an
         # fp32 base (model.dtype=float32) stays fp32 and edits folded into it stay exact.
         self.engine_bf16 = self.bf16 and spec.dtype == torch.bfloat16
+        if spec.reader is not None and spec.blockwise:
+            return self.stream(spec, layers)
         if spec.reader is not None:
             from transformers.integrations import HfDeepSpeedConfig
 
-            config = {**self.ds_config, "train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1,
-                      "bf16": {"enabled": self.engine_bf16}}
-            config.setdefault("zero_optimization", {})["stage"] = 3
-            self._hf_config = HfDeepSpeedConfig(config)  # transformers reads it through a weak reference: keep it
+            self._hf_config = HfDeepSpeedConfig(self._init_config())  # transformers reads it through a weak reference: keep it
             log.info("zero3: building the model partitioned (zero.Init) and loading it tensor by tensor")
         return build_whole(self, spec, layers)
+
+    def _init_config(self) -> dict:
+        """The DeepSpeed config of partitioning at build time (before the engine knows the batch)."""
+        config = {**self.ds_config, "train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1,
+                  "bf16": {"enabled": self.engine_bf16}}
+        config.setdefault("zero_optimization", {})["stage"] = 3
+        return config
+
+    def stream(self, spec: ModelSpec, layers: LayerSetup) -> nn.Module:
+        """A ``blockwise`` build: on the meta device, then per transformer block (the root's own
+        tensors last) filled from ``spec.reader``, its adapted layers initialised on its whole
+        weights (``layers.init``) and partitioned at once (``zero.Init(module=...)``, what the
+        engine does at ``setup`` with parameters not partitioned yet), as ``FSDP2.stream``
+        shards it: no process holds more than one block whole."""
+        from lrx.distributed.fsdp2 import transformer_blocks
+
+        model = spec.construct(True)
+        layers.wrap(model)
+        spec.before_sharding(model)
+        aliases, config, weights = file_aliases(model, layers), self._init_config(), self.weights()
+        blocks = transformer_blocks(model)
+        for part in [*blocks, model]:  # ties live in the root: each part makes its own parameters once
+            materialize(part, spec.reader, aliases, {}, layers, self.device)
+            layers.init(part, weights)
+            self.deepspeed.zero.Init(module=part, config_dict_or_path=config, dtype=spec.dtype)
+        for module in model.modules():  # real buffers (rotary tables) to the device
+            for key, buf in list(module._buffers.items()):
+                if buf is not None:
+                    module._buffers[key] = buf.to(self.device)
+        log.info("zero3: %d blocks + root loaded block by block from %s and partitioned over %d processes (%s)",
+                 len(blocks), spec.source, self.world_size, self.device.type)
+        return model
 
     def prepare(self, model: nn.Module) -> nn.Module:
         partitioned = sum(hasattr(p, "ds_id") for p in model.parameters())
