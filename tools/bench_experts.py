@@ -10,8 +10,8 @@ reported per event and per expert of one weight), with its fusion error (each ex
 ``||applied - intended||`` of the folded edit, in float64; the largest) and the relative change
 of the logits it makes.
 
-``--srlora --backend fsdp2`` (or ``zero3``), under ``torchrun --nproc_per_node 2`` (``deepspeed
---num_gpus 2``; CPU: gloo): the same over several processes, built and sharded by the backend,
+``--srlora --backend fsdp2``, under ``torchrun --nproc_per_node 2`` (CPU: gloo): the same over
+several processes, built and sharded by the backend,
 each process scoring and editing its own pieces of the experts (one training step first, its
 statistics from its backward); times and errors as above, the fusion error summed over the
 processes' pieces, the logits change from a forward of all processes (rank 0 prints).
@@ -54,7 +54,7 @@ def srlora_events(base, ids, args) -> None:
     overrides = ["method.target_modules=[experts]", f"method.r={args.r}", "method.svd=exact"]
     method = build_method(load_config(None, overrides, method="srlora").method)
     t = time.perf_counter()
-    method.apply(model)
+    Adapters(method).adapt(model)
     print(f"srlora init (an SVD per expert, {len(method.layers)} weights x {args.experts} experts): "
           f"{time.perf_counter() - t:.2f} s")
     method.attach(model, LocalShards())
@@ -119,8 +119,9 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=512)
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--srlora", action="store_true", help="time SRLoRA's events on the experts instead")
-    ap.add_argument("--backend", choices=["single", "fsdp2", "zero3"], default="single",
-                    help="--srlora over the processes of torchrun / the deepspeed launcher")
+    # zero3 is left out: this script's ZeRO-3 build (not launch/train.py's) failed in its first backward
+    # on a Qwen3-MoE, also with pissa (AccumulateGrad into an emptied adapter parameter), not understood yet
+    ap.add_argument("--backend", choices=["single", "fsdp2"], default="single", help="--srlora over torchrun's processes")
     args = ap.parse_args()
 
     torch.manual_seed(0)
