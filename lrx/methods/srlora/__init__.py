@@ -187,9 +187,8 @@ class SRLoRA(Method):
         counted."""
         cfg = self.config
         out_f, in_f = layer.out_features, layer.in_features
-        most = 0
+        most, experts = 0, getattr(layer, "num_experts", 1)
         for k in range(cfg.n_events + 1):
-            experts = getattr(layer, "num_experts", 1)
             if isinstance(layer, AdaptedExperts):  # the pool of this process's experts (U, S, V whole per expert)
                 pool = Pool.bytes_after(cfg.r_target - cfg.r - k * cfg.swap, out_f, in_f, 1) * -(-experts // world_size)
             else:

@@ -120,7 +120,7 @@ def expert_event(layer: AdaptedExperts, factors: dict[str, torch.Tensor], shards
     edit_V = torch.cat([factors["A_old"], factors["A_new"]], dim=1)
     W = layer.base.weight
     start, end = shards.span(W)
-    before = shards.local(W)[: end - start].double() if layer.fold_edits and check else None
+    before = shards.local(W)[: end - start].to(torch.float64, copy=True) if layer.fold_edits and check else None
     layer.add_edit(edit_U, edit_V)
     sums = torch.zeros(layer.num_experts, 2, dtype=torch.float64)
     if before is None or end <= start:
