@@ -116,3 +116,26 @@ def test_sharded_srlora_experts_resume_exactly(sharded):
 
 def max_diff(a, b) -> float:
     return (b - a).abs().max().item() if a.numel() else 0.0
+
+
+@pytest.mark.parametrize("backend", ["fsdp2"])
+def test_sharded_srlora_experts_keep_the_output_and_agree_on_every_rank(srlora_reports, backend):
+    """SRLoRA on the fused experts of a tiny Qwen3-MoE of 3 experts (tests/dist_srlora.py's ``moe``
+    job, in the launch of its other jobs): FSDP2 gives the processes blocks of 2 and 1 experts.
+    (ZeRO-3 is not run here: this script's ZeRO-3 build of the MoE fails in its first backward,
+    with lora and pissa too: AccumulateGrad into an emptied experts adapter parameter, where
+    launch/train.py's ZeRO-3 runs of MoE folders train; not understood yet.) Every event keeps the model's output (fp32), the
+    processes pick the pairs one process picks, agree bit for bit on the scores and the (whole)
+    edit logs, and each keeps the pool of its own experts only."""
+    single, sharded = srlora_reports("single", 1, "moe"), srlora_reports(backend, 2, "moe")
+    assert len(sharded["events"]) == 3 and sharded["events"] == single["events"]  # events at steps 3, 6, 9
+    assert all(len(event) == 4 for event in sharded["events"])  # 4 experts weights
+    assert all(len(pairs) == 3 for event in sharded["events"] for _, pairs in event)  # each expert's own pairs
+    assert max(sharded["invariance"]) <= 1e-5 and max(single["invariance"]) <= 1e-5
+    assert sharded["losses"] == pytest.approx(single["losses"], abs=1e-4)
+    first, other = sharded["per_rank"]
+    shared = [k for k in first if ".pool_" not in k]
+    assert any(".edit_U" in k for k in shared) and {k: first[k] for k in shared} == {k: other[k] for k in shared}
+    assert all(first[k] != other[k] for k in first if ".pool_S" in k)  # a pool per process: its own experts
+    for key, value in single["state"].items():  # the pools summed whole, the statistics
+        assert sharded["state"][key] == pytest.approx(value, rel=1e-3, abs=1e-4), key
