@@ -40,16 +40,21 @@ def flat_range_of_product(U: torch.Tensor, V: torch.Tensor, start: int, end: int
     """Elements ``[start, end)`` of ``(U @ V).flatten()`` computed from the rows they touch.
 
     Args:
-        U: out x k (only rows ``start // in`` to ``ceil(end / in)`` are read).
-        V: k x in.
+        U: out x k (only rows ``start // in`` to ``ceil(end / in)`` are read), or E x out x k
+            (stacked, fused MoE experts: only the experts the range touches are read).
+        V: k x in, or E x k x in.
         start, end: flat range (row-major), e.g. from ``zero3_flat_range``.
 
     Returns:
         A 1-D tensor of ``end - start`` elements.
     """
-    n_in = V.shape[1]
+    n_in = V.shape[-1]
     if end <= start:
         return U.new_zeros(0)
+    if U.dim() == 3:  # one product per expert touched (a rank holds whole experts under FSDP2)
+        per = U.shape[1] * n_in
+        first, last = start // per, math.ceil(end / per)
+        return torch.bmm(U[first:last], V[first:last]).flatten()[start - first * per : end - first * per]
     first, last = start // n_in, math.ceil(end / n_in)
     block = (U[first:last] @ V).flatten()
     return block[start - first * n_in : end - first * n_in]

@@ -45,8 +45,8 @@ def clone():
 # tests/dist_srlora.py's jobs by (backend, processes): the options of each job, all jobs of one
 # entry run one after another in one launch (a launch costs each process ~7 s of imports).
 SRLORA_JOBS = {
-    ("single", 1): [(), ("log",), ("log", "nf4")],
-    ("fsdp2", 2): [(), ("log", "nf4"), ("buffers",)],
+    ("single", 1): [(), ("log",), ("log", "nf4"), ("moe",)],
+    ("fsdp2", 2): [(), ("log", "nf4"), ("buffers",), ("moe",)],
     ("zero3", 2): [(), ("no-persist", "log"), ("log", "nf4"), ("buffers",)],
     ("fsdp2", 4): [("log",), ("hsdp",)],
 }

@@ -5,7 +5,8 @@ argv: backend (single, fsdp2, zero3), then one or more jobs separated by ``+``, 
 these processes one after another (one launch): an output JSON, then optionally ``log`` (edits applied
 from the edit log beside the adapter, ``method.fuse=log``, instead of folded into the fp32
 base), ``nf4`` (the base quantized as ``model.quantize=nf4`` builds it, through ``Adapters``),
-and a DeepSpeed config; or ``buffers BASIS`` (tests/dist_buffers.py: EigenLoRAx's
+and a DeepSpeed config, ``moe`` (a tiny Qwen3-MoE of 3 experts, SRLoRA on its fused experts
+only: FSDP2 blocks of 2 and 1 experts, ZeRO-3 ranges that cut an expert); or ``buffers BASIS`` (tests/dist_buffers.py: EigenLoRAx's
 bases stay whole on every rank). Every rank
 takes checksums of what must be identical everywhere (pool S and V, pair scores, chosen
 pairs, the edit log gathered whole); rank 0 writes them all-gathered, with the losses and,
@@ -42,6 +43,16 @@ def uneven_llama() -> torch.nn.Module:
     return AutoModelForCausalLM.from_config(config).float()
 
 
+def tiny_moe() -> torch.nn.Module:
+    from transformers import Qwen3MoeConfig
+
+    torch.manual_seed(0)
+    config = Qwen3MoeConfig(vocab_size=96, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                            num_key_value_heads=2, head_dim=8, intermediate_size=64, moe_intermediate_size=16,
+                            num_experts=3, num_experts_per_tok=2, max_position_embeddings=64)
+    return AutoModelForCausalLM.from_config(config).float()
+
+
 def checksum(t: torch.Tensor) -> list[float]:
     t = t.detach().double().cpu()
     return [float(t.sum()), float(t.abs().sum()), float((t * torch.arange(t.numel()).view(t.shape)).sum())]
@@ -62,11 +73,12 @@ def job(name: str, out: str, rest: list[str]) -> None:
         return buffers(name, rest[1], out)
     fuse = "log" if "log" in rest else "fold"
     replicate = 2 if "hsdp" in rest else 1  # FSDP2 on a 2-D mesh: 2 replicas x world/2 shards
-    ds_config = next((a for a in rest if a not in ("log", "hsdp", "nf4")), None)
+    ds_config = next((a for a in rest if a not in ("log", "hsdp", "nf4", "moe")), None)
     backend = build_backend(name, "cpu", deepspeed_config=ds_config, replicate=replicate)
     rank, world = backend.rank, backend.world_size
-    model = uneven_llama()
-    cfg = load_config(None, ["method.r=4", "method.target_modules=[all-linear]", "method.interval=3",
+    model = tiny_moe() if "moe" in rest else uneven_llama()
+    targets = "experts" if "moe" in rest else "all-linear"
+    cfg = load_config(None, ["method.r=4", f"method.target_modules=[{targets}]", "method.interval=3",
                              f"method.fuse={fuse}"], method="srlora").method
     method = build_method(cfg)
     quantizer = None
@@ -119,7 +131,7 @@ def job(name: str, out: str, rest: list[str]) -> None:
     scores = method.all_pair_scores()
     for lname, s in scores.items():
         mine_sums[f"{lname}.scores"] = checksum(s)
-    mine_sums["chosen"] = [float(x) for ev in report["events"] for _, ids in ev for x in ids]
+    mine_sums["chosen"] = [float(x) for ev in report["events"] for _, ids in ev for x in torch.tensor(ids).flatten()]
     state = method.state_dict()
     report["state"] = {k: checksum(v) for k, v in state.items() if k.startswith(("stats.", "pool."))}
     layers = list(adapted_layers(model))

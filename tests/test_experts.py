@@ -133,7 +133,6 @@ def test_experts_train_resume_and_export(method_name, tmp_path):
 
 
 @pytest.mark.parametrize("method_name,extra,says", [
-    ("srlora", {"world": 2}, "srlora adapts fused MoE experts .* on one process only"),
     ("lora", {"dropout": 0.1}, "fused experts take no adapter dropout"),
 ])
 def test_what_cannot_adapt_experts_refuses_in_one_line(method_name, extra, says):
@@ -142,6 +141,24 @@ def test_what_cannot_adapt_experts_refuses_in_one_line(method_name, extra, says)
         _, model, method = adapted("qwen3_moe", method_name, targets="experts.gate_up_proj", **extra)
         method.attach(model, PieceShards(0, world))  # as a backend of `world` processes would
     assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_srlora_experts_over_processes_keep_their_experts_pool(rank):
+    """Attached as process ``rank`` of 2 would be (SRLoRA on experts was refused over several
+    processes before), a pool built whole keeps U, S and V of that process's experts only (FSDP2's
+    split of the experts dim), and its state gives them back whole (zeros for the other experts)."""
+    _, model, method = adapted("qwen3_moe", "srlora", targets="experts.gate_up_proj")
+    name = "model.layers.0.mlp.experts.gate_up_proj"
+    whole = {k: t.clone() for k, t in method.pool[name].items()}
+    method.attach(model, PieceShards(rank, 2))
+    own = slice(2 * rank, 2 * rank + 2)  # 4 experts: 2 per process
+    for key, t in method.pool[name].items():
+        assert torch.equal(t, whole[key][own]), key
+    state = method.state_dict()  # one process here: the all-reduce is the identity
+    for key in "USV":
+        assert torch.equal(state[f"pool.{name}.{key}"][own], whole[key][own])
+        assert not state[f"pool.{name}.{key}"][2 - 2 * rank : 4 - 2 * rank].any()
 
 
 # ---- SRLoRA: a pool, scores and events per expert ---------------------------------------------

@@ -254,7 +254,8 @@ class RowBlockWeights(LocalWeights):
         self.shards_rows = shards_rows and world_size > 1  # FSDP2 over several processes
 
     def row_block(self, layer) -> tuple[torch.Tensor, int]:
-        first, end = fsdp_row_range(layer.out_features, self.world_size, self.rank)
+        # dim 0: rows of a linear's weight, the experts of a fused experts weight (E x out x in)
+        first, end = fsdp_row_range(getattr(layer, "num_experts", layer.out_features), self.world_size, self.rank)
         return layer.base.weight.detach()[first:end].float(), first
 
     def all_reduce(self, t: torch.Tensor) -> torch.Tensor:

@@ -18,8 +18,11 @@ The base parameter is kept as ``base.weight`` (``ExpertWeights``), so the layer'
 ``experts.gate_up_proj.base.weight`` maps back to the checkpoint's ``experts.gate_up_proj``
 (``file_key``). The edit log is stacked like the adapter (U: experts x out x k, V:
 experts x k x in) and kept on the layer's device, whole on every process (no host or
-row-sharded log): PiSSA's init and SRLoRA's events (``lrx.methods.srlora.experts``, one process)
-edit experts (folded into an fp32 base, kept in the log beside a bf16 one).
+row-sharded log): PiSSA's init and SRLoRA's events (``lrx.methods.srlora.experts``) edit
+experts (folded into an fp32 base, kept in the log beside a bf16 one). Under FSDP2 / ZeRO-3 a
+fold adds only this process's piece of the edit to its piece of the base (``Shards.add_product``
+with the stacked factors: FSDP2 splits the experts dim, so a piece is whole experts; a ZeRO-3
+flat range may cut an expert), and the log takes the whole factors on every process.
 """
 
 from __future__ import annotations
@@ -123,11 +126,20 @@ class AdaptedExperts(AdaptedLinear):
     def _shape(self) -> tuple[int, ...]:
         return (self.num_experts, self.out_features, self.in_features)
 
+    def stored_factors(self, U: torch.Tensor, V: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Factors of ``stored(U @ V)`` (gpt-oss: ``V^T @ U^T`` per expert), so that a piece of
+        the stored weight takes its part of an edit through ``Shards.add_product``."""
+        if self.base.transposed:
+            return V.transpose(-1, -2), U.transpose(-1, -2)
+        return U, V
+
     def _fold(self, U: torch.Tensor, V: torch.Tensor, sign: float) -> None:
-        if self.shards.world_size > 1:
-            raise RuntimeError("fused experts fold edits on one process only")
         W = self.base.weight
-        W.add_(self.base.stored(torch.bmm(U.to(W.device), V.to(W.device))).to(W.dtype), alpha=sign)
+        U, V = U.to(W.device), V.to(W.device)
+        if self.shards.world_size > 1:  # this process's piece only: its experts (FSDP2) or flat range (ZeRO-3)
+            self.shards.add_product(W, *self.stored_factors(U, V), sign)
+            return
+        W.add_(self.base.stored(torch.bmm(U, V)).to(W.dtype), alpha=sign)
 
     def place_log(self, storage: str, capacity: int | None = None, compute_dtype: torch.dtype | None = None,
                   world_size: int = 1) -> None:

@@ -52,7 +52,8 @@ class WeightAccess(Protocol):
 
     def row_block(self, layer) -> tuple[torch.Tensor, int]:
         """This process's rows of the base weight (fp32) and the index of the first one.
-        The blocks of all processes partition the rows (FSDP2's dim-0 split)."""
+        The blocks of all processes partition the rows (FSDP2's dim-0 split); of a fused
+        experts weight (E x out x in, stored layout), dim 0 too: this process's experts."""
 
     def all_reduce(self, t: torch.Tensor) -> torch.Tensor:
         """Sum ``t`` over processes in place and return it (identity on one process)."""
@@ -119,7 +120,8 @@ class Shards(Protocol):
             reset the caller's own per-element state the same way."""
 
     def row_block(self, n_rows: int) -> tuple[int, int]:
-        """Rows ``[first, end)`` of a row-split method tensor (SRLoRA's pool U) this process keeps."""
+        """Rows ``[first, end)`` of a row-split method tensor (SRLoRA's pool U; of fused experts,
+        the experts whose pool it keeps) this process keeps."""
 
     def row_piece(self, p: torch.Tensor) -> tuple[int, int] | None:
         """Rows ``[first, end)`` of 2-D ``p`` that are this process's piece of it, where that piece

@@ -12,8 +12,9 @@ Per adapted matrix W0 (out x in), rank r, pool size r_target, swap size r' = gam
    output is unchanged; the new slots' statistics restart, their Adam moments follow
    ``optimizer_state``. ``report.py`` tracks how long each direction stayed trainable.
 
-Fused MoE experts (``experts.py``, one process only): the same per expert, as stacked tensors
-(a pool from an SVD per expert, scores E x r, each expert's own pairs fused and replaced).
+Fused MoE experts (``experts.py``): the same per expert, as stacked tensors (a pool from an SVD
+per expert, scores E x r, each expert's own pairs fused and replaced); over several processes
+each keeps the pool of its block of experts and edits its piece of the base.
 
 Life cycle: ``wrap`` / ``init_layer`` (pool and initial pairs, before sharding), then
 ``attach`` (explicit: the statistics are created on this process's pieces), then the trainer
@@ -32,14 +33,13 @@ from typing import Literal
 import torch
 from torch import nn
 
-from lrx.errors import ConfigError
 from lrx.methods import register_method
 from lrx.methods.base import EditingConfig, Method, Shards, WeightAccess, log_rows
 from lrx.methods.experts import AdaptedExperts
 from lrx.methods.layer import AdaptedLinear
 from lrx.methods.pissa import principal_init
 from lrx.methods.srlora.event import fuse_and_load, gather_factors, swap_slots
-from lrx.methods.srlora.experts import expert_event, expert_scores, init_experts, write_expert_slots
+from lrx.methods.srlora.experts import expert_errors, expert_event, expert_factors, expert_scores, init_experts, write_expert_slots
 from lrx.methods.srlora.importance import STAT_KEYS, Importance, pair_shape
 from lrx.methods.srlora.pool import Pool
 from lrx.methods.srlora.report import Lifetimes
@@ -107,7 +107,7 @@ class SRLoRAConfig(EditingConfig):
 @register_method("srlora")
 class SRLoRA(Method):
     config_cls = SRLoRAConfig
-    adapts_experts = True  # on one process (``srlora/experts.py``)
+    adapts_experts = True  # ``srlora/experts.py``
 
     def __init__(self, config: SRLoRAConfig):
         super().__init__(config)
@@ -130,9 +130,8 @@ class SRLoRA(Method):
 
     def init_layer(self, name: str, index: int, layer: AdaptedLinear, weights: WeightAccess) -> None:
         cfg = self.config
-        if isinstance(layer, AdaptedExperts):  # a pool per expert
-            _one_process_experts(name, weights.world_size)
-            self.pool.keep(name, *init_experts(layer, weights.full_weight(layer), cfg, cfg.svd_seed + index), 0, True)
+        if isinstance(layer, AdaptedExperts):  # a pool per expert, of this process's experts
+            self.pool.keep(name, *init_experts(layer, weights, cfg, cfg.svd_seed + index), whole=weights.world_size == 1)
             return
         rows, first = weights.row_block(layer)
         if cfg.svd == "exact":
@@ -157,9 +156,6 @@ class SRLoRA(Method):
             # Attached again (one process: the pieces are whole): keep the statistics so far.
             self._saved_stats = {f"{name}.{key}": t for name, layer in self.layers.items()
                                  for key, t in self.importance.whole(name, layer, self.shards)}
-        for name, layer in self.layers.items():
-            if isinstance(layer, AdaptedExperts):
-                _one_process_experts(name, shards.world_size)
         super().attach(model, shards, compute_dtype)
         self.attached = True
         self.attach_state()
@@ -191,13 +187,16 @@ class SRLoRA(Method):
         counted."""
         cfg = self.config
         out_f, in_f = layer.out_features, layer.in_features
-        most = 0
+        most, experts = 0, getattr(layer, "num_experts", 1)
         for k in range(cfg.n_events + 1):
-            pool = Pool.bytes_after(cfg.r_target - cfg.r - k * cfg.swap, out_f, in_f, world_size)
-            stats = self.importance.bytes(out_f, in_f, world_size) if k < cfg.n_events else 0
+            if isinstance(layer, AdaptedExperts):  # the pool of this process's experts (U, S, V whole per expert)
+                pool = Pool.bytes_after(cfg.r_target - cfg.r - k * cfg.swap, out_f, in_f, 1) * -(-experts // world_size)
+            else:
+                pool = Pool.bytes_after(cfg.r_target - cfg.r - k * cfg.swap, out_f, in_f, world_size)
+            stats = self.importance.bytes(out_f, in_f, world_size) * experts if k < cfg.n_events else 0
             rank = self.edit_rank_bound() if log_shards > 1 else cfg.r + 2 * k * cfg.swap
             edit_log = log_bytes * rank * log_rows(layer, log_shards)
-            most = max(most, (pool + stats) * getattr(layer, "num_experts", 1) + edit_log)
+            most = max(most, pool + stats + edit_log)
         return most
 
     # ---- training hooks ------------------------------------------------------------------
@@ -247,7 +246,7 @@ class SRLoRA(Method):
             local.update(zip(names, self.importance.local_scores(names, self.layers[names[0]], self.shards)))
         for name, layer in self.layers.items():
             if isinstance(layer, AdaptedExperts):  # E x r
-                local[name] = expert_scores(self.importance.pieces[name], layer)
+                local[name] = expert_scores(self.importance.pieces[name], layer, self.shards)
         flat = self.shards.all_reduce(torch.cat([local[n].reshape(-1) for n in self.layers]))
         return {n: t.view(local[n].shape) for n, t in zip(self.layers, flat.split([local[n].numel() for n in self.layers]))}
 
@@ -299,20 +298,24 @@ class SRLoRA(Method):
 
     def _expert_events(self, chosen: dict[str, torch.Tensor], optimizer, moments: tuple[str, ...]) -> dict:
         """The event of every fused experts layer (``srlora/experts.py``): each expert's pairs
-        ``chosen[name]`` (E x r') are fused and replaced. Returns each expert's fusion error."""
-        errors = {}
-        for name, layer in self.layers.items():
-            if not isinstance(layer, AdaptedExperts):
-                continue
-            B_new, A_new, errors[name] = expert_event(layer, chosen[name], self.pool[name], self.config.fusion_check)
-            keep = write_expert_slots(layer, chosen[name], B_new, A_new, self.shards, optimizer, moments)
+        ``chosen[name]`` (E x r') are fused and replaced (collective when sharded: two small
+        all-reduces for all experts layers). Returns each expert's fusion error."""
+        experts = {name: layer for name, layer in self.layers.items() if isinstance(layer, AdaptedExperts)}
+        if not experts:
+            return {}
+        pairs = expert_factors(experts, chosen, self.pool, self.shards, self.config.swap)
+        sums = {}
+        for name, layer in experts.items():
+            f = pairs[name]
+            sums[name] = expert_event(layer, f, self.shards, self.config.fusion_check)
+            keep = write_expert_slots(layer, chosen[name], f["B_new"], f["A_new"], self.shards, optimizer, moments)
             targets, factors = [], []
             for key in "AB":
                 for t, k in self.importance.reset(name, key, keep[key]):
                     targets.append(t)
                     factors.append(k.to(t.device))
             torch._foreach_mul_(targets, factors)
-        return errors
+        return expert_errors(sums, self.shards)
 
     # ---- state -----------------------------------------------------------------------------
 
@@ -326,13 +329,13 @@ class SRLoRA(Method):
         }
         wholes = []  # summed over processes in one all-reduce
         for name, layer in self.layers.items():
-            wholes.append((f"pool.{name}.U", self.pool.whole_U(name, layer.out_features)))
+            split, replicated = self.pool.wholes(name, getattr(layer, "num_experts", layer.out_features))
+            wholes += [(f"pool.{name}.{k}", t) for k, t in split.items()]
+            out.update({f"pool.{name}.{k}": t for k, t in replicated.items()})
             if self.exhausted:  # released: saved as zeros, one file layout
                 out.update({f"stats.{name}.{k}": torch.zeros(pair_shape(self.config.r, layer, k[0])) for k in STAT_KEYS})
             else:
                 wholes += [(f"stats.{name}.{k}", t) for k, t in self.importance.whole(name, layer, self.shards)]
-            out[f"pool.{name}.S"] = self.pool[name]["S"]
-            out[f"pool.{name}.V"] = self.pool[name]["V"]
             out[f"slots.{name}.pool_index"] = torch.tensor(self.lifetimes.slot_pool[name], dtype=torch.long)
             out[f"slots.{name}.start"] = torch.tensor(self.lifetimes.slot_start[name], dtype=torch.long)
         if wholes:
@@ -383,14 +386,6 @@ class SRLoRA(Method):
 
     def on_train_end(self, model: nn.Module, run_dir: Path) -> None:
         self.lifetimes.write(run_dir, self.schedule.total_steps, self.event_steps(), self.events_done)
-
-
-def _one_process_experts(name: str, world_size: int) -> None:
-    """SRLoRA adapts fused experts on one process only (their pool, log and events are whole)."""
-    if world_size > 1:
-        raise ConfigError(f"srlora adapts fused MoE experts ({name}) on one process only, not over {world_size} "
-                          "processes (FSDP2/ZeRO-3); use lora or pissa for the experts, or leave them out of "
-                          "method.target_modules")
 
 
 def _choose(scores: dict[str, torch.Tensor], swap: int) -> tuple[dict, dict, dict]:

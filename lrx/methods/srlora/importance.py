@@ -20,7 +20,7 @@ STAT_KEYS = ("A_ibar", "A_ubar", "B_ibar", "B_ubar")
 
 def pair_shape(r: int, layer, key: str) -> tuple[int, ...]:
     """Shape of A or B (not ``p.shape``: a partitioned parameter may be emptied); fused experts
-    (one process only) lead with their experts dim."""
+    lead with their experts dim."""
     lead = (layer.num_experts,) if getattr(layer, "fused", False) else ()
     return (*lead, r, layer.in_features) if key == "A" else (*lead, layer.out_features, r)
 
@@ -127,11 +127,9 @@ class Importance:
         out = []
         for key, piece in self.pieces[name].items():
             p = layer.lora_A if key[0] == "A" else layer.lora_B
-            shape = pair_shape(self.r, layer, key[0])
-            if len(shape) == 3:  # fused experts: whole on their one process
-                out.append((key, piece.view(shape)))
-                continue
-            out.append((key, piece_to_full(piece, shards.span(p)[0], shape)))
+            shape = pair_shape(self.r, layer, key[0])  # fused experts: flat pieces of E x rows x cols
+            full = piece_to_full(piece, shards.span(p)[0], (math.prod(shape[:-1]), shape[-1]))
+            out.append((key, full.view(shape)))
         return out
 
     def bytes(self, out_f: int, in_f: int, world_size: int) -> int:

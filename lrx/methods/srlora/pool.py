@@ -1,8 +1,9 @@
 """SRLoRA's pool: per adapted matrix, the principal directions of W0 not loaded yet.
 
 Each process keeps only its rows of U (a row block, ``Shards.row_block``); S and V are
-whole and bit-identical on every process. Loaded directions leave the pool (copies, so their
-memory is freed): it only ever holds what later events need.
+whole and bit-identical on every process. Fused experts (S is E x k) split the experts dim
+instead: each process keeps U, S and V of its block of experts. Loaded directions leave the
+pool (copies, so their memory is freed): it only ever holds what later events need.
 """
 
 from __future__ import annotations
@@ -14,7 +15,8 @@ import torch
 
 class Pool:
     """Directions not loaded yet, by layer name: ``pool[name]`` is ``{"U", "S", "V"}`` with U
-    (own rows x k), S (k) and V (in x k); fused experts have a leading experts dim on each."""
+    (own rows x k), S (k) and V (in x k); fused experts have a leading dim of own experts on
+    each (``first`` is then the first expert's index)."""
 
     def __init__(self) -> None:
         self.data: dict[str, dict[str, torch.Tensor]] = {}
@@ -33,15 +35,20 @@ class Pool:
         self.first[name] = first
         (self.whole.add if whole else self.whole.discard)(name)
 
+    def experts(self, name: str) -> bool:
+        """Whether the layer is a fused experts weight (its pool is split by experts)."""
+        return self.data[name]["S"].dim() > 1
+
     def place(self, name: str, n_rows: int, shards, device: torch.device) -> None:
-        """Keep this process's rows of a pool loaded whole, next to the adapter (a resumed layer
-        has none until its state is loaded)."""
+        """Keep this process's rows of a pool loaded whole (fused experts: its experts), next to
+        the adapter (a resumed layer has none until its state is loaded)."""
         pool = self.data.get(name)
         if pool is None:
             return
         if name in self.whole and shards.world_size > 1:
-            first, end = shards.row_block(n_rows)
-            pool["U"] = pool["U"][first:end]
+            split = ("U", "S", "V") if self.experts(name) else ("U",)
+            first, end = shards.row_block(pool["S"].shape[0] if self.experts(name) else n_rows)
+            pool.update({k: pool[k][first:end] for k in split})
             self.first[name] = first
             self.whole.discard(name)
         self.data[name] = {k: v.to(device).contiguous() for k, v in pool.items()}
@@ -59,12 +66,17 @@ class Pool:
         self.data[name] = {"U": pool["U"][..., swap:].clone(), "S": pool["S"][..., swap:],
                            "V": pool["V"][..., swap:].clone()}
 
-    def whole_U(self, name: str, n_rows: int) -> torch.Tensor:
-        """U with zeros outside this process's rows: summed over processes, the whole U."""
-        U = self.data[name]["U"]
-        full = U.new_zeros(*U.shape[:-2], n_rows, U.shape[-1])
-        full[..., self.first[name] : self.first[name] + U.shape[-2], :] = U
-        return full
+    def wholes(self, name: str, n_rows: int) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """The pool as whole tensors: ``(split, replicated)``; the split ones (U; fused experts:
+        U, S and V of ``n_rows`` experts) hold zeros outside this process's part, so summed over
+        processes they are whole; the replicated ones (S, V) are whole on every process."""
+        pool, first = self.data[name], self.first[name]
+        split = ("U", "S", "V") if self.experts(name) else ("U",)
+        out = {}
+        for key in split:  # dim 0: U's rows, or the experts
+            out[key] = pool[key].new_zeros(n_rows, *pool[key].shape[1:])
+            out[key][first : first + pool[key].shape[0]] = pool[key]
+        return out, {k: v for k, v in pool.items() if k not in split}
 
     @staticmethod
     def bytes_after(k_left: int, out_f: int, in_f: int, world_size: int) -> int:
