@@ -24,7 +24,7 @@ from torch import nn
 
 from lrx.errors import ConfigError
 from lrx.methods.editlog import log_storage
-from lrx.methods.experts import AdaptedExperts, adapt_experts, is_experts_weight
+from lrx.methods.experts import AdaptedExperts, ExpertWeights, adapt_experts, is_experts_weight
 from lrx.methods.layer import AdaptedLinear
 from lrx.methods.seam import LocalShards, Shards, WeightAccess
 
@@ -291,7 +291,11 @@ class Method:
         if cfg.dropout:
             raise ConfigError(f"{name}: fused experts take no adapter dropout (the adapter is added to the weight, "
                               "not applied to an input); set method.dropout=0 or leave the experts out")
-        return adapt_experts(experts, param, cfg.r, cfg.scale, fold_edits)
+        return adapt_experts(experts, param, lambda base: self.make_experts(name, base, fold_edits))
+
+    def make_experts(self, name: str, base: ExpertWeights, fold_edits: bool) -> AdaptedExperts:
+        """The adapted layer on the fused experts weight ``base`` (a subclass for other parametrisations)."""
+        return AdaptedExperts(base, self.config.r, self.config.scale, fold_edits)
 
     def place_log(self, layer: AdaptedLinear, weights: WeightAccess) -> None:
         """Once a layer is initialised or restored, before it is sharded: where the backend will

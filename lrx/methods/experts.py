@@ -156,8 +156,9 @@ def _drop_effective_weights(module: nn.Module, args, output) -> None:
             module.__dict__.pop(name, None)
 
 
-def adapt_experts(experts: nn.Module, name: str, r: int, scale: float, fold_edits: bool) -> AdaptedExperts:
-    """Replace the fused parameter ``experts.<name>`` by an ``AdaptedExperts`` of the same name.
+def adapt_experts(experts: nn.Module, name: str, make) -> AdaptedExperts:
+    """Replace the fused parameter ``experts.<name>`` by the adapted layer ``make(base)`` makes
+    of its ``ExpertWeights`` (an ``AdaptedExperts``), under the same name.
 
     Returns:
         The adapted layer (registered in ``experts``; the hooks that feed its effective weight
@@ -165,7 +166,7 @@ def adapt_experts(experts: nn.Module, name: str, r: int, scale: float, fold_edit
     """
     param = experts._parameters.pop(name)
     transposed = bool(getattr(experts, "is_transposed", type(experts).__name__ in TRANSPOSED))
-    layer = AdaptedExperts(ExpertWeights(param, transposed), r, scale, fold_edits)
+    layer = make(ExpertWeights(param, transposed))
     setattr(experts, name, layer)
     if not getattr(experts, "_lrx_adapted", False):
         experts.register_forward_pre_hook(_effective_weights)
