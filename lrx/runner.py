@@ -76,7 +76,7 @@ def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
     """Trainable and all parameters, without the frozen ones that hold row-sharded edit logs;
     a quantized layer counts its weights (out x in), not the bytes of its packed codes."""
     logs = {id(t) for _, layer in adapted_layers(model) for t in layer.edit_log.held()}
-    weights = {id(m.weight): m.out_features * m.in_features for m in model.modules() if isinstance(m, QuantizedLinear)}
+    weights = {id(m.weight): m.weight_count() for m in model.modules() if isinstance(m, QuantizedLinear)}
     params = [p for p in model.parameters() if id(p) not in logs]
     return sum(p.numel() for p in params if p.requires_grad), sum(weights.get(id(p), p.numel()) for p in params)
 

@@ -20,6 +20,11 @@ The base parameter is kept as ``base.weight`` (``ExpertWeights``), so the layer'
 experts x k x in) and kept on the layer's device, whole on every process (no host or
 row-sharded log): PiSSA's init and SRLoRA's events (``lrx.methods.srlora.experts``, one process)
 edit experts (folded into an fp32 base, kept in the log beside a bf16 one).
+
+With ``model.quantize`` (one process) the base becomes ``lrx.quant.QuantizedExperts``, stored
+quantized per expert from the weight plus the init's edits (as ``AdaptedLinear.quantize_base``):
+it takes ``ExpertWeights``' place and calls (``forward(delta)``, ``stored``), dequantized while
+the experts module runs, and later edits stay in the exact log beside it.
 """
 
 from __future__ import annotations
@@ -124,6 +129,8 @@ class AdaptedExperts(AdaptedLinear):
         return (self.num_experts, self.out_features, self.in_features)
 
     def _fold(self, U: torch.Tensor, V: torch.Tensor, sign: float) -> None:
+        if self.quantized:
+            raise RuntimeError("quantized experts cannot take edits in place; they stay in the edit log")
         if self.shards.world_size > 1:
             raise RuntimeError("fused experts fold edits on one process only")
         W = self.base.weight
@@ -133,14 +140,15 @@ class AdaptedExperts(AdaptedLinear):
                   world_size: int = 1) -> None:
         """The experts' log stays on the device, whole, a buffer on every process (see the module doc)."""
 
-    def quantize_base(self, quantize) -> None:
-        raise RuntimeError("fused experts are not quantized; they stay in model.dtype")
+    def _product(self, U: torch.Tensor, V: torch.Tensor) -> torch.Tensor:
+        return self.base.stored(torch.bmm(U, V))
 
     @torch.no_grad()
     def merged_weight(self) -> torch.Tensor:
-        """The weight ``merge`` makes, in fp32 and the stored layout."""
+        """The weight ``merge`` makes, in fp32 and the stored layout (a quantized base dequantized)."""
         B, A = self._unfolded_factors()
-        return self.base.weight.detach().float() + self.base.stored(torch.bmm(B, A).to(self.base.weight.device))
+        base = self.base.dequantize() if self.quantized else self.base.weight.detach().float()
+        return base + self.base.stored(torch.bmm(B, A).to(base.device))
 
 
 def _effective_weights(module: nn.Module, args) -> None:
