@@ -101,11 +101,12 @@ def test_quantized_experts_train_round_trip_and_merge(method_name, kind, tmp_pat
     torch.testing.assert_close(logits(model, ids), trained, rtol=0, atol=1e-5)
 
 
-def test_srlora_events_on_quantized_experts_stay_in_the_exact_log():
+def test_srlora_events_on_quantized_experts_stay_in_the_exact_log(tmp_path):
     """SRLoRA's per-expert events on an nf4 base keep the output (<= 1e-5) and never touch the
     codes: the fused pairs and the new directions' residuals are log columns after the baked
-    ones (the init's residual, which the codes contain)."""
-    _, model, method = quantized_moe("nf4", "srlora", interval=3, r_target=8)
+    ones (the init's residual, which the codes contain); the adapter rebuilds the trained model
+    on a fresh base (the baked columns quantized, the rest replayed into the log)."""
+    original, model, method = quantized_moe("nf4", "srlora", interval=3, r_target=8)
     layer = method.layers["model.layers.0.mlp.experts.gate_up_proj"]
     codes = layer.base.weight.detach().clone()
     assert layer.edit_log.baked == layer.edit_log.rank == 4 and not layer.fold_edits
@@ -122,6 +123,11 @@ def test_srlora_events_on_quantized_experts_stay_in_the_exact_log():
     more, _ = srlora_train(model, method, 4, start=3, opt=opt)
     assert (losses + more)[-1] < losses[0] - 0.2, losses + more
     trained = logits(model, ids)
+    save_adapter(tmp_path / "adapter", model, method, {"base_model": "tiny", "quantize": QuantSettings("nf4").to_dict(),
+                                                       "model_dtype": "float32"})
+    resumed = copy.deepcopy(original)
+    load_adapter(tmp_path / "adapter", resumed)
+    torch.testing.assert_close(logits(resumed, ids), trained, rtol=0, atol=0)
     merge_into_linears(model)
     torch.testing.assert_close(logits(model, ids), trained, rtol=0, atol=1e-5)
 
