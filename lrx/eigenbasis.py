@@ -40,6 +40,10 @@ from lrx.rundir import check_writable
 
 log = logging.getLogger(__name__)
 
+# The fused experts weights of transformers' MoE modules (Mixtral, Qwen3-MoE, gpt-oss) in the order
+# the modules define them, which is the order peft wraps them in (``_in_module_order``).
+WEIGHT_ORDER = ("gate_up_proj", "down_proj")
+
 BASIS_WEIGHTS = "eigenbasis.safetensors"
 BASIS_META = "eigenbasis.json"
 
@@ -107,15 +111,15 @@ class SourceAdapter:
     def _name_parameters(self) -> None:
         """Name the fused experts weights of a ``target_parameters`` adapter by their parameter
         (peft stores them under the experts module, one ``.base_layer`` deeper per weight of the
-        same module that it wraps later, in the order ``target_parameters`` lists them) and count
-        their experts (``lora_A``: rank x experts rows)."""
+        same module that it wraps later, in the module's order) and count their experts
+        (``lora_A``: rank x experts rows)."""
         targets = self.config.get("target_parameters") or []
         for key in list(self.modules):
             module, depth = key, 0
             while module.endswith(".base_layer"):
                 module, depth = module.removesuffix(".base_layer"), depth + 1
             named = [(f"{module}.{t.rsplit('.', 1)[-1]}", t) for t in targets]
-            siblings = [n for n, t in named if n == t or n.endswith("." + t)]
+            siblings = self._in_module_order([n for n, t in named if n == t or n.endswith("." + t)], targets)
             if depth >= len(siblings):
                 continue  # a linear layer's pair
             name = siblings[len(siblings) - 1 - depth]
@@ -125,6 +129,18 @@ class SourceAdapter:
                 raise LrxError(f"{self.weights}: {key} has lora_A {a_shape} and lora_B {b_shape}, not rank {k} per "
                                "expert; this target_parameters adapter is broken")
             self.modules[name], self.keys[name], self.experts[name] = (a_shape, b_shape), key, a_shape[0] // k
+
+    def _in_module_order(self, siblings: list[str], targets: list[str]) -> list[str]:
+        """The weights of one experts module in the order peft wrapped them (the module's): as
+        listed where the list names full parameters (lrx's exports list them in module order);
+        peft writes its patterns in no fixed order, so those follow ``WEIGHT_ORDER``."""
+        if len(siblings) < 2 or all(n in targets for n in siblings):
+            return siblings
+        leaves = [n.rsplit(".", 1)[-1] for n in siblings]
+        if not set(leaves) <= set(WEIGHT_ORDER):
+            raise LrxError(f"{self.path}: target_parameters {leaves} of one module, in an order peft does not record; "
+                           f"lrx knows the order of {', '.join(WEIGHT_ORDER)} only: target one weight per module")
+        return sorted(siblings, key=lambda n: WEIGHT_ORDER.index(n.rsplit(".", 1)[-1]))
 
     def read(self, module: str) -> tuple[torch.Tensor, torch.Tensor]:
         """``(A^T, B)`` of one module as float64 (in x r, out x r; a fused experts weight's per

@@ -280,3 +280,24 @@ def test_eigenlorax_on_experts_from_lora_exports(tmp_path):
     model.save_pretrained(tmp_path / "merged")
     plain = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
     torch.testing.assert_close(logits(plain, ids), trained, rtol=0, atol=1e-5)
+
+
+def test_eigenbasis_reads_peft_target_parameters_adapters(tmp_path):
+    """An adapter peft trained on the experts (``target_parameters``, both weights of a module:
+    one ``.base_layer`` deeper per weight wrapped later) is read per parameter, as peft's own
+    ``get_delta_factors`` sees it (non-transposed experts: B experts x out x r, A experts x r x in)."""
+    peft = pytest.importorskip("peft")
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=[], init_lora_weights=False,
+                             target_parameters=["experts.down_proj", "experts.gate_up_proj"])
+    model = peft.get_peft_model(tiny_moe("qwen3_moe"), config)
+    model.save_pretrained(tmp_path / "peft")
+    source = SourceAdapter.open(tmp_path / "peft")
+    wrapped = {n: m for n, m in model.named_modules() if type(m).__name__ == "ParamWrapper"}
+    assert len(wrapped) == 4 and sorted(source.modules) == sorted(source.experts)
+    for name, module in wrapped.items():
+        owner = name.removeprefix("base_model.model.").replace(".base_layer", "")
+        B, A, _ = module.get_delta_factors("default")
+        At, B_read = source.read(f"{owner}.{module.parameter_name}")
+        assert source.experts[f"{owner}.{module.parameter_name}"] == 4
+        torch.testing.assert_close(B_read.float(), B, rtol=0, atol=0)
+        torch.testing.assert_close(At.float().transpose(1, 2), A, rtol=0, atol=0)
