@@ -29,6 +29,7 @@ the full-precision path makes its effective weight ``W + scale B A``), never the
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 from dataclasses import dataclass
 
@@ -36,6 +37,8 @@ import torch
 from torch import nn
 
 from lrx.errors import ConfigError
+
+log = logging.getLogger(__name__)
 
 QUANT_TYPES = ("none", "nf4", "fp4", "int8")
 BLOCKSIZE = 64  # bitsandbytes' and transformers' default for 4-bit
@@ -279,8 +282,17 @@ class Quantizer:
         return contextlib.nullcontext()
 
     def plan(self, model: nn.Module, skip: list[str]) -> None:
-        """Choose the layers to quantize (``quantized_linears``) of the wrapped model."""
+        """Choose the layers to quantize (``quantized_linears``) of the wrapped model; one warning
+        names the fused experts weights left in ``model.dtype`` (not adapted)."""
+        from lrx.methods.experts import ExpertWeights, is_experts_weight
+
         self.targets = quantized_linears(model, skip)
+        kept = [f"{n}.{p}" for n, m in model.named_modules() if not isinstance(m, ExpertWeights)
+                for p, w in m.named_parameters(recurse=False) if is_experts_weight(m, w)]
+        if kept:
+            log.warning("model.quantize=%s: %d fused experts weights that are not adapted (%s...) stay in the model's "
+                        "dtype; add the experts to method.target_modules to store them quantized",
+                        self.settings.kind, len(kept), kept[0])
 
     def __call__(self, linear: nn.Module, weight: torch.Tensor) -> QuantizedLinear:
         device = self.device if self.device is not None and weight.device.type != "meta" else weight.device

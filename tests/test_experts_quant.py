@@ -138,3 +138,15 @@ def test_quantized_experts_over_several_processes_refuse_in_one_line():
     with pytest.raises(ConfigError, match="quantized fused experts train on one process only") as err:
         method.attach(model, PieceShards(0, 2))  # as a backend of 2 processes would
     assert "\n" not in str(err.value)
+
+
+def test_experts_left_out_of_the_targets_stay_unquantized_and_are_named_in_one_warning(caplog):
+    model = tiny_moe("qwen3_moe")
+    method = build_method(load_config(None, ["method.target_modules=[q_proj,experts.gate_up_proj]", "method.r=4"]).method)
+    with caplog.at_level("WARNING", logger="lrx.quant"):
+        Adapters(method, quantizer=Quantizer(QuantSettings("nf4"))).adapt(model)
+    quantized = [n for n, m in model.named_modules() if isinstance(m, QuantizedExperts)]
+    assert quantized == [f"model.layers.{i}.mlp.experts.gate_up_proj.base" for i in range(2)]
+    assert model.model.layers[0].mlp.experts.down_proj.dtype == torch.float32
+    warnings = [r.getMessage() for r in caplog.records if "stay in the model's dtype" in r.getMessage()]
+    assert len(warnings) == 1 and "2 fused experts weights" in warnings[0] and "experts.down_proj" in warnings[0]
