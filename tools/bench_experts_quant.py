@@ -7,13 +7,16 @@ builds it (``Adapters`` with a ``Quantizer``) for ``--quantize`` none (the exper
 (double quantization, blocks of 64) and int8. Reported: the experts' stored bytes (bf16: the
 parameters; quantized: codes plus statistics, every buffer of their ``QuantizedExperts``
 included), their ratio to bf16, and the time of one training step (forward + backward over
-``--tokens`` tokens in bf16 on the CPU, median of ``--steps`` after one warm-up step).
+``--tokens`` tokens in bf16 on the CPU, median of ``--steps`` after one warm-up step) and, of
+it, the time to dequantize every experts weight once (what a step's forward does).
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import statistics
+import time
 
 import torch
 from transformers import AutoModelForCausalLM, Qwen3MoeConfig
@@ -33,6 +36,19 @@ def experts_bytes(model) -> int:
         tensors = [*layer.base.parameters(), *layer.base.buffers()]
         total += sum(t.numel() * t.element_size() for t in tensors)
     return total
+
+
+def dequantize_time(model, steps: int) -> float:
+    """Median time to dequantize every quantized experts weight once (what one step's forward
+    does; 0 for bf16 experts)."""
+    bases = [m.base for m in model.modules() if isinstance(m, AdaptedExperts) and m.quantized]
+    times = []
+    for _ in range(steps if bases else 0):
+        t = time.perf_counter()
+        for base in bases:
+            base.dequantize()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times) if times else 0.0
 
 
 def main() -> None:
@@ -67,7 +83,8 @@ def main() -> None:
         stored = experts_bytes(model)
         reference = reference or stored
         print(f"{kind:>4}: experts stored {stored:,} bytes ({stored / reference:.3f} of the first), "
-              f"training step ({args.tokens} tokens, bf16) {took * 1e3:.1f} ms")
+              f"training step ({args.tokens} tokens, bf16) {took * 1e3:.1f} ms, "
+              f"of which the experts' weights dequantized {dequantize_time(model, args.steps) * 1e3:.1f} ms")
 
 
 if __name__ == "__main__":
