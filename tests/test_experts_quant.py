@@ -10,6 +10,7 @@ import copy
 
 import pytest
 import torch
+from transformers import AutoModelForCausalLM, Qwen3MoeConfig
 
 from lrx.adapter import load_adapter, save_adapter
 from lrx.build import Adapters
@@ -20,7 +21,7 @@ from lrx.methods import LocalShards, build_method
 from lrx.methods.experts import AdaptedExperts
 from lrx.methods.seam import PieceShards
 from lrx.quant import QuantizedExperts, QuantizedLinear, Quantizer, QuantSettings, bitsandbytes
-from tests.test_experts import batch, logits, perturb, srlora_train, tiny_moe, train
+from tests.test_experts import SMALL, batch, logits, perturb, srlora_train, tiny_moe, train
 
 pytest.importorskip("bitsandbytes")
 
@@ -137,6 +138,16 @@ def test_quantized_experts_over_several_processes_refuse_in_one_line():
     _, model, method = quantized_moe("int8")
     with pytest.raises(ConfigError, match="quantized fused experts train on one process only") as err:
         method.attach(model, PieceShards(0, 2))  # as a backend of 2 processes would
+    assert "\n" not in str(err.value)
+
+
+def test_experts_whose_4bit_blocks_would_span_two_experts_refuse_in_one_line():
+    """down_proj of 32 x 17 per expert: 544 values, not a multiple of the block size 64."""
+    model = AutoModelForCausalLM.from_config(Qwen3MoeConfig(intermediate_size=64, moe_intermediate_size=17,
+                                                            num_experts=4, **SMALL))
+    method = build_method(load_config(None, ["method.target_modules=[experts]", "method.r=4"]).method)
+    with pytest.raises(ConfigError, match="experts of 32x17 are not a multiple of the nf4 block size 64") as err:
+        Adapters(method, quantizer=Quantizer(QuantSettings("nf4"))).adapt(model)
     assert "\n" not in str(err.value)
 
 
