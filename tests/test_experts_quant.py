@@ -161,3 +161,20 @@ def test_experts_left_out_of_the_targets_stay_unquantized_and_are_named_in_one_w
     assert model.model.layers[0].mlp.experts.down_proj.dtype == torch.float32
     warnings = [r.getMessage() for r in caplog.records if "stay in the model's dtype" in r.getMessage()]
     assert len(warnings) == 1 and "2 fused experts weights" in warnings[0] and "experts.down_proj" in warnings[0]
+
+
+def test_pissa_quantizes_the_residual_of_transposed_experts_whichever_way_its_edit_was_kept():
+    """gpt-oss (experts x in x out): the base holds W - scale B A quantized (QPiSSA), whether the
+    init's edit was folded (fp32) or kept in the log and added in the stored layout when the base
+    is quantized (``fuse=log``); its error is below quantizing W itself."""
+    effective = {}
+    for fuse in ("auto", "log"):
+        original, _, method = quantized_moe("int8", "pissa", family="gpt_oss", fuse=fuse)
+        for name, layer in experts_of(method).items():
+            assert layer.base.transposed and layer.edit_log.baked == 4
+            effective[fuse, name] = layer.base.dequantize() + layer.base.stored(torch.bmm(layer.lora_B, layer.lora_A) * layer.scale)
+    for (_, name), eff in effective.items():
+        W = original.get_parameter(name).detach()
+        direct = QuantizedExperts.of_experts(W, QuantSettings("int8"), True, W.dtype).dequantize()
+        assert (eff - W).norm() < 0.9 * (direct - W).norm(), name  # a random W: its top 4 directions hold little
+        torch.testing.assert_close(eff, effective["auto", name], rtol=0, atol=1e-6)
