@@ -242,7 +242,8 @@ def test_srlora_experts_train_resume_and_export(tmp_path):
 
 def test_eigenlorax_on_experts_from_lora_exports(tmp_path):
     """Two LoRA adapters of the experts, exported as peft ``target_parameters`` adapters, give a
-    basis per expert (read back in lrx's layout); EigenLoRAx trains loadings per expert on it,
+    basis per expert (read back in lrx's layout); EigenLoRAx warm-starts from one (projected per
+    expert) or trains loadings per expert from zero_b,
     the loss falls, and the merged and peft exports give the trained logits."""
     peft = pytest.importorskip("peft")
     sources = []
@@ -259,6 +260,11 @@ def test_eigenlorax_on_experts_from_lora_exports(tmp_path):
 
     meta = build_basis(sources, tmp_path / "basis", k=6, augment=2)  # 8 columns per expert: 7 components
     assert meta["shapes"][name] == {"in": 16, "out": 32, "experts": 4} and meta["k"] == 6
+    _, _, warm = adapted("qwen3_moe", "eigenlorax", targets="basis", basis=tmp_path / "basis", init="project",
+                         project_from=sources[-1])  # warm start: each expert's source pairs projected on its basis
+    C_A, C_B = warm.layers[name].C_A.double(), warm.layers[name].C_B.double()
+    torch.testing.assert_close(warm.layers[name].lora_A.double().transpose(1, 2), C_A @ C_A.transpose(1, 2) @ At)
+    torch.testing.assert_close(warm.layers[name].lora_B.double(), C_B @ C_B.transpose(1, 2) @ B)
     original, model, method = adapted("qwen3_moe", "eigenlorax", targets="basis", basis=tmp_path / "basis",
                                       init="zero_b")
     eigen = method.layers[name]
