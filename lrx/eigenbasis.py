@@ -8,6 +8,13 @@ vectors, each orthogonalised against all current columns (Gram-Schmidt, twice) a
 normalised. Sources are peft LoRA folders (``adapter_config.json`` +
 ``adapter_model.safetensors``), including the ``adapter_peft/`` that lrx writes.
 
+Fused MoE experts weights (peft ``target_parameters``, as lrx exports its experts layers) get
+one basis per expert, stacked (``C_A`` experts x in x K, ``C_B`` experts x out x K): the paper
+builds a basis per adapted weight matrix (per layer and matrix type), and each expert is its own
+weight; the intermediate coordinates of ``gate_up_proj``'s output and ``down_proj``'s input are
+each expert's own neurons, so a basis shared over the experts would mix unrelated coordinates.
+Every expert keeps the same K (the fewest any expert has; augmentation fills up).
+
 Sources are read module by module through ``safetensors.safe_open``, so only one module's
 tensors of all adapters are in memory at a time. Output: ``eigenbasis.safetensors``
 (``{module}.C_A``, ``{module}.C_B``, explained-variance ratios ``{module}.evr_A/evr_B``)
@@ -19,7 +26,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +39,10 @@ from lrx.fileio import pickle_files, read_json, read_safetensors
 from lrx.rundir import check_writable
 
 log = logging.getLogger(__name__)
+
+# The fused experts weights of transformers' MoE modules (Mixtral, Qwen3-MoE, gpt-oss) in the order
+# the modules define them, which is the order peft wraps them in (``_in_module_order``).
+WEIGHT_ORDER = ("gate_up_proj", "down_proj")
 
 BASIS_WEIGHTS = "eigenbasis.safetensors"
 BASIS_META = "eigenbasis.json"
@@ -53,6 +64,8 @@ class SourceAdapter:
     config: dict[str, Any]
     weights: Path
     modules: dict[str, tuple[tuple[int, ...], tuple[int, ...]]]  # module -> (A shape, B shape)
+    experts: dict[str, int] = field(default_factory=dict)  # fused experts weight -> number of experts
+    keys: dict[str, str] = field(default_factory=dict)  # module -> its peft key where they differ
 
     @classmethod
     def open(cls, path: str | Path) -> "SourceAdapter":
@@ -91,17 +104,66 @@ class SourceAdapter:
         broken = [m for m, s in shapes.items() if set(s) != {"A", "B"}]
         if broken or not shapes:
             raise LrxError(f"{weights}: no complete lora_A/lora_B pairs (modules {broken[:3] or 'none'})")
-        return cls(path, config, weights, {m: (s["A"], s["B"]) for m, s in shapes.items()})
+        adapter = cls(path, config, weights, {m: (s["A"], s["B"]) for m, s in shapes.items()})
+        adapter._name_parameters()
+        return adapter
+
+    def _name_parameters(self) -> None:
+        """Name the fused experts weights of a ``target_parameters`` adapter by their parameter
+        (peft stores them under the experts module, one ``.base_layer`` deeper per weight of the
+        same module that it wraps later, in the module's order) and count their experts
+        (``lora_A``: rank x experts rows)."""
+        targets = self.config.get("target_parameters") or []
+        for key in list(self.modules):
+            module, depth = key, 0
+            while module.endswith(".base_layer"):
+                module, depth = module.removesuffix(".base_layer"), depth + 1
+            named = [(f"{module}.{t.rsplit('.', 1)[-1]}", t) for t in targets]
+            siblings = self._in_module_order([n for n, t in named if n == t or n.endswith("." + t)], targets)
+            if depth >= len(siblings):
+                continue  # a linear layer's pair
+            name = siblings[len(siblings) - 1 - depth]
+            a_shape, b_shape = self.modules.pop(key)
+            k = _rank_of(self.config, name)
+            if a_shape[0] % k or b_shape[1] != a_shape[0]:
+                raise LrxError(f"{self.weights}: {key} has lora_A {a_shape} and lora_B {b_shape}, not rank {k} per "
+                               "expert; this target_parameters adapter is broken")
+            self.modules[name], self.keys[name], self.experts[name] = (a_shape, b_shape), key, a_shape[0] // k
+
+    def _in_module_order(self, siblings: list[str], targets: list[str]) -> list[str]:
+        """The weights of one experts module in the order peft wrapped them (the module's): as
+        listed where the list names full parameters (lrx's exports list them in module order);
+        peft writes its patterns in no fixed order, so those follow ``WEIGHT_ORDER``."""
+        if len(siblings) < 2 or all(n in targets for n in siblings):
+            return siblings
+        leaves = [n.rsplit(".", 1)[-1] for n in siblings]
+        if not set(leaves) <= set(WEIGHT_ORDER):
+            raise LrxError(f"{self.path}: target_parameters {leaves} of one module, in an order peft does not record; "
+                           f"lrx knows the order of {', '.join(WEIGHT_ORDER)} only: target one weight per module")
+        return sorted(siblings, key=lambda n: WEIGHT_ORDER.index(n.rsplit(".", 1)[-1]))
 
     def read(self, module: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(A^T, B)`` of one module as float64 (in x r, out x r); LrxError on NaN/Inf."""
+        """``(A^T, B)`` of one module as float64 (in x r, out x r; a fused experts weight's per
+        expert: experts x in x r, experts x out x r); LrxError on NaN/Inf."""
+        key = self.keys.get(module, module)
         with safe_open(str(self.weights), framework="pt") as f:
-            A = f.get_tensor(f"base_model.model.{module}.lora_A.weight").double()
-            B = f.get_tensor(f"base_model.model.{module}.lora_B.weight").double()
+            A = f.get_tensor(f"base_model.model.{key}.lora_A.weight").double()
+            B = f.get_tensor(f"base_model.model.{key}.lora_B.weight").double()
         for name, t in (("lora_A", A), ("lora_B", B)):
             if not torch.isfinite(t).all():
                 raise LrxError(f"{self.weights}: {module}.{name} contains NaN or Inf; this adapter is broken")
-        return A.t(), B
+        if module in self.experts:  # peft's layout: A expert-major rows, B rank-major columns
+            E = self.experts[module]
+            A, B = A.reshape(E, -1, A.shape[-1]), B.reshape(B.shape[0], -1, E).permute(2, 0, 1)
+        return A.transpose(-1, -2), B
+
+
+def _rank_of(config: dict[str, Any], name: str) -> int:
+    """The rank peft's ``rank_pattern`` (full names or suffixes) or ``r`` gives module ``name``."""
+    for pattern, rank in (config.get("rank_pattern") or {}).items():
+        if name == pattern or name.endswith("." + pattern):
+            return int(rank)
+    return int(config.get("r", 8))
 
 
 def principal_basis(
@@ -120,7 +182,6 @@ def principal_basis(
         ``C`` (dim x k', orthonormal columns, float64) and the explained-variance ratio of the
         kept components (k,).
     """
-    dim = M.shape[0]
     centred = M - M.mean(dim=1, keepdim=True)
     U, S, _ = torch.linalg.svd(centred, full_matrices=False)
     variance = S**2
@@ -132,19 +193,34 @@ def principal_basis(
             "%s: only %d principal components exist (%d stacked columns after centring), %d were asked for%s",
             label, kept, M.shape[1], k, "; augmentation fills in" if augment else "; pass --augment to fill up",
         )
-    C = U[:, :kept]
     evr = variance[:kept] / total if total > 0 else torch.zeros(kept, dtype=M.dtype)
-    if augment:
-        gen = torch.Generator().manual_seed(seed)
-        extra = []
-        for _ in range(min(augment, dim - kept)):
-            v = torch.randn(dim, generator=gen, dtype=torch.float64)
-            for _ in range(2):  # Gram-Schmidt twice: "twice is enough" (Giraud et al. 2005)
-                basis = torch.cat([C, *[e[:, None] for e in extra]], dim=1)
-                v = v - basis @ (basis.t() @ v)
-            extra.append(v / v.norm())
-        C = torch.cat([C, *[e[:, None] for e in extra]], dim=1)
-    return C, evr
+    return augmented(U[:, :kept], augment, seed), evr
+
+
+def augmented(C: torch.Tensor, augment: int, seed: int) -> torch.Tensor:
+    """``C`` (dim x k, orthonormal columns) with ``augment`` seeded random columns appended (at
+    most dim - k), each orthogonalised against all current columns and normalised."""
+    dim = C.shape[0]
+    gen = torch.Generator().manual_seed(seed)
+    extra = []
+    for _ in range(min(augment, dim - C.shape[1])):
+        v = torch.randn(dim, generator=gen, dtype=torch.float64)
+        for _ in range(2):  # Gram-Schmidt twice: "twice is enough" (Giraud et al. 2005)
+            basis = torch.cat([C, *[e[:, None] for e in extra]], dim=1)
+            v = v - basis @ (basis.t() @ v)
+        extra.append(v / v.norm())
+    return torch.cat([C, *[e[:, None] for e in extra]], dim=1)
+
+
+def experts_basis(M: torch.Tensor, k: int, augment: int, seed: int, label: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """``principal_basis`` of each expert's columns (``M``: experts x dim x n), stacked: ``C``
+    (experts x dim x k') and the explained-variance ratios (experts x k'), every expert cut to
+    the fewest principal components any expert has (then augmented alike)."""
+    per_expert = [principal_basis(m, k, augment, seed, f"{label} expert {e}") for e, m in enumerate(M)]
+    kept = min(evr.numel() for _, evr in per_expert)
+    # Augmented after the cut, each expert with its own seed: every expert has kept + P columns.
+    C = torch.stack([augmented(C[:, :kept], augment, seed + 7919 * e) for e, (C, _) in enumerate(per_expert)])
+    return C, torch.stack([evr[:kept] for _, evr in per_expert])
 
 
 def open_sources(sources: list[str | Path]) -> list[SourceAdapter]:
@@ -179,9 +255,10 @@ def open_sources(sources: list[str | Path]) -> list[SourceAdapter]:
                            f"(missing {missing[:3]}, extra {extra[:3]}); all sources must adapt the same modules")
         for module, (sa, sb) in a.modules.items():
             ra, rb = ref.modules[module]
-            if sa[1] != ra[1] or sb[0] != rb[0]:
-                raise LrxError(f"{a.weights}: {module} has shape in={sa[1]}, out={sb[0]} but {ref.weights} has "
-                               f"in={ra[1]}, out={rb[0]}; the adapters belong to different base models")
+            if sa[1] != ra[1] or sb[0] != rb[0] or a.experts.get(module) != ref.experts.get(module):
+                raise LrxError(f"{a.weights}: {module} has shape in={sa[1]}, out={sb[0]}, experts "
+                               f"{a.experts.get(module)} but {ref.weights} has in={ra[1]}, out={rb[0]}, experts "
+                               f"{ref.experts.get(module)}; the adapters belong to different base models")
     return adapters
 
 
@@ -229,14 +306,16 @@ def build_basis(
     for index, module in enumerate(sorted(ref.modules)):
         As, Bs = zip(*(a.read(module) for a in adapters))  # one module of every adapter at a time
         for part, cols in (("A", As), ("B", Bs)):
-            C, evr = principal_basis(torch.cat(cols, dim=1), k, augment, seed + 2 * index + (part == "B"),
-                                     f"{module}.{part}")
-            kept.append(len(evr))
+            basis = principal_basis if cols[0].dim() == 2 else experts_basis
+            C, evr = basis(torch.cat(cols, dim=-1), k, augment, seed + 2 * index + (part == "B"), f"{module}.{part}")
+            kept.append(evr.shape[-1])
             tensors[f"{module}.C_{part}"] = C.float().contiguous()
             tensors[f"{module}.evr_{part}"] = evr.float().contiguous()
             kind = module.rsplit(".", 1)[-1]
-            summary.setdefault(kind, {}).setdefault(part, []).append(float(evr.sum()))
+            summary.setdefault(kind, {}).setdefault(part, []).append(float(evr.sum(-1).mean()))
         shapes[module] = {"in": ref.modules[module][0][1], "out": ref.modules[module][1][0]}
+        if module in ref.experts:
+            shapes[module]["experts"] = ref.experts[module]
     meta = {
         "format": "lrx-eigenbasis",
         "k": max(kept),  # what the tensors hold: fewer than asked when the sources have fewer columns

@@ -16,7 +16,8 @@ from lrx.quant import QuantizedLinear
 def merge_into_linears(model: nn.Module) -> int:
     """Fold every adapted layer (edits and adapter) into its base in fp32 and unwrap it; a
     quantized base (and every other quantized linear) becomes a plain ``nn.Linear`` holding
-    its dequantized weight plus the change.
+    its dequantized weight plus the change (quantized fused experts: their parameter again, in
+    the dtype they computed in).
 
     Returns:
         The number of layers merged.
@@ -24,9 +25,14 @@ def merge_into_linears(model: nn.Module) -> int:
     layers = list(adapted_layers(model))
     for name, layer in layers:
         weight = layer.merged_weight()
+        parent, _, child = name.rpartition(".")
+        if getattr(layer, "fused", False) and layer.quantized:  # experts: a parameter in the dtype they computed in
+            setattr(model.get_submodule(parent) if parent else model, child,
+                    nn.Parameter(weight.to(layer.base.dtype), requires_grad=False))
+            continue
         base = layer.base if not layer.quantized else plain_linear(layer.base)
         base.weight.copy_(weight.to(base.weight.dtype))  # one rounding, from fp32
-        parent, _, child = name.rpartition(".")  # fused experts: the parameter takes its place back
+        # fused experts: the parameter takes its place back
         setattr(model.get_submodule(parent) if parent else model, child, base.weight if getattr(layer, "fused", False) else base)
     for parent in list(model.modules()):
         for child, module in list(parent.named_children()):

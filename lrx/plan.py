@@ -110,6 +110,7 @@ def _base_bytes(model, config: RunConfig, method) -> tuple[int, int]:
         for name in quantized_linears(model, method.saved_modules).values():
             weight = linears[name].weight
             frozen.pop(id(weight), None)
-            stats += settings.stat_bytes(*weight.shape)
-            frozen[id(weight)] = torch.empty(settings.code_bytes(*weight.shape), dtype=torch.uint8, device="meta")
+            shape = (weight.shape[:-1].numel(), weight.shape[-1])  # fused experts: (experts * rows) x cols
+            stats += settings.stat_bytes(*shape)
+            frozen[id(weight)] = torch.empty(settings.code_bytes(*shape), dtype=torch.uint8, device="meta")
     return sum(p.numel() * p.element_size() for p in frozen.values()), stats

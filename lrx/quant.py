@@ -17,11 +17,19 @@ needs to dequantize. The arithmetic is bitsandbytes': ``quantize_4bit`` / ``dequ
 row, the storage of ``load_in_8bit``). The forward dequantizes into the compute dtype and
 multiplies; backward dequantizes again rather than keeping the weight (QLoRA's memory).
 int8 is weight-only here: activations are not quantized (no LLM.int8 outlier matmul).
+
+Fused MoE experts weights (``lrx.methods.experts``, experts x rows x cols) that are adapted
+become a ``QuantizedExperts``: quantized per expert as the (experts * rows) x cols matrix, so a
+4-bit block of 64 never spans two experts (rows x cols must be a multiple of the block size)
+and each int8 row scale is one expert's row. The experts' own forward reads the whole weight of
+a layer, so it is dequantized one layer's weight at a time while that experts module runs (as
+the full-precision path makes its effective weight ``W + scale B A``), never the whole model.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 from dataclasses import dataclass
 
@@ -29,6 +37,8 @@ import torch
 from torch import nn
 
 from lrx.errors import ConfigError
+
+log = logging.getLogger(__name__)
 
 QUANT_TYPES = ("none", "nf4", "fp4", "int8")
 BLOCKSIZE = 64  # bitsandbytes' and transformers' default for 4-bit
@@ -167,6 +177,10 @@ class QuantizedLinear(nn.Module):
             self._qs = (tuple(state), bf.QuantState.from_dict(dict(zip(self._state_keys, state)), device=codes.device))
         return bf.dequantize_4bit(codes, self._qs[1]).to(dtype)
 
+    def weight_count(self) -> int:
+        """Values of the weight it stores (not the bytes of its packed codes)."""
+        return self.out_features * self.in_features
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         device = x.device.type
         dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
@@ -178,6 +192,49 @@ class QuantizedLinear(nn.Module):
         return f"in={self.in_features}, out={self.out_features}, {self.settings.kind}{dq}"
 
 
+class QuantizedExperts(QuantizedLinear):
+    """A fused experts weight stored quantized per expert (see the module doc), in the place of
+    ``lrx.methods.experts.ExpertWeights``: ``forward(delta)`` is the dequantized weight plus
+    ``delta`` in the stored layout, summed in fp32 and rounded to the dtype the weight had once;
+    ``dequantize()`` gives that weight in fp32 (experts x rows x cols). Made with ``of_experts``."""
+
+    @classmethod
+    @torch.no_grad()
+    def of_experts(cls, weight: torch.Tensor, settings: QuantSettings, transposed: bool, dtype: torch.dtype,
+                   device: torch.device | None = None) -> QuantizedExperts:
+        """Quantize ``weight`` (experts x rows x cols, full precision, the stored layout; ``transposed``:
+        experts x in x out) that the model computes with in ``dtype``.
+
+        Raises:
+            ConfigError: a 4-bit block would span two experts (rows x cols not a multiple of it).
+        """
+        experts, rows, cols = weight.shape
+        if settings.kind != "int8" and rows * cols % settings.blocksize:
+            raise ConfigError(f"experts of {rows}x{cols} are not a multiple of the {settings.kind} block size "
+                              f"{settings.blocksize}, so they cannot be quantized per expert; set model.quantize=int8")
+        layer = cls.of(weight.reshape(experts * rows, cols), settings, None, device)
+        layer.num_experts, layer.transposed, layer.dtype, layer.rows = experts, transposed, dtype, rows
+        layer.out_features, layer.in_features = (cols, rows) if transposed else (rows, cols)
+        return layer
+
+    def stored(self, W: torch.Tensor) -> torch.Tensor:
+        """A logical (experts x out x in) tensor in the stored layout, and back (as ``ExpertWeights.stored``)."""
+        return W.transpose(-1, -2) if self.transposed else W
+
+    def dequantize(self, dtype: torch.dtype = torch.float32, tensors: tuple[torch.Tensor, ...] | None = None) -> torch.Tensor:
+        """The weight (experts x rows x cols, the stored layout) in ``dtype``."""
+        return super().dequantize(dtype, tensors).view(self.num_experts, self.rows, -1)
+
+    def forward(self, delta: torch.Tensor) -> torch.Tensor:
+        return (delta.float() + self.dequantize()).to(self.dtype)
+
+    def weight_count(self) -> int:
+        return self.num_experts * self.out_features * self.in_features
+
+    def extra_repr(self) -> str:
+        return f"experts={self.num_experts}, " + super().extra_repr()
+
+
 def _buffer_name(key: str) -> str:
     return "q_" + key.replace(".", "_")
 
@@ -185,7 +242,9 @@ def _buffer_name(key: str) -> str:
 def quantized_linears(model: nn.Module, skip: list[str]) -> dict[int, str]:
     """The linear layers ``model.quantize`` stores quantized, by ``id``: every ``nn.Linear``
     (adapted layers' bases included) except the output heads and the modules in ``skip``
-    (trained in full: ``modules_to_save``), as QLoRA quantizes."""
+    (trained in full: ``modules_to_save``), as QLoRA quantizes, and the adapted fused experts
+    weights (``ExpertWeights``, quantized per expert; experts left out of ``target_modules`` stay
+    in ``model.dtype``)."""
     from lrx.methods.base import OUTPUT_HEADS
 
     def kept(name: str) -> bool:
@@ -193,7 +252,13 @@ def quantized_linears(model: nn.Module, skip: list[str]) -> dict[int, str]:
         return any(name == h or name.endswith("." + h) for h in OUTPUT_HEADS) or any(
             name == m or name.startswith(m + ".") for m in skip)
 
-    return {id(m): n for n, m in model.named_modules() if type(m) is nn.Linear and not kept(n)}
+    return {id(m): n for n, m in model.named_modules() if type(m) in _quantizable() and not kept(n)}
+
+
+def _quantizable() -> tuple[type, ...]:
+    from lrx.methods.experts import ExpertWeights
+
+    return (nn.Linear, ExpertWeights)
 
 
 class Quantizer:
@@ -217,8 +282,17 @@ class Quantizer:
         return contextlib.nullcontext()
 
     def plan(self, model: nn.Module, skip: list[str]) -> None:
-        """Choose the layers to quantize (``quantized_linears``) of the wrapped model."""
+        """Choose the layers to quantize (``quantized_linears``) of the wrapped model; one warning
+        names the fused experts weights left in ``model.dtype`` (not adapted)."""
+        from lrx.methods.experts import ExpertWeights, is_experts_weight
+
         self.targets = quantized_linears(model, skip)
+        kept = [f"{n}.{p}" for n, m in model.named_modules() if not isinstance(m, ExpertWeights)
+                for p, w in m.named_parameters(recurse=False) if is_experts_weight(m, w)]
+        if kept:
+            log.warning("model.quantize=%s: %d fused experts weights that are not adapted (%s...) stay in the model's "
+                        "dtype; add the experts to method.target_modules to store them quantized",
+                        self.settings.kind, len(kept), kept[0])
 
     def replaces(self, param: torch.Tensor) -> bool:
         """Whether ``param`` (of the planned model) is never read from the base's files: a weight
@@ -227,6 +301,8 @@ class Quantizer:
 
     def __call__(self, linear: nn.Module, weight: torch.Tensor) -> QuantizedLinear:
         device = self.device if self.device is not None and weight.device.type != "meta" else weight.device
+        if getattr(linear, "num_experts", None):  # a fused experts weight (``ExpertWeights``)
+            return QuantizedExperts.of_experts(weight, self.settings, linear.transposed, linear.weight.dtype, device)
         return QuantizedLinear.of(weight, self.settings, linear.bias, device)
 
     def apply(self, root: nn.Module, gathered=lambda module: contextlib.nullcontext()) -> int:
@@ -240,7 +316,7 @@ class Quantizer:
         done = 0
         for parent in list(root.modules()):
             for child, module in list(parent.named_children()):
-                if id(module) not in self.targets or type(module) is not nn.Linear:
+                if id(module) not in self.targets or type(module) not in _quantizable():
                     continue
                 adapted = hasattr(parent, "quantize_base")  # the base of an adapted layer
                 with gathered(parent if adapted else module):

@@ -79,7 +79,7 @@ def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
     a quantized layer counts its weights (out x in), not the bytes of its packed codes; a
     parameter ZeRO-3 partitioned while building (``ds_numel``) its whole size."""
     logs = {id(t) for _, layer in adapted_layers(model) for t in layer.edit_log.held()}
-    weights = {id(m.weight): m.out_features * m.in_features for m in model.modules() if isinstance(m, QuantizedLinear)}
+    weights = {id(m.weight): m.weight_count() for m in model.modules() if isinstance(m, QuantizedLinear)}
     params = [p for p in model.parameters() if id(p) not in logs]
     size = [(p, weights.get(id(p), getattr(p, "ds_numel", p.numel()))) for p in params]
     return sum(n for p, n in size if p.requires_grad), sum(n for _, n in size)

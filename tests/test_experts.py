@@ -1,7 +1,8 @@
 """Fused MoE experts as adapted layers (``lrx.methods.experts``): a token routed to expert e
 sees ``W_e x + scale * B_e A_e x`` in every layout transformers stores experts in; LoRA and
 PiSSA train them, save, resume and export them (merged, and peft ``target_parameters``);
-methods that do not adapt experts refuse in one line."""
+EigenLoRAx builds a basis per expert from such exports and trains loadings per expert; what
+cannot adapt experts refuses in one line."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from transformers import AutoModelForCausalLM, GptOssConfig, MixtralConfig, Qwen
 from lrx.adapter import export_peft, export_peft_from_adapter, load_adapter, save_adapter
 from lrx.build import Adapters
 from lrx.config import load_config
+from lrx.eigenbasis import SourceAdapter, build_basis
 from lrx.errors import ConfigError
 from lrx.export import merge_into_linears
 from lrx.methods import LocalShards, build_method
@@ -59,8 +61,8 @@ def logits(model, ids) -> torch.Tensor:
         return model(input_ids=ids).logits.double()
 
 
-def perturb(method, size: float = 0.3) -> None:
-    g = torch.Generator().manual_seed(3)
+def perturb(method, size: float = 0.3, seed: int = 3) -> None:
+    g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for layer in method.layers.values():
             for p in layer.adapter_params().values():
@@ -88,8 +90,8 @@ def test_a_routed_token_sees_its_experts_adapter(family):
     torch.testing.assert_close(logits(model, ids), logits(reference, ids), rtol=0, atol=1e-10)
 
 
-def train(model, method, steps: int = 12) -> list[float]:
-    opt = torch.optim.Adam([p for _, p in method.trainable_parameters(model)], lr=1e-2)
+def train(model, method, steps: int = 12, lr: float = 1e-2) -> list[float]:
+    opt = torch.optim.Adam([p for _, p in method.trainable_parameters(model)], lr=lr)
     ids, losses = batch(5), []
     model.train()
     for _ in range(steps):
@@ -250,3 +252,75 @@ def test_srlora_experts_train_resume_and_export(tmp_path):
     model.save_pretrained(tmp_path / "merged")
     plain = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
     torch.testing.assert_close(logits(plain, batch()), trained, rtol=0, atol=1e-5)
+
+
+# ---- EigenLoRAx: a basis per expert from expert adapters, loadings per expert -------------------
+
+
+def test_eigenlorax_on_experts_from_lora_exports(tmp_path):
+    """Two LoRA adapters of the experts, exported as peft ``target_parameters`` adapters, give a
+    basis per expert (read back in lrx's layout); EigenLoRAx warm-starts from one (projected per
+    expert) or trains loadings per expert from zero_b,
+    the loss falls, and the merged and peft exports give the trained logits."""
+    peft = pytest.importorskip("peft")
+    sources = []
+    for seed in range(2):
+        _, model, method = adapted("qwen3_moe", targets="q_proj,experts")
+        perturb(method, 0.1, seed)  # as if trained on two tasks
+        export_peft(tmp_path / f"src{seed}", model, method, base_model_name="tiny")
+        sources.append(tmp_path / f"src{seed}")
+    name = "model.layers.1.mlp.experts.down_proj"
+    layer = method.layers[name]
+    At, B = SourceAdapter.open(sources[-1]).read(name)  # peft's layout back to experts x in x r, experts x out x r
+    torch.testing.assert_close(At.float(), layer.lora_A.detach().transpose(1, 2), rtol=0, atol=0)
+    torch.testing.assert_close(B.float(), layer.lora_B.detach() * layer.scale, rtol=0, atol=1e-7)
+
+    meta = build_basis(sources, tmp_path / "basis", k=6, augment=2)  # 8 columns per expert: 7 components
+    assert meta["shapes"][name] == {"in": 16, "out": 32, "experts": 4} and meta["k"] == 6
+    _, _, warm = adapted("qwen3_moe", "eigenlorax", targets="basis", basis=tmp_path / "basis", init="project",
+                         project_from=sources[-1])  # warm start: each expert's source pairs projected on its basis
+    C_A, C_B = warm.layers[name].C_A.double(), warm.layers[name].C_B.double()
+    torch.testing.assert_close(warm.layers[name].lora_A.double().transpose(1, 2), C_A @ C_A.transpose(1, 2) @ At)
+    torch.testing.assert_close(warm.layers[name].lora_B.double(), C_B @ C_B.transpose(1, 2) @ B)
+    original, model, method = adapted("qwen3_moe", "eigenlorax", targets="basis", basis=tmp_path / "basis",
+                                      init="zero_b")
+    eigen = method.layers[name]
+    assert isinstance(eigen, AdaptedExperts) and eigen.C_A.shape == (4, 16, 8) and eigen.alpha_A.shape == (4, 8, 4)
+    gram = eigen.C_A.transpose(1, 2) @ eigen.C_A  # each expert's basis is orthonormal
+    torch.testing.assert_close(gram, torch.eye(8).expand(4, 8, 8), rtol=0, atol=1e-5)
+    ids = batch()
+    torch.testing.assert_close(logits(model, ids), logits(original, ids), rtol=0, atol=1e-6)  # zero_b: unchanged
+    losses = train(model, method, steps=6, lr=0.1)  # 2 K r loadings per expert: the loss falls less than LoRA's
+    assert losses[-1] < losses[0] - 0.1, losses
+    trained = logits(model, ids)
+    assert {n for n, _ in method.trainable_parameters(model) if "experts" in n} == {
+        f"model.layers.{i}.mlp.experts.{w}.alpha_{p}" for i in range(2) for w in ("gate_up_proj", "down_proj") for p in "AB"}
+
+    export_peft(tmp_path / "peft", model, method, base_model_name="tiny")
+    restored = peft.PeftModel.from_pretrained(copy.deepcopy(original), str(tmp_path / "peft")).eval()
+    torch.testing.assert_close(logits(restored, ids), trained, rtol=0, atol=1e-5)
+    merge_into_linears(model)
+    model.save_pretrained(tmp_path / "merged")
+    plain = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
+    torch.testing.assert_close(logits(plain, ids), trained, rtol=0, atol=1e-5)
+
+
+def test_eigenbasis_reads_peft_target_parameters_adapters(tmp_path):
+    """An adapter peft trained on the experts (``target_parameters``, both weights of a module:
+    one ``.base_layer`` deeper per weight wrapped later) is read per parameter, as peft's own
+    ``get_delta_factors`` sees it (non-transposed experts: B experts x out x r, A experts x r x in)."""
+    peft = pytest.importorskip("peft")
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=[], init_lora_weights=False,
+                             target_parameters=["experts.down_proj", "experts.gate_up_proj"])
+    model = peft.get_peft_model(tiny_moe("qwen3_moe"), config)
+    model.save_pretrained(tmp_path / "peft")
+    source = SourceAdapter.open(tmp_path / "peft")
+    wrapped = {n: m for n, m in model.named_modules() if type(m).__name__ == "ParamWrapper"}
+    assert len(wrapped) == 4 and sorted(source.modules) == sorted(source.experts)
+    for name, module in wrapped.items():
+        owner = name.removeprefix("base_model.model.").replace(".base_layer", "")
+        B, A, _ = module.get_delta_factors("default")
+        At, B_read = source.read(f"{owner}.{module.parameter_name}")
+        assert source.experts[f"{owner}.{module.parameter_name}"] == 4
+        torch.testing.assert_close(B_read.float(), B, rtol=0, atol=0)
+        torch.testing.assert_close(At.float().transpose(1, 2), A, rtol=0, atol=0)

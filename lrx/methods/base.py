@@ -24,7 +24,7 @@ from torch import nn
 
 from lrx.errors import ConfigError
 from lrx.methods.editlog import log_storage
-from lrx.methods.experts import AdaptedExperts, adapt_experts, is_experts_weight
+from lrx.methods.experts import AdaptedExperts, ExpertWeights, adapt_experts, is_experts_weight
 from lrx.methods.layer import AdaptedLinear
 from lrx.methods.seam import LocalShards, Shards, WeightAccess
 
@@ -286,12 +286,16 @@ class Method:
         (``lrx.methods.experts``); refused for methods that do not adapt experts."""
         cfg = self.config
         if not self.adapts_experts:
-            raise ConfigError(f"{self.name} does not adapt fused MoE experts ({name}) yet; use lora, pissa or srlora, or "
+            raise ConfigError(f"{self.name} does not adapt fused MoE experts ({name}) yet; use lora, pissa, srlora or eigenlorax, or "
                               "leave the experts out of method.target_modules (e.g. [q_proj, k_proj, v_proj, o_proj])")
         if cfg.dropout:
             raise ConfigError(f"{name}: fused experts take no adapter dropout (the adapter is added to the weight, "
                               "not applied to an input); set method.dropout=0 or leave the experts out")
-        return adapt_experts(experts, param, cfg.r, cfg.scale, fold_edits)
+        return adapt_experts(experts, param, lambda base: self.make_experts(name, base, fold_edits))
+
+    def make_experts(self, name: str, base: ExpertWeights, fold_edits: bool) -> AdaptedExperts:
+        """The adapted layer on the fused experts weight ``base`` (a subclass for other parametrisations)."""
+        return AdaptedExperts(base, self.config.r, self.config.scale, fold_edits)
 
     def place_log(self, layer: AdaptedLinear, weights: WeightAccess) -> None:
         """Once a layer is initialised or restored, before it is sharded: where the backend will
@@ -341,6 +345,10 @@ class Method:
         offload = self.config.offloads_edit_log(compute_dtype)
         checks = isinstance(self.config, EditingConfig) and self.config.fuse == "auto"
         for name, layer in adapted_layers(model):
+            if getattr(layer, "fused", False) and layer.quantized and shards.world_size > 1:
+                raise ConfigError(f"{name}: quantized fused experts train on one process only, not over "
+                                  f"{shards.world_size} processes (FSDP2/ZeRO-3); set model.quantize=none, or leave "
+                                  "the experts out of method.target_modules (they then stay in model.dtype)")
             stored = layer.base.weight.dtype  # as placed: an engine may have cast it
             if checks and layer.fold_edits and stored != torch.float32:
                 # The fold was chosen for an fp32 weight, but the backend keeps this one in a lower

@@ -23,6 +23,11 @@ experts (folded into an fp32 base, kept in the log beside a bf16 one). Under FSD
 fold adds only this process's piece of the edit to its piece of the base (``Shards.add_product``
 with the stacked factors: FSDP2 splits the experts dim, so a piece is whole experts; a ZeRO-3
 flat range may cut an expert), and the log takes the whole factors on every process.
+
+With ``model.quantize`` (one process) the base becomes ``lrx.quant.QuantizedExperts``, stored
+quantized per expert from the weight plus the init's edits (as ``AdaptedLinear.quantize_base``):
+it takes ``ExpertWeights``' place and calls (``forward(delta)``, ``stored``), dequantized while
+the experts module runs, and later edits stay in the exact log beside it.
 """
 
 from __future__ import annotations
@@ -134,6 +139,8 @@ class AdaptedExperts(AdaptedLinear):
         return U, V
 
     def _fold(self, U: torch.Tensor, V: torch.Tensor, sign: float) -> None:
+        if self.quantized:
+            raise RuntimeError("quantized experts cannot take edits in place; they stay in the edit log")
         W = self.base.weight
         U, V = U.to(W.device), V.to(W.device)
         if self.shards.world_size > 1:  # this process's piece only: its experts (FSDP2) or flat range (ZeRO-3)
@@ -145,14 +152,15 @@ class AdaptedExperts(AdaptedLinear):
                   world_size: int = 1) -> None:
         """The experts' log stays on the device, whole, a buffer on every process (see the module doc)."""
 
-    def quantize_base(self, quantize) -> None:
-        raise RuntimeError("fused experts are not quantized; they stay in model.dtype")
+    def _product(self, U: torch.Tensor, V: torch.Tensor) -> torch.Tensor:
+        return self.base.stored(torch.bmm(U, V))
 
     @torch.no_grad()
     def merged_weight(self) -> torch.Tensor:
-        """The weight ``merge`` makes, in fp32 and the stored layout."""
+        """The weight ``merge`` makes, in fp32 and the stored layout (a quantized base dequantized)."""
         B, A = self._unfolded_factors()
-        return self.base.weight.detach().float() + self.base.stored(torch.bmm(B, A).to(self.base.weight.device))
+        base = self.base.dequantize() if self.quantized else self.base.weight.detach().float()
+        return base + self.base.stored(torch.bmm(B, A).to(base.device))
 
 
 def _effective_weights(module: nn.Module, args) -> None:
@@ -168,8 +176,9 @@ def _drop_effective_weights(module: nn.Module, args, output) -> None:
             module.__dict__.pop(name, None)
 
 
-def adapt_experts(experts: nn.Module, name: str, r: int, scale: float, fold_edits: bool) -> AdaptedExperts:
-    """Replace the fused parameter ``experts.<name>`` by an ``AdaptedExperts`` of the same name.
+def adapt_experts(experts: nn.Module, name: str, make) -> AdaptedExperts:
+    """Replace the fused parameter ``experts.<name>`` by the adapted layer ``make(base)`` makes
+    of its ``ExpertWeights`` (an ``AdaptedExperts``), under the same name.
 
     Returns:
         The adapted layer (registered in ``experts``; the hooks that feed its effective weight
@@ -177,7 +186,7 @@ def adapt_experts(experts: nn.Module, name: str, r: int, scale: float, fold_edit
     """
     param = experts._parameters.pop(name)
     transposed = bool(getattr(experts, "is_transposed", type(experts).__name__ in TRANSPOSED))
-    layer = AdaptedExperts(ExpertWeights(param, transposed), r, scale, fold_edits)
+    layer = make(ExpertWeights(param, transposed))
     setattr(experts, name, layer)
     if not getattr(experts, "_lrx_adapted", False):
         experts.register_forward_pre_hook(_effective_weights)

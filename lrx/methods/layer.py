@@ -246,13 +246,17 @@ class AdaptedLinear(nn.Module):
         weight = self.base.weight.detach().float() if bakes else None
         if bakes and not self.fold_edits and self.edit_log.rank:
             U, V = self._edit_factors_here()
-            weight = weight + U.to(weight.device) @ V.to(weight.device)
+            weight = weight + self._product(U.to(weight.device), V.to(weight.device))
         self.base = quantize(self.base, weight)
         self.base.requires_grad_(False)
         self.edit_log.baked, self.fold_edits = self.edit_log.rank if bakes else 0, False
         pending, self.edit_log.pending = self.edit_log.pending, []
         for edit in pending:
             self.add_edit(*edit)
+
+    def _product(self, U: torch.Tensor, V: torch.Tensor) -> torch.Tensor:
+        """``U @ V`` in the layout of ``base.weight`` (fused experts: stacked, maybe transposed)."""
+        return U @ V
 
     def _fold(self, U: torch.Tensor, V: torch.Tensor, sign: float) -> None:
         if self.quantized:
