@@ -191,9 +191,10 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def logits(built: Built, data: dict) -> torch.Tensor:
     """The whole batch's logits in eval mode (every process computes them: a collective when sharded;
-    with gradients on, after which FSDP2 reshards the root, as a no-grad forward does not)."""
+    there with gradients on, after which FSDP2 reshards the root, as a no-grad forward does not)."""
     built.model.eval()
-    return built.run(input_ids=data["input_ids"], attention_mask=data["attention_mask"]).logits.detach()
+    with torch.set_grad_enabled(built.backend.world_size > 1):
+        return built.run(input_ids=data["input_ids"], attention_mask=data["attention_mask"]).logits.detach()
 
 
 def train(built: Built, data: dict) -> tuple[list[float], list[float]]:
