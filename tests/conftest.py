@@ -44,10 +44,13 @@ def clone():
 
 # tests/dist_srlora.py's jobs by (backend, processes): the options of each job, all jobs of one
 # entry run one after another in one launch (a launch costs each process ~7 s of imports).
+# The cells of tools/family_table.py's sharded columns that every suite run makes again (tests/test_families.py;
+# the nightly test makes all of them), as a job of these launches: "families" and FAMILY/METHOD/BASE each.
+FAMILY_JOB = ("families", "Llama/srlora/fp32", "BERT/srlora/fp32", "Qwen3-MoE/srlora/fp32", "BERT/lora/bf16")
 SRLORA_JOBS = {
     ("single", 1): [(), ("log",), ("log", "nf4"), ("moe",)],
-    ("fsdp2", 2): [(), ("log", "nf4"), ("buffers",), ("moe",)],
-    ("zero3", 2): [(), ("no-persist", "log"), ("log", "nf4"), ("buffers",)],
+    ("fsdp2", 2): [(), ("log", "nf4"), ("buffers",), ("moe",), FAMILY_JOB],
+    ("zero3", 2): [(), ("no-persist", "log"), ("log", "nf4"), ("buffers",), FAMILY_JOB],
     ("fsdp2", 4): [("log",), ("hsdp",)],
 }
 
@@ -56,7 +59,7 @@ SRLORA_JOBS = {
 def srlora_reports(tmp_path_factory):
     """``get(backend, processes, *options)``: the report of tests/dist_srlora.py for one job of
     ``SRLORA_JOBS`` (``no-persist``: ZeRO-3 keeps no parameter gathered between steps;
-    ``buffers``: tests/dist_buffers.py's report); the
+    ``buffers``: tests/dist_buffers.py's report; ``families``: the cells of tools/family_table.py named after it); the
     jobs of one (backend, processes) entry are made in one launch when a test first asks."""
     from tests.test_distributed import BACKENDS, launch
 

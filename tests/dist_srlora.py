@@ -7,7 +7,8 @@ from the edit log beside the adapter, ``method.fuse=log``, instead of folded int
 base), ``nf4`` (the base quantized as ``model.quantize=nf4`` builds it, through ``Adapters``),
 and a DeepSpeed config, ``moe`` (a tiny Qwen3-MoE of 3 experts, SRLoRA on its fused experts
 only: FSDP2 blocks of 2 and 1 experts, ZeRO-3 ranges that cut an expert); or ``buffers BASIS`` (tests/dist_buffers.py: EigenLoRAx's
-bases stay whole on every rank). Every rank
+bases stay whole on every rank); or ``families CELL...`` (cells of tools/family_table.py, each
+FAMILY/METHOD/BASE: its report is their table). Every rank
 takes checksums of what must be identical everywhere (pool S and V, pair scores, chosen
 pairs, the edit log gathered whole); rank 0 writes them all-gathered, with the losses and,
 for every event, the relative change of the logits across it (must be ~0: events preserve
@@ -15,6 +16,7 @@ the function) and how many numbers it all-reduced; and per rank the bytes of edi
 holds (FSDP2: its rows only).
 """
 
+import json
 import sys
 from pathlib import Path
 
@@ -65,7 +67,10 @@ def main() -> None:
         jobs.append([]) if a == "+" else jobs[-1].append(a)
     with one_process_group():
         for out, *rest in jobs:
-            job(args[0], out, rest)
+            if rest[:1] == ["families"]:  # cells of the family table (tests/test_families.py), in the same launch
+                families(args[0], out, rest[1:])
+            else:
+                job(args[0], out, rest)
 
 
 def job(name: str, out: str, rest: list[str]) -> None:
@@ -164,6 +169,16 @@ def job(name: str, out: str, rest: list[str]) -> None:
     report["world_size"] = world
     report["mesh"] = list(backend.mesh.shape) if hasattr(backend, "mesh") else None
     finish(backend, out, report)
+
+
+def families(name: str, out: str, cells: list[str]) -> None:
+    """tools/family_table.py's ``cells`` (FAMILY/METHOD/BASE) under this backend; rank 0 writes
+    ``{family: {method/base: cell}}``."""
+    from tools import family_table
+
+    table = family_table.run_sharded(name, [tuple(c.split("/")) for c in cells], Path(out).parent / "bases")
+    if dist.get_rank() == 0:
+        Path(out).write_text(json.dumps(table))
 
 
 if __name__ == "__main__":

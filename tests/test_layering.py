@@ -117,7 +117,8 @@ TOOLS = REPO / "tools"
 # A tool's own tests may import it; nothing else in tests/ imports tools/ (what tests need of a
 # benchmark, such as lrx.fidelity's fusion measurement, is library code).
 TOOL_TESTS = {"tests/test_glue_study.py": {"tools", "tools.glue_study", "tools.minilm_pack"},
-              "tests/test_families.py": {"tools", "tools.family_table"}}  # the table the tool writes is true
+              "tests/test_families.py": {"tools", "tools.family_table"},  # the table the tool writes is true
+              "tests/dist_srlora.py": {"tools", "tools.family_table"}}  # its sharded cells, in a shared launch
 
 
 def test_tools_put_nothing_on_sys_path():

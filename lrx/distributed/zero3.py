@@ -241,6 +241,11 @@ class ZeRO3(MultiProcess):
             "bf16": {"enabled": self.bf16 if self.engine_bf16 is None else self.engine_bf16},
         }
         config.setdefault("zero_optimization", {})["stage"] = 3
+        dtypes = sorted({str(p.dtype).removeprefix("torch.") for g in optimizer.param_groups for p in g["params"]})
+        if len(dtypes) > 1 and not config["bf16"]["enabled"]:  # DeepSpeed asserts one dtype per parameter group
+            raise ConfigError(f"zero3 without DeepSpeed's bf16 engine (CPU, or train.bf16=false) needs the trained parameters "
+                              f"in one dtype, and these are {' and '.join(dtypes)} (a bf16 base's task head beside the "
+                              "fp32 adapters); set model.dtype=float32, or train.bf16=true on GPUs")
         if self.offloaded and "optimizer" not in config:
             raise ConfigError('zero_optimization.offload_optimizer needs an "optimizer" block in the DeepSpeed config '
                               '(e.g. {"type": "AdamW"}, which DeepSpeed runs as its CPU Adam); or remove the offload')
