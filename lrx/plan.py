@@ -50,7 +50,7 @@ def plan(config: RunConfig, world_size: int | None = None) -> str:
     base = sum(p.numel() for p in model.parameters()) - trainable
     layers = list(adapted_layers(model))
     shard = layout.shard_size
-    base_bytes, stats_bytes = _base_bytes(model, config, method)
+    base_bytes, stats_bytes = _base_bytes(model, config, method, world)
     storage = run_log_storage(config, method, layout)
     row_log, offload = storage == "rows", storage == "host"
     state = sum(method.state_bytes(layer, shard, 2 if offload else 4, shard if row_log else 1) for _, layer in layers)
@@ -99,15 +99,16 @@ def run_log_storage(config: RunConfig, method, layout: Layout) -> str:
                        offloads=mcfg.offloads_edit_log(compute_dtype))
 
 
-def _base_bytes(model, config: RunConfig, method) -> tuple[int, int]:
+def _base_bytes(model, config: RunConfig, method, world: int = 1) -> tuple[int, int]:
     """Bytes of the frozen base: ``(sharded, whole)``. Linears ``model.quantize`` stores
-    quantized count their codes (sharded) and statistics (kept whole on every process)."""
+    quantized count their codes (sharded) and statistics (kept whole on every process); fused
+    experts are quantized on one process only (``lrx.runner.quant_settings``)."""
     frozen = {id(p): p for p in model.parameters() if not p.requires_grad}
     stats = 0
     if config.model.quantize != "none":
         settings = QuantSettings(config.model.quantize, config.model.double_quant)
         linears = dict(model.named_modules())
-        for name in quantized_linears(model, method.saved_modules).values():
+        for name in quantized_linears(model, method.saved_modules, experts=world == 1).values():
             weight = linears[name].weight
             frozen.pop(id(weight), None)
             shape = (weight.shape[:-1].numel(), weight.shape[-1])  # fused experts: (experts * rows) x cols

@@ -75,15 +75,20 @@ class QuantSettings:
     blocksize: int = BLOCKSIZE
     stored: bool = False
     """The checkpoint is stored quantized (``lrx.prequant``): its codes are read, not made."""
+    experts: bool = True
+    """Adapted fused experts weights are stored quantized (``QuantizedExperts``); False: a run over
+    several processes (FSDP2/ZeRO-3), where they train in ``model.dtype``, recorded so that a
+    load or export rebuilds the model as that run held it."""
 
     def to_dict(self) -> dict:
         out = {"kind": self.kind, "double_quant": self.double_quant, "blocksize": self.blocksize}
-        return {**out, "stored": True} if self.stored else out
+        out = {**out, "stored": True} if self.stored else out
+        return out if self.experts else {**out, "experts": False}
 
     @classmethod
     def from_dict(cls, values: dict) -> QuantSettings:
         return cls(str(values["kind"]), bool(values.get("double_quant", True)), int(values.get("blocksize", BLOCKSIZE)),
-                   bool(values.get("stored", False)))
+                   bool(values.get("stored", False)), bool(values.get("experts", True)))
 
     def code_bytes(self, out_features: int, in_features: int) -> int:
         """Bytes of one quantized weight's codes (a parameter: sharded)."""
@@ -239,12 +244,12 @@ def _buffer_name(key: str) -> str:
     return "q_" + key.replace(".", "_")
 
 
-def quantized_linears(model: nn.Module, skip: list[str]) -> dict[int, str]:
+def quantized_linears(model: nn.Module, skip: list[str], experts: bool = True) -> dict[int, str]:
     """The linear layers ``model.quantize`` stores quantized, by ``id``: every ``nn.Linear``
     (adapted layers' bases included) except the output heads and the modules in ``skip``
     (trained in full: ``modules_to_save``), as QLoRA quantizes, and the adapted fused experts
-    weights (``ExpertWeights``, quantized per expert; experts left out of ``target_modules`` stay
-    in ``model.dtype``)."""
+    weights (``ExpertWeights``, quantized per expert; unless ``experts`` is False, and experts left
+    out of ``target_modules``: those stay in ``model.dtype``)."""
     from lrx.methods.base import OUTPUT_HEADS
 
     def kept(name: str) -> bool:
@@ -252,7 +257,8 @@ def quantized_linears(model: nn.Module, skip: list[str]) -> dict[int, str]:
         return any(name == h or name.endswith("." + h) for h in OUTPUT_HEADS) or any(
             name == m or name.startswith(m + ".") for m in skip)
 
-    return {id(m): n for n, m in model.named_modules() if type(m) in _quantizable() and not kept(n)}
+    kinds = _quantizable() if experts else (nn.Linear,)
+    return {id(m): n for n, m in model.named_modules() if type(m) in kinds and not kept(n)}
 
 
 def _quantizable() -> tuple[type, ...]:
@@ -283,10 +289,17 @@ class Quantizer:
 
     def plan(self, model: nn.Module, skip: list[str]) -> None:
         """Choose the layers to quantize (``quantized_linears``) of the wrapped model; one warning
-        names the fused experts weights left in ``model.dtype`` (not adapted)."""
+        names the fused experts weights left in ``model.dtype`` (not adapted, or all of them when
+        ``settings.experts`` is False: a run over several processes)."""
         from lrx.methods.experts import ExpertWeights, is_experts_weight
 
-        self.targets = quantized_linears(model, skip)
+        self.targets = quantized_linears(model, skip, self.settings.experts)
+        if not self.settings.experts:
+            adapted = [n for n, m in model.named_modules() if isinstance(m, ExpertWeights)]
+            if adapted:
+                log.warning("model.quantize=%s: the %d adapted fused experts weights (%s...) stay in the model's dtype: "
+                            "quantized experts train on one process only, not under FSDP2/ZeRO-3 over several "
+                            "processes; the other linears are quantized", self.settings.kind, len(adapted), adapted[0])
         kept = [f"{n}.{p}" for n, m in model.named_modules() if not isinstance(m, ExpertWeights)
                 for p, w in m.named_parameters(recurse=False) if is_experts_weight(m, w)]
         if kept:

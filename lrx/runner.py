@@ -98,18 +98,21 @@ def sample_generation(model, tokenizer, prompt: str, max_new_tokens: int, device
     return tokenizer.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True).strip()
 
 
-def adapter_meta(config: RunConfig, task: str, data) -> dict[str, Any]:
+def adapter_meta(config: RunConfig, task: str, data, world_size: int = 1) -> dict[str, Any]:
     """What adapter files record besides the method: the base (absolute: readable from any
-    folder), tokenizer, head and labels."""
+    folder), tokenizer, head, labels and the quantization (as run over ``world_size`` processes)."""
     mc = config.model
     return {"base_model": absolute_path(mc.name_or_path), "gguf_file": mc.gguf_file,
             "tokenizer": absolute_path(mc.tokenizer), "task": task, "num_labels": data.num_labels,
             "label_names": data.label_names, "model_dtype": mc.dtype,
-            "quantize": quant_settings(config).to_dict() if mc.quantize != "none" else None}
+            "quantize": quant_settings(config, world_size).to_dict() if mc.quantize != "none" else None}
 
 
-def quant_settings(config: RunConfig) -> QuantSettings:
-    return QuantSettings(config.model.quantize, config.model.double_quant, stored=config.model.quantize_stored)
+def quant_settings(config: RunConfig, world_size: int = 1) -> QuantSettings:
+    """``model.quantize`` as a run over ``world_size`` processes stores the base: fused experts
+    quantized on one process only (``QuantSettings.experts``)."""
+    return QuantSettings(config.model.quantize, config.model.double_quant, stored=config.model.quantize_stored,
+                         experts=world_size == 1)
 
 
 def throughput(history: list[dict], device: torch.device) -> dict[str, float]:
@@ -189,9 +192,10 @@ def _run(config: RunConfig, backend, checkpoints: CheckpointManager, t0: float, 
     task = resolve_task(mc.task, data.task)
     method = build_method(config.method)
     method.load_resources()  # fills in what the method's settings left to it (a basis's sha256)
+    settings = quant_settings(config, backend.world_size)
     quantizer = None if mc.quantize == "none" else (
-        StoredQuantizer(quant_settings(config), resolve_source(mc.name_or_path).path, backend.device)
-        if mc.quantize_stored else Quantizer(quant_settings(config), backend.device))
+        StoredQuantizer(settings, resolve_source(mc.name_or_path).path, backend.device)
+        if mc.quantize_stored else Quantizer(settings, backend.device))
     # Resuming, the checkpoint's adapter is restored while the model is built (each layer while
     # its base is whole, modules_to_save into their shards), the rest by checkpoints.load below.
     adapters = Adapters(method, config.train.seed, checkpoints.saved_adapter(config.to_dict()), quantizer,
@@ -201,7 +205,7 @@ def _run(config: RunConfig, backend, checkpoints: CheckpointManager, t0: float, 
     trainable, total = count_parameters(model)
     log_adapted(method, trainable, total)
     check_positions(model.config, config.data.max_length)
-    checkpoints.meta = adapter_meta(config, task, data)
+    checkpoints.meta = adapter_meta(config, task, data, backend.world_size)
     trainer = Trainer(
         config, model, method, data.train, data.eval, data.collate_fn, data.task, data.metric_names,
         backend.device, Path(config.logging.output_dir), backend=backend, checkpoints=checkpoints,

@@ -46,7 +46,8 @@ def clone():
 # entry run one after another in one launch (a launch costs each process ~7 s of imports).
 # The cells of tools/family_table.py's sharded columns that every suite run makes again (tests/test_families.py;
 # the nightly test makes all of them), as a job of these launches: "families" and FAMILY/METHOD/BASE each.
-FAMILY_JOB = ("families", "Llama/srlora/fp32", "BERT/srlora/fp32", "Qwen3-MoE/srlora/fp32", "BERT/lora/bf16")
+FAMILY_JOB = ("families", "Llama/srlora/fp32", "BERT/srlora/fp32", "Qwen3-MoE/srlora/fp32", "BERT/lora/bf16",
+              "GPT-OSS/lora/nf4")
 SRLORA_JOBS = {
     ("single", 1): [(), ("log",), ("log", "nf4"), ("moe",)],
     ("fsdp2", 2): [(), ("log", "nf4"), ("buffers",), ("moe",), FAMILY_JOB],

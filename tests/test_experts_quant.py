@@ -141,6 +141,36 @@ def test_quantized_experts_over_several_processes_refuse_in_one_line():
     assert "\n" not in str(err.value)
 
 
+def test_a_run_over_several_processes_keeps_the_experts_in_model_dtype_with_one_warning(caplog):
+    """FSDP2/ZeRO-3 (``quant_settings`` of 2 processes): the adapted experts stay ``ExpertWeights`` in
+    model.dtype (named in one warning), the other linears are quantized, the layers attach over 2
+    processes, and the adapter's ``quantize`` records it, so a load rebuilds the model as it ran."""
+    from lrx.adapter import quantizer_of
+    from lrx.methods.experts import ExpertWeights
+    from lrx.runner import quant_settings
+
+    config = load_config(None, ["model.quantize=nf4", "method.target_modules=[q_proj,v_proj,experts]", "method.r=4"])
+    assert quant_settings(config, 1).experts and "experts" not in quant_settings(config, 1).to_dict()
+    settings = quant_settings(config, 2)
+    assert settings.to_dict()["experts"] is False and QuantSettings.from_dict(settings.to_dict()) == settings
+    model, method = tiny_moe("qwen3_moe"), build_method(config.method)
+    with caplog.at_level("WARNING", logger="lrx.quant"):
+        Adapters(method, quantizer=Quantizer(settings)).adapt(model)
+    experts = experts_of(method)
+    assert len(experts) == 4 and all(type(lay.base) is ExpertWeights and lay.base.weight.dtype == torch.float32
+                                     for lay in experts.values())
+    assert not any(isinstance(m, QuantizedExperts) for m in model.modules())
+    assert sum(isinstance(m, QuantizedLinear) for m in model.modules()) == 8  # q, k, v, o_proj of 2 layers
+    warnings = [r.getMessage() for r in caplog.records if "stay in the model's dtype" in r.getMessage()]
+    assert len(warnings) == 1 and "the 4 adapted fused experts weights" in warnings[0], warnings
+    method.attach(model, PieceShards(0, 2))  # as a backend of 2 processes would: no refusal
+    again = tiny_moe("qwen3_moe")
+    replanned = build_method(config.method)
+    replanned.wrap(again)
+    planned = quantizer_of({"quantize": settings.to_dict()}, again, replanned).targets.values()
+    assert sorted(planned) == sorted(n for n, m in model.named_modules() if isinstance(m, QuantizedLinear))
+
+
 def test_experts_whose_4bit_blocks_would_span_two_experts_refuse_in_one_line():
     """down_proj of 32 x 17 per expert: 544 values, not a multiple of the block size 64."""
     model = AutoModelForCausalLM.from_config(Qwen3MoeConfig(intermediate_size=64, moe_intermediate_size=17,
