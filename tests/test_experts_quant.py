@@ -1,8 +1,8 @@
 """Quantized fused MoE experts (``model.quantize=nf4|int8``, ``lrx.quant.QuantizedExperts``): the
 adapted experts are stored quantized per expert (codes + statistics, a quarter or half of the
 bf16 bytes), compute with their dequantized weight plus the adapter, train with lora, pissa and
-srlora (SRLoRA's events in the exact log), and merge into the dequantized weight; over several
-processes they refuse in one line."""
+srlora (SRLoRA's events in the exact log), and merge into the dequantized weight; a run over
+several processes keeps them in model.dtype (one warning), and quantized ones refuse to attach there."""
 
 from __future__ import annotations
 

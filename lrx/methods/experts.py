@@ -27,7 +27,8 @@ flat range may cut an expert), and the log takes the whole factors on every proc
 With ``model.quantize`` (one process) the base becomes ``lrx.quant.QuantizedExperts``, stored
 quantized per expert from the weight plus the init's edits (as ``AdaptedLinear.quantize_base``):
 it takes ``ExpertWeights``' place and calls (``forward(delta)``, ``stored``), dequantized while
-the experts module runs, and later edits stay in the exact log beside it.
+the experts module runs, and later edits stay in the exact log beside it. Over several
+processes the experts stay in ``model.dtype`` (``lrx.quant.QuantSettings.experts``).
 """
 
 from __future__ import annotations
