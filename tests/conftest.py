@@ -57,7 +57,8 @@ def srlora_reports(tmp_path_factory):
     """``get(backend, processes, *options)``: the report of tests/dist_srlora.py for one job of
     ``SRLORA_JOBS`` (``no-persist``: ZeRO-3 keeps no parameter gathered between steps;
     ``buffers``: tests/dist_buffers.py's report); the
-    jobs of one (backend, processes) entry are made in one launch when a test first asks."""
+    jobs of one (backend, processes) entry are made in one launch when a test first asks (the
+    one-process jobs in this process)."""
     from tests.test_distributed import BACKENDS, launch
 
     done = {}
@@ -77,11 +78,22 @@ def srlora_reports(tmp_path_factory):
     def get(backend: str, nproc: int, *job: str) -> dict:
         if (backend, nproc) not in done:
             root, jobs = tmp_path_factory.mktemp(f"srlora-{backend}-{nproc}"), SRLORA_JOBS[backend, nproc]
-            args = [str(REPO / "tests" / "dist_srlora.py"), backend]
-            for i, each in enumerate(jobs):
-                args += [*(["+"] if i else []), str(root / f"{i}.json"), *options(root, each)]
-            run = launch(args, nproc, BACKENDS[backend][0] if nproc > 1 else "python")
-            assert run.returncode == 0, "\n".join(x for x in run.stderr.splitlines() if "elastic" not in x)[-6000:]
+            if nproc == 1:  # in this process (no new interpreter's ~7 s of imports), on one thread as launched
+                from tests import dist_srlora
+
+                threads = torch.get_num_threads()
+                torch.set_num_threads(1)
+                try:
+                    for i, each in enumerate(jobs):
+                        dist_srlora.job(backend, str(root / f"{i}.json"), options(root, each))
+                finally:
+                    torch.set_num_threads(threads)
+            else:
+                args = [str(REPO / "tests" / "dist_srlora.py"), backend]
+                for i, each in enumerate(jobs):
+                    args += [*(["+"] if i else []), str(root / f"{i}.json"), *options(root, each)]
+                run = launch(args, nproc, BACKENDS[backend][0])
+                assert run.returncode == 0, "\n".join(x for x in run.stderr.splitlines() if "elastic" not in x)[-6000:]
             done[backend, nproc] = {each: json.loads((root / f"{i}.json").read_text()) for i, each in enumerate(jobs)}
         return done[backend, nproc][job]
 
