@@ -102,6 +102,8 @@ def srlora_reports(tmp_path_factory):
 
 # The 2-process launch/train.py runs of several modules: module -> make(folder, backend) ->
 # {name: train.py arguments, or (arguments, tests/train_many.py options such as {"bf16_engine": True})}.
+# A run with {"kill_at_step": N} (rank 0 killed after step N: at most one per launch) is made last;
+# its result has the launch's exit status.
 SHARDED_RUNS: dict[str, Callable[[Path, str], dict]] = {}
 
 
@@ -132,12 +134,19 @@ def sharded(request, tmp_path_factory):
                     made = make(root / module.rpartition(".")[2], backend)
                     assert not made.keys() & runs.keys(), f"{module}: run names {sorted(made.keys() & runs.keys())} taken"
                     runs.update(made)
-            results = launch_runs(root / "launch", list(runs.values()), 2, BACKENDS[backend][0])
+            order = sorted(runs.items(), key=killed)  # a run that kills the launch last
+            assert sum(map(killed, order)) <= 1, f"more than one run killed: {[x[0] for x in order if killed(x)]}"
+            results = launch_runs(root / "launch", [spec for _, spec in order], 2, BACKENDS[backend][0])
             done[backend] = {key: (result, output_dir(spec if isinstance(spec, list) else spec[0]))
-                             for (key, spec), result in zip(runs.items(), results)}
+                             for (key, spec), result in zip(order, results)}
         return done[backend][name]
 
     return get
+
+
+def killed(item: tuple) -> bool:
+    """Whether a ``SHARDED_RUNS`` entry (name, spec) is killed after a step (``"kill_at_step"``)."""
+    return isinstance(item[1], tuple) and "kill_at_step" in item[1][1]
 
 
 def output_dir(argv: list[str]) -> Path:

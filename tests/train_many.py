@@ -7,7 +7,9 @@ lrx (~7 s of CPU each), the runs themselves a second or two.
 ``RUNS.json`` is a list of ``{"argv": [...], "bf16_engine": false}``: run i is
 ``lrx.cli.main(argv)`` (``bf16_engine``: with ZeRO-3's bf16 engine on as on a GPU,
 ``tests/zero3_bf16_engine.py``; ``"count_reduce_scatters": FILE``: counted per step into FILE,
-``tests/dist_accumulation.py``). The runs share one process group (``one_process_group``).
+``tests/dist_accumulation.py``; ``"kill_at_step": N``: rank 0 sends itself SIGKILL right after step
+N, ``tests/train_killed.py``, which ends the launch: such a run is its last). The runs share one
+process group (``one_process_group``).
 Every rank writes run i's stdout and stderr (the log included) to ``RUNS.json``'s folder as
 ``i.rankR.out`` and ``i.rankR.err``; rank 0 writes its exit status to ``i.code``.
 """
@@ -21,6 +23,7 @@ from pathlib import Path
 
 from dist_accumulation import count_reduce_scatters  # beside this script (its folder is the first on sys.path)
 from dist_common import one_process_group, run
+from train_killed import killed_after
 from zero3_bf16_engine import OnAsOnAGPU
 
 from lrx import cli
@@ -37,7 +40,9 @@ def one(index: int, spec: dict, folder: Path, rank: str) -> None:
         root.setLevel(logging.INFO)
         zero3.ZeRO3 = OnAsOnAGPU if spec.get("bf16_engine") else plain
         try:
-            with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            kill = spec.get("kill_at_step")
+            with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), \
+                    killed_after(kill) if kill else contextlib.nullcontext():
                 counts = spec.get("count_reduce_scatters")
                 code = count_reduce_scatters(spec["argv"], counts) if counts else cli.main(spec["argv"])
         finally:
