@@ -1,5 +1,5 @@
-"""Run by tests/test_distributed.py under torchrun / the deepspeed launcher (one process: ``job``,
-called in the test process by the ``srlora_reports`` fixture):
+"""Run by the ``srlora_reports`` fixture under torchrun (4 processes); its ``job`` is called in the
+test process (one process) and in the ``sharded`` launch (2 processes, ``tests/train_many.py``):
 SRLoRA on a small Llama with uneven shapes (255 MLP rows; ZeRO-3 ranges that split rows).
 
 argv: backend (single, fsdp2, zero3), then one or more jobs separated by ``+``, each run in
