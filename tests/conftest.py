@@ -42,8 +42,9 @@ def clone():
     return copy.deepcopy
 
 
-# tests/dist_srlora.py's jobs by (backend, processes): the options of each job, all jobs of one
-# entry run one after another in one launch (a launch costs each process ~7 s of imports).
+# tests/dist_srlora.py's jobs by (backend, processes): the options of each job. The one-process
+# jobs run in the test process, the 2-process ones in the ``sharded`` launch of their backend, the
+# others one after another in one launch (a launch costs each process ~7 s of imports).
 # The cells of tools/family_table.py's sharded columns that every suite run makes again (tests/test_families.py;
 # the nightly test makes all of them), as a job of these launches: "families" and FAMILY/METHOD/BASE each.
 FAMILY_JOB = ("families", "Llama/srlora/fp32", "BERT/srlora/fp32", "Qwen3-MoE/srlora/fp32", "BERT/lora/bf16",
@@ -56,45 +57,75 @@ SRLORA_JOBS = {
 }
 
 
+def srlora_options(root: Path, job: tuple[str, ...]) -> list[str]:
+    """tests/dist_srlora.py's arguments of one job of ``SRLORA_JOBS`` after its output file."""
+    if job == ("buffers",):  # tests/dist_buffers.py on EigenLoRAx with a basis from 3 tiny BERT adapters
+        from tests.test_conformance import eigenbasis_for
+
+        return ["buffers", eigenbasis_for("bert")]
+    if "no-persist" not in job:
+        return list(job)
+    config = json.loads((REPO / "configs" / "deepspeed" / "zero3.json").read_text())
+    config.setdefault("zero_optimization", {})["stage3_param_persistence_threshold"] = 0
+    (root / "ds.json").write_text(json.dumps(config))
+    return [*(x for x in job if x != "no-persist"), str(root / "ds.json")]
+
+
 @pytest.fixture(scope="session")
-def srlora_reports(tmp_path_factory):
+def srlora_reports(request, tmp_path_factory):
     """``get(backend, processes, *options)``: the report of tests/dist_srlora.py for one job of
     ``SRLORA_JOBS`` (``no-persist``: ZeRO-3 keeps no parameter gathered between steps;
-    ``buffers``: tests/dist_buffers.py's report; ``families``: the cells of tools/family_table.py named after it); the
-    jobs of one (backend, processes) entry are made in one launch when a test first asks."""
+    ``buffers``: tests/dist_buffers.py's report; ``families``: the cells of tools/family_table.py named
+    after it), made when a test first asks: the one-process jobs in this process, the 2-process ones
+    in the ``sharded`` launch (``srlora_runs``), the jobs of another entry in one launch."""
     from tests.test_distributed import BACKENDS, launch
 
     done = {}
-
-    def options(root: Path, job: tuple[str, ...]) -> list[str]:
-        if job == ("buffers",):  # tests/dist_buffers.py on EigenLoRAx with a basis from 3 tiny BERT adapters
-            from tests.test_conformance import eigenbasis_for
-
-            return ["buffers", eigenbasis_for("bert")]
-        if "no-persist" not in job:
-            return list(job)
-        config = json.loads((REPO / "configs" / "deepspeed" / "zero3.json").read_text())
-        config.setdefault("zero_optimization", {})["stage3_param_persistence_threshold"] = 0
-        (root / "ds.json").write_text(json.dumps(config))
-        return [*(x for x in job if x != "no-persist"), str(root / "ds.json")]
+    sharded = request.getfixturevalue("sharded")  # not a parameter: its other runs are not this test's
 
     def get(backend: str, nproc: int, *job: str) -> dict:
         if (backend, nproc) not in done:
             root, jobs = tmp_path_factory.mktemp(f"srlora-{backend}-{nproc}"), SRLORA_JOBS[backend, nproc]
-            args = [str(REPO / "tests" / "dist_srlora.py"), backend]
-            for i, each in enumerate(jobs):
-                args += [*(["+"] if i else []), str(root / f"{i}.json"), *options(root, each)]
-            run = launch(args, nproc, BACKENDS[backend][0] if nproc > 1 else "python")
-            assert run.returncode == 0, "\n".join(x for x in run.stderr.splitlines() if "elastic" not in x)[-6000:]
+            if nproc == 1:  # in this process (no new interpreter's ~7 s of imports), on one thread as launched
+                from tests import dist_srlora
+
+                threads = torch.get_num_threads()
+                torch.set_num_threads(1)
+                try:
+                    for i, each in enumerate(jobs):
+                        dist_srlora.job(backend, str(root / f"{i}.json"), srlora_options(root, each))
+                finally:
+                    torch.set_num_threads(threads)
+            elif nproc == 2:
+                for i, _ in enumerate(jobs):
+                    run, root = sharded(backend, f"srlora-{i}")
+                    assert run.returncode == 0, run.stderr[-6000:]
+                root = root.parent
+            else:
+                args = [str(REPO / "tests" / "dist_srlora.py"), backend]
+                for i, each in enumerate(jobs):
+                    args += [*(["+"] if i else []), str(root / f"{i}.json"), *srlora_options(root, each)]
+                run = launch(args, nproc, BACKENDS[backend][0])
+                assert run.returncode == 0, "\n".join(x for x in run.stderr.splitlines() if "elastic" not in x)[-6000:]
             done[backend, nproc] = {each: json.loads((root / f"{i}.json").read_text()) for i, each in enumerate(jobs)}
         return done[backend, nproc][job]
 
     return get
 
 
+def srlora_runs(root: Path, backend: str) -> dict:
+    """The 2-process jobs of ``SRLORA_JOBS`` on ``backend`` as runs of the ``sharded`` launch
+    (``tests/train_many.py`` option ``"job"``), made when a selected test uses ``srlora_reports``;
+    each writes its report to ``root / f"{i}.json"``."""
+    return {f"srlora-{i}": ([], {"job": [backend, str(root / f"{i}.json"), *srlora_options(root, each)]})
+            for i, each in enumerate(SRLORA_JOBS.get((backend, 2), []))}
+
+
 # The 2-process launch/train.py runs of several modules: module -> make(folder, backend) ->
 # {name: train.py arguments, or (arguments, tests/train_many.py options such as {"bf16_engine": True})}.
-SHARDED_RUNS: dict[str, Callable[[Path, str], dict]] = {}
+# A run with {"kill_at_step": N} (rank 0 killed after step N: at most one per launch) is made last;
+# its result has the launch's exit status.
+SHARDED_RUNS: dict[str, Callable[[Path, str], dict]] = {"srlora_reports": srlora_runs}
 
 
 def sharded_runs(make: Callable[[Path, str], dict]) -> Callable[[Path, str], dict]:
@@ -106,33 +137,48 @@ def sharded_runs(make: Callable[[Path, str], dict]) -> Callable[[Path, str], dic
 @pytest.fixture(scope="session")
 def sharded(request, tmp_path_factory):
     """``sharded(backend, name)``: the result (exit status, output) and the folder of one run of
-    ``SHARDED_RUNS``. The runs of one backend of every module whose selected tests use this
-    fixture are made in one launch through the backend's launcher (``tests/train_many.py``) when a
+    ``SHARDED_RUNS``. The runs of one backend of every module (or fixture: ``srlora_reports``)
+    whose selected tests use this fixture are made in one launch through the backend's launcher (``tests/train_many.py``) when a
     test first asks: a launch costs each process ~7 s of imports, a tiny run a second or two."""
     from tests.test_distributed import BACKENDS, launch_runs
 
-    users = {getattr(item, "module", None) and item.module.__name__ for item in request.session.items
-             if "sharded" in getattr(item, "fixturenames", ())}
+    users = set()  # the modules of the selected tests that use it, and the fixtures with runs (srlora_reports) they use
+    for item in request.session.items:
+        names = getattr(item, "fixturenames", ())
+        if "sharded" in names:
+            users.add(getattr(item, "module", None) and item.module.__name__)
+        users |= {name for name in names if name in SHARDED_RUNS}
     done: dict[str, dict] = {}
 
     def get(backend: str, name: str):
         if backend not in done:
             root, runs = tmp_path_factory.mktemp(f"sharded-{backend}"), {}
-            for module, make in SHARDED_RUNS.items():
+            for module, make in list(SHARDED_RUNS.items()):  # a maker may import a module that registers one
                 if module in users:
                     (root / module.rpartition(".")[2]).mkdir()
                     made = make(root / module.rpartition(".")[2], backend)
                     assert not made.keys() & runs.keys(), f"{module}: run names {sorted(made.keys() & runs.keys())} taken"
                     runs.update(made)
-            results = launch_runs(root / "launch", list(runs.values()), 2, BACKENDS[backend][0])
-            done[backend] = {key: (result, output_dir(spec if isinstance(spec, list) else spec[0]))
-                             for (key, spec), result in zip(runs.items(), results)}
+            order = sorted(runs.items(), key=killed)  # a run that kills the launch last
+            assert sum(map(killed, order)) <= 1, f"more than one run killed: {[x[0] for x in order if killed(x)]}"
+            results = launch_runs(root / "launch", [spec for _, spec in order], 2, BACKENDS[backend][0])
+            done[backend] = {key: (result, output_dir(spec))
+                             for (key, spec), result in zip(order, results)}
         return done[backend][name]
 
     return get
 
 
-def output_dir(argv: list[str]) -> Path:
+def killed(item: tuple) -> bool:
+    """Whether a ``SHARDED_RUNS`` entry (name, spec) is killed after a step (``"kill_at_step"``)."""
+    return isinstance(item[1], tuple) and "kill_at_step" in item[1][1]
+
+
+def output_dir(spec) -> Path:
+    """A run's output folder (a ``"job"``'s report file)."""
+    argv, options = (spec, {}) if isinstance(spec, list) else spec
+    if "job" in options:
+        return Path(options["job"][1])
     return Path(next(a for a in argv if a.startswith("logging.output_dir=")).split("=", 1)[1])
 
 

@@ -1,4 +1,5 @@
-"""Run by tests/test_distributed.py under torchrun / the deepspeed launcher (or plain python):
+"""Run by the ``srlora_reports`` fixture under torchrun (4 processes); its ``job`` is called in the
+test process (one process) and in the ``sharded`` launch (2 processes, ``tests/train_many.py``):
 SRLoRA on a small Llama with uneven shapes (255 MLP rows; ZeRO-3 ranges that split rows).
 
 argv: backend (single, fsdp2, zero3), then one or more jobs separated by ``+``, each run in
@@ -67,15 +68,14 @@ def main() -> None:
         jobs.append([]) if a == "+" else jobs[-1].append(a)
     with one_process_group():
         for out, *rest in jobs:
-            if rest[:1] == ["families"]:  # cells of the family table (tests/test_families.py), in the same launch
-                families(args[0], out, rest[1:])
-            else:
-                job(args[0], out, rest)
+            job(args[0], out, rest)
 
 
 def job(name: str, out: str, rest: list[str]) -> None:
     if rest[:1] == ["buffers"]:  # tests/dist_buffers.py's job, in the same launch
         return buffers(name, rest[1], out)
+    if rest[:1] == ["families"]:  # cells of the family table (tests/test_families.py), in the same launch
+        return families(name, out, rest[1:])
     fuse = "log" if "log" in rest else "fold"
     replicate = 2 if "hsdp" in rest else 1  # FSDP2 on a 2-D mesh: 2 replicas x world/2 shards
     ds_config = next((a for a in rest if a not in ("log", "hsdp", "nf4", "moe")), None)

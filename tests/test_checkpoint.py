@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 
 from lrx import checkpoint
 from lrx.cli import main
-from tests.conftest import REPO
+from tests.conftest import REPO, sharded_runs
 from tests.test_distributed import BACKENDS, launch, launch_runs, losses, reference, table  # noqa: F401 (fixture)
 
 pytestmark = pytest.mark.distributed
@@ -67,24 +67,62 @@ def run(argv, nproc=1, backend="fsdp2", env=None):
 # an event's step and a checkpoint's write, and a requeue; the base loaded straight into shards).
 
 
-@pytest.mark.parametrize("first, then, extra", [(("fsdp2", 2), ("single", 1), ()), (("single", 1), ("zero3", 2), ()),
-                                                (("single", 1), ("fsdp2", 2), ("method.fuse=log",))],
-                         ids=["2-to-1", "1-to-2", "1-to-2-fsdp2-log"])
-def test_resume_on_another_world_size(tmp_path, reference, first, then, extra):  # noqa: F811 (the fixture)
+# name: (first run's backend and processes, the resumed run's, extra arguments of both)
+WORLD_SIZES = {"2-to-1": (("fsdp2", 2), ("single", 1), ()), "1-to-2": (("single", 1), ("zero3", 2), ()),
+               "1-to-2-fsdp2-log": (("single", 1), ("fsdp2", 2), ("method.fuse=log",))}
+
+
+def world_size_args(folder: Path, name: str, first: bool) -> list[str]:
+    """train.py arguments of the first run of ``WORLD_SIZES[name]`` (a checkpoint at step 6) in
+    ``folder``, or of its run resumed from that checkpoint."""
+    (_, n1), (_, n2), extra = WORLD_SIZES[name]
+    data = table(folder / "t.tsv")
+    if first:
+        return args(data, folder / "run", "train.save_every=6", *extra, batch=8 // n1)
+    ckpt = folder / "run" / "checkpoints" / "step-00000006"
+    return args(data, folder / "run", "train.save_every=6", "--resume", str(ckpt), *extra, batch=8 // n2)
+
+
+@sharded_runs
+def world_size_runs(root: Path, backend: str) -> dict:
+    """The 2-process runs of ``WORLD_SIZES`` on ``backend`` (made in the ``sharded`` launch): the
+    first run of 2-to-1 (resumed on one process by the test), and the resumed runs of 1-to-2, whose
+    one-process first runs are made here, in this process, before the launch (their results in
+    ``first.code`` and ``first.err``)."""
+    runs = {}
+    for name, ((b1, _), (b2, _), _) in WORLD_SIZES.items():
+        if backend not in (b1, b2):
+            continue
+        folder = root / name
+        folder.mkdir()
+        if backend == b2:  # the one-process run, then its checkpoint resumed in the launch
+            first = run(world_size_args(folder, name, first=True))
+            (folder / "first.code").write_text(str(first.returncode))
+            (folder / "first.err").write_text(first.stderr[-3000:])
+        runs[f"world-size-{name}"] = world_size_args(folder, name, first=backend == b1)
+    return runs
+
+
+@pytest.mark.parametrize("name", list(WORLD_SIZES))
+def test_resume_on_another_world_size(reference, sharded, name):  # noqa: F811 (the fixture)
     """A checkpoint resumes on another number of processes (its edit log replayed, under FSDP2
     then split by rows; folded into the base, or with method.fuse=log beside the adapter) to the
-    uninterrupted run's losses and adapter."""
-    data = table(tmp_path / "t.tsv")
+    uninterrupted run's losses and adapter. The 2-process halves run in the ``sharded`` launch."""
+    (b1, n1), (b2, n2), extra = WORLD_SIZES[name]
     ref = reference(f"world-size{'-'.join(extra)}", lambda d: run(args(table(d / "t.tsv"), d / "ref", *extra))) / "ref"
-    (b1, n1), (b2, n2) = first, then
-    a = run(args(data, tmp_path / "run", "train.save_every=6", *extra, batch=8 // n1), n1, b1)
-    assert a.returncode == 0, a.stderr[-3000:]
-    ckpt = tmp_path / "run" / "checkpoints" / "step-00000006"
-    b = run(args(data, tmp_path / "run", "train.save_every=6", "--resume", str(ckpt), *extra, batch=8 // n2), n2, b2)
+    if n1 == 2:
+        a, folder = sharded(b1, f"world-size-{name}")
+        folder = folder.parent
+        assert a.returncode == 0, a.stderr[-3000:]
+        b = run(world_size_args(folder, name, first=False), n2, b2)
+    else:
+        b, folder = sharded(b2, f"world-size-{name}")
+        folder = folder.parent
+        assert (folder / "first.code").read_text() == "0", (folder / "first.err").read_text()
     assert b.returncode == 0, b.stderr[-3000:]
     assert ("edit logs of 6 layers split by rows" in b.stderr) == (b2 == "fsdp2")
-    assert losses(tmp_path / "run") == pytest.approx(losses(ref), abs=1e-4)
-    assert_same_adapter(adapter(tmp_path / "run"), adapter(ref), atol=1e-4)
+    assert losses(folder / "run") == pytest.approx(losses(ref), abs=1e-4)
+    assert_same_adapter(adapter(folder / "run"), adapter(ref), atol=1e-4)
 
 
 # ---- bad input (one process, in-process CLI) --------------------------------------------------

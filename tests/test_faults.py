@@ -11,7 +11,6 @@ template's USR1 (stop file, requeue) and the template's second start.
 
 from __future__ import annotations
 
-import functools
 import json
 import os
 import random
@@ -27,7 +26,7 @@ import pytest
 from lrx import checkpoint, faults
 from lrx.cli import main
 from lrx.stop import EXIT_STOPPED
-from tests.conftest import REPO
+from tests.conftest import REPO, sharded_runs
 from tests.test_checkpoint import adapter, args, assert_same_adapter, copy_run, resume_cli, run, saved  # noqa: F401
 from tests.test_distributed import losses, table
 from tests.test_launch import SRUN
@@ -97,25 +96,40 @@ PLANS = {"fsdp2": (3, "torchrun", "loaded block by block from 1 safetensors file
          "zero3": (2, "deepspeed", "parameters were built partitioned")}
 
 
+def fault_args(folder: Path, name: str, backend: str, *extra: str) -> list[str]:
+    """train.py arguments of the run of ``test_one_run_survives...`` on ``backend`` into
+    ``folder / name``, on the tiny BERT saved as safetensors in ``folder / "base"``."""
+    from tests.conftest import tiny_model
+
+    if not (folder / "base").is_dir():
+        tiny_model("bert", vocab=30522).save_pretrained(folder / "base")
+    return args(table(folder / "t.tsv"), folder / name, "train.save_every=2", f"distributed.backend={backend}",
+                *extra, batch=8 // PLANS[backend][0], base=folder / "base")
+
+
+@sharded_runs
+def uninterrupted(root: Path, backend: str) -> dict:
+    """The uninterrupted ZeRO-3 run (2 processes, as the ``sharded`` launch has) that the
+    interrupted one must equal, made in that launch; FSDP2's (3 processes) is launched by the test."""
+    return {"faults-uninterrupted": fault_args(root, "full", backend)} if PLANS[backend][0] == 2 else {}
+
+
 @pytest.mark.parametrize("backend", list(PLANS))
-def test_one_run_survives_a_hang_restarts_signals_and_a_requeue(tmp_path, backend):
+def test_one_run_survives_a_hang_restarts_signals_and_a_requeue(tmp_path, sharded, backend):
     """An SRLoRA run (events at steps 2, 4, 6, 8) interrupted in a row by: a rank that hangs in a random step (rank 0 names it within the timeout;
     torchrun restarts the workers, which resume from the newest checkpoint on their own); SIGUSR1
     to rank 1 in step 6 (an event's step) and SIGTERM to every rank while checkpoint 6 is written (they
     finish the event and the checkpoint, and stop); the template's USR1 (stop file, requeue) and
     its second start. It ends with the uninterrupted run's losses, events and adapter, each step
     logged once. The base is a safetensors folder, loaded straight into shards by every start."""
-    from tests.conftest import tiny_model
-
     nproc, template, straight = PLANS[backend]
-    data = table(tmp_path / "t.tsv")
-    tiny_model("bert", vocab=30522).save_pretrained(tmp_path / "base")
-    common = ["train.save_every=2", "distributed.timeout_s=5", "train.stop_grace_s=5", f"distributed.backend={backend}"]
-    argv = functools.partial(args, data, batch=8 // nproc, base=tmp_path / "base")
-    full = run(argv(tmp_path / "full", *common), nproc, backend)
+    if nproc == 2:
+        full, full_dir = sharded(backend, "faults-uninterrupted")
+    else:
+        full, full_dir = run(fault_args(tmp_path, "full", backend), nproc, backend), tmp_path / "full"
     assert full.returncode == 0, full.stderr[-3000:]
     out = tmp_path / "run"
-    resume = argv(out, *common, "--resume", "auto")
+    resume = fault_args(tmp_path, "run", backend, "distributed.timeout_s=5", "train.stop_grace_s=5", "--resume", "auto")
 
     hang = random.Random().randint(3, 5)  # resumes from checkpoint 2 or 4
     fault = f"hang@step:{hang}@rank=1@attempt=0,sigusr1@step:6@rank=1@attempt=1,sigterm@checkpoint:6@attempt=1"
@@ -138,10 +152,10 @@ def test_one_run_survives_a_hang_restarts_signals_and_a_requeue(tmp_path, backen
     assert status == 0 and "resumed from" in text and "step-00000008" in text, text[-3000:]
     assert straight in text and (tmp_path / "requeued").read_text() == "requeue 28\n"
 
-    assert losses(out) == pytest.approx(losses(tmp_path / "full"), abs=1e-6)
+    assert losses(out) == pytest.approx(losses(full_dir), abs=1e-6)
     assert steps(out) == list(range(1, 13))  # the logs show one continuous run
-    assert events(out) == events(tmp_path / "full")
-    assert_same_adapter(adapter(out), adapter(tmp_path / "full"), atol=1e-6)
+    assert events(out) == events(full_dir)
+    assert_same_adapter(adapter(out), adapter(full_dir), atol=1e-6)
 
 
 def elastic(argv: list[str], nproc: int, env: dict[str, str]) -> subprocess.CompletedProcess:

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import copy
 import json
+import random
+from pathlib import Path
 
 import pytest
 import torch
@@ -28,7 +30,7 @@ from lrx.fidelity import fusion_fidelity
 from lrx.methods import LocalShards, LocalWeights, adapted_layers, available_methods, build_method
 from lrx.methods.layer import adapter_weight, delta_weight
 from lrx.quant import QuantizedLinear, Quantizer, QuantSettings, bitsandbytes
-from tests.conftest import tiny_model
+from tests.conftest import sharded_runs, tiny_model
 from tests.test_conformance import inputs, logits, method_overrides, perturb, rel
 from tests.test_srlora import train_checking_every_event
 
@@ -316,34 +318,50 @@ def test_sharded_srlora_on_nf4_equals_one_process(srlora_reports, backend):
     assert single["codes_share"] == 1.0 and sharded["codes_share"] <= 0.51
 
 
+KILL = random.Random().randint(5, 10)  # the step after which the killed nf4 run dies
+
+
+def nf4_args(root: Path, name: str, *extra: str) -> list[str]:
+    """train.py arguments of the nf4 runs of ``test_killed_nf4_run_resumes_exactly`` into ``root / name``."""
+    from tests.test_checkpoint import args
+    from tests.test_distributed import table
+
+    if not (root / "base").is_dir():
+        tiny_model("bert", vocab=30522).save_pretrained(root / "base")
+    return args(table(root / "t.tsv"), root / name, "train.save_every=2", "model.quantize=nf4",
+                "train.activation_checkpointing=true", *extra, base=root / "base", batch=4)
+
+
+@sharded_runs
+def killed_nf4_runs(root: Path, backend: str) -> dict:
+    """In the ``sharded`` launch of FSDP2: the uninterrupted nf4 run, and the same run killed after
+    step ``KILL`` (the launch's last run)."""
+    if backend != "fsdp2":
+        return {}
+    return {"nf4-full": nf4_args(root, "full"), "nf4-killed": (nf4_args(root, "run"), {"kill_at_step": KILL})}
+
+
 @pytest.mark.distributed
-def test_killed_nf4_run_resumes_exactly(tmp_path):
+def test_killed_nf4_run_resumes_exactly(sharded):
     """SRLoRA on an nf4 base streamed into 2 FSDP2 processes (quantized block by block, activation
     checkpointing on), killed
     with SIGKILL after an event and resumed: the same losses, events and adapter as the
-    uninterrupted run (checkpoints hold no base: it is re-quantized from W0 and the log)."""
-    import functools
-    import random
-
+    uninterrupted run (checkpoints hold no base: it is re-quantized from W0 and the log). The
+    uninterrupted and the killed run are made in the ``sharded`` launch, the resumed one alone."""
     from lrx import checkpoint
-    from tests.test_checkpoint import adapter, args, assert_same_adapter, killed_at, run
-    from tests.test_distributed import launch_runs, losses, table
+    from tests.test_checkpoint import adapter, assert_same_adapter, run
+    from tests.test_distributed import losses
 
-    data = table(tmp_path / "t.tsv")
-    tiny_model("bert", vocab=30522).save_pretrained(tmp_path / "base")
-    argv = functools.partial(args, base=tmp_path / "base", batch=4)
-    extra = ("train.save_every=2", "model.quantize=nf4", "train.activation_checkpointing=true")
-    kill = random.Random().randint(5, 10)
-    killed = run(killed_at(kill, argv(data, tmp_path / "run", *extra)), 2, "fsdp2")
-    assert killed.returncode != 0, f"the run was not killed at step {kill}"
-    assert max(int(p.name.split("-")[1]) for p in checkpoint.checkpoint_dirs(tmp_path / "run")) >= 4
-    # The uninterrupted run and the resumed one in one launch (tests/train_many.py).
-    full, resumed = launch_runs(tmp_path / "launch", [argv(data, tmp_path / "full", *extra),
-                                                      argv(data, tmp_path / "run", *extra, "--resume", "auto")], 2, "torchrun")
+    killed, folder = sharded("fsdp2", "nf4-killed")
+    root = folder.parent
+    assert killed.returncode != 0, f"the run was not killed at step {KILL}"
+    assert max(int(p.name.split("-")[1]) for p in checkpoint.checkpoint_dirs(root / "run")) >= 4
+    full, _ = sharded("fsdp2", "nf4-full")
+    resumed = run(nf4_args(root, "run", "--resume", "auto"), 2, "fsdp2")
     assert full.returncode == 0, full.stderr[-3000:]
     assert "loaded block by block" in full.stderr + full.stdout
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resumed from" in resumed.stderr
-    assert losses(tmp_path / "run") == pytest.approx(losses(tmp_path / "full"), abs=1e-6)
-    assert_same_adapter(adapter(tmp_path / "run"), adapter(tmp_path / "full"), atol=1e-6)
-    assert any(k.endswith(".edit_baked") for k in adapter(tmp_path / "full"))
+    assert losses(root / "run") == pytest.approx(losses(root / "full"), abs=1e-6)
+    assert_same_adapter(adapter(root / "run"), adapter(root / "full"), atol=1e-6)
+    assert any(k.endswith(".edit_baked") for k in adapter(root / "full"))

@@ -8,7 +8,10 @@ lrx (~7 s of CPU each), the runs themselves a second or two.
 ``lrx.cli.main(argv)`` (``bf16_engine``: with ZeRO-3's bf16 engine on as on a GPU,
 ``tests/zero3_bf16_engine.py``; ``"count_reduce_scatters": FILE``: counted per step into FILE,
 ``tests/dist_accumulation.py``; ``"stored_codes": [FOLDER, OUT]``: each rank's piece of the
-codes stored quantized checked after every step, ``tests/dist_prequantized.py``). The runs
+codes stored quantized checked after every step, ``tests/dist_prequantized.py``; ``"kill_at_step": N``:
+rank 0 sends itself SIGKILL right after step N, ``tests/train_killed.py``, which ends the launch: such
+a run is its last); or ``{"argv": [], "job": [BACKEND, OUT, OPTIONS...]}``: a job of
+``tests/dist_srlora.py`` (its report written to OUT; exit status 0 unless it raises). The runs
 share one process group (``one_process_group``).
 Every rank writes run i's stdout and stderr (the log included) to ``RUNS.json``'s folder as
 ``i.rankR.out`` and ``i.rankR.err``; rank 0 writes its exit status to ``i.code``.
@@ -24,6 +27,7 @@ from pathlib import Path
 from dist_accumulation import count_reduce_scatters  # beside this script (its folder is the first on sys.path)
 from dist_common import one_process_group, run
 from dist_prequantized import stored_codes
+from train_killed import killed_after
 from zero3_bf16_engine import OnAsOnAGPU
 
 from lrx import cli
@@ -40,12 +44,16 @@ def one(index: int, spec: dict, folder: Path, rank: str) -> None:
         root.setLevel(logging.INFO)
         zero3.ZeRO3 = OnAsOnAGPU if spec.get("bf16_engine") else plain
         try:
-            with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            kill = spec.get("kill_at_step")
+            with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), \
+                    killed_after(kill) if kill else contextlib.nullcontext():
                 counts, codes = spec.get("count_reduce_scatters"), spec.get("stored_codes")
                 if counts:
                     code = count_reduce_scatters(spec["argv"], counts)
                 elif codes:
                     code = cli.train_main(spec["argv"], callbacks=[stored_codes(*codes)])
+                elif "job" in spec:
+                    code = srlora_job(*spec["job"])
                 else:
                     code = cli.main(spec["argv"])
         finally:
@@ -54,6 +62,14 @@ def one(index: int, spec: dict, folder: Path, rank: str) -> None:
             root.setLevel(level)
     if rank == "0":
         (folder / f"{index}.code").write_text(str(code))
+
+
+def srlora_job(backend: str, out: str, *options: str) -> int:
+    """A job of tests/dist_srlora.py in these processes (its report written to ``out``)."""
+    from dist_srlora import job
+
+    job(backend, out, list(options))
+    return 0
 
 
 def main() -> None:
