@@ -78,17 +78,18 @@ class QuantSettings:
     experts: bool = True
     """Adapted fused experts weights are stored quantized (``QuantizedExperts``); False: a run over
     several processes (FSDP2/ZeRO-3), where they train in ``model.dtype``, recorded so that a
-    load or export rebuilds the model as that run held it."""
+    load or export rebuilds the model as that run held it. Adapter files always record it; one
+    without the key was saved before experts were quantized, so its experts read as False."""
 
     def to_dict(self) -> dict:
         out = {"kind": self.kind, "double_quant": self.double_quant, "blocksize": self.blocksize}
         out = {**out, "stored": True} if self.stored else out
-        return out if self.experts else {**out, "experts": False}
+        return {**out, "experts": self.experts}
 
     @classmethod
     def from_dict(cls, values: dict) -> QuantSettings:
         return cls(str(values["kind"]), bool(values.get("double_quant", True)), int(values.get("blocksize", BLOCKSIZE)),
-                   bool(values.get("stored", False)), bool(values.get("experts", True)))
+                   bool(values.get("stored", False)), bool(values.get("experts", False)))
 
     def code_bytes(self, out_features: int, in_features: int) -> int:
         """Bytes of one quantized weight's codes (a parameter: sharded)."""

@@ -150,7 +150,9 @@ def test_a_run_over_several_processes_keeps_the_experts_in_model_dtype_with_one_
     from lrx.runner import quant_settings
 
     config = load_config(None, ["model.quantize=nf4", "method.target_modules=[q_proj,v_proj,experts]", "method.r=4"])
-    assert quant_settings(config, 1).experts and "experts" not in quant_settings(config, 1).to_dict()
+    assert quant_settings(config, 1).experts and quant_settings(config, 1).to_dict()["experts"] is True
+    # an adapter saved before experts were quantized records no "experts": its experts ran unquantized
+    assert not QuantSettings.from_dict({"kind": "nf4", "double_quant": True, "blocksize": 64}).experts
     settings = quant_settings(config, 2)
     assert settings.to_dict()["experts"] is False and QuantSettings.from_dict(settings.to_dict()) == settings
     model, method = tiny_moe("qwen3_moe"), build_method(config.method)
