@@ -109,8 +109,9 @@ def srlora_sharded(base, ids, args) -> None:
     backend.close()
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def shape_arguments(doc: str) -> argparse.ArgumentParser:
+    """The tiny Qwen3-MoE's shape and the run's length, as options (shared with bench_experts_quant)."""
+    ap = argparse.ArgumentParser(description=doc.splitlines()[0])
     ap.add_argument("--experts", type=int, default=8)
     ap.add_argument("--hidden", type=int, default=256)
     ap.add_argument("--moe-intermediate", type=int, default=128)
@@ -118,19 +119,28 @@ def main() -> None:
     ap.add_argument("--r", type=int, default=8)
     ap.add_argument("--tokens", type=int, default=512)
     ap.add_argument("--steps", type=int, default=5)
+    return ap
+
+
+def tiny_qwen3_moe(args) -> tuple[torch.nn.Module, torch.Tensor]:
+    """A seeded random Qwen3-MoE of ``shape_arguments``' shape (fp32) and one row of token ids."""
+    torch.manual_seed(0)
+    config = Qwen3MoeConfig(vocab_size=1000, hidden_size=args.hidden, moe_intermediate_size=args.moe_intermediate,
+                            intermediate_size=4 * args.hidden, num_hidden_layers=args.layers, num_attention_heads=4,
+                            num_key_value_heads=2, head_dim=args.hidden // 4, num_experts=args.experts,
+                            num_experts_per_tok=2)
+    return AutoModelForCausalLM.from_config(config), torch.randint(0, 1000, (1, args.tokens))
+
+
+def main() -> None:
+    ap = shape_arguments(__doc__)
     ap.add_argument("--srlora", action="store_true", help="time SRLoRA's events on the experts instead")
     # zero3 is left out: this script's ZeRO-3 build (not launch/train.py's) failed in its first backward
     # on a Qwen3-MoE, also with pissa (AccumulateGrad into an emptied adapter parameter), not understood yet
     ap.add_argument("--backend", choices=["single", "fsdp2"], default="single", help="--srlora over torchrun's processes")
     args = ap.parse_args()
 
-    torch.manual_seed(0)
-    config = Qwen3MoeConfig(vocab_size=1000, hidden_size=args.hidden, moe_intermediate_size=args.moe_intermediate,
-                            intermediate_size=4 * args.hidden, num_hidden_layers=args.layers, num_attention_heads=4,
-                            num_key_value_heads=2, head_dim=args.hidden // 4, num_experts=args.experts,
-                            num_experts_per_tok=2)
-    base = AutoModelForCausalLM.from_config(config)
-    ids = torch.randint(0, 1000, (1, args.tokens))
+    base, ids = tiny_qwen3_moe(args)
     if args.srlora and args.backend != "single":
         return srlora_sharded(base, ids, args)
     if args.srlora:

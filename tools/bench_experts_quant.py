@@ -13,20 +13,18 @@ it, the time to dequantize every experts weight once (what a step's forward does
 
 from __future__ import annotations
 
-import argparse
 import copy
 import statistics
 import time
 
 import torch
-from transformers import AutoModelForCausalLM, Qwen3MoeConfig
+from bench_experts import shape_arguments, step_time, tiny_qwen3_moe
 
 from lrx.build import Adapters
 from lrx.config import load_config
 from lrx.methods import LocalShards, build_method
 from lrx.methods.experts import AdaptedExperts
 from lrx.quant import Quantizer, QuantSettings
-from tools.bench_experts import step_time
 
 
 def experts_bytes(model) -> int:
@@ -52,24 +50,12 @@ def dequantize_time(model, steps: int) -> float:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--experts", type=int, default=8)
-    ap.add_argument("--hidden", type=int, default=256)
-    ap.add_argument("--moe-intermediate", type=int, default=128)
-    ap.add_argument("--layers", type=int, default=2)
-    ap.add_argument("--r", type=int, default=8)
-    ap.add_argument("--tokens", type=int, default=512)
-    ap.add_argument("--steps", type=int, default=5)
+    ap = shape_arguments(__doc__)
     ap.add_argument("--quantize", nargs="+", default=["none", "nf4", "int8"])
     args = ap.parse_args()
 
-    torch.manual_seed(0)
-    config = Qwen3MoeConfig(vocab_size=1000, hidden_size=args.hidden, moe_intermediate_size=args.moe_intermediate,
-                            intermediate_size=4 * args.hidden, num_hidden_layers=args.layers, num_attention_heads=4,
-                            num_key_value_heads=2, head_dim=args.hidden // 4, num_experts=args.experts,
-                            num_experts_per_tok=2)
-    base = AutoModelForCausalLM.from_config(config).to(torch.bfloat16)
-    ids = torch.randint(0, 1000, (1, args.tokens))
+    base, ids = tiny_qwen3_moe(args)
+    base = base.to(torch.bfloat16)
     reference = None
     for kind in args.quantize:
         model = copy.deepcopy(base)
