@@ -102,13 +102,13 @@ def run_log_storage(config: RunConfig, method, layout: Layout) -> str:
 def _base_bytes(model, config: RunConfig, method, world: int = 1) -> tuple[int, int]:
     """Bytes of the frozen base: ``(sharded, whole)``. Linears ``model.quantize`` stores
     quantized count their codes (sharded) and statistics (kept whole on every process); fused
-    experts are quantized on one process only (``lrx.runner.quant_settings``)."""
+    experts are quantized on one process only (``QuantSettings.for_processes``)."""
     frozen = {id(p): p for p in model.parameters() if not p.requires_grad}
     stats = 0
     if config.model.quantize != "none":
-        settings = QuantSettings(config.model.quantize, config.model.double_quant)
+        settings = QuantSettings.for_processes(config.model.quantize, config.model.double_quant, world)
         linears = dict(model.named_modules())
-        for name in quantized_linears(model, method.saved_modules, experts=world == 1).values():
+        for name in quantized_linears(model, method.saved_modules, settings.experts).values():
             weight = linears[name].weight
             frozen.pop(id(weight), None)
             shape = (weight.shape[:-1].numel(), weight.shape[-1])  # fused experts: (experts * rows) x cols

@@ -81,6 +81,13 @@ class QuantSettings:
     load or export rebuilds the model as that run held it. Adapter files always record it; one
     without the key was saved before experts were quantized, so its experts read as False."""
 
+    @classmethod
+    def for_processes(cls, kind: str, double_quant: bool = True, world_size: int = 1,
+                      stored: bool = False) -> QuantSettings:
+        """The settings a run over ``world_size`` processes stores its base with: fused experts
+        are quantized on one process only (``experts``)."""
+        return cls(kind, double_quant, stored=stored, experts=world_size == 1)
+
     def to_dict(self) -> dict:
         out = {"kind": self.kind, "double_quant": self.double_quant, "blocksize": self.blocksize}
         out = {**out, "stored": True} if self.stored else out

@@ -111,8 +111,8 @@ def adapter_meta(config: RunConfig, task: str, data, world_size: int = 1) -> dic
 def quant_settings(config: RunConfig, world_size: int = 1) -> QuantSettings:
     """``model.quantize`` as a run over ``world_size`` processes stores the base: fused experts
     quantized on one process only (``QuantSettings.experts``)."""
-    return QuantSettings(config.model.quantize, config.model.double_quant, stored=config.model.quantize_stored,
-                         experts=world_size == 1)
+    return QuantSettings.for_processes(config.model.quantize, config.model.double_quant, world_size,
+                                       stored=config.model.quantize_stored)
 
 
 def throughput(history: list[dict], device: torch.device) -> dict[str, float]:

@@ -174,8 +174,7 @@ def adapt(backend, family: str, method_name: str, base: str, basis_dir: Path) ->
     built = build_model(family, dtype)
     cfg = load_config(None, method_overrides(family, method_name, basis_dir), method=method_name).method
     method = build_method(cfg)
-    # fused experts quantized on one process only (lrx.runner.quant_settings): as a run over world_size
-    quantizer = Quantizer(QuantSettings("nf4", experts=backend.world_size == 1)) if base == "nf4" else None
+    quantizer = Quantizer(QuantSettings.for_processes("nf4", world_size=backend.world_size)) if base == "nf4" else None
     model = backend.build(ModelSpec(lambda meta: built, dtype=dtype), Adapters(method, 0, None, quantizer))
     params = [p for _, p in method.trainable_parameters(model)]
     optimizer = torch.optim.Adam(params, lr=1e-2)
@@ -238,7 +237,7 @@ def exported(built: Built, family: str, base: str, data: dict, folder: Path) -> 
     task = FAMILIES[family][2]
     meta = {"base_model": None, "task": task, "num_labels": 0 if task == "causal_lm" else 2,
             "model_dtype": "bfloat16" if base == "bf16" else "float32",
-            "quantize": QuantSettings("nf4", experts=built.backend.world_size == 1).to_dict() if base == "nf4" else None}
+            "quantize": QuantSettings.for_processes("nf4", world_size=built.backend.world_size).to_dict() if base == "nf4" else None}
     path = folder / "adapter"
     save_final_adapter(path, built.model, built.method, meta, built.backend.gather, built.backend.is_main)
     if not built.backend.is_main:
