@@ -118,9 +118,8 @@ class _Dequantized(torch.autograd.Function):
     def forward(ctx, x, module, dtype, *tensors):
         ctx.module, ctx.dtype = module, dtype
         ctx.save_for_backward(*tensors)
-        weight = module.dequantize(dtype, tensors)
         bias = module.bias.to(dtype) if module.bias is not None else None
-        return torch.nn.functional.linear(x.to(dtype), weight, bias)
+        return torch.nn.functional.linear(x.to(dtype), module.dequantize(dtype, tensors), bias)
 
     @staticmethod
     def backward(ctx, grad):
@@ -129,6 +128,18 @@ class _Dequantized(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             grad_x = grad.to(ctx.dtype) @ ctx.module.dequantize(ctx.dtype, tensors)
         return (grad_x, None, None, *([None] * len(tensors)))
+
+
+def _four_bit_plan(state: dict[str, torch.Tensor]) -> tuple[tuple, torch.Tensor | None]:
+    """What ``dequantize`` needs of a 4-bit state besides its tensors, read once from its packed
+    entry: (quant type, block size, shape, nested block size or 0, the dtype it was quantized from)
+    and the nested offset."""
+    import bitsandbytes.functional as bf
+
+    qs = bf.QuantState.from_dict({k: v.cpu() for k, v in state.items()}, device="cpu")
+    nested = qs.state2.blocksize if qs.nested else 0
+    offset = qs.offset.float().reshape(()) if qs.nested else None
+    return (qs.quant_type, qs.blocksize, tuple(qs.shape), nested, qs.dtype), offset
 
 
 class QuantizedLinear(nn.Module):
@@ -148,9 +159,13 @@ class QuantizedLinear(nn.Module):
         self.weight = nn.Parameter(codes, requires_grad=False)
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
         self._state_keys = list(state)
-        self._qs: tuple | None = None  # (tensors, bitsandbytes QuantState) built from the buffers once
+        self.keeps_weight = False  # set where activation checkpointing drops what forward saves
         for key, value in state.items():
             self.register_buffer(_buffer_name(key), value)
+        if settings.kind != "int8":
+            self._plan, offset = _four_bit_plan(state)
+            # Not in the state dict: derived from the packed entry, moved with the module.
+            self.register_buffer("nested_offset", offset, persistent=False)
 
     @classmethod
     @torch.no_grad()
@@ -179,16 +194,23 @@ class QuantizedLinear(nn.Module):
         return (self.weight, *(getattr(self, _buffer_name(k)) for k in self._state_keys))
 
     def dequantize(self, dtype: torch.dtype = torch.float32, tensors: tuple[torch.Tensor, ...] | None = None) -> torch.Tensor:
-        """The weight (out x in) in ``dtype``, as the forward computes with it."""
+        """The weight (out x in) in ``dtype``, as the forward computes with it: bitsandbytes'
+        dequantize ops written straight into ``dtype`` (no fp32 copy), with no Python state
+        built per call, so a compiled block traces them once for every layer of its shape."""
         codes, *state = tensors if tensors is not None else self.state_tensors()
         if self.settings.kind == "int8":
             (scale,) = state
             return (codes.float() * (scale.float() / 127.0)[:, None]).to(dtype)
-        import bitsandbytes.functional as bf
-
-        if self._qs is None or any(a is not b for a, b in zip(self._qs[0], state)):
-            self._qs = (tuple(state), bf.QuantState.from_dict(dict(zip(self._state_keys, state)), device=codes.device))
-        return bf.dequantize_4bit(codes, self._qs[1]).to(dtype)
+        stats = dict(zip(self._state_keys, state))
+        kind, blocksize, shape, nested, source = self._plan
+        absmax = stats["absmax"]
+        if nested:
+            absmax = torch.ops.bitsandbytes.dequantize_blockwise.default(
+                absmax, stats["nested_absmax"], stats["nested_quant_map"], nested, torch.float32) + self.nested_offset
+        # Straight into dtype where that rounds as bitsandbytes would (it writes the source dtype).
+        out = dtype if source in (torch.float32, dtype) else source
+        weight = torch.ops.bitsandbytes.dequantize_4bit.default(codes, absmax, blocksize, kind, shape, out)
+        return weight if out == dtype else weight.to(dtype)
 
     def weight_count(self) -> int:
         """Values of the weight it stores (not the bytes of its packed codes)."""
@@ -198,6 +220,11 @@ class QuantizedLinear(nn.Module):
         device = x.device.type
         dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
         with torch.autocast(device, enabled=False):
+            if self.keeps_weight and self.training and torch.is_grad_enabled():
+                # Checkpointing frees what this forward saves and its recompute makes the weight
+                # again for the backward: two dequantizes a step instead of three.
+                bias = self.bias.to(dtype) if self.bias is not None else None
+                return torch.nn.functional.linear(x.to(dtype), self.dequantize(dtype), bias)
             return _Dequantized.apply(x, self, dtype, *self.state_tensors())
 
     def extra_repr(self) -> str:

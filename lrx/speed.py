@@ -26,25 +26,21 @@ COMPILE_BACKEND = "inductor"
 a minute and a half to compile a tiny model here)."""
 
 
-def _saved_ops() -> set:
-    """The ops whose outputs ``selective`` checkpointing keeps (torchtitan's ``_save_list``,
-    less its collectives): the matmuls and the attention kernels, everything else is recomputed."""
+def _matmuls() -> set:
     aten = torch.ops.aten
-    names = ["mm.default", "addmm.default", "bmm.default", "_scaled_dot_product_flash_attention.default",
-             "_scaled_dot_product_efficient_attention.default", "_scaled_dot_product_cudnn_attention.default",
-             "_scaled_dot_product_flash_attention_for_cpu.default"]
-    ops = set()
-    for name in names:
-        packet, _, overload = name.partition(".")
-        if hasattr(aten, packet):
-            ops.add(getattr(getattr(aten, packet), overload))
-    return ops
+    return {aten.mm.default, aten.addmm.default, aten.bmm.default}
 
 
-def _selective_policy(saved, ctx, op, *args, **kwargs):
+def _selective_policy(matmuls, ctx, op, *args, **kwargs):
+    """Keep the output of a matmul whose input is at least twice as wide as its output (a dense
+    MLP's down projection, LoRA's A): the most recompute saved per byte kept (a matmul's flops per
+    output element are its input width; a down projection's 3.5x an attention projection's at
+    Llama's shapes). Recompute everything else, attention included."""
     from torch.utils.checkpoint import CheckpointPolicy
 
-    return CheckpointPolicy.MUST_SAVE if op in saved else CheckpointPolicy.PREFER_RECOMPUTE
+    if op in matmuls and args[-2].shape[-1] >= 2 * args[-1].shape[-1]:
+        return CheckpointPolicy.MUST_SAVE
+    return CheckpointPolicy.PREFER_RECOMPUTE
 
 
 def checkpoint_kwargs(mode: str) -> dict:
@@ -53,14 +49,14 @@ def checkpoint_kwargs(mode: str) -> dict:
     if mode == "selective":
         from torch.utils.checkpoint import create_selective_checkpoint_contexts
 
-        policy = functools.partial(_selective_policy, _saved_ops())
+        policy = functools.partial(_selective_policy, _matmuls())
         kwargs["context_fn"] = functools.partial(create_selective_checkpoint_contexts, policy)
     return kwargs
 
 
 def apply_checkpointing(model: nn.Module, mode: str, name: str, blocks: list[nn.Module]) -> None:
     """``train.activation_checkpointing``: none, full (every block), selective (every block,
-    matmul and attention outputs kept) or every2 (full on blocks 0, 2, 4 ...), through the
+    the outputs of the matmuls that narrow their input kept: ``_selective_policy``) or every2 (full on blocks 0, 2, 4 ...), through the
     model's own (HF) checkpointing of its blocks, so parameter names do not change.
 
     Raises:
@@ -91,8 +87,34 @@ def compile_blocks(blocks: list[nn.Module], backend: str | None = None) -> None:
     conf = torch._dynamo.config
     limit = "recompile_limit" if hasattr(conf, "recompile_limit") else "cache_size_limit"
     setattr(conf, limit, max(getattr(conf, limit), 2 * len(blocks) + 8))
+    # transformers >= 5.2x checkpoints a block's forward inside the compiled call, so dynamo traces
+    # the checkpoint; HF's output-capturing hooks set a context variable in it, a side effect
+    # dynamo refuses to trace (one graph break: the whole block ran eager) unless it may skip
+    # replaying it in the recompute, which only collects outputs a training step never asks for.
+    if hasattr(conf, "skip_fwd_side_effects_in_bwd_under_checkpoint"):
+        conf.skip_fwd_side_effects_in_bwd_under_checkpoint = True
     for block in blocks:
         block.compile(backend=backend or COMPILE_BACKEND)
+
+
+def keep_dequantized_weights(model: nn.Module) -> int:
+    """Let the quantized linears of every checkpointed block (HF's ``gradient_checkpointing``)
+    keep their dequantized weight for their backward (``QuantizedLinear.keeps_weight``): the
+    checkpoint frees it after the forward and its recompute makes it again, so a step
+    dequantizes each weight twice instead of three times, and holds one block's weights
+    dequantized during that block's backward. Called once the model is built and quantized
+    (``Trainer``); returns how many layers keep it."""
+    from lrx.distributed.fsdp2 import transformer_blocks
+    from lrx.quant import QuantizedExperts, QuantizedLinear
+
+    count = 0
+    for block in transformer_blocks(model):
+        if not getattr(block, "gradient_checkpointing", False):
+            continue
+        for module in block.modules():
+            if isinstance(module, QuantizedLinear) and not isinstance(module, QuantizedExperts):
+                module.keeps_weight, count = True, count + 1
+    return count
 
 
 def compiles(setting, device_type: str, quantized: bool, hooked: bool = False) -> bool:

@@ -34,6 +34,7 @@ from lrx.loss import causal_lm_ce_sum, label_tokens
 from lrx.lr import LRSchedule
 from lrx.methods import Method
 from lrx.metrics import compute_metrics
+from lrx.speed import keep_dequantized_weights
 from lrx.stop import Stopped
 
 log = logging.getLogger(__name__)
@@ -174,6 +175,7 @@ class Trainer:
                                    grad_accum=tc.grad_accum, max_grad_norm=tc.max_grad_norm)  # what runs batches
         # What steps: these, or (ZeRO-3 with an optimizer in its DeepSpeed config) what DeepSpeed built.
         self.optimizer, self.scheduler = backend.optimizer, backend.scheduler
+        keep_dequantized_weights(model)  # quantized layers of checkpointed blocks: 2 dequantizes a step, not 3
         self.schedule.use(self.optimizer, self.scheduler)
         bf16 = tc.bf16 and device.type == "cuda"
         self.autocast = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()

@@ -365,3 +365,71 @@ def test_killed_nf4_run_resumes_exactly(sharded):
     assert losses(root / "run") == pytest.approx(losses(root / "full"), abs=1e-6)
     assert_same_adapter(adapter(root / "run"), adapter(root / "full"), atol=1e-6)
     assert any(k.endswith(".edit_baked") for k in adapter(root / "full"))
+
+
+@pytest.mark.parametrize("kind,double,source", [("nf4", True, torch.float32), ("fp4", False, torch.float32),
+                                                ("nf4", True, torch.bfloat16), ("nf4", False, torch.float16)])
+def test_dequantize_rounds_as_bitsandbytes_into_every_compute_dtype(kind, double, source):
+    """The weight written straight into the compute dtype is bitsandbytes' own dequantize (in
+    the dtype the codes were quantized from) cast to it, bit for bit: a checkpoint stored from
+    bf16 or fp16 (a pre-quantized folder) keeps that rounding."""
+    import bitsandbytes.functional as bf
+
+    w = torch.randn(48, 128, generator=torch.Generator().manual_seed(0)).to(source)
+    codes, qs = bf.quantize_4bit(w, blocksize=64, quant_type=kind, compress_statistics=double,
+                                 quant_storage=torch.uint8)
+    layer = QuantizedLinear(128, 48, QuantSettings(kind, double), codes, dict(qs.as_dict(packed=True)), None)
+    reference = bf.dequantize_4bit(codes, qs)
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        assert torch.equal(layer.dequantize(dtype), reference.to(dtype)), dtype
+
+
+def _nf4_step(settings: dict, monkeypatch, keep: bool = True) -> tuple[float, dict, float, int]:
+    """One training step of a tiny nf4 LoRA Llama prepared with ``settings`` as the trainer
+    prepares it (``keep``: and as it keeps dequantized weights): loss, adapter gradients,
+    dequantizes per quantized layer, graph breaks."""
+    from lrx.config import TrainConfig
+    from lrx.loss import causal_lm_ce_sum
+    from lrx.speed import keep_dequantized_weights, prepare_for_training
+
+    _, model, _ = quantized("lora", "nf4")
+    model.train()
+    prepare_for_training(model, TrainConfig(**settings), "causal_lm", "cpu", "tiny", quantized=True)
+    layers = keep_dequantized_weights(model) if keep else 0
+    calls = []
+    dequantize = QuantizedLinear.dequantize
+    monkeypatch.setattr(QuantizedLinear, "dequantize", lambda self, *a, **k: calls.append(1) or dequantize(self, *a, **k))
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    batch = {"input_ids": torch.randint(0, 128, (2, 9), generator=torch.Generator().manual_seed(3))}
+    loss = causal_lm_ce_sum(model, model, {**batch, "labels": batch["input_ids"]})
+    loss.backward()
+    quantized_layers = sum(isinstance(m, QuantizedLinear) for m in model.model.layers.modules())
+    assert layers in (0, quantized_layers)
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    breaks = sum(torch._dynamo.utils.counters["graph_break"].values())
+    return loss.item(), grads, len(calls) / quantized_layers, breaks
+
+
+def test_checkpointed_nf4_blocks_dequantize_twice_a_step_and_compile_without_breaks(monkeypatch):
+    """Under full checkpointing a quantized layer keeps its dequantized weight for its backward
+    (the checkpoint frees it; its recompute makes it again): 2 dequantizes a step instead of 3,
+    the same loss and gradients as the plain step, and compiled blocks (aot_eager) trace the
+    quantized layers without a graph break (no Python state built per call)."""
+    import lrx.speed
+
+    monkeypatch.setattr(lrx.speed, "COMPILE_BACKEND", "aot_eager")
+    plain_loss, plain, plain_calls, _ = _nf4_step({}, monkeypatch)
+    assert 1.5 < plain_calls < 2  # forward, and backward where the input needs a gradient
+    # Checkpointed with the autograd function: forward, recompute, backward (HF's checkpointing
+    # makes the embeddings' output need a gradient, so every layer's backward runs).
+    assert _nf4_step({"activation_checkpointing": "full"}, monkeypatch, keep=False)[2] == 3
+    for settings in ({"activation_checkpointing": "full"}, {"activation_checkpointing": "full", "compile": True}):
+        loss, grads, calls, breaks = _nf4_step(settings, monkeypatch)
+        assert loss == pytest.approx(plain_loss, rel=1e-6)
+        for name, grad in plain.items():
+            assert (grads[name] - grad).norm() <= 1e-6 * grad.norm(), name
+        if settings.get("compile"):
+            assert breaks == 0
+        else:
+            assert calls == 2  # forward, then the recompute

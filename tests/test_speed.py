@@ -130,7 +130,8 @@ def _step_grads(model, batch) -> tuple[float, dict[str, torch.Tensor]]:
 
 
 @pytest.mark.parametrize("settings", [{"activation_checkpointing": "full"}, {"activation_checkpointing": "selective"},
-                                      {"compile": True, "activation_checkpointing": "every2"}])
+                                      {"compile": True, "activation_checkpointing": "every2"},
+                                      {"compile": True, "activation_checkpointing": "full"}])
 def test_checkpointed_and_compiled_steps_equal_the_plain_step(settings, monkeypatch):
     """Every checkpointing mode and compiled blocks (aot_eager: the graphs torch.compile
     captures, without inductor's minute-long CPU compile) against the plain step, in fp32."""
@@ -138,6 +139,7 @@ def test_checkpointed_and_compiled_steps_equal_the_plain_step(settings, monkeypa
 
     monkeypatch.setattr(lrx.speed, "COMPILE_BACKEND", "aot_eager")
     torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
     g = torch.Generator().manual_seed(3)
     batch = {"input_ids": torch.randint(0, 96, (2, 9), generator=g)}
     batch["labels"] = batch["input_ids"].clone()
@@ -153,6 +155,10 @@ def test_checkpointed_and_compiled_steps_equal_the_plain_step(settings, monkeypa
     blocks = model.model.layers
     if settings.get("compile"):
         assert all(block._compiled_call_impl is not None for block in blocks)
+        # The blocks really ran compiled: graphs captured, none broken (a break inside the
+        # checkpoint made the whole block run eager).
+        assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 1
+        assert not torch._dynamo.utils.counters["graph_break"]
     mode = settings.get("activation_checkpointing", "none")
     assert [block.gradient_checkpointing for block in blocks] == {
         "none": [False, False], "every2": [True, False]}.get(mode, [True, True])
@@ -251,3 +257,26 @@ def test_liger_and_chunked_losses_agree_on_a_gpu():
         results.append((loss.float(), inputs[0].grad.float(), inputs[1].grad.float()))
     for mine, theirs in zip(*results):
         assert (mine - theirs).norm() <= 2e-2 * theirs.norm()
+
+
+def test_selective_checkpointing_keeps_the_matmuls_that_narrow_their_input():
+    """``selective`` keeps a matmul's output only where its input is at least twice as wide
+    (the down projection, LoRA's A): the most recompute saved per byte; square and widening
+    matmuls and attention are recomputed."""
+    from torch.utils.checkpoint import CheckpointPolicy
+
+    from lrx.speed import _matmuls, _selective_policy
+
+    aten, matmuls = torch.ops.aten, _matmuls()
+
+    def policy(op, *args):
+        return _selective_policy(matmuls, None, op, *args)
+
+    x = torch.empty(8, 64)
+    assert policy(aten.mm.default, torch.empty(8, 224), torch.empty(224, 64)) == CheckpointPolicy.MUST_SAVE
+    assert policy(aten.addmm.default, torch.empty(64), torch.empty(8, 224), torch.empty(224, 64)) == CheckpointPolicy.MUST_SAVE
+    assert policy(aten.bmm.default, torch.empty(4, 8, 64), torch.empty(4, 64, 16)) == CheckpointPolicy.MUST_SAVE
+    assert policy(aten.mm.default, x, torch.empty(64, 64)) == CheckpointPolicy.PREFER_RECOMPUTE
+    assert policy(aten.mm.default, x, torch.empty(64, 224)) == CheckpointPolicy.PREFER_RECOMPUTE
+    sdpa = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default
+    assert policy(sdpa, x, x, x) == CheckpointPolicy.PREFER_RECOMPUTE
