@@ -162,8 +162,10 @@ class QuantizedLinear(nn.Module):
         self.keeps_weight = False  # set where activation checkpointing drops what forward saves
         for key, value in state.items():
             self.register_buffer(_buffer_name(key), value)
+        self._read_keys = ["SCB"]  # what dequantize reads (guards of a compiled block see only these)
         if settings.kind != "int8":
             self._plan, offset = _four_bit_plan(state)
+            self._read_keys = ["absmax", "nested_absmax", "nested_quant_map"] if self._plan[3] else ["absmax"]
             # Not in the state dict: derived from the packed entry, moved with the module.
             self.register_buffer("nested_offset", offset, persistent=False)
 
@@ -190,8 +192,9 @@ class QuantizedLinear(nn.Module):
         return cls(w.shape[1], w.shape[0], settings, codes, state, bias)
 
     def state_tensors(self) -> tuple[torch.Tensor, ...]:
-        """The codes and the statistics, in a fixed order (what ``dequantize`` reads)."""
-        return (self.weight, *(getattr(self, _buffer_name(k)) for k in self._state_keys))
+        """The codes and the statistics ``dequantize`` reads, in a fixed order (not the packed
+        description of a 4-bit state, whose length differs between layers)."""
+        return (self.weight, *(getattr(self, _buffer_name(k)) for k in self._read_keys))
 
     def dequantize(self, dtype: torch.dtype = torch.float32, tensors: tuple[torch.Tensor, ...] | None = None) -> torch.Tensor:
         """The weight (out x in) in ``dtype``, as the forward computes with it: bitsandbytes'
@@ -201,7 +204,7 @@ class QuantizedLinear(nn.Module):
         if self.settings.kind == "int8":
             (scale,) = state
             return (codes.float() * (scale.float() / 127.0)[:, None]).to(dtype)
-        stats = dict(zip(self._state_keys, state))
+        stats = dict(zip(self._read_keys, state))
         kind, blocksize, shape, nested, source = self._plan
         absmax = stats["absmax"]
         if nested:
