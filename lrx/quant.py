@@ -167,7 +167,7 @@ class QuantizedLinear(nn.Module):
             self._plan, offset = _four_bit_plan(state)
             self._read_keys = ["absmax", "nested_absmax", "nested_quant_map"] if self._plan[3] else ["absmax"]
             # Not in the state dict: derived from the packed entry, moved with the module.
-            self.register_buffer("nested_offset", offset, persistent=False)
+            self.register_buffer("quant_offset", offset, persistent=False)
 
     @classmethod
     @torch.no_grad()
@@ -209,7 +209,7 @@ class QuantizedLinear(nn.Module):
         absmax = stats["absmax"]
         if nested:
             absmax = torch.ops.bitsandbytes.dequantize_blockwise.default(
-                absmax, stats["nested_absmax"], stats["nested_quant_map"], nested, torch.float32) + self.nested_offset
+                absmax, stats["nested_absmax"], stats["nested_quant_map"], nested, torch.float32) + self.quant_offset
         # Straight into dtype where that rounds as bitsandbytes would (it writes the source dtype).
         out = dtype if source in (torch.float32, dtype) else source
         weight = torch.ops.bitsandbytes.dequantize_4bit.default(codes, absmax, blocksize, kind, shape, out)
