@@ -186,6 +186,21 @@ def test_a_run_over_several_processes_quantizes_the_experts_and_an_old_adapter_r
         assert sorted(planned) == sorted(n for n, m in built.named_modules() if isinstance(m, QuantizedLinear))
 
 
+def test_the_memory_plan_counts_the_experts_quantized_over_several_processes():
+    """lrx/plan.py's base bytes of 2 processes count the adapted experts as their nf4 codes (at most
+    an eighth of their fp32 bytes) and statistics, as for one process (before: in model.dtype)."""
+    from lrx.plan import _base_bytes
+
+    config = load_config(None, ["model.quantize=nf4", "method.target_modules=[q_proj,v_proj,experts]", "method.r=4"])
+    model, method = tiny_moe("qwen3_moe"), build_method(config.method)
+    method.wrap(model)
+    frozen = sum(p.numel() * p.element_size() for p in model.parameters() if not p.requires_grad)
+    experts = sum(lay.base.weight.numel() * 4 for lay in experts_of(method).values())
+    assert len(experts_of(method)) == 4
+    one, two = _base_bytes(model, config, method, 1), _base_bytes(model, config, method, 2)
+    assert two == one and one[0] <= frozen - experts + experts / 8 and one[1] > 0
+
+
 @pytest.mark.distributed
 @pytest.mark.parametrize("backend", ["fsdp2", "zero3"])
 def test_sharded_srlora_on_quantized_experts_equals_one_process(srlora_reports, backend):
