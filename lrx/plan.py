@@ -101,8 +101,8 @@ def run_log_storage(config: RunConfig, method, layout: Layout) -> str:
 
 def _base_bytes(model, config: RunConfig, method, world: int = 1) -> tuple[int, int]:
     """Bytes of the frozen base: ``(sharded, whole)``. Linears ``model.quantize`` stores
-    quantized count their codes (sharded) and statistics (kept whole on every process); fused
-    experts are quantized on one process only (``QuantSettings.for_processes``)."""
+    quantized count their codes (sharded) and statistics (kept whole on every process), adapted
+    fused experts weights too, on any number of processes (``QuantSettings.for_processes``)."""
     frozen = {id(p): p for p in model.parameters() if not p.requires_grad}
     stats = 0
     if config.model.quantize != "none":

@@ -24,6 +24,11 @@ become a ``QuantizedExperts``: quantized per expert as the (experts * rows) x co
 and each int8 row scale is one expert's row. The experts' own forward reads the whole weight of
 a layer, so it is dequantized one layer's weight at a time while that experts module runs (as
 the full-precision path makes its effective weight ``W + scale B A``), never the whole model.
+Over several processes its codes are sharded like a ``QuantizedLinear``'s (FSDP2: rows of the
+(experts * rows * cols / 2) x 1 codes, cut anywhere; ZeRO-3: a flat range) and dequantized only
+where the backend has gathered them whole: FSDP2 unshards the block before the experts module
+runs, and ZeRO-3 gathers a module's parameters while it is called (``forward(delta)``), so a
+shard boundary never splits what one process dequantizes.
 """
 
 from __future__ import annotations
@@ -76,17 +81,19 @@ class QuantSettings:
     stored: bool = False
     """The checkpoint is stored quantized (``lrx.prequant``): its codes are read, not made."""
     experts: bool = True
-    """Adapted fused experts weights are stored quantized (``QuantizedExperts``); False: a run over
-    several processes (FSDP2/ZeRO-3), where they train in ``model.dtype``, recorded so that a
-    load or export rebuilds the model as that run held it. Adapter files always record it; one
-    without the key was saved before experts were quantized, so its experts read as False."""
+    """Adapted fused experts weights are stored quantized (``QuantizedExperts``); False: they
+    trained in ``model.dtype`` (runs over several processes did so before experts were quantized
+    there), recorded so that a load or export rebuilds the model as that run held it. Adapter
+    files always record it; one without the key was saved before experts were quantized, so its
+    experts read as False."""
 
     @classmethod
     def for_processes(cls, kind: str, double_quant: bool = True, world_size: int = 1,
                       stored: bool = False) -> QuantSettings:
         """The settings a run over ``world_size`` processes stores its base with: fused experts
-        are quantized on one process only (``experts``)."""
-        return cls(kind, double_quant, stored=stored, experts=world_size == 1)
+        are quantized on any number of processes (``experts``; FSDP2 and ZeRO-3 shard their codes
+        like a ``QuantizedLinear``'s and dequantize them gathered), so ``world_size`` changes nothing."""
+        return cls(kind, double_quant, stored=stored, experts=True)
 
     def to_dict(self) -> dict:
         out = {"kind": self.kind, "double_quant": self.double_quant, "blocksize": self.blocksize}
@@ -328,16 +335,16 @@ class Quantizer:
     def plan(self, model: nn.Module, skip: list[str]) -> None:
         """Choose the layers to quantize (``quantized_linears``) of the wrapped model; one warning
         names the fused experts weights left in ``model.dtype`` (not adapted, or all of them when
-        ``settings.experts`` is False: a run over several processes)."""
+        ``settings.experts`` is False: an adapter that trained them so)."""
         from lrx.methods.experts import ExpertWeights, is_experts_weight
 
         self.targets = quantized_linears(model, skip, self.settings.experts)
         if not self.settings.experts:
             adapted = [n for n, m in model.named_modules() if isinstance(m, ExpertWeights)]
             if adapted:
-                log.warning("model.quantize=%s: the %d adapted fused experts weights (%s...) stay in the model's dtype: "
-                            "quantized experts train on one process only, not under FSDP2/ZeRO-3 over several "
-                            "processes; the other linears are quantized", self.settings.kind, len(adapted), adapted[0])
+                log.warning("model.quantize=%s: the %d adapted fused experts weights (%s...) stay in the model's dtype, "
+                            "as the adapter records (quantize.experts false: they trained unquantized); the other "
+                            "linears are quantized", self.settings.kind, len(adapted), adapted[0])
         kept = [f"{n}.{p}" for n, m in model.named_modules() if not isinstance(m, ExpertWeights)
                 for p, w in m.named_parameters(recurse=False) if is_experts_weight(m, w)]
         if kept:

@@ -109,8 +109,8 @@ def adapter_meta(config: RunConfig, task: str, data, world_size: int = 1) -> dic
 
 
 def quant_settings(config: RunConfig, world_size: int = 1) -> QuantSettings:
-    """``model.quantize`` as a run over ``world_size`` processes stores the base: fused experts
-    quantized on one process only (``QuantSettings.experts``)."""
+    """``model.quantize`` as a run over ``world_size`` processes stores the base (adapted fused
+    experts quantized too, on any number of processes: ``QuantSettings.for_processes``)."""
     return QuantSettings.for_processes(config.model.quantize, config.model.double_quant, world_size,
                                        stored=config.model.quantize_stored)
 

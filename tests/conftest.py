@@ -50,9 +50,9 @@ def clone():
 FAMILY_JOB = ("families", "Llama/srlora/fp32", "BERT/srlora/fp32", "Qwen3-MoE/srlora/fp32", "BERT/lora/bf16",
               "GPT-OSS/lora/nf4")
 SRLORA_JOBS = {
-    ("single", 1): [(), ("log",), ("log", "nf4"), ("moe",)],
-    ("fsdp2", 2): [(), ("log", "nf4"), ("buffers",), ("moe",), FAMILY_JOB],
-    ("zero3", 2): [(), ("no-persist", "log"), ("log", "nf4"), ("buffers",), FAMILY_JOB],
+    ("single", 1): [(), ("log",), ("log", "nf4"), ("moe",), ("moe", "log", "nf4")],
+    ("fsdp2", 2): [(), ("log", "nf4"), ("buffers",), ("moe",), ("moe", "log", "nf4"), FAMILY_JOB],
+    ("zero3", 2): [(), ("no-persist", "log"), ("log", "nf4"), ("buffers",), ("moe", "log", "nf4"), FAMILY_JOB],
     ("fsdp2", 4): [("log",), ("hsdp",)],
 }
 

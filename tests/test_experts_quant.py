@@ -1,8 +1,9 @@
 """Quantized fused MoE experts (``model.quantize=nf4|int8``, ``lrx.quant.QuantizedExperts``): the
 adapted experts are stored quantized per expert (codes + statistics, a quarter or half of the
 bf16 bytes), compute with their dequantized weight plus the adapter, train with lora, pissa and
-srlora (SRLoRA's events in the exact log), and merge into the dequantized weight; a run over
-several processes keeps them in model.dtype (one warning), and quantized ones refuse to attach there."""
+srlora (SRLoRA's events in the exact log), and merge into the dequantized weight, on one process
+and over several (FSDP2, ZeRO-3: their codes sharded, each rank's piece that of one process); an
+adapter that recorded its experts unquantized rebuilds them so (one warning)."""
 
 from __future__ import annotations
 
@@ -133,44 +134,110 @@ def test_srlora_events_on_quantized_experts_stay_in_the_exact_log(tmp_path):
     torch.testing.assert_close(logits(model, ids), trained, rtol=0, atol=1e-5)
 
 
-def test_quantized_experts_over_several_processes_refuse_in_one_line():
+def test_quantized_experts_attach_over_several_processes():
+    """Refused before (one process only): quantized experts now attach as a backend of 2 processes
+    attaches them, their base still the ``QuantizedExperts``."""
     bitsandbytes()
     _, model, method = quantized_moe("int8")
-    with pytest.raises(ConfigError, match="quantized fused experts train on one process only") as err:
-        method.attach(model, PieceShards(0, 2))  # as a backend of 2 processes would
-    assert "\n" not in str(err.value)
+    method.attach(model, PieceShards(0, 2))  # as a backend of 2 processes would: no refusal
+    assert all(isinstance(lay.base, QuantizedExperts) for lay in experts_of(method).values())
 
 
-def test_a_run_over_several_processes_keeps_the_experts_in_model_dtype_with_one_warning(caplog):
-    """FSDP2/ZeRO-3 (``quant_settings`` of 2 processes): the adapted experts stay ``ExpertWeights`` in
-    model.dtype (named in one warning), the other linears are quantized, the layers attach over 2
-    processes, and the adapter's ``quantize`` records it, so a load rebuilds the model as it ran."""
+def test_a_run_over_several_processes_quantizes_the_experts_and_an_old_adapter_rebuilds_them_unquantized(caplog):
+    """FSDP2/ZeRO-3 (``quant_settings`` of 2 processes) quantize the adapted experts as one process
+    does (no warning), the layers attach over 2 processes, and the adapter's ``quantize`` records
+    it; an adapter saved before experts were quantized (no ``experts`` key) or that recorded them
+    unquantized keeps them ``ExpertWeights`` in model.dtype (named in one warning), the other linears
+    quantized, so a load rebuilds the model as that run held it."""
     from lrx.adapter import quantizer_of
     from lrx.methods.experts import ExpertWeights
     from lrx.runner import quant_settings
 
     config = load_config(None, ["model.quantize=nf4", "method.target_modules=[q_proj,v_proj,experts]", "method.r=4"])
     assert quant_settings(config, 1).experts and quant_settings(config, 1).to_dict()["experts"] is True
-    # an adapter saved before experts were quantized records no "experts": its experts ran unquantized
-    assert not QuantSettings.from_dict({"kind": "nf4", "double_quant": True, "blocksize": 64}).experts
     settings = quant_settings(config, 2)
-    assert settings.to_dict()["experts"] is False and QuantSettings.from_dict(settings.to_dict()) == settings
+    assert settings == quant_settings(config, 1) and settings.to_dict()["experts"] is True
+    assert QuantSettings.from_dict(settings.to_dict()) == settings
+    # an adapter saved before experts were quantized records no "experts": its experts ran unquantized
+    old = QuantSettings.from_dict({"kind": "nf4", "double_quant": True, "blocksize": 64})
+    assert not old.experts and old.to_dict()["experts"] is False
     model, method = tiny_moe("qwen3_moe"), build_method(config.method)
     with caplog.at_level("WARNING", logger="lrx.quant"):
         Adapters(method, quantizer=Quantizer(settings)).adapt(model)
-    experts = experts_of(method)
+    assert not [r for r in caplog.records if "stay in the model's dtype" in r.getMessage()]
+    assert len(experts_of(method)) == 4 and all(isinstance(lay.base, QuantizedExperts) for lay in experts_of(method).values())
+    method.attach(model, PieceShards(0, 2))  # as a backend of 2 processes would: no refusal
+    unquantized, plain = tiny_moe("qwen3_moe"), build_method(config.method)
+    with caplog.at_level("WARNING", logger="lrx.quant"):
+        Adapters(plain, quantizer=Quantizer(old)).adapt(unquantized)
+    experts = experts_of(plain)
     assert len(experts) == 4 and all(type(lay.base) is ExpertWeights and lay.base.weight.dtype == torch.float32
                                      for lay in experts.values())
-    assert not any(isinstance(m, QuantizedExperts) for m in model.modules())
-    assert sum(isinstance(m, QuantizedLinear) for m in model.modules()) == 8  # q, k, v, o_proj of 2 layers
+    assert not any(isinstance(m, QuantizedExperts) for m in unquantized.modules())
+    assert sum(isinstance(m, QuantizedLinear) for m in unquantized.modules()) == 8  # q, k, v, o_proj of 2 layers
     warnings = [r.getMessage() for r in caplog.records if "stay in the model's dtype" in r.getMessage()]
     assert len(warnings) == 1 and "the 4 adapted fused experts weights" in warnings[0], warnings
-    method.attach(model, PieceShards(0, 2))  # as a backend of 2 processes would: no refusal
-    again = tiny_moe("qwen3_moe")
-    replanned = build_method(config.method)
-    replanned.wrap(again)
-    planned = quantizer_of({"quantize": settings.to_dict()}, again, replanned).targets.values()
-    assert sorted(planned) == sorted(n for n, m in model.named_modules() if isinstance(m, QuantizedLinear))
+    plain.attach(unquantized, PieceShards(0, 2))
+    for recorded, built in ((old, unquantized), (settings, model)):
+        again = tiny_moe("qwen3_moe")
+        replanned = build_method(config.method)
+        replanned.wrap(again)
+        planned = quantizer_of({"quantize": recorded.to_dict()}, again, replanned).targets.values()
+        assert sorted(planned) == sorted(n for n, m in built.named_modules() if isinstance(m, QuantizedLinear))
+
+
+def test_the_memory_plan_counts_the_experts_quantized_over_several_processes():
+    """lrx/plan.py's base bytes of 2 processes count the adapted experts as their nf4 codes (at most
+    an eighth of their fp32 bytes) and statistics, as for one process (before: in model.dtype)."""
+    from lrx.plan import _base_bytes
+
+    config = load_config(None, ["model.quantize=nf4", "method.target_modules=[q_proj,v_proj,experts]", "method.r=4"])
+    model, method = tiny_moe("qwen3_moe"), build_method(config.method)
+    method.wrap(model)
+    frozen = sum(p.numel() * p.element_size() for p in model.parameters() if not p.requires_grad)
+    experts = sum(lay.base.weight.numel() * 4 for lay in experts_of(method).values())
+    assert len(experts_of(method)) == 4
+    one, two = _base_bytes(model, config, method, 1), _base_bytes(model, config, method, 2)
+    assert two == one and one[0] <= frozen - experts + experts / 8 and one[1] > 0
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("backend", ["fsdp2", "zero3"])
+def test_sharded_srlora_on_quantized_experts_equals_one_process(srlora_reports, backend):
+    """SRLoRA on a tiny Qwen3-MoE of 3 experts with an nf4 base, experts stored as ``QuantizedExperts``
+    (tests/dist_srlora.py's ``moe log nf4`` job, in the 2-process launch of its other jobs): 2 processes
+    equal one process (losses, event choices, the output kept at each event, every edit in the exact
+    log beside the codes), each rank's piece of every experts weight's codes is that piece of one
+    process's codes bit for bit (the pieces cut experts: dequantized only where gathered whole), the
+    ranks together hold all of them, and the saved adapter merged onto a fresh model is the
+    one-process merged model and the trained one."""
+    single, sharded = srlora_reports("single", 1, "moe", "log", "nf4"), srlora_reports(backend, 2, "moe", "log", "nf4")
+    assert len(sharded["events"]) == 3 and sharded["events"] == single["events"]  # events at steps 3, 6, 9
+    experts = [pairs for event in sharded["events"] for name, pairs in event if ".experts." in name]
+    assert len(experts) == 3 * 4 and all(len(pairs) == 3 for pairs in experts)  # each expert's own pairs
+    assert max(sharded["invariance"]) < 1e-6
+    assert sharded["losses"] == pytest.approx(single["losses"], abs=1e-5)
+    # the log: 4 baked columns (QPiSSA's init), then 3 events x (2 fused + 2 loaded pairs), none folded
+    assert sharded["expert_logs"] == single["expert_logs"] and len(single["expert_logs"]) == 4
+    assert all(rank == baked + 3 * 4 and baked == 4 for rank, baked in single["expert_logs"].values())
+    first, other = sharded["per_rank"]
+    shared = [k for k in first if ".pool_" not in k]
+    assert any(".experts." in k and ".edit_U" in k for k in shared)
+    assert {k: first[k] for k in shared} == {k: other[k] for k in shared}
+    (whole,) = single["expert_codes"]
+    assert len(whole) == 4 and len(sharded["expert_codes"]) == 2
+    for name, (_, _, codes) in whole.items():
+        spans = []
+        for pieces in sharded["expert_codes"]:
+            start, end, piece = pieces[name]
+            assert piece == codes[start:end], (name, start, end)
+            spans.append((start, end))
+        assert spans[0][0] == 0 and spans[0][1] == spans[1][0] and spans[1][1] == len(codes), spans
+        assert spans[0][1] % (len(codes) // 3), spans  # the boundary cuts an expert's codes
+    merged, trained = torch.tensor(sharded["merged_logits"]), torch.tensor(sharded["trained_logits"])
+    torch.testing.assert_close(merged, torch.tensor(single["merged_logits"]), rtol=0, atol=1e-5)
+    assert ((merged - trained).norm() / trained.norm()).item() < 1e-5
+    assert sharded["merged_modules"] == single["merged_modules"] == []  # plain transformers modules
 
 
 def test_experts_whose_4bit_blocks_would_span_two_experts_refuse_in_one_line():

@@ -82,8 +82,10 @@ def check_sharded(backend: str, table: dict) -> None:
             check(f"{backend} {family}", key, cell, recorded[family][key])
             single = RECORDED[family][key]
             if cell["status"] == "ok" and single["status"] == "ok":
-                # bf16; nf4 experts, quantized on one process, stay in model.dtype over several
-                loose = key.endswith("bf16") or key.endswith("nf4") and cell.get("experts")
+                # nf4 experts stored quantized over 2 processes as on one (all 4 of a MoE cell)
+                assert cell["quantized_experts"] == single["quantized_experts"], (backend, family, key, cell)
+                # bf16 (nf4 experts are quantized over several processes as on one: as exact as fp32)
+                loose = key.endswith("bf16")
                 near = pytest.approx(single["loss_first"], rel=2**-7) if loose else \
                     pytest.approx(single["loss_first"], abs=1e-4)  # recorded to 4 decimals
                 assert cell["loss_first"] == near, (backend, family, key, cell["loss_first"], single["loss_first"])

@@ -282,7 +282,8 @@ def measured(built: Built, family: str, base: str) -> dict:
     result = {"status": "ok", "loss_first": round(losses[0], 4), "loss_last": round(losses[-1], 4),
               "events": len(changes), "event_change": max(changes, default=0.0),
               "adapted": len(built.method.layers),
-              "experts": sum(getattr(lay, "fused", False) for lay in built.method.layers.values())}
+              "experts": sum(getattr(lay, "fused", False) for lay in built.method.layers.values()),
+              "quantized_experts": sum(getattr(lay, "fused", False) and lay.quantized for lay in built.method.layers.values())}
     if built.backend.world_size > 1:
         with tempfile.TemporaryDirectory() as tmp:
             return {**result, **exported(built, family, base, data, Path(tmp))}

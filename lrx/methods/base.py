@@ -345,10 +345,6 @@ class Method:
         offload = self.config.offloads_edit_log(compute_dtype)
         checks = isinstance(self.config, EditingConfig) and self.config.fuse == "auto"
         for name, layer in adapted_layers(model):
-            if getattr(layer, "fused", False) and layer.quantized and shards.world_size > 1:
-                raise ConfigError(f"{name}: quantized fused experts train on one process only, not over "
-                                  f"{shards.world_size} processes (FSDP2/ZeRO-3); set model.quantize=none, or leave "
-                                  "the experts out of method.target_modules (they then stay in model.dtype)")
             stored = layer.base.weight.dtype  # as placed: an engine may have cast it
             if checks and layer.fold_edits and stored != torch.float32:
                 # The fold was chosen for an fp32 weight, but the backend keeps this one in a lower

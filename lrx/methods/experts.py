@@ -24,11 +24,12 @@ fold adds only this process's piece of the edit to its piece of the base (``Shar
 with the stacked factors: FSDP2 splits the experts dim, so a piece is whole experts; a ZeRO-3
 flat range may cut an expert), and the log takes the whole factors on every process.
 
-With ``model.quantize`` (one process) the base becomes ``lrx.quant.QuantizedExperts``, stored
-quantized per expert from the weight plus the init's edits (as ``AdaptedLinear.quantize_base``):
-it takes ``ExpertWeights``' place and calls (``forward(delta)``, ``stored``), dequantized while
-the experts module runs, and later edits stay in the exact log beside it. Over several
-processes the experts stay in ``model.dtype`` (``lrx.quant.QuantSettings.experts``).
+With ``model.quantize`` the base becomes ``lrx.quant.QuantizedExperts``, stored quantized per
+expert from the weight plus the init's edits (as ``AdaptedLinear.quantize_base``): it takes
+``ExpertWeights``' place and calls (``forward(delta)``, ``stored``), dequantized while the
+experts module runs, and later edits stay in the exact log beside it. Over several processes
+(FSDP2, ZeRO-3) its codes are sharded like any parameter and dequantized where the backend
+has gathered them (see ``lrx.quant``).
 """
 
 from __future__ import annotations
