@@ -87,7 +87,7 @@ def compile_blocks(blocks: list[nn.Module], backend: str | None = None) -> None:
     conf = torch._dynamo.config
     limit = "recompile_limit" if hasattr(conf, "recompile_limit") else "cache_size_limit"
     setattr(conf, limit, max(getattr(conf, limit), 2 * len(blocks) + 8))
-    # transformers >= 5.2x checkpoints a block's forward inside the compiled call, so dynamo traces
+    # transformers 5.25 checkpoints a block's forward inside the compiled call, so dynamo traces
     # the checkpoint; HF's output-capturing hooks set a context variable in it, a side effect
     # dynamo refuses to trace (one graph break: the whole block ran eager) unless it may skip
     # replaying it in the recompute, which only collects outputs a training step never asks for.
