@@ -207,6 +207,34 @@ def test_a_run_with_every_fast_path_reports_its_speed(tmp_path, capsys):
     assert code == 2 and "train.activation_checkpointing must be one of none, full, selective, every2" in err
 
 
+def test_compiled_srlora_run_equals_the_eager_run_and_its_events_do_not_recompile(tmp_path, capsys, monkeypatch):
+    """SRLoRA through launch/train.py with compiled, checkpointed blocks (aot_eager) against the
+    eager run: the same losses and events; the blocks ran compiled (graphs captured, none
+    broken) and the events (edits folded into the fp32 base) recompiled nothing: at most one
+    more graph, for the batches' varying length."""
+    import json
+
+    import lrx.speed
+    from tests.test_cli import TINY_LM, run_cli
+
+    monkeypatch.setattr(lrx.speed, "COMPILE_BACKEND", "aot_eager")
+    runs = []
+    for compiled in ("false", "true"):
+        torch._dynamo.reset()
+        torch._dynamo.utils.counters.clear()
+        out = tmp_path / compiled
+        args = ["--method", "srlora", *TINY_LM, "method.r=4", "method.interval=1", "train.max_steps=5",
+                "train.log_every=1", "data.eval_path=none", "train.activation_checkpointing=full",
+                f"train.compile={compiled}", f"logging.output_dir={out}"]
+        assert run_cli(args, capsys)[0] == 0
+        lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        runs.append(([r["loss"] for r in lines if "loss" in r], dict(torch._dynamo.utils.counters["stats"])))
+    (eager, _), (fast, stats) = runs
+    assert len(fast) == 5 and fast == pytest.approx(eager, rel=1e-5)
+    assert not torch._dynamo.utils.counters["graph_break"]
+    assert 1 <= stats["unique_graphs"] <= 2
+
+
 def test_throughput_benchmark_runs_lrx_and_peft_and_writes_its_rows(tmp_path):
     """tools/bench_throughput.py on a tiny shape on CPU: each variant in its own process, the
     JSON rows the README table is made from, and a bad variant refused in one line."""
