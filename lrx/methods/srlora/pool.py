@@ -39,6 +39,11 @@ class Pool:
         """Whether the layer is a fused experts weight (its pool is split by experts)."""
         return self.data[name]["S"].dim() > 1
 
+    def split_keys(self, name: str) -> tuple[str, ...]:
+        """The tensors of the layer's pool each process holds a part of (dim 0): U's rows, or for
+        fused experts U, S and V of its experts; the others are whole everywhere."""
+        return ("U", "S", "V") if self.experts(name) else ("U",)
+
     def place(self, name: str, n_rows: int, shards, device: torch.device) -> None:
         """Keep this process's rows of a pool loaded whole (fused experts: its experts), next to
         the adapter (a resumed layer has none until its state is loaded)."""
@@ -46,7 +51,7 @@ class Pool:
         if pool is None:
             return
         if name in self.whole and shards.world_size > 1:
-            split = ("U", "S", "V") if self.experts(name) else ("U",)
+            split = self.split_keys(name)
             first, end = shards.row_block(pool["S"].shape[0] if self.experts(name) else n_rows)
             pool.update({k: pool[k][first:end] for k in split})
             self.first[name] = first
@@ -71,7 +76,7 @@ class Pool:
         U, S and V of ``n_rows`` experts) hold zeros outside this process's part, so summed over
         processes they are whole; the replicated ones (S, V) are whole on every process."""
         pool, first = self.data[name], self.first[name]
-        split = ("U", "S", "V") if self.experts(name) else ("U",)
+        split = self.split_keys(name)
         out = {}
         for key in split:  # dim 0: U's rows, or the experts
             out[key] = pool[key].new_zeros(n_rows, *pool[key].shape[1:])
