@@ -28,12 +28,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(args: list[str], nproc: int, launcher: str = "torchrun", timeout: float = 300) -> subprocess.CompletedProcess:
+def launch(args: list[str], nproc: int, launcher: str = "torchrun", timeout: float = 300,
+           env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     """Run a script as users do: plain python, torchrun, or the deepspeed launcher (CPU: --num_gpus).
-    ``launch/train.py`` in one process runs here (``train_here``)."""
+    ``launch/train.py`` in one process runs here (``train_here``). ``env``: the environment to
+    start from (default ``os.environ`` now; a launch in a background thread passes the one it was
+    started with, not what a test running meanwhile has set)."""
     if nproc == 1 and args[0] == str(REPO / "launch" / "train.py"):
         return train_here(args[1:])
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = {**(os.environ if env is None else env), "OMP_NUM_THREADS": "1"}
     if nproc == 1:
         cmd = [sys.executable, *args]
     elif launcher == "deepspeed":
@@ -66,16 +69,17 @@ def train_here(argv: list[str]) -> subprocess.CompletedProcess:
     return subprocess.CompletedProcess(argv, code, out.getvalue(), err.getvalue())
 
 
-def launch_runs(folder: Path, runs: list, nproc: int, launcher: str, **how) -> list[subprocess.CompletedProcess]:
+def launch_runs(folder: Path, runs: list, nproc: int, launcher: str, env: dict[str, str] | None = None,
+                **how) -> list[subprocess.CompletedProcess]:
     """Several ``launch/train.py`` runs (their arguments, or (arguments, options of this run);
-    ``how``, options of every run: ``bf16_engine=True``) in one launch (``tests/train_many.py``):
-    per run its exit status and the stdout and stderr of all its processes; a run the launch did
-    not finish has the launch's exit status and stderr."""
+    ``how``, options of every run: ``bf16_engine=True``) in one launch (``tests/train_many.py``;
+    ``env``: as ``launch``'s): per run its exit status and the stdout and stderr of all its
+    processes; a run the launch did not finish has the launch's exit status and stderr."""
     specs = [(run, {}) if isinstance(run, list) else run for run in runs]
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "runs.json").write_text(json.dumps([{"argv": argv[1:], **how, **own} for argv, own in specs]))
     launched = launch([str(REPO / "tests" / "train_many.py"), str(folder / "runs.json")], nproc, launcher,
-                      timeout=max(300, 40 * len(specs)))
+                      timeout=max(300, 40 * len(specs)), env=env)
     results = []
     for i, (argv, _) in enumerate(specs):
         out, err = ("".join(p.read_text() for p in sorted(folder.glob(f"{i}.rank*.{x}"))) for x in ("out", "err"))
