@@ -199,9 +199,9 @@ def launches_beside_the_others(request):
     if not launch_users(request.session.items):
         yield
         return
-    request.getfixturevalue("sharded").start()
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+    torch.set_num_threads(1)  # before the start: the makers' one-process runs (test_checkpoint's) run beside the first launch
+    request.getfixturevalue("sharded").start()
     yield
     torch.set_num_threads(threads)
 
