@@ -144,7 +144,7 @@ def sharded(request, tmp_path_factory):
     (``tests/train_many.py``): a launch costs each process ~7 s of imports, a tiny run a second or
     two. ``sharded.start()`` (``launches_beside_the_others``) starts both launches, one after the
     other, in a background thread; otherwise a launch starts when a test first asks."""
-    from tests.test_distributed import BACKENDS, launch_runs
+    from tests.test_distributed import BACKENDS, launch, run_results, write_runs
 
     users = set(launch_users(request.session.items))
     pool, launches = concurrent.futures.ThreadPoolExecutor(max_workers=1), {}
@@ -161,14 +161,18 @@ def sharded(request, tmp_path_factory):
                 runs.update(made)
         order = sorted(runs.items(), key=killed)  # a run that kills the launch last
         assert sum(map(killed, order)) <= 1, f"more than one run killed: {[x[0] for x in order if killed(x)]}"
-        env = dict(os.environ)  # now: a test running when the launch starts may have changed it
-        launches[backend] = (order, pool.submit(launch_runs, root / "launch", [spec for _, spec in order], 2,
-                                                BACKENDS[backend][0], env=env) if order else None)
+        # Only the launch runs in the thread: its files are written and read here, and its
+        # environment is this one, not what a test running meanwhile patches (Path.open, LRX_FAULT).
+        command, specs = write_runs(root / "launch", [spec for _, spec in order])
+        future = pool.submit(launch, command, 2, BACKENDS[backend][0], timeout=max(300, 40 * len(specs)),
+                             env=dict(os.environ)) if order else None
+        launches[backend] = [root / "launch", order, specs, future, None]
 
     def get(backend: str, name: str):
         start(backend)
-        order, future = launches[backend]
-        results = future.result() if future is not None else []
+        folder, order, specs, future, results = launches[backend]
+        if results is None:
+            results = launches[backend][4] = run_results(folder, specs, future.result()) if future is not None else []
         return {key: (result, output_dir(spec)) for (key, spec), result in zip(order, results)}[name]
 
     get.start = lambda: [start(backend) for backend in BACKENDS]

@@ -69,17 +69,25 @@ def train_here(argv: list[str]) -> subprocess.CompletedProcess:
     return subprocess.CompletedProcess(argv, code, out.getvalue(), err.getvalue())
 
 
-def launch_runs(folder: Path, runs: list, nproc: int, launcher: str, env: dict[str, str] | None = None,
-                **how) -> list[subprocess.CompletedProcess]:
+def launch_runs(folder: Path, runs: list, nproc: int, launcher: str, **how) -> list[subprocess.CompletedProcess]:
     """Several ``launch/train.py`` runs (their arguments, or (arguments, options of this run);
-    ``how``, options of every run: ``bf16_engine=True``) in one launch (``tests/train_many.py``;
-    ``env``: as ``launch``'s): per run its exit status and the stdout and stderr of all its
-    processes; a run the launch did not finish has the launch's exit status and stderr."""
+    ``how``, options of every run: ``bf16_engine=True``) in one launch (``tests/train_many.py``):
+    per run its exit status and the stdout and stderr of all its processes; a run the launch did
+    not finish has the launch's exit status and stderr."""
+    command, specs = write_runs(folder, runs, **how)
+    return run_results(folder, specs, launch(command, nproc, launcher, timeout=max(300, 40 * len(specs))))
+
+
+def write_runs(folder: Path, runs: list, **how) -> tuple[list[str], list]:
+    """``launch_runs``'s first part: ``folder / "runs.json"``; the command to launch and the specs."""
     specs = [(run, {}) if isinstance(run, list) else run for run in runs]
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "runs.json").write_text(json.dumps([{"argv": argv[1:], **how, **own} for argv, own in specs]))
-    launched = launch([str(REPO / "tests" / "train_many.py"), str(folder / "runs.json")], nproc, launcher,
-                      timeout=max(300, 40 * len(specs)), env=env)
+    return [str(REPO / "tests" / "train_many.py"), str(folder / "runs.json")], specs
+
+
+def run_results(folder: Path, specs: list, launched: subprocess.CompletedProcess) -> list[subprocess.CompletedProcess]:
+    """``launch_runs``'s last part: each run's result from the files the launch wrote into ``folder``."""
     results = []
     for i, (argv, _) in enumerate(specs):
         out, err = ("".join(p.read_text() for p in sorted(folder.glob(f"{i}.rank*.{x}"))) for x in ("out", "err"))
