@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import copy
 import json
+import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -138,35 +140,78 @@ def sharded_runs(make: Callable[[Path, str], dict]) -> Callable[[Path, str], dic
 def sharded(request, tmp_path_factory):
     """``sharded(backend, name)``: the result (exit status, output) and the folder of one run of
     ``SHARDED_RUNS``. The runs of one backend of every module (or fixture: ``srlora_reports``)
-    whose selected tests use this fixture are made in one launch through the backend's launcher (``tests/train_many.py``) when a
-    test first asks: a launch costs each process ~7 s of imports, a tiny run a second or two."""
-    from tests.test_distributed import BACKENDS, launch_runs
+    whose selected tests use this fixture are made in one launch through the backend's launcher
+    (``tests/train_many.py``): a launch costs each process ~7 s of imports, a tiny run a second or
+    two. ``sharded.start()`` (``launches_beside_the_others``) starts both launches, one after the
+    other, in a background thread; otherwise a launch starts when a test first asks."""
+    from tests.test_distributed import BACKENDS, launch, run_results, write_runs
 
-    users = set()  # the modules of the selected tests that use it, and the fixtures with runs (srlora_reports) they use
-    for item in request.session.items:
-        names = getattr(item, "fixturenames", ())
-        if "sharded" in names:
-            users.add(getattr(item, "module", None) and item.module.__name__)
-        users |= {name for name in names if name in SHARDED_RUNS}
-    done: dict[str, dict] = {}
+    users = set(launch_users(request.session.items))
+    pool, launches = concurrent.futures.ThreadPoolExecutor(max_workers=1), {}
+
+    def start(backend: str) -> None:
+        if backend in launches:
+            return
+        root, runs = tmp_path_factory.mktemp(f"sharded-{backend}"), {}
+        for module, make in list(SHARDED_RUNS.items()):  # a maker may import a module that registers one
+            if module in users:
+                (root / module.rpartition(".")[2]).mkdir()
+                made = make(root / module.rpartition(".")[2], backend)
+                assert not made.keys() & runs.keys(), f"{module}: run names {sorted(made.keys() & runs.keys())} taken"
+                runs.update(made)
+        order = sorted(runs.items(), key=killed)  # a run that kills the launch last
+        assert sum(map(killed, order)) <= 1, f"more than one run killed: {[x[0] for x in order if killed(x)]}"
+        # Only the launch runs in the thread: its files are written and read here, and its
+        # environment is this one, not what a test running meanwhile patches (Path.open, LRX_FAULT).
+        command, specs = write_runs(root / "launch", [spec for _, spec in order])
+        future = pool.submit(launch, command, 2, BACKENDS[backend][0], timeout=max(300, 40 * len(specs)),
+                             env=dict(os.environ)) if order else None
+        launches[backend] = [root / "launch", order, specs, future, None]
 
     def get(backend: str, name: str):
-        if backend not in done:
-            root, runs = tmp_path_factory.mktemp(f"sharded-{backend}"), {}
-            for module, make in list(SHARDED_RUNS.items()):  # a maker may import a module that registers one
-                if module in users:
-                    (root / module.rpartition(".")[2]).mkdir()
-                    made = make(root / module.rpartition(".")[2], backend)
-                    assert not made.keys() & runs.keys(), f"{module}: run names {sorted(made.keys() & runs.keys())} taken"
-                    runs.update(made)
-            order = sorted(runs.items(), key=killed)  # a run that kills the launch last
-            assert sum(map(killed, order)) <= 1, f"more than one run killed: {[x[0] for x in order if killed(x)]}"
-            results = launch_runs(root / "launch", [spec for _, spec in order], 2, BACKENDS[backend][0])
-            done[backend] = {key: (result, output_dir(spec))
-                             for (key, spec), result in zip(order, results)}
-        return done[backend][name]
+        start(backend)
+        folder, order, specs, future, results = launches[backend]
+        if results is None:
+            results = launches[backend][4] = run_results(folder, specs, future.result()) if future is not None else []
+        return {key: (result, output_dir(spec)) for (key, spec), result in zip(order, results)}[name]
 
-    return get
+    get.start = lambda: [start(backend) for backend in BACKENDS]
+    yield get
+    pool.shutdown(cancel_futures=True)
+
+
+def launch_users(items) -> dict[str, None]:
+    """The modules of ``items`` whose tests use the ``sharded`` fixture, and the fixtures with runs
+    (``SHARDED_RUNS``: ``srlora_reports``) they use, in order."""
+    users = {}
+    for item in items:
+        names = getattr(item, "fixturenames", ())
+        if "sharded" in names:
+            users[module_name(item)] = None
+        users.update((name, None) for name in names if name in SHARDED_RUNS)
+    return users
+
+
+@pytest.fixture(scope="session", autouse=True)
+def launches_beside_the_others(request):
+    """The shared 2-process launches (``sharded``) start with the session, in the background, when
+    a selected test uses them: their processes (~7 s of imports each, one launch at a time) run
+    beside the one-process tests, which leave one of CI's 2 cores idle, and
+    ``pytest_collection_modifyitems`` puts the modules that use them last. This process then
+    computes on one thread, as the launched ones do: torch's OpenMP threads spin at every op while
+    the launch's processes hold the cores (a 1.5 s test took 24 s beside a launch on 2 threads)."""
+    if not launch_users(request.session.items):
+        yield
+        return
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # before the start: the makers' one-process runs (test_checkpoint's) run beside the first launch
+    request.getfixturevalue("sharded").start()
+    yield
+    torch.set_num_threads(threads)
+
+
+def module_name(item) -> str | None:
+    return getattr(item, "module", None) and item.module.__name__
 
 
 def killed(item: tuple) -> bool:
@@ -183,7 +228,11 @@ def output_dir(spec) -> Path:
 
 
 def pytest_collection_modifyitems(config, items):
-    """GPU-marked tests are skipped (with the reason) where no CUDA device is visible."""
+    """The modules whose tests use the shared launches (``sharded``) run last, each whole (its
+    module fixtures made once), so the launches started with the session run beside the others;
+    GPU-marked tests are skipped (with the reason) where no CUDA device is visible."""
+    late = {module_name(item) for item in items if launch_users([item])}
+    items[:] = [x for x in items if module_name(x) not in late] + [x for x in items if module_name(x) in late]
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU (run on the device machine: pytest -m gpu)")

@@ -28,12 +28,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(args: list[str], nproc: int, launcher: str = "torchrun", timeout: float = 300) -> subprocess.CompletedProcess:
+def launch(args: list[str], nproc: int, launcher: str = "torchrun", timeout: float = 300,
+           env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     """Run a script as users do: plain python, torchrun, or the deepspeed launcher (CPU: --num_gpus).
-    ``launch/train.py`` in one process runs here (``train_here``)."""
+    ``launch/train.py`` in one process runs here (``train_here``). ``env``: the environment to
+    start from (default ``os.environ`` now; a launch in a background thread passes the one it was
+    started with, not what a test running meanwhile has set)."""
     if nproc == 1 and args[0] == str(REPO / "launch" / "train.py"):
         return train_here(args[1:])
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = {**(os.environ if env is None else env), "OMP_NUM_THREADS": "1"}
     if nproc == 1:
         cmd = [sys.executable, *args]
     elif launcher == "deepspeed":
@@ -71,11 +74,20 @@ def launch_runs(folder: Path, runs: list, nproc: int, launcher: str, **how) -> l
     ``how``, options of every run: ``bf16_engine=True``) in one launch (``tests/train_many.py``):
     per run its exit status and the stdout and stderr of all its processes; a run the launch did
     not finish has the launch's exit status and stderr."""
+    command, specs = write_runs(folder, runs, **how)
+    return run_results(folder, specs, launch(command, nproc, launcher, timeout=max(300, 40 * len(specs))))
+
+
+def write_runs(folder: Path, runs: list, **how) -> tuple[list[str], list]:
+    """``launch_runs``'s first part: ``folder / "runs.json"``; the command to launch and the specs."""
     specs = [(run, {}) if isinstance(run, list) else run for run in runs]
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "runs.json").write_text(json.dumps([{"argv": argv[1:], **how, **own} for argv, own in specs]))
-    launched = launch([str(REPO / "tests" / "train_many.py"), str(folder / "runs.json")], nproc, launcher,
-                      timeout=max(300, 40 * len(specs)))
+    return [str(REPO / "tests" / "train_many.py"), str(folder / "runs.json")], specs
+
+
+def run_results(folder: Path, specs: list, launched: subprocess.CompletedProcess) -> list[subprocess.CompletedProcess]:
+    """``launch_runs``'s last part: each run's result from the files the launch wrote into ``folder``."""
     results = []
     for i, (argv, _) in enumerate(specs):
         out, err = ("".join(p.read_text() for p in sorted(folder.glob(f"{i}.rank*.{x}"))) for x in ("out", "err"))

@@ -298,3 +298,19 @@ def test_models_are_built_in_one_place():
     method = ast.parse((REPO / "lrx" / "methods" / "base.py").read_text())
     cls = next(c for c in method.body if isinstance(c, ast.ClassDef) and c.name == "Method")
     assert not {"apply", "locate"} & {n.name for n in cls.body if isinstance(n, ast.FunctionDef)}
+
+
+def test_importing_lrx_loads_the_api_on_first_use():
+    """``import lrx`` (and light modules such as ``lrx.stop``) load no transformers: the public API
+    comes from ``lrx.api`` when first used (every launched process pays ~3 s of CPU otherwise)."""
+    import subprocess
+    import sys
+
+    import lrx
+    from lrx import api
+
+    assert (lrx.Adapter, lrx.load, lrx.method_config, lrx.wrap) == (api.Adapter, api.load, api.method_config, api.wrap)
+    code = ("import sys, lrx, lrx.stop, lrx.faults; assert 'transformers' not in sys.modules, 'eager'; "
+            "assert set(lrx.__all__) <= set(dir(lrx)); print(lrx.__version__)")  # lrx.wrap itself: tests/test_hf.py
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert proc.returncode == 0 and proc.stdout.strip() == "0.1.0", proc.stderr[-2000:]
