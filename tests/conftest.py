@@ -54,7 +54,7 @@ FAMILY_JOB = ("families", "Llama/srlora/fp32", "BERT/srlora/fp32", "Qwen3-MoE/sr
 SRLORA_JOBS = {
     ("single", 1): [(), ("log",), ("log", "nf4"), ("moe",), ("moe", "log", "nf4")],
     ("fsdp2", 2): [(), ("log", "nf4"), ("buffers",), ("moe",), ("moe", "log", "nf4"), FAMILY_JOB],
-    ("zero3", 2): [(), ("no-persist", "log"), ("log", "nf4"), ("buffers",), ("moe", "log", "nf4"), FAMILY_JOB],
+    ("zero3", 2): [(), ("no-persist", "log"), ("log", "nf4"), ("buffers",), ("moe",), ("moe", "log", "nf4"), FAMILY_JOB],
     ("fsdp2", 4): [("log",), ("hsdp",)],
 }
 

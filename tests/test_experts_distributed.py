@@ -118,13 +118,12 @@ def max_diff(a, b) -> float:
     return (b - a).abs().max().item() if a.numel() else 0.0
 
 
-@pytest.mark.parametrize("backend", ["fsdp2"])
+@pytest.mark.parametrize("backend", list(BACKENDS))
 def test_sharded_srlora_experts_keep_the_output_and_agree_on_every_rank(srlora_reports, backend):
-    """SRLoRA on the fused experts of a tiny Qwen3-MoE of 3 experts (tests/dist_srlora.py's ``moe``
-    job, in the launch of its other jobs): FSDP2 gives the processes blocks of 2 and 1 experts.
-    (ZeRO-3 is not run here: this script's ZeRO-3 build of the MoE fails in its first backward,
-    with lora and pissa too: AccumulateGrad into an emptied experts adapter parameter, where
-    launch/train.py's ZeRO-3 runs of MoE folders train; not understood yet.) Every event keeps the model's output (fp32), the
+    """SRLoRA on the fused experts alone of a tiny Qwen3-MoE of 3 experts (tests/dist_srlora.py's
+    ``moe`` job, in the launch of its other jobs): FSDP2 gives the processes blocks of 2 and 1
+    experts, ZeRO-3 flat ranges (under ZeRO-3 this failed in its first backward until the
+    embeddings' output was made to need a gradient: ``ZeRO3.setup``). Every event keeps the model's output (fp32), the
     processes pick the pairs one process picks, agree bit for bit on the scores and the (whole)
     edit logs, and each keeps the pool of its own experts only."""
     single, sharded = srlora_reports("single", 1, "moe"), srlora_reports(backend, 2, "moe")

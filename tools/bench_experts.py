@@ -10,7 +10,7 @@ reported per event and per expert of one weight), with its fusion error (each ex
 ``||applied - intended||`` of the folded edit, in float64; the largest) and the relative change
 of the logits it makes.
 
-``--srlora --backend fsdp2``, under ``torchrun --nproc_per_node 2`` (CPU: gloo): the same over
+``--srlora --backend fsdp2`` (or ``zero3``), under ``torchrun --nproc_per_node 2`` (CPU: gloo): the same over
 several processes, built and sharded by the backend,
 each process scoring and editing its own pieces of the experts (one training step first, its
 statistics from its backward); times and errors as above, the fusion error summed over the
@@ -135,9 +135,8 @@ def tiny_qwen3_moe(args) -> tuple[torch.nn.Module, torch.Tensor]:
 def main() -> None:
     ap = shape_arguments(__doc__)
     ap.add_argument("--srlora", action="store_true", help="time SRLoRA's events on the experts instead")
-    # zero3 is left out: this script's ZeRO-3 build (not launch/train.py's) failed in its first backward
-    # on a Qwen3-MoE, also with pissa (AccumulateGrad into an emptied adapter parameter), not understood yet
-    ap.add_argument("--backend", choices=["single", "fsdp2"], default="single", help="--srlora over torchrun's processes")
+    ap.add_argument("--backend", choices=["single", "fsdp2", "zero3"], default="single",
+                    help="--srlora over torchrun's processes")
     args = ap.parse_args()
 
     base, ids = tiny_qwen3_moe(args)

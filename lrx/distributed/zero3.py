@@ -231,6 +231,12 @@ class ZeRO3(MultiProcess):
     def setup(self, model: nn.Module, optimizer, scheduler, *, micro_batch: int, grad_accum: int,
               max_grad_norm: float) -> nn.Module:
         """Build the engine; it partitions the parameters (ZeRO-3) and owns the optimizer step."""
+        # ZeRO-3's backward hooks hang on tensors that need a gradient. With nothing before the
+        # first adapted module needing one (fused experts alone adapted: their adapter reaches the
+        # model through a hook, not an input), the first backward accumulated into an emptied
+        # adapter parameter. The embeddings' output needs one, as peft makes it for checkpointing.
+        if hasattr(model, "enable_input_require_grads"):
+            model.enable_input_require_grads()
         config = {
             **self.ds_config,
             "train_micro_batch_size_per_gpu": micro_batch,
