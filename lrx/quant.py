@@ -125,8 +125,7 @@ class _Dequantized(torch.autograd.Function):
     def forward(ctx, x, module, dtype, *tensors):
         ctx.module, ctx.dtype = module, dtype
         ctx.save_for_backward(*tensors)
-        bias = module.bias.to(dtype) if module.bias is not None else None
-        return torch.nn.functional.linear(x.to(dtype), module.dequantize(dtype, tensors), bias)
+        return module.linear(x, module.dequantize(dtype, tensors), dtype)
 
     @staticmethod
     def backward(ctx, grad):
@@ -233,9 +232,13 @@ class QuantizedLinear(nn.Module):
             if self.keeps_weight and self.training and torch.is_grad_enabled():
                 # Checkpointing frees what this forward saves and its recompute makes the weight
                 # again for the backward: two dequantizes a step instead of three.
-                bias = self.bias.to(dtype) if self.bias is not None else None
-                return torch.nn.functional.linear(x.to(dtype), self.dequantize(dtype), bias)
+                return self.linear(x, self.dequantize(dtype), dtype)
             return _Dequantized.apply(x, self, dtype, *self.state_tensors())
+
+    def linear(self, x: torch.Tensor, weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """``x @ weight.t() + bias``, all in ``dtype`` (``weight``: the dequantized one)."""
+        bias = self.bias.to(dtype) if self.bias is not None else None
+        return torch.nn.functional.linear(x.to(dtype), weight, bias)
 
     def extra_repr(self) -> str:
         dq = ", double_quant" if self.settings.double_quant and self.settings.kind != "int8" else ""
